@@ -1,0 +1,30 @@
+"""What a benchmark scenario file (benchmarks/scenarios/<op>.py) provides to the runner.
+
+A scenario file defines `cases(device: torch.device, quick: bool) -> Iterable[Case]`. The runner
+calls each case's `setup()` only when it is about to time it (so inputs for one shape at a time live
+in memory), then times every provider it returns.
+
+Provider names: "lightmotion" is ours, "reference" is the library's PyTorch reference, any other
+name is a peer (e.g. "peft_loop", "sdpa_concat", "grid_sample_nearest").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Provider = Callable[[], object]
+
+
+@dataclass
+class Case:
+    op: str                                  # op name, e.g. "latent_permute"
+    shape: str                               # label shown in the table, e.g. "AnimateDiff 2x4x16x64x64"
+    setup: Callable[[], dict[str, Provider]]  # builds inputs; returns provider name -> zero-arg callable
+    mode: str = "fwd"                        # "fwd" or "fwd+bwd"
+    dtype: str = "fp32"
+    bytes: int | None = None                 # least bytes the op must move (GB/s, % of copy bandwidth)
+    flops: float | None = None               # useful FLOPs (TFLOP/s, % of the matmul rate)
+    quick: bool = True                       # part of `bench --quick`
+    cpu: bool = True                         # worth timing on a CPU
+    note: str = ""                           # shown under the table (e.g. what a peer cannot do)
+    skip: set[str] = field(default_factory=set)  # providers to leave out on this device

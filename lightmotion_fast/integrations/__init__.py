@@ -1,0 +1,1 @@
+"""Integrations that swap lightmotion_fast's ops into other libraries' models."""

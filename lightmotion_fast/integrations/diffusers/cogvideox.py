@@ -1,0 +1,10 @@
+"""CogVideoX: diffusers CogVideoXTransformer3DModel (joint text-video attention)."""
+from lightmotion_fast.integrations.diffusers.registry import ModelAdapter, register_adapter
+
+ADAPTER = register_adapter(ModelAdapter(
+    name="cogvideox",
+    model_class="CogVideoXTransformer3DModel",
+    latent_layout="b f c h w",
+    pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+    description="LoRA targets to_q, to_k, to_v, to_out.0 of every block's attn1",
+))

@@ -1,0 +1,15 @@
+"""Public ops: input checks, torch.library custom ops (namespace `lightmotion`), autograd, dispatch.
+
+OP_SAMPLES maps every custom op's name to a function giving sample arguments for a device; the test
+suite runs torch.library.opcheck and torch.compile(fullgraph=True) over all of them, and fails for a
+registered `lightmotion::` op that is missing here.
+"""
+from lightmotion_fast.ops import latent_permute as _latent_permute
+from lightmotion_fast.ops._common import Backend, backend
+from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
+
+OP_SAMPLES = {
+    "latent_permute": (_latent_permute.latent_permute_op, _latent_permute.sample_inputs),
+}
+
+__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES"]
