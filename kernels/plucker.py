@@ -1,0 +1,155 @@
+"""Triton kernel for Plücker ray embeddings (specs/motionflow.md).
+
+One launch, one pass over the output. A program owns BLOCK pixels of one (batch, frame): it loads
+that frame's intrinsics and pose as scalars, forms M = R · K⁻¹ and the camera centre t in registers
+(K⁻¹ analytically, the relative pose as the rigid inverse of frame 0 times frame f), then for each
+pixel computes d = normalize(M · [u + .5, v + .5, 1]), the moment t × d, and stores the six channels.
+Nothing but the output touches memory, so the kernel runs at the store bandwidth. The output is
+addressed through strides: [b f 6 h w] and [b 6 f h w] are the same kernel.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load3x3(ptr, s_r, s_c):
+    a00 = tl.load(ptr).to(tl.float32)
+    a01 = tl.load(ptr + s_c).to(tl.float32)
+    a02 = tl.load(ptr + 2 * s_c).to(tl.float32)
+    a10 = tl.load(ptr + s_r).to(tl.float32)
+    a11 = tl.load(ptr + s_r + s_c).to(tl.float32)
+    a12 = tl.load(ptr + s_r + 2 * s_c).to(tl.float32)
+    a20 = tl.load(ptr + 2 * s_r).to(tl.float32)
+    a21 = tl.load(ptr + 2 * s_r + s_c).to(tl.float32)
+    a22 = tl.load(ptr + 2 * s_r + 2 * s_c).to(tl.float32)
+    return a00, a01, a02, a10, a11, a12, a20, a21, a22
+
+
+@triton.jit
+def _plucker_kernel(
+    k_ptr, pose_ptr, out_ptr,
+    frames, height, width,
+    sk_b, sk_f, sk_r, sk_c,
+    sp_b, sp_f, sp_r, sp_c,
+    so_b, so_f, so_c, so_h, so_w,
+    K_IS_VECTOR: tl.constexpr, RELATIVE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_hw = tl.program_id(0)
+    bf = tl.program_id(1)
+    b = (bf // frames).to(tl.int64)
+    f = (bf % frames).to(tl.int64)
+
+    # K⁻¹ as nine scalars.
+    kp = k_ptr + b * sk_b + f * sk_f
+    if K_IS_VECTOR:
+        fx = tl.load(kp).to(tl.float32)
+        fy = tl.load(kp + sk_c).to(tl.float32)
+        cx = tl.load(kp + 2 * sk_c).to(tl.float32)
+        cy = tl.load(kp + 3 * sk_c).to(tl.float32)
+        i00 = 1.0 / fx
+        i11 = 1.0 / fy
+        i02 = -cx * i00
+        i12 = -cy * i11
+        i01 = 0.0
+        i10 = 0.0
+        i20 = 0.0
+        i21 = 0.0
+        i22 = 1.0
+    else:
+        k00, k01, k02, k10, k11, k12, k20, k21, k22 = _load3x3(kp, sk_r, sk_c)
+        c00 = k11 * k22 - k12 * k21
+        c01 = k12 * k20 - k10 * k22
+        c02 = k10 * k21 - k11 * k20
+        inv_det = 1.0 / (k00 * c00 + k01 * c01 + k02 * c02)
+        i00 = c00 * inv_det
+        i10 = c01 * inv_det
+        i20 = c02 * inv_det
+        i01 = (k02 * k21 - k01 * k22) * inv_det
+        i11 = (k00 * k22 - k02 * k20) * inv_det
+        i21 = (k01 * k20 - k00 * k21) * inv_det
+        i02 = (k01 * k12 - k02 * k11) * inv_det
+        i12 = (k02 * k10 - k00 * k12) * inv_det
+        i22 = (k00 * k11 - k01 * k10) * inv_det
+
+    # Pose [R | t], relative to frame 0 if asked: R0ᵀ R_f and R0ᵀ (t_f − t0).
+    pp = pose_ptr + b * sp_b + f * sp_f
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = _load3x3(pp, sp_r, sp_c)
+    tx = tl.load(pp + 3 * sp_c).to(tl.float32)
+    ty = tl.load(pp + sp_r + 3 * sp_c).to(tl.float32)
+    tz = tl.load(pp + 2 * sp_r + 3 * sp_c).to(tl.float32)
+    if RELATIVE:
+        p0 = pose_ptr + b * sp_b
+        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _load3x3(p0, sp_r, sp_c)
+        dx0 = tx - tl.load(p0 + 3 * sp_c).to(tl.float32)
+        dy0 = ty - tl.load(p0 + sp_r + 3 * sp_c).to(tl.float32)
+        dz0 = tz - tl.load(p0 + 2 * sp_r + 3 * sp_c).to(tl.float32)
+        tx = q00 * dx0 + q10 * dy0 + q20 * dz0
+        ty = q01 * dx0 + q11 * dy0 + q21 * dz0
+        tz = q02 * dx0 + q12 * dy0 + q22 * dz0
+        n00 = q00 * r00 + q10 * r10 + q20 * r20
+        n01 = q00 * r01 + q10 * r11 + q20 * r21
+        n02 = q00 * r02 + q10 * r12 + q20 * r22
+        n10 = q01 * r00 + q11 * r10 + q21 * r20
+        n11 = q01 * r01 + q11 * r11 + q21 * r21
+        n12 = q01 * r02 + q11 * r12 + q21 * r22
+        n20 = q02 * r00 + q12 * r10 + q22 * r20
+        n21 = q02 * r01 + q12 * r11 + q22 * r21
+        n22 = q02 * r02 + q12 * r12 + q22 * r22
+        r00, r01, r02, r10, r11, r12, r20, r21, r22 = n00, n01, n02, n10, n11, n12, n20, n21, n22
+
+    # M = R · K⁻¹
+    m00 = r00 * i00 + r01 * i10 + r02 * i20
+    m01 = r00 * i01 + r01 * i11 + r02 * i21
+    m02 = r00 * i02 + r01 * i12 + r02 * i22
+    m10 = r10 * i00 + r11 * i10 + r12 * i20
+    m11 = r10 * i01 + r11 * i11 + r12 * i21
+    m12 = r10 * i02 + r11 * i12 + r12 * i22
+    m20 = r20 * i00 + r21 * i10 + r22 * i20
+    m21 = r20 * i01 + r21 * i11 + r22 * i21
+    m22 = r20 * i02 + r21 * i12 + r22 * i22
+
+    offs = pid_hw * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < height * width
+    v = offs // width
+    u = offs - v * width
+    x = u.to(tl.float32) + 0.5
+    y = v.to(tl.float32) + 0.5
+    dx = m00 * x + m01 * y + m02
+    dy = m10 * x + m11 * y + m12
+    dz = m20 * x + m21 * y + m22
+    inv_norm = 1.0 / tl.sqrt(dx * dx + dy * dy + dz * dz)
+    dx = dx * inv_norm
+    dy = dy * inv_norm
+    dz = dz * inv_norm
+
+    dst = out_ptr + b * so_b + f * so_f + v.to(tl.int64) * so_h + u.to(tl.int64) * so_w
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(dst, (ty * dz - tz * dy).to(out_ty), mask=inside)
+    tl.store(dst + so_c, (tz * dx - tx * dz).to(out_ty), mask=inside)
+    tl.store(dst + 2 * so_c, (tx * dy - ty * dx).to(out_ty), mask=inside)
+    tl.store(dst + 3 * so_c, dx.to(out_ty), mask=inside)
+    tl.store(dst + 4 * so_c, dy.to(out_ty), mask=inside)
+    tl.store(dst + 5 * so_c, dz.to(out_ty), mask=inside)
+
+
+def plucker_launch(intrinsics: torch.Tensor, c2w: torch.Tensor, out: torch.Tensor, relative: bool) -> None:
+    """intrinsics: [b f 4] or [b f 3 3]; c2w: [b f 4 4]; out: a [b f 6 h w] view (any strides).
+    Writes out."""
+    batch, frames = c2w.shape[:2]
+    height, width = out.shape[3], out.shape[4]
+    hw = height * width
+    block = min(1024, triton.next_power_of_2(hw))
+    k_is_vector = intrinsics.ndim == 3
+    if k_is_vector:
+        sk = (intrinsics.stride(0), intrinsics.stride(1), 0, intrinsics.stride(2))
+    else:
+        sk = intrinsics.stride()
+    grid = (triton.cdiv(hw, block), batch * frames)
+    _plucker_kernel[grid](
+        intrinsics, c2w, out,
+        frames, height, width,
+        *sk, *c2w.stride(), *out.stride(),
+        K_IS_VECTOR=k_is_vector, RELATIVE=relative, BLOCK=block,
+        num_warps=4 if block >= 512 else 2,
+    )
