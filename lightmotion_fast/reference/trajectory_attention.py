@@ -1,0 +1,201 @@
+"""Reference trajectory attention (specs/trajectory_attention.md, "The operation").
+
+Shapes (einops names): b batch, s = h·w latent pixels of one UNet level, f frames, n trajectories,
+h attention heads (`heads` below, not the latent height), d head dim.
+
+Trajectory n visits, at frame f, the latent pixel idx[f, n] (flat y·W + x) when valid[f, n].
+
+    1. gather    Q[b, n, f] = q[b, idx[f, n], f] if valid[f, n] else 0      (same for K and V)
+    2. attend    O[b, n] = softmax(Q Kᵀ / √d) V over the f frames of trajectory n. Invalid frames are
+                 zero vectors and still count in the softmax (mask_invalid=False, as the official
+                 code does); mask_invalid=True removes them as keys.
+    3. average   out[b, p, f] = mean of O[b, n, f] over the valid tokens (f, n) with idx[f, n] = p;
+                 0 where no valid token lands.
+    4. to_out    (in the processor) applied per pixel, its bias only where a token landed: the same as
+                 the official order (to_out per token, then averaging), since averaging is linear.
+
+This file also builds the index tables in Python (per-level idx, subsampling, per-pixel CSR of
+incoming tokens) — the C++ builder in csrc/trajectories.cpp must match these exactly — and holds
+`official_trajectory_branch`, a readable re-implementation of the official processor's computation
+(per-call subsampling, advanced-indexing gather, per-token to_out, a Python loop of index_put_),
+which the benchmarks use as a peer. The official SDPA code path concatenates two random
+trajectories into one 50-token sequence through a stale batch size; that is not reproduced: this
+library implements the intended per-trajectory attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# ---------------------------------------------------------------------------------------------
+# Index building
+
+
+def level_indices(coords: torch.Tensor, frame_size: tuple[int, int], level_size: tuple[int, int]) -> torch.Tensor:
+    """Flat latent pixel of every trajectory point at one UNet level.
+
+    coords: [f, n, 2] (x, y) in pixels of the original frame (H0, W0) = frame_size.
+    level_size: (H, W). Returns idx [f, n] int64 with
+    idx = clamp(floor(y·H/H0), 0, H−1)·W + clamp(floor(x·W/W0), 0, W−1).
+    The arithmetic is float32 (x·W first, then / W0), as in the C++ builder.
+    """
+    height0, width0 = frame_size
+    height, width = level_size
+    c = coords.to(torch.float32)
+    xs = torch.floor(c[..., 0] * float(width) / float(width0)).clamp(0, width - 1).to(torch.int64)
+    ys = torch.floor(c[..., 1] * float(height) / float(height0)).clamp(0, height - 1).to(torch.int64)
+    return ys * width + xs
+
+
+def num_samples(num_trajectories: int, level_size: tuple[int, int], ratio: float) -> int:
+    """N_s = min(N, ratio·H·W): how many trajectories one level keeps."""
+    return int(min(num_trajectories, int(ratio * level_size[0] * level_size[1])))
+
+
+def subsample(num_trajectories: int, keep: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`keep` distinct trajectory numbers drawn uniformly from a generator, in ascending order
+    (ascending keeps the frame-0 gathers nearly sequential in memory). int64 on the CPU."""
+    if keep >= num_trajectories:
+        return torch.arange(num_trajectories, dtype=torch.int64)
+    perm = torch.randperm(num_trajectories, generator=generator, dtype=torch.int64)
+    return perm[:keep].sort().values
+
+
+def incoming_csr(idx: torch.Tensor, valid: torch.Tensor, hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel lists of the valid tokens landing on it: a CSR table over the f·s rows (f, p).
+
+    idx, valid: [f, n]. Returns rowptr [f·s + 1] and col [nnz] (int64): the tokens landing on pixel p
+    of frame f are trajectories col[rowptr[f·s + p] : rowptr[f·s + p + 1]], in ascending order.
+    The same table serves the backward pass: the tokens that *read* position (f, p) are the ones
+    that land on it.
+    """
+    frames, n = idx.shape
+    rows = (torch.arange(frames, dtype=torch.int64, device=idx.device)[:, None] * hw + idx.to(torch.int64))
+    rows = rows[valid]
+    cols = torch.arange(n, dtype=torch.int64, device=idx.device).expand(frames, n)[valid]
+    order = torch.argsort(rows * n + cols)
+    counts = torch.bincount(rows, minlength=frames * hw)
+    rowptr = torch.zeros(frames * hw + 1, dtype=torch.int64, device=idx.device)
+    rowptr[1:] = torch.cumsum(counts, 0)
+    return rowptr, cols[order]
+
+
+def landed(idx: torch.Tensor, valid: torch.Tensor, hw: int) -> torch.Tensor:
+    """[f, s] bool: pixels at least one valid token lands on (where to_out's bias applies)."""
+    frames = idx.shape[0]
+    hit = torch.zeros(frames, hw, dtype=torch.bool, device=idx.device)
+    for f in range(frames):
+        hit[f, idx[f][valid[f]].to(torch.int64)] = True
+    return hit
+
+
+# ---------------------------------------------------------------------------------------------
+# The operation
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x: [b s f h d] -> [b n f h d]; x[b, idx[f, n], f] where valid[f, n], else 0."""
+    frames = idx.shape[0]
+    per_frame = [x[:, idx[f].to(torch.int64), f] for f in range(frames)]  # each [b n h d]
+    tokens = torch.stack(per_frame, dim=2)
+    return tokens * rearrange(valid, "f n -> 1 n f 1 1").to(tokens.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+           mask_invalid: bool = False) -> torch.Tensor:
+    """Per-trajectory attention over frames. q, k, v: [b n f h d]; valid [f, n]. Returns [b n f h d]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bnfhd,bnghd->bnhfg", q, k) * scale
+    if mask_invalid:
+        key_ok = rearrange(valid, "g n -> 1 n 1 1 g")
+        scores = scores.masked_fill(~key_ok, float("-inf"))
+        # A trajectory with no valid frame at all has no valid query either; keep its rows finite.
+        scores = torch.where(key_ok.any(-1, keepdim=True), scores, torch.zeros_like(scores))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bnhfg,bnghd->bnfhd", probs, v)
+
+
+def scatter_average(tokens: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, hw: int) -> torch.Tensor:
+    """tokens: [b n f h d] -> [b s f h d]: mean of the valid tokens landing on each pixel, 0 elsewhere."""
+    batch, n, frames, heads, dim = tokens.shape
+    out = tokens.new_zeros(batch, hw, frames, heads, dim)
+    for f in range(frames):
+        keep = valid[f]
+        target = idx[f][keep].to(torch.int64)
+        total = out[:, :, f].index_add(1, target, tokens[:, keep, f])
+        count = torch.zeros(hw, dtype=tokens.dtype, device=tokens.device).index_add(
+            0, target, torch.ones_like(target, dtype=tokens.dtype))
+        out[:, :, f] = total / count.clamp(min=1).reshape(1, hw, 1, 1)
+    return out
+
+
+def trajectory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                                   valid: torch.Tensor, mask_invalid: bool = False) -> torch.Tensor:
+    """q, k, v: [b s f h d] (projected densely: to_q/k/v have no bias, so projecting before the gather
+    is exact); idx [f, n] in [0, s); valid [f, n] bool. Returns [b s f h d] in q's dtype, computed in
+    float32 (float64 inputs stay float64)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qt, kt, vt = (gather_tokens(t.to(compute), idx, valid) for t in (q, k, v))
+    tokens = attend(qt, kt, vt, valid, mask_invalid)
+    return scatter_average(tokens, idx, valid, q.shape[1]).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official processor's computation, re-implemented readably (a benchmark peer)
+
+
+def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor,
+                               frame_size: tuple[int, int], level_size: tuple[int, int], batch: int,
+                               w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
+                               w_out: torch.Tensor, b_out: torch.Tensor, heads: int, ratio: float = 2.0,
+                               generator: torch.Generator | None = None, mask_invalid: bool = False,
+                               selection: torch.Tensor | None = None) -> torch.Tensor:
+    """The trajectory branch the way the official processor computes it, on every call.
+
+    x: [(b H W), f, c] (attn1's normalised input); coords [f, N, 2] (x, y) in frame pixels; valid
+    [f, N]. Subsamples the trajectories afresh (or takes `selection`), computes their latent
+    positions, gathers the hidden states with advanced indexing, projects and attends per trajectory,
+    applies to_out per token, then averages per pixel with a Python loop of index_put_(accumulate=True)
+    over batch and frames. Returns [(b H W), f, c].
+    """
+    height, width = level_size
+    height0, width0 = frame_size
+    frames, channels = x.shape[1], x.shape[2]
+    if selection is None:
+        selection = subsample(coords.shape[1], num_samples(coords.shape[1], level_size, ratio), generator)
+    selection = selection.to(coords.device)
+    traj = coords[:, selection].to(torch.float32)
+    vis = valid[:, selection]
+    xs = torch.floor(traj[..., 0] * float(width) / float(width0)).clamp(0, width - 1).long()
+    ys = torch.floor(traj[..., 1] * float(height) / float(height0)).clamp(0, height - 1).long()
+
+    grid = rearrange(x, "(b y x) f c -> b y x f c", b=batch, y=height, x=width)
+    frame_no = torch.arange(frames, device=x.device)[:, None]
+    tokens = grid[:, ys, xs, frame_no] * vis[None, :, :, None].to(x.dtype)  # [b f n c]
+    tokens = rearrange(tokens, "b f n c -> (b n) f c")
+
+    def split(t):
+        return rearrange(t, "m f (h d) -> m h f d", h=heads)
+
+    q, k, v = split(tokens @ w_q.t()), split(tokens @ w_k.t()), split(tokens @ w_v.t())
+    mask = None
+    if mask_invalid:
+        key_ok = rearrange(vis, "f n -> n 1 1 f").repeat(batch, 1, 1, 1)
+        mask = key_ok | ~key_ok.any(-1, keepdim=True)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    o = rearrange(o, "m h f d -> m f (h d)") @ w_out.t() + b_out
+    o = rearrange(o, "(b n) f c -> b f n c", b=batch)
+
+    total = x.new_zeros(batch, frames, height, width, channels)
+    count = x.new_zeros(batch, frames, height, width, 1)
+    for b in range(batch):
+        for f in range(frames):
+            keep = vis[f]
+            where = (ys[f][keep], xs[f][keep])
+            total[b, f].index_put_(where, o[b, f][keep], accumulate=True)
+            count[b, f].index_put_(where, torch.ones_like(o[b, f][keep][:, :1]), accumulate=True)
+    out = total / count.clamp(min=1)
+    return rearrange(out, "b f y x c -> (b y x) f c")
