@@ -9,6 +9,7 @@
 from lightmotion_fast import _ext
 from lightmotion_fast.camera import CameraMotion
 from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permute_affine
+from lightmotion_fast.ops.plucker import plucker_embedding
 
 __version__ = "0.1.0"
 
@@ -49,5 +50,6 @@ __all__ = [
     "latent_permute_affine",
     "patch",
     "patched",
+    "plucker_embedding",
     "unpatch",
 ]

@@ -5,11 +5,14 @@ suite runs torch.library.opcheck and torch.compile(fullgraph=True) over all of t
 registered `lightmotion::` op that is missing here.
 """
 from lightmotion_fast.ops import latent_permute as _latent_permute
+from lightmotion_fast.ops import plucker as _plucker
 from lightmotion_fast.ops._common import Backend, backend
 from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
+from lightmotion_fast.ops.plucker import plucker_embedding
 
 OP_SAMPLES = {
     "latent_permute": (_latent_permute.latent_permute_op, _latent_permute.sample_inputs),
+    "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
 }
 
-__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES"]
+__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "plucker_embedding"]
