@@ -1,0 +1,165 @@
+"""Camera-trajectory metrics: known answers (specs/motionflow.md, CamI2V convention)."""
+import math
+
+import pytest
+import torch
+
+from lightmotion_fast.camera import metrics
+
+
+def rotation(axis, angle):
+    axis = torch.as_tensor(axis, dtype=torch.float64)
+    axis = axis / axis.norm()
+    k = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]], dtype=torch.float64)
+    return torch.eye(3, dtype=torch.float64) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def random_trajectory(frames, batch=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (frames,) if batch is None else (batch, frames)
+    poses = torch.eye(4, dtype=torch.float64).repeat(*shape, 1, 1)
+    flat = poses.reshape(-1, 4, 4)
+    for i in range(flat.shape[0]):
+        axis = torch.randn(3, generator=g, dtype=torch.float64)
+        flat[i, :3, :3] = rotation(axis, float(torch.rand(1, generator=g)) * 1.5)
+    poses[..., :3, 3] = torch.randn(*shape, 3, generator=g, dtype=torch.float64).cumsum(-2)
+    return poses
+
+
+def similarity(scale, rot, trans):
+    s = torch.eye(4, dtype=torch.float64)
+    s[:3, :3] = scale * rot
+    s[:3, 3] = torch.as_tensor(trans, dtype=torch.float64)
+    return s
+
+
+def apply_similarity(sim, c2w):
+    """World change by a similarity: centres map through sim, orientations rotate with it."""
+    scale = torch.linalg.det(sim[:3, :3]) ** (1 / 3)
+    out = c2w.clone()
+    out[..., :3, :3] = (sim[:3, :3] / scale) @ c2w[..., :3, :3]
+    out[..., :3, 3] = c2w[..., :3, 3] @ sim[:3, :3].T + sim[:3, 3]
+    return out
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_identical_trajectories_give_zero(batch):
+    gt = random_trajectory(7, batch)
+    errs = metrics.trajectory_errors(gt.float(), gt)
+    for name, value in errs.as_dict().items():
+        assert value.shape == (() if batch is None else (batch,)), name
+        assert value.abs().max() < 2e-3, (name, value)  # float32 input rounding only
+    exact = metrics.trajectory_errors(gt, gt.clone())
+    for name, value in exact.as_dict().items():
+        assert value.abs().max() < 1e-6, (name, value)
+
+
+def test_constant_rotation_offset_gives_its_angle_per_frame():
+    frames, angle = 6, 0.3
+    gt = random_trajectory(frames)
+    offset = torch.eye(4, dtype=torch.float64)
+    offset[:3, :3] = rotation([0.2, 1.0, -0.4], angle)
+    gen = gt @ offset  # every camera turned by `angle` about an axis of its own frame; centres unchanged
+    absolute = metrics.rot_err(gen, gt, relative=False)
+    assert absolute.item() == pytest.approx(frames * angle, abs=1e-9)
+    # Relative to frame 0 the first frame carries no error, every later frame the whole angle.
+    gen_later = gt.clone()
+    gen_later[1:] = gt[1:] @ offset
+    relative = metrics.rot_err(gen_later, gt)
+    assert relative.item() == pytest.approx((frames - 1) * angle, abs=1e-9)
+    assert metrics.trans_err(gen, gt, relative=False).item() == pytest.approx(0, abs=1e-9)
+    # CamMC of a pure rotation offset: ‖R − R·Q‖_F = ‖I − Q‖_F = 2·sqrt(2)·sin(θ/2) per frame.
+    want = frames * 2 * math.sqrt(2) * math.sin(angle / 2)
+    assert metrics.cam_mc(gen, gt, relative=False).item() == pytest.approx(want, abs=1e-9)
+
+
+def test_rpe_known_answers():
+    frames = 5
+    gt = random_trajectory(frames)
+    assert metrics.rpe(gt, gt)[0].item() == pytest.approx(0, abs=1e-9)
+    step = torch.eye(4, dtype=torch.float64)
+    step[:3, :3] = rotation([0, 0, 1], 0.1)
+    step[:3, 3] = torch.tensor([0.0, 0.0, 1.0])
+    traj = torch.stack([torch.linalg.matrix_power(step, f) for f in range(frames)])
+    still = torch.eye(4, dtype=torch.float64).repeat(frames, 1, 1)
+    rpe_t, rpe_r = metrics.rpe(traj, still, normalize=False)
+    assert rpe_t.item() == pytest.approx(1.0, abs=1e-9)
+    assert rpe_r.item() == pytest.approx(0.1, abs=1e-9)
+
+
+def test_translation_normalised_by_farthest_camera():
+    gt = random_trajectory(6)
+    prepared = metrics.prepare(gt)
+    distances = prepared[:, :3, 3].norm(dim=-1)
+    assert distances.max().item() == pytest.approx(1.0, abs=1e-12)
+    assert torch.allclose(prepared[0], torch.eye(4, dtype=torch.float64), atol=1e-12)
+    # A generated video whose camera moved the same path at 3x the scale (SfM scale is arbitrary):
+    # no error after normalisation, a large one without it.
+    gen = gt.clone()
+    gen[:, :3, 3] = gt[:, :3, 3] * 3.0 + torch.tensor([5.0, -1.0, 2.0], dtype=torch.float64)
+    assert metrics.trans_err(gen, gt).item() == pytest.approx(0, abs=1e-9)
+    assert metrics.cam_mc(gen, gt).item() == pytest.approx(0, abs=1e-9)
+    assert metrics.trans_err(gen, gt, normalize=False).item() > 1.0
+    # A camera that never moves is left unscaled rather than divided by zero.
+    still = torch.eye(4, dtype=torch.float64).repeat(4, 1, 1)
+    assert torch.isfinite(metrics.prepare(still)).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ate_invariant_to_similarity_of_estimate(normalize):
+    gt = random_trajectory(8)
+    noisy = gt.clone()
+    noisy[:, :3, 3] += 0.2 * torch.randn(8, 3, dtype=torch.float64)
+    sim = similarity(2.5, rotation([1.0, -2.0, 0.5], 0.8), [3.0, -4.0, 1.0])
+    base = metrics.ate(noisy, gt, relative=False, normalize=normalize)
+    moved = metrics.ate(apply_similarity(sim, noisy), gt, relative=False, normalize=normalize)
+    assert base.item() > 1e-3
+    assert moved.item() == pytest.approx(base.item(), rel=1e-9, abs=1e-12)
+    # An exact similarity copy of the ground truth has no error at all.
+    assert metrics.ate(apply_similarity(sim, gt), gt, relative=False).item() == pytest.approx(0, abs=1e-9)
+    assert metrics.ate(apply_similarity(sim, gt), gt).item() == pytest.approx(0, abs=1e-9)
+
+
+def test_umeyama_recovers_similarity():
+    src = torch.randn(10, 3, dtype=torch.float64)
+    rot = rotation([0.3, 0.1, 1.0], 1.1)
+    dst = 1.7 * src @ rot.T + torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    scale, r, t = metrics.umeyama(src, dst)
+    assert scale.item() == pytest.approx(1.7, abs=1e-10)
+    assert torch.allclose(r, rot, atol=1e-10) and torch.allclose(t, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_batched_equals_per_video():
+    gt = random_trajectory(5, batch=3, seed=1)
+    gen = random_trajectory(5, batch=3, seed=2)
+    batched = metrics.trajectory_errors(gen, gt).as_dict()
+    for i in range(3):
+        single = metrics.trajectory_errors(gen[i], gt[i]).as_dict()
+        for name in batched:
+            assert batched[name][i].item() == pytest.approx(single[name].item(), rel=1e-9, abs=1e-12), name
+
+
+def test_bad_inputs():
+    gt = random_trajectory(4)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.rot_err(gt[:3], gt)
+    with pytest.raises(ValueError, match="generated"):
+        metrics.trans_err(gt[:, :3], gt[:, :3])
+    with pytest.raises(TypeError, match="generated"):
+        metrics.ate(gt.tolist(), gt)
+    bad = gt.clone()
+    bad[1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.cam_mc(gt, bad)
+
+
+def test_plot_writes_png(tmp_path):
+    gt = random_trajectory(8)
+    gen = gt.clone()
+    gen[:, :3, 3] += 0.1
+    path = metrics.plot_trajectories(gen, gt, tmp_path / "traj.png", title="test")
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "traj.png").stat().st_size > 5000
+    metrics.plot_trajectories(gen[None].repeat(2, 1, 1, 1), gt[None].repeat(2, 1, 1, 1), tmp_path / "b.png", align=True)
+    assert (tmp_path / "b.png").exists()
