@@ -9,6 +9,7 @@
 from lightmotion_fast import _ext
 from lightmotion_fast.camera import CameraMotion
 from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permute_affine
+from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "extension_available",
     "latent_permute",
     "latent_permute_affine",
+    "multi_lora_linear",
     "patch",
     "patched",
     "plucker_embedding",
