@@ -1,0 +1,294 @@
+"""Triton kernels for trajectory attention (specs/trajectory_attention.md).
+
+Tensors: q, k, v, out are [b s f h d] views (any strides; s = latent pixels of one level); idx [f, n]
+int32 and valid [f, n] uint8 give the pixel of trajectory n at frame f; rowptr [f·s + 1] / col [nnz]
+int32 are the per-pixel CSR lists of the valid tokens landing on (f, p), ascending in n.
+
+Forward, one program per (trajectory block, batch·head):
+  gather the trajectory's F rows of q, k, v straight from the dense tensors (invalid rows are loaded
+  as zeros, padded frames and padded head channels are masked), S = Q Kᵀ on the tensor cores with
+  fp32 accumulation, softmax in fp32 (padded frames, and invalid ones when mask_invalid, are -inf
+  keys), O = P V, and divide every row by the number of tokens landing on its pixel (rowptr). Then
+    atomic mode:        atomic_add of O/count into an fp32 [b s f h d] accumulator (one launch;
+                        summation order, hence the last bits, vary from run to run);
+    deterministic mode: store O/count (input dtype) into a token buffer [b n f h d], then a second
+                        launch sums, for every pixel, its CSR list in ascending n in fp32 and writes
+                        the output once, 0 where nothing lands. Two launches, bitwise repeatable.
+Backward, the same structure: the program recomputes P from the gathered rows (F ≤ 64 fits on chip,
+so nothing from the forward is saved besides the inputs), reads dO at the token's pixel divided by
+the count, and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO with dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
+Each token's gradient goes back to the dense position it was gathered from: atomically, or through
+token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # softmax runs in base 2: exp2 is the hardware instruction
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton 3.9's interpreter returns garbage from tl.dot on bfloat16 operands (seen while
+    # writing this file); under the interpreter bf16 operands are widened first, which computes the
+    # same exact products the tensor cores do. On a GPU UPCAST is False.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr):
+    rows = base + pix.to(tl.int64) * s_s + frame.to(tl.int64) * s_f
+    mask = ok[:, None] & (dd[None, :] < D)
+    return tl.load(ptr + rows[:, None] + dd[None, :].to(tl.int64) * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _probs(q, k, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Row-normalised attention probabilities (fp32) of one trajectory: [BLOCK_F, BLOCK_F]."""
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # log2 domain
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all (mask_invalid, all invalid)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    l = tl.where(l == 0.0, 1.0, l)
+    return p / l[:, None]
+
+
+@triton.jit
+def _traj_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, rowptr_ptr, dst_ptr,
+    n_traj, n_pix, frames, heads, qk_scale,
+    sq_b, sq_s, sq_f, sq_h, sq_d,
+    sk_b, sk_s, sk_f, sk_h, sk_d,
+    sv_b, sv_s, sv_f, sv_h, sv_d,
+    sd_b, sd_x, sd_f, sd_h,
+    D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
+    MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    fr = tl.arange(0, BLOCK_F)
+    dd = tl.arange(0, BLOCK_D)
+    in_f = fr < frames
+    q_base = b * sq_b + h * sq_h
+    k_base = b * sk_b + h * sk_h
+    v_base = b * sv_b + h * sv_h
+    for t in range(TRAJ_PER_PROG):
+        n = pid_n * TRAJ_PER_PROG + t
+        if n < n_traj:
+            pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
+            ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
+            q = _gather_rows(q_ptr, q_base, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
+            k = _gather_rows(k_ptr, k_base, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
+            v = _gather_rows(v_ptr, v_base, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+            key_ok = ok if MASK_INVALID else in_f
+            p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+            o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+            row = fr * n_pix + pix
+            count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
+            o = o / tl.maximum(count, 1).to(tl.float32)[:, None]
+            mask = ok[:, None] & (dd[None, :] < D)
+            if ATOMIC:
+                dst = dst_ptr + b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
+                tl.atomic_add(dst[:, None] + dd[None, :], o, mask=mask, sem="relaxed")
+            else:
+                dst = dst_ptr + b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
+                tl.store(dst[:, None] + dd[None, :], o.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _traj_attn_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, valid_ptr, rowptr_ptr, dq_ptr, dk_ptr, dv_ptr,
+    n_traj, n_pix, frames, heads, qk_scale, sm_scale,
+    sq_b, sq_s, sq_f, sq_h, sq_d,
+    sk_b, sk_s, sk_f, sk_h, sk_d,
+    sv_b, sv_s, sv_f, sv_h, sv_d,
+    so_b, so_s, so_f, so_h, so_d,
+    sd_b, sd_x, sd_f, sd_h,
+    D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
+    MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    fr = tl.arange(0, BLOCK_F)
+    dd = tl.arange(0, BLOCK_D)
+    in_f = fr < frames
+    for t in range(TRAJ_PER_PROG):
+        n = pid_n * TRAJ_PER_PROG + t
+        if n < n_traj:
+            pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
+            ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
+            q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
+            k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
+            v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+            do = _gather_rows(do_ptr, b * so_b + h * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D).to(tl.float32)
+            row = fr * n_pix + pix
+            count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
+            do = do / tl.maximum(count, 1).to(tl.float32)[:, None]
+            key_ok = ok if MASK_INVALID else in_f
+            p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+            o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+            delta = tl.sum(do * o, axis=1)
+            do_c = do.to(v.dtype)
+            dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            ds_c = ds.to(q.dtype)
+            dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
+            dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
+            dv = _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST)
+            mask = ok[:, None] & (dd[None, :] < D)
+            if ATOMIC:
+                off = b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
+                off = off[:, None] + dd[None, :]
+                tl.atomic_add(dq_ptr + off, dq, mask=mask, sem="relaxed")
+                tl.atomic_add(dk_ptr + off, dk, mask=mask, sem="relaxed")
+                tl.atomic_add(dv_ptr + off, dv, mask=mask, sem="relaxed")
+            else:
+                off = b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
+                off = off[:, None] + dd[None, :]
+                tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+                tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _csr_reduce_kernel(
+    tok_ptr, rowptr_ptr, col_ptr, out_ptr,
+    n_pix, heads,
+    st_b, st_n, st_f, st_h,
+    so_b, so_s, so_f, so_h, so_d,
+    D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, p, f, h] = Σ tok[b, n, f, h] over n in the CSR list of (f, p), in list order; 0 if empty."""
+    pid_p = tl.program_id(0)
+    frame = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    dd = tl.arange(0, BLOCK_D)
+    in_p = pp < n_pix
+    d_ok = dd[None, :] < D
+    row = frame * n_pix + pp
+    start = tl.load(rowptr_ptr + row, mask=in_p, other=0)
+    count = tl.load(rowptr_ptr + row + 1, mask=in_p, other=0) - start
+    longest = tl.max(count, axis=0)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    tok_base = tok_ptr + b * st_b + frame * st_f + h * st_h
+    for j in range(0, longest):
+        here = j < count
+        n = tl.load(col_ptr + start + j, mask=here, other=0).to(tl.int64)
+        vals = tl.load(tok_base + (n * st_n)[:, None] + dd[None, :], mask=here[:, None] & d_ok, other=0.0)
+        acc += vals.to(tl.float32)
+    dst = out_ptr + b * so_b + frame * so_f + h * so_h + pp.to(tl.int64)[:, None] * so_s + dd[None, :] * so_d
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, None] & d_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _blocks(frames: int, dim: int) -> tuple[int, int]:
+    # tl.dot wants every dimension >= 16; frames and the head dim are padded to powers of two.
+    return max(16, triton.next_power_of_2(frames)), max(16, triton.next_power_of_2(dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 products (tf32 would lose 3 digits against the reference).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+def _warps(block_f: int, block_d: int) -> int:
+    return 4 if block_f * block_d <= 64 * 64 else 8
+
+
+def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
+    # On a GPU one trajectory per program keeps enough programs in flight to hide the gather latency;
+    # the interpreter pays per program, so there it walks several.
+    return 8 if interpreting else 1
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, out: torch.Tensor) -> None:
+    batch, n_pix, frames, heads, dim = out.shape
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_p = 32 if block_d <= 64 else 16
+    grid = (triton.cdiv(n_pix, block_p), frames, batch * heads)
+    _csr_reduce_kernel[grid](
+        tok, rowptr, col, out, n_pix, heads,
+        tok.stride(0), tok.stride(1), tok.stride(2), tok.stride(3),
+        *out.stride(),
+        D=dim, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid: bool, deterministic: bool) -> None:
+    """Writes out [b s f h d] (any strides). idx int32 [f, n], valid uint8 [f, n], rowptr/col int32."""
+    batch, n_pix, frames, heads, dim = q.shape
+    n_traj = idx.shape[1]
+    block_f, block_d = _blocks(frames, dim)
+    tpp = _traj_per_prog(n_traj, _interpreting(q))
+    grid = (triton.cdiv(n_traj, tpp), batch * heads)
+    qk_scale = dim ** -0.5 * LOG2E
+    if deterministic:
+        dst = torch.empty((batch, n_traj, frames, heads, dim), dtype=q.dtype, device=q.device)
+    else:
+        dst = out if (out.dtype == torch.float32) else torch.empty(out.shape, dtype=torch.float32, device=q.device)
+        dst.zero_()
+    _traj_attn_fwd_kernel[grid](
+        q, k, v, idx, valid, rowptr, dst,
+        n_traj, n_pix, frames, heads, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(),
+        dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3),
+        D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
+        MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
+        num_warps=_warps(block_f, block_d),
+    )
+    if deterministic:
+        _reduce(dst, rowptr, col, out)
+    elif dst is not out:
+        out.copy_(dst)
+
+
+def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
+                             mask_invalid: bool, deterministic: bool) -> None:
+    """Writes dq, dk, dv ([b s f h d], any strides) from dout [b s f h d]."""
+    batch, n_pix, frames, heads, dim = q.shape
+    n_traj = idx.shape[1]
+    block_f, block_d = _blocks(frames, dim)
+    tpp = _traj_per_prog(n_traj, _interpreting(q))
+    grid = (triton.cdiv(n_traj, tpp), batch * heads)
+    if deterministic:
+        shape = (batch, n_traj, frames, heads, dim)
+        bufs = [torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3)]
+    else:
+        bufs = [torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
+    st = bufs[0].stride()
+    _traj_attn_bwd_kernel[grid](
+        q, k, v, dout, idx, valid, rowptr, *bufs,
+        n_traj, n_pix, frames, heads, dim ** -0.5 * LOG2E, dim ** -0.5,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        st[0], st[1], st[2], st[3],
+        D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
+        MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
+        num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
+    )
+    for buf, grad in zip(bufs, (dq, dk, dv)):
+        if deterministic:
+            _reduce(buf, rowptr, col, grad)
+        else:
+            grad.copy_(buf)
