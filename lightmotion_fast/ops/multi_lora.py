@@ -79,13 +79,18 @@ def _offsets(pack, lora_a, device):
     return pack["offsets"]
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck of the op); everything else accumulates in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def weight_norms(lora_a, lora_b, pack=None) -> torch.Tensor:
     """[k] float32: ‖BᵢAᵢ‖_F = sqrt(tr((AᵢAᵢᵀ)(BᵢᵀBᵢ))), cached."""
     pack = _CACHE.get(lora_a, lora_b) if pack is None else pack
     if "weight_norms" not in pack:
         norms = []
         for a, b in zip(lora_a, lora_b):
-            a32, b32 = a.detach().float(), b.detach().float()
+            a32, b32 = a.detach().to(_acc_dtype(a)), b.detach().to(_acc_dtype(b))
             norms.append(((a32 @ a32.T) * (b32.T @ b32)).sum().clamp_min(0).sqrt())
         pack["weight_norms"] = torch.stack(norms)
     return pack["weight_norms"]
@@ -115,25 +120,26 @@ def _forward_torch(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, 
     """Composite torch path (CPU without the interpreter, or ranks above MAX_KERNEL_RANK): the same
     two-GEMM structure as the kernels, norms in Gram form, no [M, d_out] tensor per LoRA."""
     ranks = [a.shape[0] for a in lora_a]
+    acc = _acc_dtype(x)
     a_cat, b_cat = torch.cat(list(lora_a)), torch.cat(list(lora_b), dim=1)
     z = x @ a_cat.T
-    zf = z.float()
-    base = x.float() @ weight.float().T
+    zf = z.to(acc)
+    base = x.to(acc) @ weight.to(acc).T
     if bias is not None:
-        base = base + bias.float()
-    coef = scale[None, :]
-    norms = x.new_empty((0, len(ranks)), dtype=torch.float32)
+        base = base + bias.to(acc)
+    coef = scale.to(acc)[None, :]
+    norms = x.new_empty((0, len(ranks)), dtype=acc)
     if norm == "output":
         chunks = zf.split(ranks, dim=1)
-        norms = torch.stack([((c @ (b.float().T @ b.float())) * c).sum(-1).clamp_min(0).sqrt()
+        norms = torch.stack([((c @ (b.to(acc).T @ b.to(acc))) * c).sum(-1).clamp_min(0).sqrt()
                              for c, b in zip(chunks, lora_b)], dim=1)
         coef = scale * norms.mean(1, keepdim=True) / (norms + eps)
     scaled = zf * coef.repeat_interleave(torch.tensor(ranks, device=x.device), dim=1)
     if separate:
-        parts = [base + s @ b.float().T for s, b in zip(scaled.split(ranks, dim=1), lora_b)]
+        parts = [base + s @ b.to(acc).T for s, b in zip(scaled.split(ranks, dim=1), lora_b)]
         y = torch.stack(parts).to(x.dtype)
     else:
-        y = (base + scaled @ b_cat.float().T).to(x.dtype)
+        y = (base + scaled @ b_cat.to(acc).T).to(x.dtype)
     return y, z, norms
 
 
@@ -165,13 +171,15 @@ def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float],
                          norm: str, eps: float, separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [M, d_in] (any strides). Returns y [M, d_out] (or [k, M, d_out] with separate),
-    z [M, R] and norms [M, k] float32 (`output`) or [0, k]."""
+    z [M, R] and norms [M, k] float32 (`output`) or [0, k]. float64 inputs (gradcheck) take the
+    torch path and keep float64 throughout."""
     pack = _CACHE.get(lora_a, lora_b)
     scale = torch.tensor(scales, dtype=torch.float32, device=x.device)
     if norm == "weight":
         scale = scale * _weight_coefficients(weight_norms(lora_a, lora_b, pack))
     impl = _common.select_backend(x.device)
-    if impl is Backend.TRITON and max(a.shape[0] for a in lora_a) <= MAX_KERNEL_RANK:
+    if (impl is Backend.TRITON and max(a.shape[0] for a in lora_a) <= MAX_KERNEL_RANK
+            and x.dtype != torch.float64):
         return _forward_triton(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack)
     return _forward_torch(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack)
 
@@ -181,7 +189,8 @@ def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate):
     k, m, d_out = len(lora_a), x.shape[0], weight.shape[0]
     rank = sum(a.shape[0] for a in lora_a)
     y = x.new_empty((k, m, d_out) if separate else (m, d_out))
-    return y, x.new_empty((m, rank)), x.new_empty((m if norm == "output" else 0, k), dtype=torch.float32)
+    norms_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return y, x.new_empty((m, rank)), x.new_empty((m if norm == "output" else 0, k), dtype=norms_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,16 +212,16 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     k = ctx.k
     lora_a, lora_b = ab[:k], ab[k:]
     ranks = [a.shape[0] for a in lora_a]
-    dtype = x.dtype
-    scale = torch.tensor(ctx.scales, dtype=torch.float32, device=x.device)
-    zf = z.float()
+    dtype, acc = x.dtype, _acc_dtype(x)
+    scale = torch.tensor(ctx.scales, dtype=acc, device=x.device)
+    zf = z.to(acc)
     z_chunks = zf.split(ranks, dim=1)
     g = grad_y
 
     # The coefficients the forward used: [1, k] or [M, k].
     if ctx.norm == "weight":
         n_w = weight_norms(lora_a, lora_b)
-        coef = (scale * _weight_coefficients(n_w))[None, :]
+        coef = (scale * _weight_coefficients(n_w).to(acc))[None, :]
     elif ctx.norm == "output":
         alpha = norms.mean(1, keepdim=True)
         coef = scale * alpha / (norms + ctx.eps)
@@ -223,8 +232,8 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     h_chunks, d_b = [], []
     for i, b in enumerate(lora_b):
         gi = g[i] if ctx.separate else g
-        h_chunks.append((gi @ b).float())
-        d_b.append((gi.T @ (z_chunks[i] * coef[:, i:i + 1]).to(dtype)).float())
+        h_chunks.append((gi @ b).to(acc))
+        d_b.append((gi.T @ (z_chunks[i] * coef[:, i:i + 1]).to(dtype)).to(acc))
     p = torch.stack([(h * zc).sum(1) for h, zc in zip(h_chunks, z_chunks)], dim=1)  # [M, k]
     dz = [coef[:, i:i + 1] * h_chunks[i] for i in range(k)]
     d_a = [None] * k
@@ -235,7 +244,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         d_n = (p * scale * inv).sum(1, keepdim=True) / k - p * scale * alpha * inv * inv
         q = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)  # ∂L/∂nⱼ / nⱼ
         for i, b in enumerate(lora_b):
-            bf = b.float()
+            bf = b.to(acc)
             gram = bf.T @ bf
             zq = z_chunks[i] * q[:, i:i + 1]
             dz[i] = dz[i] + zq @ gram                    # ∂nⱼ/∂zⱼ = Gⱼ zⱼ / nⱼ
@@ -249,7 +258,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         d_n = torch.where(alive, dc / safe, 0).sum() / k - torch.where(alive, dc * n_w.mean() / safe**2, 0)
         for i, (a, b) in enumerate(zip(lora_a, lora_b)):
             if alive[i]:
-                af, bf = a.float(), b.float()
+                af, bf = a.to(acc), b.to(acc)
                 d_a[i] = (d_n[i] / n_w[i]) * ((bf.T @ bf) @ af)
                 d_b[i] = d_b[i] + (d_n[i] / n_w[i]) * (bf @ (af @ af.T))
 
@@ -257,14 +266,14 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     grad_x = grad_w = grad_bias = None
     g_sum = g.sum(0) if ctx.separate else g
     if ctx.needs_input_grad[0]:
-        grad_x = torch.addmm((g_sum @ weight).float(), dz_cat.float(), torch.cat(list(lora_a)).float()).to(dtype)
+        grad_x = torch.addmm((g_sum @ weight).to(acc), dz_cat.to(acc), torch.cat(list(lora_a)).to(acc)).to(dtype)
     if ctx.needs_input_grad[1]:
         grad_w = g_sum.T @ x
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = g_sum.sum(0)
     grad_a = []
     for i, dzi in enumerate(dz_cat.split(ranks, dim=1)):
-        da = (dzi.T @ x).float()
+        da = (dzi.T @ x).to(acc)
         grad_a.append((da if d_a[i] is None else da + d_a[i]).to(lora_a[i].dtype))
     grad_b = [db.to(b.dtype) for db, b in zip(d_b, lora_b)]
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None

@@ -1,0 +1,246 @@
+"""multi_lora_linear (specs/multi_lora.md): kernels against the float64 reference, forward and
+backward, all three normalisations, separate outputs; the norms against their explicit definitions;
+the weight-norm cache; gradcheck of the reference and of the op's hand-written backward; bad inputs.
+
+Shapes are small and odd (M, d_in, d_out not multiples of any block) because on a CPU the kernels
+run through Triton's interpreter.
+"""
+import pytest
+import torch
+
+import lightmotion_fast
+from lightmotion_fast.ops import multi_lora as ml
+from lightmotion_fast.ops.multi_lora import multi_lora_linear, multi_lora_linear_op
+from lightmotion_fast.reference.multi_lora import (
+    multi_lora_linear_reference,
+    output_delta_norms,
+    weight_delta_norm,
+)
+
+# Relative to the largest output magnitude: z and y are rounded to the input dtype.
+REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+NORMS = ("none", "weight", "output")
+SHAPES = [  # (M, d_in, d_out, ranks)
+    (37, 40, 50, [4]),
+    (29, 33, 47, [16, 8]),
+    (21, 40, 35, [4, 32, 64]),
+]
+
+
+def make(m, d_in, d_out, ranks, dtype, device, bias=True, requires_grad=False):
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_(requires_grad)
+
+    x = t(m, d_in)
+    w = t(d_out, d_in, scale=d_in ** -0.5)
+    b = t(d_out) if bias else None
+    a = [t(r, d_in, scale=d_in ** -0.5) for r in ranks]
+    bb = [t(d_out, r, scale=(0.5 + i) * r ** -0.5) for i, r in enumerate(ranks)]  # unequal norms
+    scales = [1.0, 0.5, 2.0][: len(ranks)]
+    return x, w, b, a, bb, scales
+
+
+def f64(t):
+    if t is None:
+        return None
+    if isinstance(t, (list, tuple)):
+        return [f64(i) for i in t]
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def assert_close_rel(got, want, dtype, what=""):
+    scale = want.abs().max().item() + 1e-12
+    err = (got.double() - want).abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3e} vs max |ref| {scale:.3e} ({dtype})"
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-din{s[1]}-dout{s[2]}-r{'_'.join(map(str, s[3]))}")
+def test_forward_matches_reference(shape, norm, dtype, device, poisoned):
+    m, d_in, d_out, ranks = shape
+    x, w, b, a, bb, scales = make(m, d_in, d_out, ranks, dtype, device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+    assert y.shape == (m, d_out) and y.dtype == dtype
+    assert_close_rel(y, ref, dtype, f"y norm={norm}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_separate_outputs_match_reference(norm, dtype, device, poisoned):
+    x, w, b, a, bb, scales = make(23, 40, 37, [8, 16, 4], dtype, device)
+    x = x.reshape(1, 23, 40)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=True)
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm, separate=True)
+    assert y.shape == (3, 1, 23, 37)
+    assert_close_rel(y, ref, dtype, f"separate norm={norm}")
+    # Each separate output carries only its own LoRA, with the coefficient normalised over all k.
+    base = x.double() @ w.double().T + b.double()
+    summed = base + (y.double() - base).sum(0)
+    full = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+    assert_close_rel(summed, full, dtype, "sum of separate deltas")
+
+
+@pytest.mark.parametrize("norm", ["none", "output"])
+def test_rank_256_tiny_tokens(norm, device, poisoned):
+    x, w, b, a, bb, scales = make(5, 24, 20, [256, 4], torch.float32, device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+    assert_close_rel(y, ref, torch.float32, "r=256")
+
+
+def test_strided_input_and_no_bias(device, poisoned):
+    x, w, _, a, bb, scales = make(19, 70, 30, [8, 8], torch.float32, device)
+    xs = x[:, ::2]  # d_in = 35, stride 2: the kernels take strides, no copy needed
+    a = [t[:, :35].contiguous() for t in a]
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(xs, w[:, :35], None, a, bb, scales, norm="output")
+    ref = multi_lora_linear_reference(f64(xs), f64(w[:, :35]), None, f64(a), f64(bb), scales, norm="output")
+    assert_close_rel(y, ref, torch.float32, "strided")
+
+
+def test_reference_backend_matches_reference(device):
+    x, w, b, a, bb, scales = make(13, 20, 18, [4, 8], torch.float32, device)
+    for norm in NORMS:
+        with lightmotion_fast.backend("reference"):
+            y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+        assert_close_rel(y, ref, torch.float32, f"torch path norm={norm}")
+
+
+# ---------------------------------------------------------------------------------------------
+# norms
+
+def test_weight_scale_is_frobenius_norm_and_cached(device):
+    _, _, _, a, bb, _ = make(3, 40, 50, [4, 16, 8], torch.float32, device)
+    explicit = torch.stack([torch.linalg.matrix_norm(b.double() @ a_.double()) for a_, b in zip(a, bb)])
+    torch.testing.assert_close(ml.weight_norms(a, bb).double(), explicit, rtol=1e-5, atol=0)
+    for a_, b in zip(a, bb):
+        torch.testing.assert_close(weight_delta_norm(a_.double(), b.double()),
+                                   torch.linalg.matrix_norm(b.double() @ a_.double()))
+    hits = ml._CACHE.hits
+    ml.weight_norms(a, bb)
+    assert ml._CACHE.hits == hits + 1
+    with torch.no_grad():
+        bb[1].mul_(3.0)  # in-place update bumps _version: the cache must notice
+    torch.testing.assert_close(ml.weight_norms(a, bb)[1].double(), 3 * explicit[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_norms_are_explicit_per_token_norms(dtype, device, poisoned):
+    x, w, b, a, bb, scales = make(27, 40, 50, [4, 16, 32], dtype, device)
+    with lightmotion_fast.backend("triton"):
+        _, z, norms = multi_lora_linear_op(x, w, b, a, bb, scales, "output", 1e-6, False)
+    assert norms.shape == (27, 3) and norms.dtype == torch.float32
+    for i, (a_, b_) in enumerate(zip(a, bb)):
+        explicit = ((x.double() @ a_.double().T) @ b_.double().T).norm(dim=-1)
+        assert_close_rel(norms[:, i], explicit, dtype, f"n_{i}")
+        gram = output_delta_norms(x.double() @ a_.double().T, b_.double())
+        torch.testing.assert_close(gram, explicit)
+
+
+def test_zero_lora_b_gives_base_plus_others(device):
+    """peft initialises B = 0: ‖BA‖ = 0 must not produce NaN in either normalisation."""
+    x, w, b, a, bb, scales = make(11, 20, 18, [4, 4], torch.float32, device)
+    bb[0] = torch.zeros_like(bb[0])
+    for norm in ("weight", "output"):
+        with lightmotion_fast.backend("triton"):
+            y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+        assert torch.isfinite(y).all()
+        assert_close_rel(y, ref, torch.float32, norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("separate", [False, True])
+def test_backward_matches_reference_fp32(norm, separate, device):
+    x, w, b, a, bb, scales = make(21, 24, 30, [4, 8, 16], torch.float32, device, requires_grad=True)
+    g = torch.randn((3, 21, 30) if separate else (21, 30), device=device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)
+    grads = torch.autograd.grad(y, [x, w, b, *a, *bb], g)
+    xs, ws, bs, as_, bbs = f64(x), f64(w), f64(b), f64(a), f64(bb)
+    ref = multi_lora_linear_reference(xs, ws, bs, as_, bbs, scales, norm=norm, separate=separate)
+    ref_grads = torch.autograd.grad(ref, [xs, ws, bs, *as_, *bbs], g.double())
+    names = ["x", "weight", "bias"] + [f"lora_a[{i}]" for i in range(3)] + [f"lora_b[{i}]" for i in range(3)]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close_rel(got, want, torch.float32, f"d{name} norm={norm}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["none", "output"])
+def test_backward_half_precision(norm, dtype, device):
+    x, w, b, a, bb, scales = make(19, 24, 26, [8, 16], dtype, device, requires_grad=True)
+    g = torch.randn(19, 26, device=device).to(dtype)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    grads = torch.autograd.grad(y, [x, *a, *bb], g)
+    xs, as_, bbs = f64(x), f64(a), f64(bb)
+    ref = multi_lora_linear_reference(xs, f64(w), f64(b), as_, bbs, scales, norm=norm)
+    ref_grads = torch.autograd.grad(ref, [xs, *as_, *bbs], g.double())
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        # The backward works on z rounded to the input dtype: allow a few roundings more.
+        assert_close_rel(got, want, dtype, f"grad norm={norm}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("separate", [False, True])
+def test_gradcheck_reference_float64(norm, separate):
+    x, w, b, a, bb, scales = make(5, 6, 7, [2, 3], torch.float64, "cpu", requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b, a0, a1, b0, b1: multi_lora_linear_reference(x, w, b, [a0, a1], [b0, b1], scales,
+                                                                    norm=norm, separate=separate),
+        (x, w, b, *a, *bb))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_op_backward_float64(norm):
+    """The op's hand-written backward (torch path keeps float64) against finite differences."""
+    x, w, b, a, bb, scales = make(5, 6, 7, [2, 3], torch.float64, "cpu", requires_grad=True)
+
+    def fn(x, w, b, a0, a1, b0, b1):
+        ml.clear_weight_cache()  # gradcheck perturbs weights in place through views
+        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False)[0]
+
+    with lightmotion_fast.backend("reference"):
+        torch.autograd.gradcheck(fn, (x, w, b, *a, *bb))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+
+def _good(device):
+    x, w, b, a, bb, scales = make(4, 8, 6, [2, 2], torch.float32, device)
+    return dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scales=scales)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda k: k.update(x=torch.randn(4, 9)), ValueError, "x must have shape"),
+    (lambda k: k.update(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "x must have dtype"),
+    (lambda k: k.update(weight=torch.randn(6, 8, dtype=torch.float16)), TypeError, "weight must have"),
+    (lambda k: k.update(bias=torch.randn(5)), ValueError, "bias must have shape"),
+    (lambda k: k.update(lora_a=k["lora_a"][:1]), ValueError, "same number"),
+    (lambda k: k.update(lora_a=torch.randn(2, 8)), TypeError, "lora_a must be a list"),
+    (lambda k: k.update(lora_a=[torch.randn(2, 7), k["lora_a"][1]]), ValueError, r"lora_a\[0\] must have shape"),
+    (lambda k: k.update(lora_b=[torch.randn(6, 3), k["lora_b"][1]]), ValueError, r"lora_b\[0\] must have shape"),
+    (lambda k: k.update(scales=[1.0]), ValueError, "one number per LoRA"),
+    (lambda k: k.update(scales=[1.0, float("nan")]), ValueError, r"scales\[1\] must be finite"),
+    (lambda k: k.update(norm="frobenius"), ValueError, "norm must be one of"),
+    (lambda k: k.update(eps=-1.0), ValueError, "eps must be"),
+])
+def test_bad_inputs_raise(change, error, match, device):
+    kwargs = dict(_good("cpu"), norm="none", eps=1e-6)
+    change(kwargs)
+    with pytest.raises(error, match=match):
+        multi_lora_linear(**kwargs)
