@@ -11,6 +11,7 @@ from lightmotion_fast.camera import CameraMotion
 from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permute_affine
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
+from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ def extension_available() -> bool:
 
 
 __all__ = [
+    "trajectory_attention",
     "Backend",
     "CameraMotion",
     "backend",

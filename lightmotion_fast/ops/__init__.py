@@ -5,17 +5,24 @@ suite runs torch.library.opcheck and torch.compile(fullgraph=True) over all of t
 registered `lightmotion::` op that is missing here.
 """
 from lightmotion_fast.ops import latent_permute as _latent_permute
+from lightmotion_fast.ops import latent_resample as _latent_resample
 from lightmotion_fast.ops import multi_lora as _multi_lora
 from lightmotion_fast.ops import plucker as _plucker
+from lightmotion_fast.ops import trajectory_attention as _trajectory_attention
 from lightmotion_fast.ops._common import Backend, backend
 from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
+from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
+from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 
 OP_SAMPLES = {
     "multi_lora_linear": (_multi_lora.multi_lora_linear_op, _multi_lora.sample_inputs),
     "latent_permute": (_latent_permute.latent_permute_op, _latent_permute.sample_inputs),
+    "latent_resample": (_latent_resample.latent_resample_op, _latent_resample.sample_inputs),
     "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
+    "trajectory_attention": (_trajectory_attention.trajectory_attention_op, _trajectory_attention.sample_inputs),
+    "trajectory_attention_backward": (_trajectory_attention.trajectory_attention_backward_op, _trajectory_attention.backward_sample_inputs),
 }
 
-__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding"]
+__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding", "trajectory_attention", "build_fill_map", "latent_edit", "latent_resample"]

@@ -199,3 +199,44 @@ def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: tor
             count[b, f].index_put_(where, torch.ones_like(o[b, f][keep][:, :1]), accumulate=True)
     out = total / count.clamp(min=1)
     return rearrange(out, "b f y x c -> (b y x) f c")
+
+
+def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                            idx: torch.Tensor, valid: torch.Tensor,
+                                            mask_invalid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `trajectory_attention_reference` w.r.t. q, k, v, written out (the kernels follow
+    these formulas): dO of a token is dout at its pixel divided by the pixel's count; per trajectory
+    dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K/√d, dK = dSᵀ Q/√d; each token's
+    gradient is added back at the dense position it was gathered from. All [b s f h d]."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_pix = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qt, kt, vt = (gather_tokens(t.to(compute), idx, valid) for t in (q, k, v))
+    rowptr, _ = incoming_csr(idx, valid, n_pix)
+    counts = rowptr[1:] - rowptr[:-1]
+    frame_rows = torch.arange(idx.shape[0], device=idx.device)[:, None] * n_pix
+    per_token = counts[frame_rows + idx.to(torch.int64)].clamp(min=1).to(compute)  # [f n]
+    dot = gather_tokens(dout.to(compute), idx, valid) / rearrange(per_token, "f n -> 1 n f 1 1")
+
+    scores = torch.einsum("bnfhd,bnghd->bnhfg", qt, kt) * scale
+    if mask_invalid:
+        key_ok = rearrange(valid, "g n -> 1 n 1 1 g")
+        scores = scores.masked_fill(~key_ok, float("-inf"))
+        scores = torch.where(key_ok.any(-1, keepdim=True), scores, torch.zeros_like(scores))
+    probs = scores.softmax(dim=-1)
+    o = torch.einsum("bnhfg,bnghd->bnfhd", probs, vt)
+    dv_t = torch.einsum("bnhfg,bnfhd->bnghd", probs, dot)
+    dp = torch.einsum("bnfhd,bnghd->bnhfg", dot, vt)
+    delta = rearrange((dot * o).sum(-1), "b n f h -> b n h f 1")
+    ds = probs * (dp - delta)
+    dq_t = torch.einsum("bnhfg,bnghd->bnfhd", ds, kt) * scale
+    dk_t = torch.einsum("bnhfg,bnfhd->bnghd", ds, qt) * scale
+
+    def scatter_add(tokens):
+        dense = tokens.new_zeros(q.shape)
+        for f in range(idx.shape[0]):
+            keep = valid[f]
+            dense[:, :, f] = dense[:, :, f].index_add(1, idx[f][keep].to(torch.int64), tokens[:, keep, f])
+        return dense.to(q.dtype)
+
+    return scatter_add(dq_t), scatter_add(dk_t), scatter_add(dv_t)
