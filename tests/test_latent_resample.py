@@ -1,0 +1,212 @@
+"""latent_resample: fill-map semantics (background rows/columns, alignment, fallbacks), C++ builder ==
+reference builder, fused gather (Triton through the interpreter on CPU) == reference, checks."""
+import pytest
+import torch
+
+import lightmotion_fast as lm
+from lightmotion_fast.ops.latent_resample import build_fill_map_affine
+from lightmotion_fast.reference.latent_resample import (
+    alignment_affines,
+    build_fill_map_reference,
+    decode_fill_map,
+    latent_resample_reference,
+)
+
+CAMERAS = {
+    "combo": lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16),
+    "pan": lm.CameraMotion(pan=(0.3, 0.0)),
+    "tilt": lm.CameraMotion(pan=(0.05, -0.4)),
+    "zoom_out": lm.CameraMotion(zoom=-0.3, rotate=30),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _background(frames, height, width, p=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(frames, height, width, generator=g) < p
+
+
+def _require_cpp():
+    if not lm.extension_available() or not hasattr(torch.ops.lightmotion_cpp, "build_fill_map"):
+        pytest.fail("the C++ extension is not built: pip install --no-build-isolation -e .")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 17, 23), (2, 4, 3, 8, 8), (1, 1, 2, 1, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kept_positions_equal_latent_permute(shape, dtype, device, poisoned):
+    cam = CAMERAS["combo"]
+    z = torch.randn(shape, device=device).to(dtype)
+    bg = _background(*shape[2:])
+    with lm.backend("triton"):
+        out, fill = lm.latent_edit(z, cam, background=bg, seed=5)
+        permuted, exposed = lm.latent_permute(z, cam)
+    kept = ~exposed
+    assert out.dtype == dtype and out.shape == z.shape
+    assert torch.equal(out[:, :, kept].cpu(), permuted[:, :, kept].cpu())
+    # Every position is written (the output was poisoned) and equals the reference gather exactly.
+    assert torch.equal(out.cpu(), latent_resample_reference(z.cpu().double(), fill.cpu()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_frames_first_layout_and_strided_views(dtype, device, poisoned):
+    cam = CAMERAS["combo"]
+    base = torch.randn(2, 5, 3, 9, 11, device=device).to(dtype)  # b f c h w (SVD)
+    fill = lm.build_fill_map(cam, 5, 9, 11, background=_background(5, 9, 11), seed=1, device=device)
+    with lm.backend("triton"):
+        out = lm.latent_resample(base, fill, layout="b f c h w")
+        out_view = lm.latent_resample(base.transpose(1, 2), fill)  # the same data as a b c f h w view
+    ref = latent_resample_reference(base.cpu().double(), fill.cpu(), layout="b f c h w").to(dtype)
+    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out_view.cpu(), ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_cpu_paths_match(impl, poisoned):
+    z = torch.randn(2, 3, 4, 7, 9)
+    fill = lm.build_fill_map(CAMERAS["pan"], 4, 7, 9, seed=2)
+    with lm.backend("reference"):
+        out = lm.latent_resample(z, fill)
+    assert torch.equal(out, latent_resample_reference(z, fill))
+
+
+def _check_semantics(cam, frames, height, width, bg, fill, by_column):
+    inv = cam.inverse_affines(frames, height, width)
+    align = alignment_affines(inv)
+    src_f, src_y, src_x = decode_fill_map(fill, height, width)
+    _, exposed = lm.latent_permute(torch.zeros(1, 1, frames, height, width), cam)
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    counts = {"aligned": 0, "fresh": 0}
+    for f in range(frames):
+        qx = torch.floor(align[f, 0, 0] * x.float() + align[f, 0, 1] * y.float() + align[f, 0, 2] + 0.5).long()
+        qy = torch.floor(align[f, 1, 0] * x.float() + align[f, 1, 1] * y.float() + align[f, 1, 2] + 0.5).long()
+        for yy, xx in torch.nonzero(exposed[f]).tolist():
+            q = (int(qy[yy, xx]), int(qx[yy, xx]))
+            if f > 0 and 0 <= q[0] < height and 0 <= q[1] < width and exposed[f - 1, q[0], q[1]]:
+                assert fill[f, yy, xx] == fill[f - 1, q[0], q[1]], (f, yy, xx)
+                counts["aligned"] += 1
+                continue
+            counts["fresh"] += 1
+            sf, sy, sx = int(src_f[f, yy, xx]), int(src_y[f, yy, xx]), int(src_x[f, yy, xx])
+            assert sf == f, "a fresh fill comes from the same frame's original latent"
+            line = bg[f, :, xx] if by_column else bg[f, yy]
+            if line.any():
+                assert (sx == xx) if by_column else (sy == yy), "fill must come from the same row/column"
+                assert bg[f, sy, sx], "fill must come from a background pixel"
+            elif bg[f].any():
+                assert bg[f, sy, sx], "row without background: fill from another background pixel of the frame"
+    return counts
+
+
+@pytest.mark.parametrize("cam", ["combo", "pan", "tilt"])
+def test_fill_semantics(cam):
+    frames, height, width = 6, 12, 14
+    camera = CAMERAS[cam]
+    bg = _background(frames, height, width, p=0.5, seed=3)
+    bg[2, 4] = False          # a row with no background at all
+    bg[3, :, 0] = False       # a column with no background
+    fill = lm.build_fill_map(camera, frames, height, width, background=bg, seed=11)
+    by_column = cam == "tilt"
+    counts = _check_semantics(camera, frames, height, width, bg, fill, by_column)
+    assert counts["fresh"] > 0 and counts["aligned"] > 0  # both branches were exercised
+
+
+def test_alignment_carries_the_same_token(device):
+    cam = CAMERAS["pan"]
+    z = torch.randn(1, 2, 5, 8, 10, device=device)
+    with lm.backend("triton"):
+        out, fill = lm.latent_edit(z, cam, seed=4)
+    _, exposed = lm.latent_permute(z, cam)
+    # A pure horizontal pan by 3 latent px/frame: the strip exposed at frame f-1 sits 3 px further
+    # left at frame f and must hold exactly the same values.
+    shift = round(0.3 * 10 / 4)
+    for f in range(1, 5):
+        for col in torch.nonzero(exposed[f - 1, 0]).flatten().tolist():
+            if col - shift >= 0 and exposed[f, 0, col - shift]:
+                assert torch.equal(out[:, :, f, :, col - shift], out[:, :, f - 1, :, col])
+
+
+@pytest.mark.parametrize("by_column", [False, True])
+@pytest.mark.parametrize("cam", ["combo", "zoom_out", "tilt"])
+def test_cpp_builder_equals_reference(cam, by_column):
+    _require_cpp()
+    frames, height, width = 5, 11, 13
+    inv = CAMERAS[cam].inverse_affines(frames, height, width)
+    bg = _background(frames, height, width, p=0.4, seed=9)
+    bg[1] = False          # a frame with no background
+    bg[2, 3] = False
+    for seed in (0, 7, 2**40 + 3):
+        ref = build_fill_map_reference(inv, bg, seed, by_column)
+        with lm.backend("cpp"):
+            cpp = build_fill_map_affine(inv, bg, height, width, seed, by_column)
+        assert cpp.dtype == torch.int32 and torch.equal(cpp, ref)
+    with lm.backend("cpp"):
+        other = build_fill_map_affine(inv, bg, height, width, 8, by_column)
+    assert not torch.equal(other, ref), "a different seed draws different fills"
+
+
+def test_fallbacks():
+    cam = lm.CameraMotion(pan=(0.5, 0.0))  # 2 latent px per frame: frame 2 has 2 aligned + 2 fresh columns
+    frames, height, width = 3, 6, 8
+    bg = torch.zeros(frames, height, width, dtype=torch.bool)
+    bg[1, 5, 2] = True        # frame 1: a single background pixel, in the last row
+    # frame 0 is never exposed; frames 1-2: rows without background; frame 2 has none at all
+    for impl in ("reference", "cpp"):
+        if impl == "cpp":
+            _require_cpp()
+        with lm.backend(impl):
+            fill = lm.build_fill_map(cam, frames, height, width, background=bg, seed=3)
+        src_f, src_y, src_x = decode_fill_map(fill, height, width)
+        _, exposed = lm.latent_permute(torch.zeros(1, 1, frames, height, width), cam)
+        e1 = exposed[1]
+        assert e1.any()
+        assert (src_f[1][e1] == 1).all() and (src_y[1][e1] == 5).all() and (src_x[1][e1] == 2).all()
+        fresh2 = exposed[2].clone()
+        fresh2[:, : width - 2] = False  # the newly exposed strip at the right edge
+        assert fresh2.sum() == 2 * height and exposed[2].sum() == 4 * height
+        assert (src_f[2][fresh2] == 2).all()
+        # frame without background: any pixel of the frame, drawn (not all the same)
+        picks = set(zip(src_y[2][fresh2].tolist(), src_x[2][fresh2].tolist()))
+        assert len(picks) > 1
+
+
+def test_seed_and_generator_determinism():
+    cam = CAMERAS["combo"]
+    a = lm.build_fill_map(cam, 4, 9, 9, seed=123)
+    b = lm.build_fill_map(cam, 4, 9, 9, seed=123)
+    c = lm.build_fill_map(cam, 4, 9, 9, seed=124)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(lm.build_fill_map(cam, 4, 9, 9, generator=g1), lm.build_fill_map(cam, 4, 9, 9, generator=g2))
+
+
+def test_draws_are_spread_over_the_row():
+    cam = lm.CameraMotion(pan=(0.5, 0.0))
+    fill = lm.build_fill_map(cam, 2, 4, 32, seed=0)   # everything background
+    _, _, src_x = decode_fill_map(fill, 4, 32)
+    _, exposed = lm.latent_permute(torch.zeros(1, 1, 2, 4, 32), cam)
+    chosen = src_x[1][exposed[1]]
+    assert chosen.unique().numel() > 16  # 64 draws among 32 columns: a broken RNG repeats itself
+
+
+def test_bad_inputs():
+    cam = CAMERAS["pan"]
+    z = torch.randn(1, 2, 3, 4, 5)
+    fill = lm.build_fill_map(cam, 3, 4, 5)
+    with pytest.raises(TypeError, match="fill_map"):
+        lm.latent_resample(z, fill.long())
+    with pytest.raises(ValueError, match="fill_map"):
+        lm.latent_resample(z, fill[:2])
+    with pytest.raises(ValueError, match="fill_map"):
+        lm.latent_resample(z, fill + 60)
+    with pytest.raises(ValueError, match="z"):
+        lm.latent_resample(z[0], fill)
+    with pytest.raises(ValueError, match="background"):
+        lm.build_fill_map(cam, 3, 4, 5, background=torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="background"):
+        lm.build_fill_map(cam, 3, 4, 5, background=torch.ones(3, 4, 5))
+    with pytest.raises(ValueError, match="seed"):
+        lm.build_fill_map(cam, 3, 4, 5, seed=-1)
+    with pytest.raises(TypeError, match="camera"):
+        lm.build_fill_map("pan", 3, 4, 5)
+    with pytest.raises(ValueError, match="axis"):
+        lm.build_fill_map(cam, 3, 4, 5, axis="diagonal")
