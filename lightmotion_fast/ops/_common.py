@@ -82,11 +82,11 @@ def select_backend(device: torch.device, cpp_op: str | None = None) -> Backend:
             )
         return Backend.TRITON
     if forced is Backend.CPP:
-        if not has_cpp or device.type != "cpu":
-            raise RuntimeError(
-                f"the C++ backend was forced but {'no C++ op ' + repr(cpp_op) if not has_cpp else 'the tensor is on ' + str(device)}"
-                f" (extension loaded: {_ext.available()}; {_ext.load_error or 'ok'})"
-            )
+        if device.type != "cpu":
+            raise RuntimeError(f"the C++ backend was forced but the tensor is on {device}; C++ ops are CPU-only")
+        if not has_cpp:
+            raise RuntimeError(f"the C++ backend was forced but torch.ops.lightmotion_cpp has no {cpp_op!r} "
+                               f"(extension loaded: {_ext.available()}; {_ext.load_error or 'op not provided'})")
         return Backend.CPP
     if device.type == "cuda" or triton_interpreting():
         return Backend.TRITON

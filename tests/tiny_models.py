@@ -1,0 +1,107 @@
+"""Small diffusers models of the real classes, from configs with random weights (no downloads).
+
+Shared by the integration tests. Seeds are fixed, so two calls build identical weights.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def tiny_unet2d(cross_attention_dim: int = 32):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+
+
+def tiny_motion_adapter():
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(1)
+    return MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
+                         motion_num_attention_heads=2, motion_max_seq_length=32)
+
+
+def tiny_unet_motion():
+    from diffusers import UNetMotionModel
+
+    return UNetMotionModel.from_unet2d(tiny_unet2d(), tiny_motion_adapter()).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(2)
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4).eval()
+
+
+def tiny_animatediff_pipeline():
+    """AnimateDiffPipeline without tokenizer or text encoder: call it with prompt_embeds."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                              steps_offset=1)
+    pipe = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_unet2d(),
+                               motion_adapter=tiny_motion_adapter(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def animatediff_inputs(frames: int = 4, seed: int = 0, steps: int = 2):
+    g = torch.Generator().manual_seed(123)
+    return dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                num_frames=frames, height=16, width=16, num_inference_steps=steps, guidance_scale=7.5,
+                output_type="pt", generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_svd_unet():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(3)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=16, num_attention_heads=(2, 4), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, num_frames=4,
+    ).eval()
+
+
+def svd_unet_inputs(frames: int = 4):
+    g = torch.Generator().manual_seed(7)
+    return dict(sample=torch.randn(1, frames, 8, 8, 8, generator=g), timestep=torch.tensor(10.0),
+                encoder_hidden_states=torch.randn(1, 1, 16, generator=g), added_time_ids=torch.randn(1, 3, generator=g))
+
+
+def tiny_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(4)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8,
+    ).eval()
+
+
+def cogvideox_inputs():
+    g = torch.Generator().manual_seed(9)
+    return dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+                timestep=torch.tensor([5]))
+
+
+def unet2d_inputs():
+    g = torch.Generator().manual_seed(11)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(10),
+                encoder_hidden_states=torch.randn(2, 7, 32, generator=g))
+
+
+def unet_motion_inputs(frames: int = 4):
+    g = torch.Generator().manual_seed(13)
+    return dict(sample=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor(10),
+                encoder_hidden_states=torch.randn(frames, 7, 32, generator=g))
