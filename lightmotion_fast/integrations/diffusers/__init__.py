@@ -22,6 +22,7 @@ from lightmotion_fast.integrations.diffusers.registry import (
 )
 
 FEATURE_MODULES: list[str] = [
+    "lora",
 ]
 
 for _name in FEATURE_MODULES:
