@@ -4,12 +4,14 @@ OP_SAMPLES maps every custom op's name to a function giving sample arguments for
 suite runs torch.library.opcheck and torch.compile(fullgraph=True) over all of them, and fails for a
 registered `lightmotion::` op that is missing here.
 """
+from lightmotion_fast.ops import dual_cross_attention as _dual_cross_attention
 from lightmotion_fast.ops import latent_permute as _latent_permute
 from lightmotion_fast.ops import latent_resample as _latent_resample
 from lightmotion_fast.ops import multi_lora as _multi_lora
 from lightmotion_fast.ops import plucker as _plucker
 from lightmotion_fast.ops import trajectory_attention as _trajectory_attention
 from lightmotion_fast.ops._common import Backend, backend
+from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
@@ -21,6 +23,7 @@ OP_SAMPLES = {
     "latent_permute": (_latent_permute.latent_permute_op, _latent_permute.sample_inputs),
     "latent_resample": (_latent_resample.latent_resample_op, _latent_resample.sample_inputs),
     "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
+    "dual_cross_attention": (_dual_cross_attention.dual_cross_attention_op, _dual_cross_attention.sample_inputs),
     "trajectory_attention": (_trajectory_attention.trajectory_attention_op, _trajectory_attention.sample_inputs),
     "trajectory_attention_backward": (_trajectory_attention.trajectory_attention_backward_op, _trajectory_attention.backward_sample_inputs),
 }

@@ -1,0 +1,177 @@
+"""dual_cross_attention: one query set, several key/value sets with separate softmaxes and weights
+(specs/motionflow.md; IP-Adapter's text + image-prompt attention, MotionFlow's image + camera tokens).
+
+Checks, the custom op `lightmotion::dual_cross_attention`, its autograd, and the choice of
+implementation. The meaning is in reference/dual_cross_attention.py, the speed in
+kernels/dual_cross_attention.py (fused forward). The backward uses the forward's per-condition
+log-sum-exp and recomputes the probabilities with PyTorch matmuls: for cross-attention the key
+counts are small (77 text, 4-16 image tokens), so the [b h n m] probabilities cost about as much
+memory as Q itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightmotion_fast.ops import _common
+from lightmotion_fast.ops._common import Backend
+from lightmotion_fast.reference.dual_cross_attention import dual_cross_attention_reference
+
+MAX_HEAD_DIM = 256
+
+
+def heads_last_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [b h n d] tensor stored as [b n h d]: what a diffusers processor reshapes to
+    [b n (h d)] next, so that reshape is free."""
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d), dtype=dtype or q.dtype).transpose(1, 2)
+
+
+def scores_lse(q, k, softmax_scale, mask=None):
+    """Natural log-sum-exp of the scaled, masked scores over the keys, float32 [b h n] (-inf for a
+    fully masked row)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * softmax_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return torch.logsumexp(scores, dim=-1)
+
+
+@torch.library.custom_op("lightmotion::dual_cross_attention", mutates_args=())
+def dual_cross_attention_op(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                            scales: list[float], mask: torch.Tensor | None,
+                            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [b h n d]; keys[j], values[j]: [b h mⱼ d]; mask: None or broadcastable to [b h n m₀].
+    Returns (out [b h n d], lse [conditions, b·h, n] float32)."""
+    b, h, n, _ = q.shape
+    out = heads_last_empty(q)
+    lse = torch.empty((len(keys), b * h, n), dtype=torch.float32, device=q.device)
+    full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
+    if _common.select_backend(q.device) is Backend.TRITON:
+        _common.kernel_module("dual_cross_attention").dual_cross_attention_launch(
+            q, keys, values, scales, full_mask, softmax_scale, out, lse)
+    else:
+        out.copy_(dual_cross_attention_reference(q, keys, values, scales, full_mask, softmax_scale))
+        for j, k in enumerate(keys):
+            lse[j].copy_(scores_lse(q, k, softmax_scale, full_mask if j == 0 else None).reshape(b * h, n))
+    return out, lse
+
+
+@dual_cross_attention_op.register_fake
+def _(q, keys, values, scales, mask, softmax_scale):
+    b, h, n, _ = q.shape
+    return heads_last_empty(q), q.new_empty((len(keys), b * h, n), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, keys, values, scales, mask, softmax_scale = inputs
+    _, lse = output
+    ctx.save_for_backward(q, lse, *keys, *values)
+    ctx.mask, ctx.scales, ctx.softmax_scale, ctx.conditions = mask, list(scales), softmax_scale, len(keys)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, lse, *kv = ctx.saved_tensors
+    keys, values = kv[:ctx.conditions], kv[ctx.conditions:]
+    b, h, n, _ = q.shape
+    s = ctx.softmax_scale
+    qf = q.float()
+    dout = grad_out.float() if grad_out is not None else torch.zeros_like(qf)
+    dq = torch.zeros_like(qf)
+    dks, dvs = [], []
+    for j, (k, v, lam) in enumerate(zip(keys, values, ctx.scales)):
+        kf, vf = k.float(), v.float()
+        scores = (qf @ kf.transpose(-1, -2)) * s
+        if j == 0 and ctx.mask is not None:
+            mask = ctx.mask.expand(b, h, n, k.shape[2])
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        lse_j = lse[j].reshape(b, h, n, 1)
+        p = torch.exp(scores - torch.where(torch.isinf(lse_j), torch.zeros_like(lse_j), lse_j))
+        p = torch.where(torch.isinf(lse_j), torch.zeros_like(p), p)
+        do_j = lam * dout
+        dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype))
+        dp = do_j @ vf.transpose(-1, -2)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        if grad_lse is not None:
+            ds = ds + p * grad_lse[j].reshape(b, h, n, 1)
+        dq += (ds @ kf) * s
+        dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype))
+    return dq.to(q.dtype), dks, dvs, None, None, None
+
+
+dual_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_attention_inputs(q, keys, values, mask=None) -> None:
+    """Shapes, dtypes and devices of q [b h n d], keys/values [b h mⱼ d] and the mask (first condition)."""
+    _common.check_tensor("q", q, ndim=4, dims="b h n d")
+    b, h, n, d = q.shape
+    if d > MAX_HEAD_DIM or d < 1:
+        raise ValueError(f"q's head dim must be 1..{MAX_HEAD_DIM}, got {d} (q shape {tuple(q.shape)})")
+    if n < 1:
+        raise ValueError(f"q must have at least one query, got shape {tuple(q.shape)}")
+    if isinstance(keys, torch.Tensor) or isinstance(values, torch.Tensor):
+        raise TypeError("keys and values must be sequences of tensors (one per condition), got a tensor")
+    if len(keys) == 0 or len(keys) != len(values):
+        raise ValueError(f"keys and values must be non-empty sequences of equal length, got {len(keys)} and {len(values)}")
+    for j, (k, v) in enumerate(zip(keys, values)):
+        _common.check_tensor(f"keys[{j}]", k, ndim=4, dims="b h m d")
+        _common.check_tensor(f"values[{j}]", v, ndim=4, dims="b h m d")
+        if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d or k.shape[2] < 1:
+            raise ValueError(f"keys[{j}] must have shape [{b}, {h}, m, {d}] with m >= 1 (q is {tuple(q.shape)}), "
+                             f"got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"values[{j}] must have the shape of keys[{j}] {tuple(k.shape)}, got {tuple(v.shape)}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"keys[{j}] and values[{j}] must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+        _common.check_same_device(q=q, **{f"keys[{j}]": k, f"values[{j}]": v})
+    if mask is not None:
+        _common.check_tensor("mask", mask, dtypes=(*_common.FLOAT_DTYPES, torch.bool))
+        m0 = keys[0].shape[2]
+        try:
+            torch.broadcast_shapes(mask.shape, (b, h, n, m0))
+            if mask.ndim > 4 or torch.broadcast_shapes(mask.shape, (b, h, n, m0)) != (b, h, n, m0):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"mask must broadcast to [b h n m0] = {[b, h, n, m0]}, got {tuple(mask.shape)}") from None
+        _common.check_same_device(q=q, mask=mask)
+
+
+def dual_cross_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                         scales: Sequence[float] | None = None, mask: torch.Tensor | None = None,
+                         softmax_scale: float | None = None) -> torch.Tensor:
+    """O = Σⱼ λⱼ · softmax(Q Kⱼᵀ · s + maskⱼ) Vⱼ with a separate softmax per key/value set.
+
+    q: [b h n d]; keys[j], values[j]: [b h mⱼ d] (own lengths; any strides, e.g. the transposed views
+    a diffusers processor makes); scales: one λ per condition (default 1 each); mask: float (added)
+    or bool (True keeps), broadcastable to [b h n m₀], for the first condition only;
+    softmax_scale: default d^-½. Returns [b h n d] in q's dtype (stored as [b n h d]). Differentiable
+    in q, keys and values. Head dims up to 256; fp32/fp16/bf16.
+
+    >>> q = torch.randn(2, 8, 4096, 40, device="cuda", dtype=torch.float16)
+    >>> text_k, text_v, img_k, img_v = (torch.randn(2, 8, m, 40, device="cuda", dtype=torch.float16) for m in (77, 77, 4, 4))
+    >>> out = dual_cross_attention(q, [text_k, img_k], [text_v, img_v], scales=[1.0, 0.6])
+    """
+    if isinstance(keys, torch.Tensor) or isinstance(values, torch.Tensor):
+        raise TypeError("keys and values must be sequences of tensors (one per condition), got a tensor")
+    keys, values = list(keys), list(values)
+    check_attention_inputs(q, keys, values, mask)
+    scales = [1.0] * len(keys) if scales is None else [_common.check_finite_number(f"scales[{j}]", s)
+                                                        for j, s in enumerate(scales)]
+    if len(scales) != len(keys):
+        raise ValueError(f"scales must hold one weight per condition ({len(keys)}), got {len(scales)}")
+    softmax_scale = q.shape[-1] ** -0.5 if softmax_scale is None else _common.check_finite_number(
+        "softmax_scale", softmax_scale)
+    out, _ = dual_cross_attention_op(q, keys, values, scales, mask, softmax_scale)
+    return out
+
+
+def sample_inputs(device: torch.device):
+    """Arguments for opcheck and torch.compile tests."""
+    q = torch.randn(2, 3, 19, 40, device=device, requires_grad=True)
+    kv = [torch.randn(2, 3, m, 40, device=device, requires_grad=True) for m in (13, 13, 4, 4)]
+    mask = torch.randn(2, 1, 1, 13, device=device)
+    q16 = torch.randn(1, 2, 9, 24, device=device, dtype=torch.float16)
+    kv16 = [torch.randn(1, 2, m, 24, device=device, dtype=torch.float16) for m in (5, 5, 3, 3, 2, 2)]
+    return [(q, [kv[0], kv[2]], [kv[1], kv[3]], [1.0, 0.5], mask, 40 ** -0.5),
+            (q16, kv16[0::2], kv16[1::2], [1.0, 0.7, 0.3], None, 0.2)]
