@@ -1,0 +1,212 @@
+"""LiON-LoRA scaling tokens and training-free per-LoRA attention fusion for CogVideoX
+(specs/multi_lora.md, "Scaling tokens and per-LoRA attention fusion").
+
+- `fourier_embedding(S)`: γ(S) = [sin(2ʲπS), cos(2ʲπS)]_{j<J}.
+- `ScalingTokenEmbedding`: γ(Sᵢ) -> the i-th LoRA's own linear -> token Eᵢ [d]; Sᵢ ∈ [s_min, 1].
+- `LionLoraFusionProcessor`: a CogVideoX attention processor for k LoRAs loaded through peft on
+  to_q/to_k/to_v/to_out.0. hidden_states carry the video tokens H followed by the k scaling tokens
+  E₁..E_k side by side. Branch i attends over [text; H; Eᵢ] with projections adapted by LoRA i only
+  (W + sᵢcᵢBᵢAᵢ); afterwards text and H are averaged over the branches and each branch's token is
+  kept in its slot. q, k and v come from `multi_lora_linear(separate=True)` (one launch per
+  projection for all k branches, on the shared sequence [text; H; E₁..E_k]); the k branches then run
+  as ONE batched attention call (branches stacked on the batch axis). to_out takes one fused call per
+  branch (the branches' inputs differ there).
+- `lion_lora_fusion_reference`: the same, as a plain loop over branches with explicitly merged
+  weights, for tests.
+
+Normalisation: "none" or "weight" (cᵢ = α/‖BᵢAᵢ‖_F per projection). "output" is not offered here:
+the per-token norms of a projection whose input differs per branch (to_out) have no single α_t.
+Not done: wiring the tokens into CogVideoXTransformer3DModel's forward (appending Eᵢ after the patch
+embedding and dropping them before the output projection); the caller appends them to hidden_states.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from lightmotion_fast.ops import multi_lora as _ml
+from lightmotion_fast.ops.multi_lora import multi_lora_linear
+
+FUSION_NORMS = ("none", "weight")
+PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
+def fourier_embedding(s: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+    """γ(S): [... ] -> [... 2J], frequencies 2ʲπ for j < J (sin block, then cos block)."""
+    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32, device=s.device)
+    angles = s.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ScalingTokenEmbedding(torch.nn.Module):
+    """k scalars Sᵢ (camera amplitude / motion strength) -> k tokens Eᵢ = Linearᵢ(γ(Sᵢ)).
+
+    >>> emb = ScalingTokenEmbedding(num_loras=3, dim=3072)
+    >>> tokens = emb(torch.tensor([1.0, 0.5, 0.25]))      # [3, 3072]
+    """
+
+    def __init__(self, num_loras: int, dim: int, num_frequencies: int = 8, s_min: float = 0.0):
+        super().__init__()
+        if num_loras < 1 or dim < 1 or num_frequencies < 1:
+            raise ValueError(f"num_loras, dim and num_frequencies must be ≥ 1, got {num_loras}, {dim}, {num_frequencies}")
+        if not 0.0 <= s_min <= 1.0:
+            raise ValueError(f"s_min must lie in [0, 1], got {s_min}")
+        self.num_loras, self.num_frequencies, self.s_min = num_loras, num_frequencies, float(s_min)
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(2 * num_frequencies, dim) for _ in range(num_loras))
+
+    def forward(self, s) -> torch.Tensor:
+        """s: [k] or [b k] -> tokens [k d] or [b k d]."""
+        s = torch.as_tensor(s, dtype=torch.float32, device=self.proj[0].weight.device)
+        if s.ndim not in (1, 2) or s.shape[-1] != self.num_loras:
+            raise ValueError(f"S must have shape [{self.num_loras}] or [b, {self.num_loras}] (one scale per "
+                             f"LoRA), got {tuple(s.shape)}")
+        if not torch.isfinite(s).all() or (s < self.s_min).any() or (s > 1).any():
+            raise ValueError(f"every S must lie in [s_min, 1] = [{self.s_min}, 1], got {s.tolist()}")
+        gamma = fourier_embedding(s, self.num_frequencies).to(self.proj[0].weight.dtype)
+        return torch.stack([proj(gamma[..., i, :]) for i, proj in enumerate(self.proj)], dim=-2)
+
+
+def append_scaling_tokens(hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[b n d] video tokens + [k d] or [b k d] scaling tokens -> [b (n+k) d]."""
+    if tokens.ndim == 2:
+        tokens = tokens.expand(hidden_states.shape[0], *tokens.shape)
+    if tokens.ndim != 3 or tokens.shape[-1] != hidden_states.shape[-1] or tokens.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"tokens must have shape [k, {hidden_states.shape[-1]}] or "
+                         f"[{hidden_states.shape[0]}, k, {hidden_states.shape[-1]}], got {tuple(tokens.shape)}")
+    return torch.cat([hidden_states, tokens.to(hidden_states.dtype)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _lora_parts(layer, adapters: Sequence[str]):
+    """(weight, bias, [Aᵢ], [Bᵢ], [sᵢ]) of a peft lora.Linear for the given adapters, in order."""
+    missing = [a for a in adapters if a not in getattr(layer, "lora_A", {})]
+    if missing:
+        raise ValueError(f"adapters {missing} are not loaded on {type(layer).__name__} "
+                         f"(loaded: {list(getattr(layer, 'lora_A', {}))})")
+    base = layer.base_layer
+    return (base.weight, base.bias, [layer.lora_A[a].weight for a in adapters],
+            [layer.lora_B[a].weight for a in adapters], [float(layer.scaling[a]) for a in adapters])
+
+
+def _branch_scales(parts, norm: str) -> list[float]:
+    _, _, a, b, s = parts
+    if norm == "none":
+        return list(s)
+    c = _ml._weight_coefficients(_ml.weight_norms(a, b)).tolist()
+    return [si * ci for si, ci in zip(s, c)]
+
+
+def _check_sequence(hidden_states, image_rotary_emb, k: int) -> int:
+    """Number of video tokens n, checking that exactly k scaling tokens follow them."""
+    n = hidden_states.shape[1] - k
+    if n < 1:
+        raise ValueError(f"hidden_states has {hidden_states.shape[1]} tokens: expected the video tokens "
+                         f"followed by {k} scaling tokens (one per LoRA)")
+    if image_rotary_emb is not None:
+        n_rope = image_rotary_emb[0].shape[0]
+        if n_rope != n:
+            raise ValueError(f"hidden_states has {hidden_states.shape[1]} tokens and the rotary embedding "
+                             f"covers {n_rope} video tokens: expected {k} scaling tokens (one per LoRA) "
+                             f"after them, found {hidden_states.shape[1] - n_rope}")
+    return n
+
+
+def _rope(x, image_rotary_emb, start: int, stop: int):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    x = x.clone()
+    x[:, :, start:stop] = apply_rotary_emb(x[:, :, start:stop], image_rotary_emb)
+    return x
+
+
+class LionLoraFusionProcessor:
+    """CogVideoX attention processor: training-free fusion of k LoRAs, one batched attention call.
+
+    >>> proc = LionLoraFusionProcessor(["pan", "orbit", "zoom"])
+    >>> block.attn1.set_processor(proc)   # hidden_states then carry H followed by E₁..E₃
+    """
+
+    def __init__(self, adapters: Sequence[str], norm: str = "none"):
+        if isinstance(adapters, str) or len(adapters) < 1:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        if norm not in FUSION_NORMS:
+            raise ValueError(f"norm must be one of {FUSION_NORMS} for the fusion processor, got {norm!r}")
+        self.adapters, self.norm = list(adapters), norm
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("LionLoraFusionProcessor does not take an attention mask")
+        k = len(self.adapters)
+        batch, text = hidden_states.shape[0], encoder_hidden_states.shape[1]
+        n = _check_sequence(hidden_states, image_rotary_emb, k)
+        shared = text + n
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [b, text + n + k, d]
+
+        qkv = []
+        for name in PROJECTIONS:
+            parts = _lora_parts(getattr(attn, name), self.adapters)
+            w, bias, a, b, s = parts
+            y = multi_lora_linear(x, w, bias, a, b, s, norm=self.norm, separate=True)  # [k b L d]
+            own = y[torch.arange(k), :, shared + torch.arange(k)]                       # [k b d]: Eᵢ in branch i
+            seq = torch.cat([y[:, :, :shared], own[:, :, None]], dim=2)                 # [k b shared+1 d]
+            qkv.append(rearrange(seq, "k b l (h e) -> (k b) h l e", h=attn.heads))
+        q, key, v = qkv
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            q = _rope(q, image_rotary_emb, text, shared)
+            if not attn.is_cross_attention:
+                key = _rope(key, image_rotary_emb, text, shared)
+        o = F.scaled_dot_product_attention(q, key, v, dropout_p=0.0, is_causal=False)  # all k branches
+        o = rearrange(o, "(k b) h l e -> k b l (h e)", k=k)
+
+        out_parts = _lora_parts(attn.to_out[0], self.adapters)
+        w, bias, a, b, _ = out_parts
+        scales = _branch_scales(out_parts, self.norm)
+        outs = torch.stack([multi_lora_linear(o[i], w, bias, [a[i]], [b[i]], [scales[i]]) for i in range(k)])
+        outs = attn.to_out[1](outs)
+        merged = outs[:, :, :shared].mean(0)                                 # text and H: branch average
+        tokens = outs[torch.arange(k), :, shared]                            # [k b d]
+        hidden = torch.cat([merged[:, text:], rearrange(tokens, "k b d -> b k d")], dim=1)
+        return hidden, merged[:, :text]
+
+
+def lion_lora_fusion_reference(attn, hidden_states, encoder_hidden_states, adapters: Sequence[str],
+                               norm: str = "none", image_rotary_emb=None):
+    """A loop over branches with explicitly merged weights W + sᵢcᵢBᵢAᵢ; what the processor computes."""
+    k = len(adapters)
+    text = encoder_hidden_states.shape[1]
+    n = hidden_states.shape[1] - k
+    shared = text + n
+
+    def merged_linear(layer, i, inp):
+        parts = _lora_parts(layer, adapters)
+        w, bias, a, b, _ = parts
+        scale = _branch_scales(parts, norm)[i]
+        wi = w.double() + scale * (b[i].double() @ a[i].double())
+        return (inp.double() @ wi.T + bias.double()).to(inp.dtype)
+
+    outs = []
+    for i in range(k):
+        x = torch.cat([encoder_hidden_states, hidden_states[:, :n], hidden_states[:, n + i:n + i + 1]], dim=1)
+        q, key, v = (rearrange(merged_linear(getattr(attn, p), i, x), "b l (h e) -> b h l e", h=attn.heads)
+                     for p in PROJECTIONS)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            q = _rope(q, image_rotary_emb, text, shared)
+            key = _rope(key, image_rotary_emb, text, shared)
+        o = rearrange(F.scaled_dot_product_attention(q, key, v), "b h l e -> b l (h e)")
+        outs.append(merged_linear(attn.to_out[0], i, o))
+    merged = torch.stack([o[:, :shared] for o in outs]).mean(0)
+    tokens = torch.stack([o[:, shared] for o in outs], dim=1)
+    return torch.cat([merged[:, text:], tokens], dim=1), merged[:, :text]
