@@ -10,6 +10,7 @@ from lightmotion_fast import _ext
 from lightmotion_fast.camera import CameraMotion
 from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permute_affine
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
+from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
@@ -55,6 +56,8 @@ __all__ = [
     "build_fill_map",
     "latent_edit",
     "latent_resample",
+    "snr_noise",
+    "snr_reinject",
     "multi_lora_linear",
     "patch",
     "patched",

@@ -7,6 +7,7 @@ registered `lightmotion::` op that is missing here.
 from lightmotion_fast.ops import dual_cross_attention as _dual_cross_attention
 from lightmotion_fast.ops import latent_permute as _latent_permute
 from lightmotion_fast.ops import latent_resample as _latent_resample
+from lightmotion_fast.ops import snr_reinject as _snr_reinject
 from lightmotion_fast.ops import multi_lora as _multi_lora
 from lightmotion_fast.ops import plucker as _plucker
 from lightmotion_fast.ops import trajectory_attention as _trajectory_attention
@@ -14,6 +15,7 @@ from lightmotion_fast.ops._common import Backend, backend
 from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
+from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
@@ -22,6 +24,8 @@ OP_SAMPLES = {
     "multi_lora_linear": (_multi_lora.multi_lora_linear_op, _multi_lora.sample_inputs),
     "latent_permute": (_latent_permute.latent_permute_op, _latent_permute.sample_inputs),
     "latent_resample": (_latent_resample.latent_resample_op, _latent_resample.sample_inputs),
+    "snr_reinject": (_snr_reinject.snr_reinject_op, _snr_reinject.sample_inputs),
+    "snr_noise": (_snr_reinject.snr_noise_op, _snr_reinject.noise_sample_inputs),
     "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
     "dual_cross_attention": (_dual_cross_attention.dual_cross_attention_op, _dual_cross_attention.sample_inputs),
     "trajectory_attention": (_trajectory_attention.trajectory_attention_op, _trajectory_attention.sample_inputs),

@@ -1,0 +1,167 @@
+"""Reference SNR noise re-injection (specs/lightmotion.md, "Latent space correction").
+
+Every correction step is one elementwise affine map of the current latent x, the model output m and
+fresh Gaussian noise n:
+
+    out = cx·x + cm·m + cn·n                    (inside the correction region)
+    out = cx0·x + cm0·m                         (outside it: the plain deterministic step)
+
+The coefficients say which step it is; the functions below derive them:
+
+- `ddim_coefficients`: the DDIM step with η (ᾱ-parametrisation, AnimateDiff):
+  x_prev = √ᾱ_prev·x̂0 + √(1 − ᾱ_prev − σ²)·ε̂ + σ·n,  σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev),
+  with (x̂0, ε̂) linear in (x, m) for epsilon / v_prediction / sample models.
+- `euler_coefficients`: the same step in the σ-parametrisation (x = x̂0 + σ·ε, Euler/Karras, SVD):
+  σ_up = η·√(σ_next²(σ² − σ_next²)/σ²), σ_down = √(σ_next² − σ_up²),
+  x_next = x̂0 + (σ_down/σ)·(x − x̂0) + σ_up·n  (η = 0 is diffusers' EulerDiscreteScheduler step).
+- `renoise_coefficients` / `renoise_sigma_coefficients`: the jump back to a noisier level,
+  x_T2 = √(ᾱ_T2/ᾱ_T1)·x + √(1 − ᾱ_T2/ᾱ_T1)·n,  or x_σ2 = x + √(σ2² − σ1²)·n.
+
+The reference takes the noise explicitly. `philox_randn` materialises, in NumPy, exactly the stream
+Triton's `tl.randn(seed, offset)` draws (Philox-4x32-10, Box–Muller), element i of a tensor using
+offset + i (i the row-major index); the kernel draws the same numbers in registers. Imports nothing
+of the package.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """out = cx·x + cm·m + cn·n in the correction region, cx0·x + cm0·m elsewhere."""
+
+    cx: float
+    cm: float
+    cn: float
+    cx0: float
+    cm0: float
+
+
+def _x0_eps(alpha_t: float, prediction_type: str):
+    """(x̂0, ε̂) as ((a_x, a_m), (b_x, b_m)): x̂0 = a_x·x + a_m·m, ε̂ = b_x·x + b_m·m."""
+    sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)
+    if prediction_type == "epsilon":
+        return (1.0 / sa, -sb / sa), (0.0, 1.0)
+    if prediction_type == "v_prediction":
+        return (sa, -sb), (sb, sa)
+    if prediction_type == "sample":
+        return (0.0, 1.0), (1.0 / sb, -sa / sb)
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def ddim_sigma(alpha_t: float, alpha_prev: float, eta: float) -> float:
+    variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
+    return eta * math.sqrt(max(variance, 0.0))
+
+
+def ddim_coefficients(alpha_t: float, alpha_prev: float, eta: float,
+                      prediction_type: str = "epsilon") -> StepCoefficients:
+    (ax, am), (bx, bm) = _x0_eps(alpha_t, prediction_type)
+
+    def step(sigma):
+        direction = math.sqrt(max(1.0 - alpha_prev - sigma * sigma, 0.0))
+        sp = math.sqrt(alpha_prev)
+        return sp * ax + direction * bx, sp * am + direction * bm
+
+    sigma = ddim_sigma(alpha_t, alpha_prev, eta)
+    (cx, cm), (cx0, cm0) = step(sigma), step(0.0)
+    return StepCoefficients(cx, cm, sigma, cx0, cm0)
+
+
+def euler_coefficients(sigma: float, sigma_next: float, eta: float,
+                       prediction_type: str = "epsilon") -> StepCoefficients:
+    if prediction_type == "epsilon":
+        px, pm = 1.0, -sigma
+    elif prediction_type == "v_prediction":
+        px, pm = 1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0)
+    elif prediction_type == "sample":
+        px, pm = 0.0, 1.0
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+    def step(eta_):
+        up = 0.0 if sigma_next <= 0 else min(sigma_next, eta_ * math.sqrt(
+            max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
+        down = math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0))
+        r = down / sigma
+        return px * (1.0 - r) + r, pm * (1.0 - r), up
+
+    cx, cm, up = step(eta)
+    cx0, cm0, _ = step(0.0)
+    return StepCoefficients(cx, cm, up, cx0, cm0)
+
+
+def renoise_coefficients(alpha_from: float, alpha_to: float) -> StepCoefficients:
+    """ᾱ_from at the current level T1, ᾱ_to at the noisier level T2 (ᾱ_to <= ᾱ_from)."""
+    ratio = alpha_to / alpha_from
+    return StepCoefficients(math.sqrt(ratio), 0.0, math.sqrt(max(1.0 - ratio, 0.0)), 1.0, 0.0)
+
+
+def renoise_sigma_coefficients(sigma_from: float, sigma_to: float) -> StepCoefficients:
+    """σ-parametrisation: σ_to >= σ_from."""
+    return StepCoefficients(1.0, 0.0, math.sqrt(max(sigma_to ** 2 - sigma_from ** 2, 0.0)), 1.0, 0.0)
+
+
+# --- Triton's tl.randn stream, in NumPy ---------------------------------------------------------
+
+_PHILOX_KEY_A, _PHILOX_KEY_B = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+
+
+def _philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    mask32 = np.uint64(0xFFFFFFFF)
+    for _ in range(rounds):
+        prod_b = _PHILOX_ROUND_B * c2.astype(np.uint64)
+        prod_a = _PHILOX_ROUND_A * c0.astype(np.uint64)
+        c0, c1, c2, c3 = (
+            (prod_b >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0,
+            (prod_b & mask32).astype(np.uint32),
+            (prod_a >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1,
+            (prod_a & mask32).astype(np.uint32),
+        )
+        k0 = np.uint32((int(k0) + int(_PHILOX_KEY_A)) & 0xFFFFFFFF)
+        k1 = np.uint32((int(k1) + int(_PHILOX_KEY_B)) & 0xFFFFFFFF)
+    return c0, c1, c2, c3
+
+
+def _uint_to_uniform(x: np.ndarray) -> np.ndarray:
+    signed = x.view(np.int32)
+    signed = np.where(signed < 0, ~signed, signed)
+    return signed.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def philox_randn(seed: int, offset: int, numel: int) -> torch.Tensor:
+    """float32 [numel]: element i is Triton's tl.randn(seed, offset + i)."""
+    idx = np.arange(numel, dtype=np.uint64) + np.uint64(offset)
+    c0 = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    c1 = (idx >> np.uint64(32)).astype(np.uint32)
+    zero = np.zeros_like(c0)
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+    i1, i2, _, _ = _philox4x32(c0, c1, zero, zero.copy(), k0, k1)
+    u1 = np.maximum(np.float32(1.0e-7), _uint_to_uniform(i1))
+    u2 = _uint_to_uniform(i2)
+    th = np.float32(6.283185307179586) * u2
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return torch.from_numpy((r * np.cos(th)).astype(np.float32))
+
+
+def snr_reinject_reference(x: torch.Tensor, model_output: torch.Tensor | None, noise: torch.Tensor,
+                           coeffs: StepCoefficients, region: torch.Tensor | None = None,
+                           layout: str = "b c f h w") -> torch.Tensor:
+    """x, model_output, noise: [b c f h w] (or [b f c h w]); region: [f h w] bool or None (everywhere).
+
+    Computed in float32 (float64 if x is float64), returned in x's dtype."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, nf = x.to(work), noise.to(work)
+    mf = model_output.to(work) if model_output is not None else torch.zeros_like(xf)
+    out = coeffs.cx * xf + coeffs.cm * mf + coeffs.cn * nf
+    if region is not None:
+        plain = coeffs.cx0 * xf + coeffs.cm0 * mf
+        where = region[None, None] if layout == "b c f h w" else region[None, :, None]
+        out = torch.where(where.to(out.device), out, plain)
+    return out.to(x.dtype)

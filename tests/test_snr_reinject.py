@@ -1,0 +1,144 @@
+"""snr_reinject: the fused step (Triton through the interpreter on CPU) equals the reference given
+the kernel's own noise; the in-kernel noise stream; the ᾱ and σ step formulas against diffusers."""
+import math
+
+import pytest
+import torch
+
+import lightmotion_fast as lm
+from lightmotion_fast.ops.snr_reinject import (
+    ddim_coefficients,
+    euler_coefficients,
+    renoise_coefficients,
+    renoise_sigma_coefficients,
+)
+from lightmotion_fast.reference.snr_reinject import philox_randn, snr_reinject_reference
+from conftest import TOLERANCES
+
+COEFFS = {
+    "ddim_eps": ddim_coefficients(0.35, 0.5, 1.0, "epsilon"),
+    "ddim_v": ddim_coefficients(0.35, 0.5, 0.7, "v_prediction"),
+    "euler_v": euler_coefficients(3.0, 2.1, 1.0, "v_prediction"),
+    "renoise": renoise_coefficients(0.6, 0.4),
+}
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 7), (2, 4, 3, 8, 8), (1, 1, 2, 3, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(COEFFS))
+def test_kernel_matches_reference_given_its_noise(shape, dtype, name, device, poisoned):
+    c = COEFFS[name]
+    x = torch.randn(shape, device=device).to(dtype)
+    m = None if name == "renoise" else torch.randn(shape, device=device).to(dtype)
+    seed, offset = 17, 3 * x.numel()
+    with lm.backend("triton"):
+        out = lm.snr_reinject(x, m, c, seed=seed, offset=offset)
+        noise = lm.snr_noise(x, seed, offset)
+    ref = snr_reinject_reference(x.cpu().double(), None if m is None else m.cpu().double(), noise.cpu().double(), c)
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol * 4, rtol=rtol)
+
+
+def test_kernel_noise_equals_numpy_philox(device):
+    like = torch.empty(3, 1000, device=device)
+    for seed, offset in ((0, 0), (123, 5000), (2**33 + 1, 2**32 - 10)):
+        with lm.backend("triton"):
+            noise = lm.snr_noise(like, seed, offset)
+        torch.testing.assert_close(noise.cpu(), philox_randn(seed, offset, like.numel()).reshape(3, 1000),
+                                   atol=2e-5, rtol=1e-5)
+
+
+def test_noise_statistics_and_streams(device):
+    like = torch.empty(64, 1024, device=device)
+    with lm.backend("triton"):
+        a = lm.snr_noise(like, 1, 0)
+        a_again = lm.snr_noise(like, 1, 0)
+        other_seed = lm.snr_noise(like, 2, 0)
+        next_step = lm.snr_noise(like, 1, like.numel())
+        shifted = lm.snr_noise(like, 1, 5)
+    assert abs(a.mean().item()) < 0.02 and abs(a.std().item() - 1.0) < 0.02
+    assert torch.equal(a, a_again)
+    for other in (other_seed, next_step):
+        assert not torch.allclose(a, other) and abs(torch.corrcoef(torch.stack([a.flatten(), other.flatten()]))[0, 1]) < 0.02
+    # an offset shifts the counter: the same numbers, moved by 5 positions
+    assert torch.equal(a.flatten()[5:], shifted.flatten()[:-5])
+
+
+@pytest.mark.parametrize("layout", ["b c f h w", "b f c h w"])
+def test_region_mode_leaves_outside_as_the_plain_step(layout, device, poisoned):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(10)
+    t = int(sched.timesteps[3])
+    prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+    a_t, a_p = float(sched.alphas_cumprod[t]), float(sched.alphas_cumprod[prev])
+    c = ddim_coefficients(a_t, a_p, 1.0)
+    shape = (2, 3, 4, 6, 5) if layout == "b c f h w" else (2, 4, 3, 6, 5)
+    x, eps = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    region = torch.rand(4, 6, 5, device=device) > 0.5
+    with lm.backend("triton"):
+        out = lm.snr_reinject(x, eps, c, seed=9, offset=0, region=region, layout=layout)
+        noise = lm.snr_noise(x, 9, 0)
+    plain = sched.step(eps.cpu(), t, x.cpu(), eta=0.0).prev_sample
+    stochastic = sched.step(eps.cpu(), t, x.cpu(), eta=1.0, variance_noise=noise.cpu()).prev_sample
+    where = region[None, None] if layout == "b c f h w" else region[None, :, None]
+    where = where.expand(shape).cpu()
+    torch.testing.assert_close(out.cpu()[~where], plain[~where], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cpu()[where], stochastic[where], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.cpu()[where], plain[where])
+
+
+def test_euler_coefficients_match_diffusers_step():
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True)
+    sched.set_timesteps(6)
+    x, m = torch.randn(1, 2, 4, 3, 3), torch.randn(1, 2, 4, 3, 3)
+    i = 2
+    sched._step_index = i
+    expected = sched.step(m, sched.timesteps[i], x).prev_sample
+    c = euler_coefficients(float(sched.sigmas[i]), float(sched.sigmas[i + 1]), 0.0, "v_prediction")
+    torch.testing.assert_close(c.cx * x + c.cm * m, expected, atol=1e-5, rtol=1e-5)
+    # η > 0: the step keeps the marginal noise level σ_next (σ_down² + σ_up² = σ_next²)
+    s, sn = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+    c1 = euler_coefficients(s, sn, 1.0, "epsilon")
+    # for x = x0 + s·e, m = e (a perfect ε model): out = x0 + (σ_down/s)·s·e + σ_up·n
+    assert math.isclose((c1.cx * s + c1.cm) ** 2 + c1.cn ** 2, sn ** 2, rel_tol=1e-9)
+
+
+def test_renoise_keeps_the_marginal_variance():
+    c = renoise_coefficients(0.6, 0.4)
+    # a unit-variance x at level ᾱ=0.6 jumps to ᾱ=0.4: √(ᾱ2/ᾱ1)² + (1 − ᾱ2/ᾱ1) = 1
+    assert math.isclose(c.cx ** 2 + c.cn ** 2, 1.0) and c.cx < 1.0
+    s = renoise_sigma_coefficients(1.5, 4.0)
+    assert math.isclose(1.5 ** 2 + s.cn ** 2, 4.0 ** 2)
+
+
+def test_reference_backend_uses_the_same_noise(poisoned):
+    x, m = torch.randn(1, 2, 3, 4, 5), torch.randn(1, 2, 3, 4, 5)
+    c = COEFFS["ddim_eps"]
+    with lm.backend("reference"):
+        ref = lm.snr_reinject(x, m, c, seed=4, offset=11)
+    with lm.backend("triton"):
+        fused = lm.snr_reinject(x, m, c, seed=4, offset=11)
+    torch.testing.assert_close(ref, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs():
+    x = torch.randn(1, 2, 3, 4, 5)
+    c = COEFFS["ddim_eps"]
+    with pytest.raises(ValueError, match="model_output"):
+        lm.snr_reinject(x, x[:, :1], c, seed=0)
+    with pytest.raises(ValueError, match="region"):
+        lm.snr_reinject(x, x, c, seed=0, region=torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="seed"):
+        lm.snr_reinject(x, x, c, seed=-3)
+    with pytest.raises(TypeError, match="coeffs"):
+        lm.snr_reinject(x, x, (1.0, 0.0, 0.0), seed=0)
+    with pytest.raises(ValueError, match="coeffs.cn"):
+        lm.snr_reinject(x, x, c.__class__(1.0, 0.0, float("nan"), 1.0, 0.0), seed=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ddim_coefficients(0.3, 0.4, 1.0, "flow")
