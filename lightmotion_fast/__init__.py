@@ -12,7 +12,9 @@ from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permut
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
 from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
+from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.ops.plucker import plucker_embedding
+from lightmotion_fast.ops.reference_attention import reference_attention
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 
 __version__ = "0.1.0"
@@ -50,6 +52,7 @@ __all__ = [
     "Backend",
     "CameraMotion",
     "backend",
+    "dual_cross_attention",
     "extension_available",
     "latent_permute",
     "latent_permute_affine",
@@ -62,5 +65,6 @@ __all__ = [
     "patch",
     "patched",
     "plucker_embedding",
+    "reference_attention",
     "unpatch",
 ]

@@ -10,6 +10,7 @@ from lightmotion_fast.ops import latent_resample as _latent_resample
 from lightmotion_fast.ops import snr_reinject as _snr_reinject
 from lightmotion_fast.ops import multi_lora as _multi_lora
 from lightmotion_fast.ops import plucker as _plucker
+from lightmotion_fast.ops import reference_attention as _reference_attention
 from lightmotion_fast.ops import trajectory_attention as _trajectory_attention
 from lightmotion_fast.ops._common import Backend, backend
 from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
@@ -18,6 +19,7 @@ from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, la
 from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
+from lightmotion_fast.ops.reference_attention import reference_attention
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 
 OP_SAMPLES = {
@@ -28,8 +30,9 @@ OP_SAMPLES = {
     "snr_noise": (_snr_reinject.snr_noise_op, _snr_reinject.noise_sample_inputs),
     "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
     "dual_cross_attention": (_dual_cross_attention.dual_cross_attention_op, _dual_cross_attention.sample_inputs),
+    "reference_attention": (_reference_attention.reference_attention_op, _reference_attention.sample_inputs),
     "trajectory_attention": (_trajectory_attention.trajectory_attention_op, _trajectory_attention.sample_inputs),
     "trajectory_attention_backward": (_trajectory_attention.trajectory_attention_backward_op, _trajectory_attention.backward_sample_inputs),
 }
 
-__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding", "trajectory_attention", "build_fill_map", "latent_edit", "latent_resample"]
+__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding", "trajectory_attention", "build_fill_map", "latent_edit", "latent_resample", "dual_cross_attention", "reference_attention"]
