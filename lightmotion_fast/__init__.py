@@ -16,6 +16,7 @@ from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.ops.plucker import plucker_embedding
 from lightmotion_fast.ops.reference_attention import reference_attention
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
+from lightmotion_fast.camera.trajectories import TrajectoryTables, trajectories_from_depth, trajectories_from_tracks
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,9 @@ def extension_available() -> bool:
 
 __all__ = [
     "trajectory_attention",
+    "TrajectoryTables",
+    "trajectories_from_depth",
+    "trajectories_from_tracks",
     "Backend",
     "CameraMotion",
     "backend",

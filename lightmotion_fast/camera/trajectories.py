@@ -1,0 +1,257 @@
+"""Pixel trajectories and their per-level index tables (specs/trajectory_attention.md, "Trajectories").
+
+    coords, valid = trajectories_from_depth(depth, K, poses)        # a depth map and a camera path
+    coords, valid = trajectories_from_tracks(tracks, visibility)     # a point tracker's output
+    tables = TrajectoryTables(coords, valid, frame_size=(576, 1024), latent_size=(72, 128), seed=0)
+    level = tables.level(72 * 128, device="cuda")                    # idx, valid, rowptr, col, landed
+
+coords are [f, n, 2] (x, y) in pixels of the original frame, pixel centres at integers (OpenCV);
+valid [f, n] is False where a point is occluded, behind the camera, or out of frame. The z-buffer and
+the table building run in the C++ extension when it is loaded; the Python functions here
+(`zbuffer_reference`, `level_tables_reference`) are their references and fallbacks, and agree bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightmotion_fast import _ext
+from lightmotion_fast.reference.trajectory_attention import (
+    incoming_csr,
+    level_indices,
+    num_samples,
+    subsample,
+)
+
+
+def _check(name: str, t, ndim: int, dims: str, last: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim or (last is not None and t.shape[-1] != last):
+        raise ValueError(f"{name} must have shape [{dims}], got {tuple(t.shape)}")
+
+
+def _check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    bad = ~torch.isfinite(t)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite (NaN or inf) values"
+                         + (" at valid points" if where is not None else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Occlusion test
+
+
+def zbuffer_reference(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, height: int, width: int,
+                      scale: float) -> torch.Tensor:
+    """Per frame, splat each valid point to its nearest pixel (round half up); a point deeper than
+    `scale` × the smallest depth at that pixel is occluded. uv [f, n, 2], depth [f, n] float32;
+    returns the new valid [f, n]."""
+    x = torch.floor(uv[..., 0] + 0.5).to(torch.int64)
+    y = torch.floor(uv[..., 1] + 0.5).to(torch.int64)
+    on = valid & (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    out = valid.clone()
+    for f in range(uv.shape[0]):
+        target = (y[f] * width + x[f])[on[f]]
+        nearest = torch.full((height * width,), float("inf"), dtype=torch.float32)
+        nearest.scatter_reduce_(0, target, depth[f][on[f]], reduce="amin")
+        behind = depth[f][on[f]] > nearest[target] * torch.tensor(scale, dtype=torch.float32)
+        out[f, on[f].nonzero().squeeze(1)[behind]] = False
+    return out
+
+
+def _zbuffer(uv, depth, valid, height, width, scale):
+    if _ext.has_op("trajectory_zbuffer"):
+        return torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, height, width, scale)
+    return zbuffer_reference(uv, depth, valid, height, width, scale)
+
+
+def trajectories_from_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.Tensor, *,
+                            tolerance: float = 0.03, near: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectories of frame 0's pixels under a camera path.
+
+    depth: [H0, W0] depth of frame 0 (positive, along the optical axis); K: [3, 3] intrinsics;
+    poses: [f, 4, 4] world-to-camera matrices (frame 0's included). Every pixel (u, v) of frame 0 is
+    unprojected with its depth, moved into frame f's camera by poses[f] @ poses[0]⁻¹ and projected.
+    A point is invalid at frame f when it is behind the camera (z ≤ near), outside the frame, or
+    more than `tolerance` (relative) behind the nearest point splatted to the same pixel (z-buffer).
+    Returns coords [f, H0·W0, 2] float32 (x, y) and valid [f, H0·W0] bool, on the CPU; trajectory
+    n starts at pixel (n mod W0, n div W0).
+
+    >>> K = torch.tensor([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
+    >>> coords, valid = trajectories_from_depth(torch.full((48, 64), 2.0), K, torch.eye(4).repeat(5, 1, 1))
+    """
+    _check("depth", depth, 2, "H0 W0")
+    _check("K", K, 2, "3 3")
+    if tuple(K.shape) != (3, 3):
+        raise ValueError(f"K must have shape [3, 3], got {tuple(K.shape)}")
+    _check("poses", poses, 3, "f 4 4")
+    if tuple(poses.shape[1:]) != (4, 4):
+        raise ValueError(f"poses must have shape [f, 4, 4], got {tuple(poses.shape)}")
+    for name, t in (("depth", depth), ("K", K), ("poses", poses)):
+        _check_finite(name, t.detach().cpu().to(torch.float64))
+    if bool((depth <= 0).any()):
+        raise ValueError("depth must be positive everywhere")
+    height0, width0 = depth.shape
+    d = depth.detach().cpu().to(torch.float64)
+    k64 = K.detach().cpu().to(torch.float64)
+    p64 = poses.detach().cpu().to(torch.float64)
+    v, u = torch.meshgrid(torch.arange(height0, dtype=torch.float64), torch.arange(width0, dtype=torch.float64),
+                          indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1).reshape(-1, 3)
+    points = (pix @ torch.linalg.inv(k64).T) * d.reshape(-1, 1)             # frame-0 camera coordinates
+    relative = p64 @ torch.linalg.inv(p64[0])                                # [f, 4, 4] cam0 -> cam f
+    cam = points @ relative[:, :3, :3].transpose(1, 2) + relative[:, None, :3, 3]   # [f, n, 3]
+    z = cam[..., 2]
+    front = z > near
+    proj = cam @ k64.T
+    uv = proj[..., :2] / torch.where(front, z, torch.ones_like(z))[..., None]
+    uv = torch.where(front[..., None], uv, torch.zeros_like(uv)).to(torch.float32)
+    rx = torch.floor(uv[..., 0] + 0.5)
+    ry = torch.floor(uv[..., 1] + 0.5)
+    inside = (rx >= 0) & (rx < width0) & (ry >= 0) & (ry < height0)
+    valid = front & inside
+    valid = _zbuffer(uv, z.to(torch.float32), valid, height0, width0, 1.0 + float(tolerance))
+    return uv, valid
+
+
+def trajectories_from_tracks(tracks: torch.Tensor, visibility: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectories from point tracks, e.g. a tracker's output.
+
+    tracks: [f, n, 2] (x, y) pixels (a leading batch dim of 1 is dropped); visibility: [f, n] bool
+    or probabilities (> 0.5 is visible); None means all visible. Coordinates must be finite where
+    visible; invisible points may hold anything (they are zeroed). Returns (coords float32, valid bool).
+    """
+    if isinstance(tracks, torch.Tensor) and tracks.ndim == 4 and tracks.shape[0] == 1:
+        tracks = tracks[0]
+        if isinstance(visibility, torch.Tensor) and visibility.ndim == 3 and visibility.shape[0] == 1:
+            visibility = visibility[0]
+    _check("tracks", tracks, 3, "f n 2", last=2)
+    if visibility is None:
+        visibility = torch.ones(tracks.shape[:2], dtype=torch.bool)
+    _check("visibility", visibility, 2, "f n")
+    if tuple(visibility.shape) != tuple(tracks.shape[:2]):
+        raise ValueError(f"visibility must have shape {tuple(tracks.shape[:2])} [f, n] to match tracks, "
+                         f"got {tuple(visibility.shape)}")
+    valid = visibility.detach().cpu()
+    valid = valid if valid.dtype == torch.bool else valid > 0.5
+    coords = tracks.detach().cpu().to(torch.float32)
+    _check_finite("tracks", coords, valid[..., None].expand_as(coords))
+    coords = torch.where(valid[..., None], coords, torch.zeros_like(coords))
+    return coords.contiguous(), valid.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-level tables
+
+
+def level_tables_reference(coords: torch.Tensor, valid: torch.Tensor, selection: torch.Tensor,
+                           frame_size: tuple[int, int], level_size: tuple[int, int]):
+    """(idx int32 [f, n_s], valid bool [f, n_s], rowptr int32 [f·h·w + 1], col int32 [nnz]) for the
+    selected trajectories at one level; the C++ trajectory_level_tables computes exactly this."""
+    idx = level_indices(coords[:, selection], frame_size, level_size)
+    ok = valid[:, selection]
+    rowptr, col = incoming_csr(idx, ok, level_size[0] * level_size[1])
+    return idx.to(torch.int32), ok.contiguous(), rowptr.to(torch.int32), col.to(torch.int32)
+
+
+def _level_tables(coords, valid, selection, frame_size, level_size):
+    if _ext.has_op("trajectory_level_tables"):
+        return torch.ops.lightmotion_cpp.trajectory_level_tables(coords, valid, selection, *frame_size, *level_size)
+    return level_tables_reference(coords, valid, selection, frame_size, level_size)
+
+
+@dataclass
+class TrajectoryLevel:
+    """Index tables of one UNet level (latent size h×w), ready for `trajectory_attention`."""
+
+    size: tuple[int, int]
+    selection: torch.Tensor   # [n_s] int64: which input trajectories this level uses
+    idx: torch.Tensor         # [f, n_s] int32 flat pixel
+    valid: torch.Tensor       # [f, n_s] bool
+    rowptr: torch.Tensor      # [f·h·w + 1] int32 CSR of the valid tokens landing on each (frame, pixel)
+    col: torch.Tensor         # [nnz] int32
+
+    @property
+    def landed(self) -> torch.Tensor:
+        """[f, h·w] bool: pixels at least one valid token lands on (where to_out's bias applies)."""
+        frames = self.idx.shape[0]
+        return (self.rowptr[1:] > self.rowptr[:-1]).reshape(frames, self.size[0] * self.size[1])
+
+    def to(self, device) -> "TrajectoryLevel":
+        return TrajectoryLevel(self.size, self.selection, *(t.to(device, non_blocking=True) for t in (
+            self.idx, self.valid, self.rowptr, self.col)))
+
+
+def level_sizes(latent_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """Latent sizes of the UNet levels: each downsampler (3×3 conv, stride 2, padding 1) gives ceil(x/2)."""
+    sizes = [tuple(int(s) for s in latent_size)]
+    for _ in range(levels - 1):
+        sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    return sizes
+
+
+class TrajectoryTables:
+    """Index tables for every UNet level, built once (C++ when available) and reused by every block
+    and every denoising step.
+
+    coords [f, n, 2] / valid [f, n]: trajectories in pixels of the original frame (frame_size =
+    (H0, W0)); latent_size: the level-0 latent (h, w); levels: how many levels (SVD: 4). Each level
+    keeps N_s = min(n, ratio·h·w) trajectories drawn from `generator` (or `seed`), once per level in
+    level order. resample=True draws afresh on every `level()` call, as the official code does.
+    """
+
+    def __init__(self, coords: torch.Tensor, valid: torch.Tensor | None, frame_size: tuple[int, int],
+                 latent_size: tuple[int, int], *, levels: int = 4, ratio: float = 2.0,
+                 generator: torch.Generator | None = None, seed: int | None = None, resample: bool = False):
+        coords, valid = trajectories_from_tracks(coords, valid)
+        if len(frame_size) != 2 or min(frame_size) <= 0:
+            raise ValueError(f"frame_size must be (H0, W0) > 0, got {frame_size}")
+        if len(latent_size) != 2 or min(latent_size) <= 0:
+            raise ValueError(f"latent_size must be (h, w) > 0, got {latent_size}")
+        if not ratio > 0:
+            raise ValueError(f"ratio must be positive, got {ratio}")
+        self.coords, self.valid = coords, valid
+        self.frames = coords.shape[0]
+        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.ratio = float(ratio)
+        self.resample = bool(resample)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        self.generator = generator
+        self.sizes = level_sizes(latent_size, levels)
+        self._levels = {self._key(size): self._build(size) for size in self.sizes}
+        self._on_device: dict = {}
+
+    @staticmethod
+    def _key(size) -> int:
+        return size[0] * size[1]
+
+    def _build(self, size) -> TrajectoryLevel:
+        n = self.coords.shape[1]
+        selection = subsample(n, num_samples(n, size, self.ratio), self.generator)
+        idx, ok, rowptr, col = _level_tables(self.coords, self.valid, selection, self.frame_size, size)
+        return TrajectoryLevel(size, selection, idx, ok, rowptr, col)
+
+    def size_for(self, n_pix: int) -> tuple[int, int]:
+        level = self._levels.get(int(n_pix))
+        if level is None:
+            raise ValueError(f"no trajectory level has {n_pix} latent pixels; levels: "
+                             f"{[f'{h}x{w}' for h, w in self.sizes]}")
+        return level.size
+
+    def level(self, n_pix: int, device: torch.device | str | None = None) -> TrajectoryLevel:
+        """The tables of the level with n_pix = h·w latent pixels, on `device` (cached per device)."""
+        size = self.size_for(n_pix)
+        if self.resample:
+            built = self._build(size)
+            return built if device is None else built.to(device)
+        if device is None:
+            return self._levels[int(n_pix)]
+        key = (int(n_pix), str(torch.device(device)))
+        if key not in self._on_device:
+            self._on_device[key] = self._levels[int(n_pix)].to(device)
+        return self._on_device[key]
