@@ -1,0 +1,112 @@
+"""multi_lora_linear (LiON-LoRA) against peft's multi-adapter loop, diffusers' fuse_lora-style merged
+weights, and a vLLM-style shrink/expand design, at CogVideoX-5B/2B attention-projection shapes.
+
+FLOPs are the useful matmul FLOPs (base + LoRA), so "% of ceiling" is the distance from the floor
+set by the device's measured bf16 matmul rate.
+"""
+import torch
+import torch.nn.functional as F
+
+import lightmotion_fast as lm
+from lightmotion_fast.bench.scenario import Case
+from lightmotion_fast.reference.multi_lora import multi_lora_linear_reference
+
+M_COGVIDEOX = 2 * (13 * 30 * 45 + 226)  # 49 frames 480x720 + text, x2 for CFG: 35,552 tokens
+NOTE_MERGED = ("fuse_lora_merged: W + sum s_i B_i A_i merged once (diffusers fuse_lora); fastest, but adapter "
+               "weights can't change per call without re-merging, no per-token (output) normalisation, "
+               "and LoRA weights can't be trained through it")
+NOTE_VLLM = ("vllm_shrink_expand: base GEMM, then one shrink GEMM over A_cat and one expand GEMM over B_cat "
+             "added into y (cuBLAS via torch.matmul; the two-launch LoRA design of vLLM/punica)")
+
+
+def flops(m, d_in, d_out, ranks, mode):
+    fwd = 2 * m * d_in * d_out + sum(2 * m * r * (d_in + d_out) for r in ranks)
+    if mode == "fwd":
+        return fwd
+    # W frozen: dx through W, and per LoRA h = g B, dB, dA, dx through A.
+    bwd = 2 * m * d_out * d_in + sum(2 * m * r * (2 * d_out + 2 * d_in) for r in ranks)
+    return fwd + bwd
+
+
+def peft_loop(x, w, b, lora_a, lora_b, scales):
+    """peft lora.Linear.forward (dropout off): base layer, then + lora_B(lora_A(x)) * scaling per adapter."""
+    y = F.linear(x, w, b)
+    for a, bb, s in zip(lora_a, lora_b, scales):
+        y = y + F.linear(F.linear(x, a), bb) * s
+    return y
+
+
+def vllm_shrink_expand(x, w, b, a_cat, b_cat, col_scale):
+    y = F.linear(x, w, b)
+    z = x @ a_cat.T * col_scale        # shrink (all LoRAs), scales folded into z
+    return y.addmm_(z.to(x.dtype), b_cat.T) if not y.requires_grad else torch.addmm(y, z.to(x.dtype), b_cat.T)
+
+
+def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=False):
+    k = len(ranks)
+
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def rnd(*shape, scale=1.0, grad=False):
+            t = (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+            return t.requires_grad_(grad)
+
+        train = mode == "fwd+bwd"
+        x = rnd(m, d, grad=train)
+        w, b = rnd(d, d, scale=d ** -0.5), rnd(d)
+        lora_a = [rnd(r, d, scale=d ** -0.5, grad=train) for r in ranks]
+        lora_b = [rnd(d, r, scale=r ** -0.5, grad=train) for r in ranks]
+        scales = [1.0, 0.5, 0.8][:k]
+        with torch.no_grad():
+            merged = w + sum(s * (bb.float() @ a.float()) for a, bb, s in zip(lora_a, lora_b, scales)).to(dtype)
+            a_cat = torch.cat([a.detach() for a in lora_a])
+            b_cat = torch.cat([bb.detach() for bb in lora_b], dim=1)
+        a_cat.requires_grad_(train)
+        b_cat.requires_grad_(train)
+        col_scale = torch.cat([torch.full((r,), s, device=device) for r, s in zip(ranks, scales)])
+        grad = rnd(m, d) if train else None
+
+        def fwd_bwd(fn):
+            if not train:
+                return fn
+
+            def run():
+                y = fn()
+                y.backward(grad)
+            return run
+
+        providers = {
+            "lightmotion": fwd_bwd(lambda: lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=norm)),
+            "reference": fwd_bwd(lambda: multi_lora_linear_reference(x, w, b, lora_a, lora_b, scales, norm=norm)),
+        }
+        if norm == "none":
+            providers["peft_loop"] = fwd_bwd(lambda: peft_loop(x, w, b, lora_a, lora_b, scales))
+            providers["vllm_shrink_expand"] = fwd_bwd(lambda: vllm_shrink_expand(x, w, b, a_cat, b_cat, col_scale))
+            if not train:
+                providers["fuse_lora_merged"] = lambda: F.linear(x, merged, b)
+        return providers
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    rank = sum(ranks)
+    nbytes = elem * (2 * m * d + d * d + 2 * rank * d + m * rank)
+    note = NOTE_MERGED + "; " + NOTE_VLLM if norm == "none" else "peers have no normalised multi-LoRA"
+    return Case(op="multi_lora_linear", shape=f"{label} M={m} d={d} k={k} r={ranks[0]} norm={norm}",
+                setup=setup, mode=mode, dtype=str(dtype).replace("torch.", ""), bytes=nbytes,
+                flops=flops(m, d, d, ranks, mode), quick=quick, cpu=cpu, note=note)
+
+
+def cases(device, quick):
+    dtype = torch.bfloat16
+    for mode in ("fwd", "fwd+bwd"):
+        for k in (1, 2, 3):
+            yield _case("CogVideoX-5B", M_COGVIDEOX, 3072, [256] * k, device, dtype, mode, quick=(k == 3))
+        for norm in ("weight", "output"):
+            yield _case("CogVideoX-5B", M_COGVIDEOX, 3072, [256] * 3, device, dtype, mode, norm=norm,
+                        quick=(norm == "output" and mode == "fwd"))
+        yield _case("CogVideoX-2B", M_COGVIDEOX, 1920, [256] * 3, device, dtype, mode, quick=False)
+    # Small enough for a CPU (our op takes its torch path there).
+    cpu_dtype = torch.float32
+    for mode in ("fwd", "fwd+bwd"):
+        for norm in ("none", "output"):
+            yield _case("small", 512, 256, [16] * 3, device, cpu_dtype, mode, norm=norm, quick=True, cpu=True)
