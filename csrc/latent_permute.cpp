@@ -8,6 +8,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -20,23 +22,32 @@ void permute_frames(const at::Tensor& z, const float* inv, at::Tensor& out, bool
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
 
+  // One task per output row (frame, y): its source offsets are computed once, then every
+  // (batch, channel) plane copies that row, so writes stay contiguous along x.
   at::parallel_for(0, frames * height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> src(width);
+    std::vector<uint8_t> kept(width);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t f = row / height, y = row % height;
       const float* a = inv + f * 6;
+      const float yf = static_cast<float>(y);
       for (int64_t x = 0; x < width; ++x) {
-        const float xf = static_cast<float>(x), yf = static_cast<float>(y);
+        const float xf = static_cast<float>(x);
         const float sx = a[0] * xf + a[1] * yf + a[2];
         const float sy = a[3] * xf + a[4] * yf + a[5];
         const int64_t ix = static_cast<int64_t>(std::floor(sx + 0.5f));
         const int64_t iy = static_cast<int64_t>(std::floor(sy + 0.5f));
-        const bool kept = ix >= 0 && ix < width && iy >= 0 && iy < height;
-        exposed[(f * height + y) * width + x] = !kept;
-        for (int64_t b = 0; b < batch; ++b) {
-          for (int64_t c = 0; c < channels; ++c) {
-            const int64_t dst = b * os[0] + c * os[1] + f * os[2] + y * os[3] + x * os[4];
-            op[dst] = kept ? zp[b * zs[0] + c * zs[1] + f * zs[2] + iy * zs[3] + ix * zs[4]]
-                           : scalar_t(0);
+        const bool k = ix >= 0 && ix < width && iy >= 0 && iy < height;
+        kept[x] = k;
+        src[x] = k ? iy * zs[3] + ix * zs[4] : 0;
+        exposed[(f * height + y) * width + x] = !k;
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* zrow = zp + b * zs[0] + c * zs[1] + f * zs[2];
+          scalar_t* orow = op + b * os[0] + c * os[1] + f * os[2] + y * os[3];
+          for (int64_t x = 0; x < width; ++x) {
+            orow[x * os[4]] = kept[x] ? zrow[src[x]] : scalar_t(0);
           }
         }
       }

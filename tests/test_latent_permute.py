@@ -215,3 +215,27 @@ def test_affine_entry_point_checks(device):
         lm.latent_permute_affine(z, torch.zeros(3, 2, 3, dtype=torch.float64, device=device))
     inv = CAMERAS["combo"].inverse_affines(3, 4, 4, device=device)
     assert torch.equal(lm.latent_permute_affine(z, inv)[0], lm.latent_permute(z, CAMERAS["combo"])[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host-sync checks need a GPU")
+def test_cuda_graph_capture_and_no_host_sync():
+    z = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
+    cam = CAMERAS["combo"]
+    out, exposed = lm.latent_permute(z, cam)          # first call caches the matrices on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")           # any host synchronisation now raises
+    try:
+        lm.latent_permute(z, cam)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        lm.latent_permute(z, cam)                     # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=stream):
+            g_out, g_exposed = lm.latent_permute(z, cam)
+    z.copy_(torch.randn_like(z))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, ref_exposed = lm.latent_permute(z, cam)
+    assert torch.equal(g_out, ref) and torch.equal(g_exposed, ref_exposed)
