@@ -23,6 +23,7 @@ from lightmotion_fast.integrations.diffusers.registry import (
 
 FEATURE_MODULES: list[str] = [
     "lora",
+    "ip_adapter",
 ]
 
 for _name in FEATURE_MODULES:

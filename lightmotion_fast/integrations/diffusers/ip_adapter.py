@@ -1,0 +1,298 @@
+"""Patch feature "ip_adapter" and MotionFlow's attention processors (specs/motionflow.md).
+
+- `FusedIPAdapterAttnProcessor`: a drop-in for diffusers' `IPAdapterAttnProcessor2_0`. The text
+  attention and every image adapter's attention run as ONE fused `dual_cross_attention` launch
+  (separate softmaxes, Q read once, O written once) instead of 1 + k SDPA calls and k adds.
+  `patch(pipe)` installs it on every attention module whose processor is an
+  `IPAdapterAttnProcessor2_0` (SD1.5/SDXL U-Nets, AnimateDiff's UNetMotionModel, ...). It subclasses
+  the processor it replaces and shares its `to_k_ip`/`to_v_ip` layers and its `scale` list, so
+  `pipe.set_ip_adapter_scale(...)` keeps working while patched. Adapters with an
+  `ip_adapter_masks` entry (diffusers' regional IP-Adapter masks) are applied as diffusers does:
+  their attention, per image, times the downsampled mask, added to the output.
+- `CameraTokenAttnProcessor`: MotionFlow-style camera conditioning on cross-attention: text (or
+  image) tokens plus camera tokens, O = softmax(QK_textᵀ)V_text + λ_c softmax(QK_camᵀ)V_cam; the
+  camera tokens are passed per call (`cross_attention_kwargs={"camera_tokens": ...}`).
+- `ReferenceAttnProcessor`: for self-attention (attn1); the reference bank is passed per call
+  (`cross_attention_kwargs={"reference_bank": {layer_name: features}}`), and the layer attends to
+  [own tokens; bank tokens] through `reference_attention` without building the concatenation.
+
+`install_camera_token_processors` / `install_reference_processors` put the MotionFlow processors
+into a U-Net (they add weights or change what the model computes, so they are not patch features).
+"""
+from __future__ import annotations
+
+import torch
+
+from lightmotion_fast.integrations.diffusers.registry import Feature, PatchContext, register_feature
+from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
+from lightmotion_fast.ops.reference_attention import reference_attention
+
+try:  # diffusers is optional for the package as a whole
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+except ImportError:  # pragma: no cover - exercised only without diffusers
+    Attention = IPAdapterAttnProcessor2_0 = IPAdapterMaskProcessor = None
+
+
+def _split_heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """[b n (h d)] -> a [b h n d] view (no copy): the layout the fused ops read through strides."""
+    return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[b h n d] -> [b n (h d)]; free for the ops' outputs, which are stored as [b n h d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _prologue(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """The part every diffusers 2.0 processor shares: spatial/group norm, 4-D inputs, the mask
+    prepared as [b h (1|n) m], and the query. Returns what the epilogue needs too."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    shape4 = None
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        shape4 = (batch, channel, height, width)
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    return residual, hidden_states, query, attention_mask, batch, shape4
+
+
+def _epilogue(attn, hidden_states, residual, shape4):
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if shape4 is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*shape4)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _is_zero(scale) -> bool:
+    return all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0
+
+
+_Base = IPAdapterAttnProcessor2_0 if IPAdapterAttnProcessor2_0 is not None else torch.nn.Module
+
+
+class FusedIPAdapterAttnProcessor(_Base):
+    """IPAdapterAttnProcessor2_0 with text + image-prompt attention fused into one kernel launch.
+
+    Built from the processor it replaces; shares its projection layers and scale list.
+    """
+
+    def __init__(self, original):
+        torch.nn.Module.__init__(self)  # not the parent's __init__: it would create new layers
+        self.hidden_size = original.hidden_size
+        self.cross_attention_dim = original.cross_attention_dim
+        self.num_tokens = original.num_tokens
+        self.to_k_ip = original.to_k_ip
+        self.to_v_ip = original.to_v_ip
+        self.__dict__["_original"] = original  # not a submodule: its layers are already ours
+
+    @property
+    def scale(self):
+        return self.__dict__["_original"].scale
+
+    @scale.setter
+    def scale(self, value):
+        self.__dict__["_original"].scale = value
+
+    @property
+    def original(self):
+        return self.__dict__["_original"]
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None):
+        if encoder_hidden_states is None:  # not a cross-attention call: nothing to fuse
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale,
+                                 ip_adapter_masks)
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states
+        else:  # diffusers' deprecated form: image tokens appended to the text tokens
+            end = encoder_hidden_states.shape[1] - self.num_tokens[0]
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+        masks = self._checked_masks(ip_adapter_masks, ip_hidden_states)
+
+        residual, hidden_states, query, attention_mask, batch, shape4 = _prologue(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        q = _split_heads(query, batch, heads)
+        keys, values, weights = [_split_heads(key, batch, heads)], [_split_heads(value, batch, heads)], [1.0]
+        masked = []
+        for ip_states, ip_scale, to_k, to_v, mask in zip(ip_hidden_states, self.scale, self.to_k_ip,
+                                                          self.to_v_ip, masks):
+            if _is_zero(ip_scale):
+                continue
+            if mask is not None:
+                masked.append((ip_states, ip_scale, to_k, to_v, mask))
+                continue
+            keys.append(_split_heads(to_k(ip_states), batch, heads))
+            values.append(_split_heads(to_v(ip_states), batch, heads))
+            weights.append(float(ip_scale))
+        # SDPA's default scale, as the replaced processor uses (it ignores attn.scale).
+        softmax_scale = q.shape[-1] ** -0.5
+        out = _merge_heads(dual_cross_attention(q, keys, values, weights, mask=attention_mask,
+                                                softmax_scale=softmax_scale)).to(query.dtype)
+        for ip_states, ip_scale, to_k, to_v, mask in masked:
+            per_image = ip_scale if isinstance(ip_scale, list) else [ip_scale] * mask.shape[1]
+            for i in range(mask.shape[1]):
+                k_i = _split_heads(to_k(ip_states[:, i]), batch, heads)
+                v_i = _split_heads(to_v(ip_states[:, i]), batch, heads)
+                image_out = _merge_heads(dual_cross_attention(q, [k_i], [v_i], softmax_scale=softmax_scale))
+                down = IPAdapterMaskProcessor.downsample(mask[:, i], batch, image_out.shape[1], image_out.shape[2])
+                out = out + per_image[i] * (image_out.to(query.dtype) * down.to(dtype=query.dtype, device=query.device))
+        return _epilogue(attn, out, residual, shape4)
+
+    def _checked_masks(self, ip_adapter_masks, ip_hidden_states):
+        if ip_adapter_masks is None:
+            return [None] * len(self.scale)
+        if not isinstance(ip_adapter_masks, list):
+            ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))
+        if not (len(ip_adapter_masks) == len(self.scale) == len(ip_hidden_states)):
+            raise ValueError(f"Length of ip_adapter_masks array ({len(ip_adapter_masks)}) must match length of "
+                             f"self.scale array ({len(self.scale)}) and number of ip_hidden_states "
+                             f"({len(ip_hidden_states)})")
+        for index, (mask, scale, ip_state) in enumerate(zip(ip_adapter_masks, self.scale, ip_hidden_states)):
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+                raise ValueError("Each element of the ip_adapter_masks array should be a tensor with shape "
+                                 "[1, num_images_for_ip_adapter, height, width]. Please use "
+                                 "`IPAdapterMaskProcessor` to preprocess your mask")
+            if mask.shape[1] != ip_state.shape[1]:
+                raise ValueError(f"Number of masks ({mask.shape[1]}) does not match number of ip images "
+                                 f"({ip_state.shape[1]}) at index {index}")
+            if isinstance(scale, list) and len(scale) != mask.shape[1]:
+                raise ValueError(f"Number of masks ({mask.shape[1]}) does not match number of scales "
+                                 f"({len(scale)}) at index {index}")
+        return ip_adapter_masks
+
+
+class CameraTokenAttnProcessor(torch.nn.Module):
+    """Cross-attention with an extra set of camera tokens (MotionFlow-style camera conditioning):
+
+        O = softmax(Q K_ctxᵀ · s + mask) V_ctx + λ_c · softmax(Q K_camᵀ · s) V_cam
+
+    K_cam, V_cam come from the camera tokens through this processor's own `to_k_cam`/`to_v_cam`.
+    Camera tokens are given per call: `cross_attention_kwargs={"camera_tokens": c}` with c of shape
+    [b n_cam camera_dim] (b the attention batch, e.g. batch·frames in AnimateDiff; a batch of 1
+    broadcasts). Without camera tokens the layer is plain attention.
+    """
+
+    def __init__(self, hidden_size: int, camera_dim: int, scale: float = 1.0):
+        super().__init__()
+        self.hidden_size, self.camera_dim, self.scale = hidden_size, camera_dim, scale
+        self.to_k_cam = torch.nn.Linear(camera_dim, hidden_size, bias=False)
+        self.to_v_cam = torch.nn.Linear(camera_dim, hidden_size, bias=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 camera_tokens: torch.Tensor | None = None):
+        residual, hidden_states, query, attention_mask, batch, shape4 = _prologue(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        heads = attn.heads
+        q = _split_heads(query, batch, heads)
+        keys = [_split_heads(attn.to_k(context), batch, heads)]
+        values = [_split_heads(attn.to_v(context), batch, heads)]
+        weights = [1.0]
+        if camera_tokens is not None and self.scale != 0:
+            if camera_tokens.ndim != 3 or camera_tokens.shape[0] not in (1, batch) or \
+                    camera_tokens.shape[-1] != self.camera_dim:
+                raise ValueError(f"camera_tokens must have shape [{batch} (or 1), n_cam, {self.camera_dim}], "
+                                 f"got {tuple(camera_tokens.shape)}")
+            camera_tokens = camera_tokens.to(query.dtype).expand(batch, -1, -1)
+            keys.append(_split_heads(self.to_k_cam(camera_tokens), batch, heads))
+            values.append(_split_heads(self.to_v_cam(camera_tokens), batch, heads))
+            weights.append(float(self.scale))
+        out = dual_cross_attention(q, keys, values, weights, mask=attention_mask, softmax_scale=attn.scale)
+        return _epilogue(attn, _merge_heads(out).to(query.dtype), residual, shape4)
+
+
+class ReferenceAttnProcessor:
+    """Self-attention (attn1) that also attends to a reference bank of features:
+    out = softmax(Q_m [K_m; K_p]ᵀ s) [V_m; V_p] with K_p, V_p = attn.to_k/to_v(bank). The bank is given
+    per call: `cross_attention_kwargs={"reference_bank": {name: features}}` with features
+    [b n_p c] (or [b c h w]) for the layer called `name` (its module name in the U-Net), or a single
+    tensor used by every layer. A layer with no bank entry runs plain self-attention."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 reference_bank=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("ReferenceAttnProcessor is for self-attention (attn1) without a mask")
+        residual, hidden_states, query, _, batch, shape4 = _prologue(attn, hidden_states, None, None, temb)
+        bank = reference_bank.get(self.name) if isinstance(reference_bank, dict) else reference_bank
+        heads = attn.heads
+        q = _split_heads(query, batch, heads)
+        k = _split_heads(attn.to_k(hidden_states), batch, heads)
+        v = _split_heads(attn.to_v(hidden_states), batch, heads)
+        if bank is None:
+            out = dual_cross_attention(q, [k], [v], softmax_scale=attn.scale)
+        else:
+            if bank.ndim == 4:
+                bank = bank.flatten(2).transpose(1, 2)
+            bank = bank.to(query.dtype).expand(batch, -1, -1)
+            if attn.group_norm is not None:
+                bank = attn.group_norm(bank.transpose(1, 2)).transpose(1, 2)
+            k_ref = _split_heads(attn.to_k(bank), batch, heads)
+            v_ref = _split_heads(attn.to_v(bank), batch, heads)
+            out = reference_attention(q, k, v, k_ref, v_ref, softmax_scale=attn.scale)
+        return _epilogue(attn, _merge_heads(out).to(query.dtype), residual, shape4)
+
+
+def _attention_modules(model: torch.nn.Module, suffix: str):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention) and name.endswith(suffix)]
+
+
+def install_camera_token_processors(model: torch.nn.Module, camera_dim: int, scale: float = 1.0) -> dict:
+    """Give every cross-attention (attn2) of a U-Net a CameraTokenAttnProcessor (new, zero-initialised
+    camera projections, so the model is unchanged until they are trained or loaded). Returns
+    {module name: processor}."""
+    installed = {}
+    for name, attn in _attention_modules(model, "attn2"):
+        proc = CameraTokenAttnProcessor(attn.inner_dim, camera_dim, scale).to(attn.to_q.weight.device,
+                                                                              attn.to_q.weight.dtype)
+        torch.nn.init.zeros_(proc.to_k_cam.weight)
+        torch.nn.init.zeros_(proc.to_v_cam.weight)
+        attn.set_processor(proc)
+        installed[name] = proc
+    return installed
+
+
+def install_reference_processors(model: torch.nn.Module) -> dict:
+    """Give every self-attention (attn1) of a U-Net a ReferenceAttnProcessor named after its module.
+    Returns {module name: processor}; the names are the keys of the per-call `reference_bank`."""
+    installed = {}
+    for name, attn in _attention_modules(model, "attn1"):
+        proc = ReferenceAttnProcessor(name)
+        attn.set_processor(proc)
+        installed[name] = proc
+    return installed
+
+
+def _install(ctx: PatchContext) -> None:
+    if IPAdapterAttnProcessor2_0 is None:
+        return
+    for module in ctx.model.modules():
+        if isinstance(module, Attention) and type(module.processor) is IPAdapterAttnProcessor2_0:
+            ctx.set_processor(module, FusedIPAdapterAttnProcessor(module.processor))
+
+
+FEATURE = register_feature(Feature(name="ip_adapter", install=_install))

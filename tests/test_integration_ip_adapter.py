@@ -1,0 +1,175 @@
+"""IP-Adapter drop-in and MotionFlow processors on small real diffusers models with random weights."""
+import copy
+
+import pytest
+import torch
+
+import lightmotion_fast
+from lightmotion_fast.integrations.diffusers import ip_adapter
+from lightmotion_fast.integrations.diffusers.ip_adapter import (
+    FusedIPAdapterAttnProcessor,
+    install_camera_token_processors,
+    install_reference_processors,
+)
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0  # noqa: E402
+from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection  # noqa: E402
+
+CROSS_DIM, IMAGE_EMBED_DIM = 32, 24
+
+
+def install_ip_adapters(unet, num_tokens=(4, 16), scales=(0.7, 0.4)):
+    """What diffusers' load_ip_adapter does, with random weights instead of a checkpoint."""
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            block = name.split(".")[0]
+            if block == "mid_block":
+                hidden = unet.config.block_out_channels[-1]
+            elif block == "up_blocks":
+                hidden = list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])]
+            else:
+                hidden = unet.config.block_out_channels[int(name.split(".")[1])]
+            p = IPAdapterAttnProcessor2_0(hidden, CROSS_DIM, num_tokens=list(num_tokens), scale=list(scales))
+            for layer in (*p.to_k_ip, *p.to_v_ip):
+                torch.nn.init.normal_(layer.weight, std=0.2)
+            procs[name] = p
+        else:
+            procs[name] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(cross_attention_dim=CROSS_DIM, image_embed_dim=IMAGE_EMBED_DIM, num_image_text_embeds=n)
+         for n in num_tokens])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return unet
+
+
+def tiny_unet(**kw):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, attention_head_dim=8, norm_num_groups=16, **kw)
+    return unet.eval()
+
+
+def unet_inputs(batch=2, num_tokens=(4, 16)):
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    text = torch.randn(batch, 7, CROSS_DIM, generator=g)
+    image_embeds = [torch.randn(batch, 1, IMAGE_EMBED_DIM, generator=g) for _ in num_tokens]
+    return sample, text, image_embeds
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_patch_equals_ip_adapter_processor_on_unet(with_mask, monkeypatch):
+    unet = install_ip_adapters(tiny_unet())
+    sample, text, image_embeds = unet_inputs()
+    kwargs = {}
+    if with_mask:  # diffusers' key-padding mask on the text tokens (padding at the end of sample 1)
+        mask = torch.ones(2, 7)
+        mask[1, 5:] = 0
+        kwargs["encoder_attention_mask"] = mask
+    with torch.no_grad():
+        want = unet(sample, 10, text, added_cond_kwargs={"image_embeds": image_embeds}, **kwargs).sample
+        originals = dict(unet.attn_processors)
+        lightmotion_fast.patch(unet)
+        calls = []
+        real = ip_adapter.dual_cross_attention
+        monkeypatch.setattr(ip_adapter, "dual_cross_attention", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+        fused = [p for p in unet.attn_processors.values() if isinstance(p, FusedIPAdapterAttnProcessor)]
+        assert len(fused) == sum(isinstance(p, IPAdapterAttnProcessor2_0) for p in originals.values()) > 0
+        with lightmotion_fast.backend("triton"):
+            got = unet(sample, 10, text, added_cond_kwargs={"image_embeds": image_embeds}, **kwargs).sample
+        lightmotion_fast.unpatch(unet)
+    assert all(unet.attn_processors[k] is v for k, v in originals.items())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert calls and all(n == 3 for n in calls)  # text + two adapters in each fused launch
+
+
+def test_set_ip_adapter_scale_while_patched_and_zero_scale():
+    unet = install_ip_adapters(tiny_unet())
+    sample, text, image_embeds = unet_inputs()
+    lightmotion_fast.patch(unet)
+    fused = next(p for p in unet.attn_processors.values() if isinstance(p, FusedIPAdapterAttnProcessor))
+    # diffusers' set_ip_adapter_scale writes processor.scale[i] in place: it must reach the original.
+    for p in unet.attn_processors.values():
+        if isinstance(p, IPAdapterAttnProcessor2_0):
+            p.scale[0], p.scale[1] = 0.0, 1.3
+    assert fused.original.scale == [0.0, 1.3]
+    with torch.no_grad(), lightmotion_fast.backend("triton"):
+        got = unet(sample, 3, text, added_cond_kwargs={"image_embeds": image_embeds}).sample
+    lightmotion_fast.unpatch(unet)
+    with torch.no_grad():
+        want = unet(sample, 3, text, added_cond_kwargs={"image_embeds": image_embeds}).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_regional_ip_adapter_masks_match():
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    unet = install_ip_adapters(tiny_unet(), num_tokens=(4,), scales=(0.8,))
+    sample, text, _ = unet_inputs(num_tokens=(4,))
+    g = torch.Generator().manual_seed(5)
+    image_embeds = [torch.randn(2, 2, IMAGE_EMBED_DIM, generator=g)]      # two images for the one adapter
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, :, :8] = 1
+    masks[1, :, :, 8:] = 1
+    ip_masks = [IPAdapterMaskProcessor().preprocess(masks, height=16, width=16).reshape(1, 2, 16, 16)]
+    call = dict(added_cond_kwargs={"image_embeds": image_embeds}, cross_attention_kwargs={"ip_adapter_masks": ip_masks})
+    with torch.no_grad():
+        want = unet(sample, 5, text, **call).sample
+        with lightmotion_fast.patched(unet), lightmotion_fast.backend("triton"):
+            got = unet(sample, 5, text, **call).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_camera_token_processor():
+    unet = tiny_unet()
+    sample, text, _ = unet_inputs()
+    with torch.no_grad():
+        plain = unet(sample, 4, text).sample
+        procs = install_camera_token_processors(unet, camera_dim=12, scale=0.5)
+        assert procs and all(n.endswith("attn2") for n in procs)
+        cam = torch.randn(2, 6, 12)
+        # Zero-initialised camera projections: the model is unchanged until they are trained.
+        torch.testing.assert_close(unet(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam}).sample, plain,
+                                   atol=2e-5, rtol=1e-4)
+        for p in procs.values():
+            torch.nn.init.normal_(p.to_k_cam.weight, std=0.3)
+            torch.nn.init.normal_(p.to_v_cam.weight, std=0.3)
+        with lightmotion_fast.backend("triton"):
+            got = unet(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam}).sample
+            no_cam = unet(sample, 4, text).sample
+        # Against the same model computed with two SDPA calls: an IP-Adapter processor holding the
+        # camera projections is the same formula with camera tokens as "image" tokens.
+        ref = copy.deepcopy(unet)
+        for name, attn in ref.named_modules():
+            if name in procs:
+                cp = procs[name]
+                ip = IPAdapterAttnProcessor2_0(cp.hidden_size, 12, num_tokens=(6,), scale=0.5)
+                ip.to_k_ip[0].weight.copy_(cp.to_k_cam.weight)
+                ip.to_v_ip[0].weight.copy_(cp.to_v_cam.weight)
+                attn.set_processor(ip)
+        want = ref(sample, 4, (text, [cam])).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(no_cam, plain, atol=2e-5, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_reference_processor_equals_width_concatenation():
+    unet = tiny_unet()
+    procs = install_reference_processors(unet)
+    name, attn = next((n, m) for n, m in unet.named_modules() if n in procs)
+    x = torch.randn(2, 12, attn.query_dim)      # tokens of m
+    bank = torch.randn(2, 9, attn.query_dim)    # tokens of the reference map p
+    with torch.no_grad(), lightmotion_fast.backend("triton"):
+        got = attn(x, reference_bank={name: bank})
+        plain = attn(x)
+        attn.set_processor(AttnProcessor2_0())
+        # Self-attention over [m; p], keeping m's outputs: the paper's concatenation.
+        want = attn(torch.cat([x, bank], 1))[:, :12]
+        torch.testing.assert_close(plain, attn(x), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
