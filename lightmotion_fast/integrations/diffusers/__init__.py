@@ -22,6 +22,7 @@ from lightmotion_fast.integrations.diffusers.registry import (
 )
 
 FEATURE_MODULES: list[str] = [
+    "lightmotion",
     "lora",
     "ip_adapter",
 ]
