@@ -1,0 +1,74 @@
+"""dual_cross_attention against IPAdapterAttnProcessor2_0's attention part: two SDPA calls (text with
+its mask, image-prompt tokens), each output reshaped to [b n (h d)], scaled and added, exactly as the
+processor does; at AnimateDiff/SD1.5 shapes (16 frames × 2 CFG) and SDXL shapes."""
+import torch
+import torch.nn.functional as F
+
+import lightmotion_fast as lm
+from lightmotion_fast.bench.scenario import Case
+from lightmotion_fast.reference.dual_cross_attention import dual_cross_attention_reference
+
+NOTE = ("ip_adapter_sdpa: IPAdapterAttnProcessor2_0's attention part, F.scaled_dot_product_attention for the text "
+        "tokens and for the image tokens, each transposed to [b n (h d)], then out + scale·ip (as diffusers does)")
+
+
+def ip_adapter_sdpa(q, k_text, v_text, k_img, v_img, scale, mask=None):
+    b, h, n, d = q.shape
+    out = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=mask).transpose(1, 2).reshape(b, n, h * d)
+    ip = F.scaled_dot_product_attention(q, k_img, v_img).transpose(1, 2).reshape(b, n, h * d)
+    return out + scale * ip
+
+
+def _heads(x, heads):
+    """[b n (h d)] -> the [b h n d] view a diffusers processor hands to SDPA."""
+    b, n, hd = x.shape
+    return x.view(b, n, heads, hd // heads).transpose(1, 2)
+
+
+def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", quick=True, cpu=False):
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+        train = mode == "fwd+bwd"
+
+        def proj(tokens):
+            return torch.randn(batch, tokens, heads * d, generator=g, device=device, dtype=dtype).requires_grad_(train)
+
+        xs = [proj(t) for t in (n, n_text, n_text, n_img, n_img)]
+        q, kt, vt, ki, vi = (_heads(x, heads) for x in xs)
+        grad = torch.randn(batch, n, heads * d, device=device, dtype=dtype) if train else None
+
+        def run(fn):
+            if not train:
+                return fn
+            return lambda: fn().backward(grad)
+
+        ours = run(lambda: lm.dual_cross_attention(q, [kt, ki], [vt, vi], [1.0, 0.6]).transpose(1, 2).reshape(
+            batch, n, heads * d))
+        return {
+            "lightmotion": ours,
+            "reference": run(lambda: dual_cross_attention_reference(q, [kt, ki], [vt, vi], [1.0, 0.6]).transpose(
+                1, 2).reshape(batch, n, heads * d)),
+            "ip_adapter_sdpa": run(lambda: ip_adapter_sdpa(q, kt, vt, ki, vi, 0.6)),
+        }
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = elem * batch * heads * d * (2 * n + 2 * (n_text + n_img))
+    flops = 4.0 * batch * heads * n * (n_text + n_img) * d * (3.5 if mode == "fwd+bwd" else 1.0)
+    return Case(op="dual_cross_attention", shape=f"{label} b={batch} n={n} {heads}x{d} keys={n_text}+{n_img}",
+                setup=setup, mode=mode, dtype=str(dtype).replace("torch.", ""), bytes=nbytes, flops=flops,
+                quick=quick, cpu=cpu, note=NOTE)
+
+
+def cases(device, quick):
+    dtype = torch.float16
+    batch = 16 * 2  # AnimateDiff: 16 frames, classifier-free guidance
+    for n, d in ((4096, 40), (1024, 80), (256, 160)):
+        for n_img in (4, 16):
+            yield _case(f"SD1.5/AnimateDiff {int(n ** 0.5)}x{int(n ** 0.5)}", batch, n, 8, d, 77, n_img, device,
+                        dtype, quick=(n_img == 4 or n == 4096))
+    # SDXL at 1024x1024 (128x128 latent): 64x64 level 10 heads, 32x32 level 20 heads, head dim 64.
+    for n, heads in ((4096, 10), (1024, 20)):
+        yield _case("SDXL", 2, n, heads, 64, 77, 4, device, dtype, quick=False)
+    yield _case("SD1.5/AnimateDiff 64x64", batch, 4096, 8, 40, 77, 4, device, dtype, mode="fwd+bwd", quick=False)
+    yield _case("small", 2, 256, 4, 40, 77, 4, device, torch.float32, cpu=True)
+    yield _case("small", 2, 256, 4, 40, 77, 4, device, torch.float32, mode="fwd+bwd", cpu=True)
