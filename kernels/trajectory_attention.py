@@ -4,7 +4,8 @@ Tensors: q, k, v, out are [b s f h d] views (any strides; s = latent pixels of o
 int32 and valid [f, n] uint8 give the pixel of trajectory n at frame f; rowptr [f·s + 1] / col [nnz]
 int32 are the per-pixel CSR lists of the valid tokens landing on (f, p), ascending in n.
 
-Forward, one program per (trajectory block, batch·head):
+Forward, one program per (trajectory, batch), walking the heads (the trajectory's pixels, validity
+and landing counts are read once for all heads):
   gather the trajectory's F rows of q, k, v straight from the dense tensors (invalid rows are loaded
   as zeros, padded frames and padded head channels are masked), S = Q Kᵀ on the tensor cores with
   fp32 accumulation, softmax in fp32 (padded frames, and invalid ones when mask_invalid, are -inf
@@ -69,36 +70,37 @@ def _traj_attn_fwd_kernel(
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
-    q_base = b * sq_b + h * sq_h
-    k_base = b * sk_b + h * sk_h
-    v_base = b * sv_b + h * sv_h
+    fr64 = fr.to(tl.int64)
     for t in range(TRAJ_PER_PROG):
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
+            # The trajectory's pixels, validity and landing counts are read once for all heads.
             pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
             ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
-            q = _gather_rows(q_ptr, q_base, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-            k = _gather_rows(k_ptr, k_base, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-            v = _gather_rows(v_ptr, v_base, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
-            key_ok = ok if MASK_INVALID else in_f
-            p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
-            o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
             row = fr * n_pix + pix
             count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
-            o = o / tl.maximum(count, 1).to(tl.float32)[:, None]
+            inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
+            key_ok = ok if MASK_INVALID else in_f
             mask = ok[:, None] & (dd[None, :] < D)
             if ATOMIC:
-                dst = dst_ptr + b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
-                tl.atomic_add(dst[:, None] + dd[None, :], o, mask=mask, sem="relaxed")
+                dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr64 * sd_f
             else:
-                dst = dst_ptr + b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
-                tl.store(dst[:, None] + dd[None, :], o.to(dst_ptr.dtype.element_ty), mask=mask)
+                dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr64 * sd_f
+            for h in range(heads):
+                q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
+                k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
+                v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+                p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+                o = _mm(p.to(v.dtype), v, PRECISION, UPCAST) * inv_count[:, None]
+                dst = dst_ptr + (dst_rows + h * sd_h)[:, None] + dd[None, :]
+                if ATOMIC:
+                    tl.atomic_add(dst, o, mask=mask, sem="relaxed")
+                else:
+                    tl.store(dst, o.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -114,48 +116,50 @@ def _traj_attn_bwd_kernel(
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
+    fr64 = fr.to(tl.int64)
     for t in range(TRAJ_PER_PROG):
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
             pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
             ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
-            q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-            k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-            v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
-            do = _gather_rows(do_ptr, b * so_b + h * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D).to(tl.float32)
             row = fr * n_pix + pix
             count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
-            do = do / tl.maximum(count, 1).to(tl.float32)[:, None]
+            inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
             key_ok = ok if MASK_INVALID else in_f
-            p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
-            o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-            delta = tl.sum(do * o, axis=1)
-            do_c = do.to(v.dtype)
-            dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            ds_c = ds.to(q.dtype)
-            dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
-            dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
-            dv = _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST)
             mask = ok[:, None] & (dd[None, :] < D)
             if ATOMIC:
-                off = b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
-                off = off[:, None] + dd[None, :]
-                tl.atomic_add(dq_ptr + off, dq, mask=mask, sem="relaxed")
-                tl.atomic_add(dk_ptr + off, dk, mask=mask, sem="relaxed")
-                tl.atomic_add(dv_ptr + off, dv, mask=mask, sem="relaxed")
+                dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr64 * sd_f
             else:
-                off = b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f + h * sd_h
-                off = off[:, None] + dd[None, :]
-                tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
-                tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-                tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr64 * sd_f
+            for h in range(heads):
+                q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
+                k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
+                v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+                do = _gather_rows(do_ptr, b * so_b + h * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D)
+                do = do.to(tl.float32) * inv_count[:, None]
+                p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+                o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+                delta = tl.sum(do * o, axis=1)
+                do_c = do.to(v.dtype)
+                dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
+                ds = p * (dp - delta[:, None])
+                ds_c = ds.to(q.dtype)
+                dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
+                dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
+                dv = _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST)
+                off = (dst_rows + h * sd_h)[:, None] + dd[None, :]
+                if ATOMIC:
+                    tl.atomic_add(dq_ptr + off, dq, mask=mask, sem="relaxed")
+                    tl.atomic_add(dk_ptr + off, dk, mask=mask, sem="relaxed")
+                    tl.atomic_add(dv_ptr + off, dv, mask=mask, sem="relaxed")
+                else:
+                    tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+                    tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+                    tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -169,9 +173,7 @@ def _csr_reduce_kernel(
     """out[b, p, f, h] = Σ tok[b, n, f, h] over n in the CSR list of (f, p), in list order; 0 if empty."""
     pid_p = tl.program_id(0)
     frame = tl.program_id(1).to(tl.int64)
-    pid_bh = tl.program_id(2)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     dd = tl.arange(0, BLOCK_D)
     in_p = pp < n_pix
@@ -180,15 +182,17 @@ def _csr_reduce_kernel(
     start = tl.load(rowptr_ptr + row, mask=in_p, other=0)
     count = tl.load(rowptr_ptr + row + 1, mask=in_p, other=0) - start
     longest = tl.max(count, axis=0)
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    tok_base = tok_ptr + b * st_b + frame * st_f + h * st_h
-    for j in range(0, longest):
-        here = j < count
-        n = tl.load(col_ptr + start + j, mask=here, other=0).to(tl.int64)
-        vals = tl.load(tok_base + (n * st_n)[:, None] + dd[None, :], mask=here[:, None] & d_ok, other=0.0)
-        acc += vals.to(tl.float32)
-    dst = out_ptr + b * so_b + frame * so_f + h * so_h + pp.to(tl.int64)[:, None] * so_s + dd[None, :] * so_d
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, None] & d_ok)
+    dst_rows = b * so_b + frame * so_f + pp.to(tl.int64) * so_s
+    for h in range(heads):
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        tok_base = tok_ptr + b * st_b + frame * st_f + h * st_h
+        for j in range(0, longest):
+            here = j < count
+            n = tl.load(col_ptr + start + j, mask=here, other=0).to(tl.int64)
+            vals = tl.load(tok_base + (n * st_n)[:, None] + dd[None, :], mask=here[:, None] & d_ok, other=0.0)
+            acc += vals.to(tl.float32)
+        dst = out_ptr + (dst_rows + h * so_h)[:, None] + dd[None, :] * so_d
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, None] & d_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def _warps(block_f: int, block_d: int) -> int:
 def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
     # On a GPU one trajectory per program keeps enough programs in flight to hide the gather latency;
     # the interpreter pays per program, so there it walks several.
-    return 8 if interpreting else 1
+    return 32 if interpreting else 1
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -227,7 +231,7 @@ def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, out: tor
     batch, n_pix, frames, heads, dim = out.shape
     block_d = max(16, triton.next_power_of_2(dim))
     block_p = 32 if block_d <= 64 else 16
-    grid = (triton.cdiv(n_pix, block_p), frames, batch * heads)
+    grid = (triton.cdiv(n_pix, block_p), frames, batch)
     _csr_reduce_kernel[grid](
         tok, rowptr, col, out, n_pix, heads,
         tok.stride(0), tok.stride(1), tok.stride(2), tok.stride(3),
@@ -242,7 +246,7 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
     n_traj = idx.shape[1]
     block_f, block_d = _blocks(frames, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    grid = (triton.cdiv(n_traj, tpp), batch * heads)
+    grid = (triton.cdiv(n_traj, tpp), batch)
     qk_scale = dim ** -0.5 * LOG2E
     if deterministic:
         dst = torch.empty((batch, n_traj, frames, heads, dim), dtype=q.dtype, device=q.device)
@@ -271,7 +275,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
     n_traj = idx.shape[1]
     block_f, block_d = _blocks(frames, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    grid = (triton.cdiv(n_traj, tpp), batch * heads)
+    grid = (triton.cdiv(n_traj, tpp), batch)
     if deterministic:
         shape = (batch, n_traj, frames, heads, dim)
         bufs = [torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3)]

@@ -1,0 +1,218 @@
+"""trajectory_attention: Triton kernels (forward, backward; deterministic and atomic) against the float64
+reference, the reference against autograd/gradcheck and against the official computation, and input checks."""
+import pytest
+import torch
+from einops import rearrange
+
+import lightmotion_fast
+from lightmotion_fast.ops.trajectory_attention import trajectory_attention
+from lightmotion_fast.reference.trajectory_attention import (
+    incoming_csr,
+    landed,
+    level_indices,
+    official_trajectory_branch,
+    trajectory_attention_backward_reference,
+    trajectory_attention_reference,
+)
+
+# Tolerances relative to the largest reference magnitude (outputs and gradients round to the dtype).
+REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_case(batch, height, width, frames, heads, dim, n, p_valid=0.8, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.rand(frames, n, 2, generator=g) * torch.tensor([width * 8.0, height * 8.0])
+    valid = torch.rand(frames, n, generator=g) < p_valid
+    idx = level_indices(coords, (height * 8, width * 8), (height, width))
+    q, k, v = (torch.randn(batch, height * width, frames, heads, dim, generator=g, dtype=torch.float64)
+               for _ in range(3))
+    return [t.to(device) for t in (q, k, v)], idx.to(device), valid.to(device)
+
+
+def close(got, want, dtype, what):
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want.double()).abs().max().item()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} > {REL_TOL[dtype]} x {scale:.3g}"
+
+
+# (batch, h, w, frames, heads, dim, n): odd frames, odd h×w, n not a multiple of any block, head dims 40-128
+SHAPES = [
+    (1, 3, 5, 5, 1, 40, 13),
+    (2, 3, 5, 9, 2, 64, 11),
+    (1, 2, 3, 33, 1, 128, 5),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(shape, dtype, device, poisoned):
+    (q, k, v), idx, valid = make_case(*shape, device=device)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    for mask_invalid, deterministic in ((False, True), (True, False)):
+        want = trajectory_attention_reference(q.double(), k.double(), v.double(), idx, valid, mask_invalid)
+        with lightmotion_fast.backend("triton"):
+            got = trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid, deterministic=deterministic)
+        assert got.dtype == dtype and got.shape == q.shape
+        close(got, want, dtype, f"out (mask_invalid={mask_invalid}, deterministic={deterministic})")
+
+
+@pytest.mark.parametrize("shape, dtype, deterministic, mask_invalid", [
+    (SHAPES[0], torch.float32, True, False),
+    (SHAPES[1], torch.float32, False, True),
+    (SHAPES[1], torch.float16, True, True),
+    (SHAPES[0], torch.float16, False, False),
+    (SHAPES[1], torch.bfloat16, True, False),
+    (SHAPES[2], torch.bfloat16, False, True),
+    (SHAPES[2], torch.float32, True, True),
+], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_backward_matches_reference(shape, dtype, deterministic, mask_invalid, device, poisoned):
+    (q, k, v), idx, valid = make_case(*shape, device=device, seed=1)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    with lightmotion_fast.backend("triton"):
+        out = trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid, deterministic=deterministic)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = trajectory_attention_backward_reference(dout.double(), q.detach().double(), k.detach().double(),
+                                                   v.detach().double(), idx, valid, mask_invalid)
+    for name, g, w in zip("qkv", grads, want):
+        assert g.dtype == dtype
+        close(g, w, dtype, f"d{name}")
+
+
+def test_permuted_views_need_no_copy(device, poisoned):
+    # The processor hands [(b s), f, (h d)] projections; a transposed view must give the same result.
+    (q, k, v), idx, valid = make_case(2, 3, 4, 6, 2, 48, 20, device=device, seed=2)
+    q, k, v = (t.float() for t in (q, k, v))
+    qt = rearrange(q, "b s f h d -> b f s h d").contiguous().transpose(1, 2)
+    want = trajectory_attention_reference(q.double(), k.double(), v.double(), idx, valid)
+    with lightmotion_fast.backend("triton"):
+        got = trajectory_attention(qt, k, v, idx, valid)
+    close(got, want, torch.float32, "out from a strided q")
+
+
+def test_deterministic_mode_is_bitwise_repeatable(device):
+    (q, k, v), idx, valid = make_case(2, 3, 4, 9, 1, 64, 20, device=device, seed=3)
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    runs = []
+    for _ in range(2):
+        with lightmotion_fast.backend("triton"):
+            out = trajectory_attention(q, k, v, idx, valid, deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_unreached_pixels_are_zero(device, poisoned):
+    (q, k, v), idx, valid = make_case(1, 4, 6, 5, 1, 64, 6, device=device, seed=4)  # 6 tokens for 24 pixels
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    hit = landed(idx, valid, 24)  # [f s]
+    assert (~hit).any()
+    for deterministic in (True, False):
+        with lightmotion_fast.backend("triton"):
+            out = trajectory_attention(q, k, v, idx, valid, deterministic=deterministic)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        missed = rearrange(~hit, "f s -> 1 s f")
+        for t in (out, dq, dk, dv):
+            assert torch.equal(t[missed], torch.zeros_like(t[missed]))
+        assert out[rearrange(hit, "f s -> 1 s f")].abs().sum() > 0
+
+
+def test_trajectory_with_no_valid_frame_is_finite(device, poisoned):
+    (q, k, v), idx, valid = make_case(1, 3, 3, 4, 1, 32, 5, device=device, seed=5)
+    valid[:, 0] = False
+    q, k, v = (t.float() for t in (q, k, v))
+    for mask_invalid in (False, True):
+        with lightmotion_fast.backend("triton"):
+            got = trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid)
+        close(got, trajectory_attention_reference(q.double(), k.double(), v.double(), idx, valid, mask_invalid),
+              torch.float32, "out")
+
+
+def test_reference_gradcheck_float64():
+    (q, k, v), idx, valid = make_case(1, 2, 2, 3, 2, 2, 6, seed=6)
+    for mask_invalid in (False, True):
+        inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: trajectory_attention_reference(a, b, c, idx, valid, mask_invalid), inputs)
+
+
+def test_written_backward_reference_matches_autograd():
+    (q, k, v), idx, valid = make_case(2, 3, 4, 5, 2, 8, 30, seed=7)
+    for mask_invalid in (False, True):
+        inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        out = trajectory_attention_reference(*inputs, idx, valid, mask_invalid)
+        dout = torch.randn_like(out)
+        auto = torch.autograd.grad(out, inputs, dout)
+        written = trajectory_attention_backward_reference(dout, q, k, v, idx, valid, mask_invalid)
+        for a, w in zip(auto, written):
+            torch.testing.assert_close(w, a, rtol=1e-10, atol=1e-12)
+
+
+def test_op_with_projection_equals_official_computation():
+    """Dense projection + op + to_out with bias where landed == the official per-call computation."""
+    batch, height, width, frames, heads, dim, n = 2, 4, 5, 6, 2, 8, 70
+    g = torch.Generator().manual_seed(8)
+    coords = torch.rand(frames, n, 2, generator=g) * torch.tensor([width * 8.0, height * 8.0])
+    valid = torch.rand(frames, n, generator=g) < 0.8
+    channels = heads * dim
+    x = torch.randn(batch * height * width, frames, channels, generator=g, dtype=torch.float64)
+    w_q, w_k, w_v, w_o = (torch.randn(channels, channels, generator=g, dtype=torch.float64) / channels ** 0.5
+                          for _ in range(4))
+    b_o = torch.randn(channels, generator=g, dtype=torch.float64)
+    from lightmotion_fast.reference.trajectory_attention import num_samples, subsample
+    selection = subsample(n, num_samples(n, (height, width), 2.0), torch.Generator().manual_seed(9))
+    assert len(selection) == 40
+    for mask_invalid in (False, True):
+        official = official_trajectory_branch(x, coords, valid, (height * 8, width * 8), (height, width), batch,
+                                              w_q, w_k, w_v, w_o, b_o, heads, mask_invalid=mask_invalid,
+                                              generator=torch.Generator().manual_seed(9))
+        idx = level_indices(coords[:, selection], (height * 8, width * 8), (height, width))
+        ok = valid[:, selection]
+        q, k, v = (rearrange(x @ w.t(), "(b s) f (h d) -> b s f h d", b=batch, h=heads) for w in (w_q, w_k, w_v))
+        out = trajectory_attention_reference(q, k, v, idx, ok, mask_invalid)
+        hit = rearrange(landed(idx, ok, height * width), "f s -> s f 1").repeat(batch, 1, 1)
+        ours = rearrange(out, "b s f h d -> (b s) f (h d)") @ w_o.t() + b_o * hit
+        torch.testing.assert_close(ours, official, rtol=1e-10, atol=1e-10)
+
+
+def test_incoming_csr_lists_tokens_in_order():
+    idx = torch.tensor([[0, 2, 0, 1], [3, 3, 3, 0]])
+    valid = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    rowptr, col = incoming_csr(idx, valid, 4)
+    assert rowptr.tolist() == [0, 2, 2, 3, 3, 4, 4, 4, 6]
+    assert col.tolist() == [0, 2, 1, 3, 0, 2]
+
+
+def _inputs():
+    (q, k, v), idx, valid = make_case(1, 3, 4, 5, 1, 16, 10)
+    return q.float(), k.float(), v.float(), idx, valid
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, idx, valid = _inputs()
+    with pytest.raises(ValueError, match=r"idx must have shape \[f, n\] with f = 5"):
+        trajectory_attention(q, k, v, idx[:4], valid[:4])
+    with pytest.raises(ValueError, match="valid must have idx's shape"):
+        trajectory_attention(q, k, v, idx, valid[:, :7])
+    with pytest.raises(TypeError, match="valid must have dtype"):
+        trajectory_attention(q, k, v, idx, valid.float())
+    with pytest.raises(ValueError, match=r"idx values must lie in \[0, 12\)"):
+        trajectory_attention(q, k, v, idx + 12, valid)
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        trajectory_attention(q, k[:, :, :4], v, idx, valid)
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        trajectory_attention(q, k, v.half(), idx, valid)
+    with pytest.raises(ValueError, match=r"q must have shape \[b s f h d\]"):
+        trajectory_attention(q[0], k, v, idx, valid)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        trajectory_attention(q.double(), k.double(), v.double(), idx, valid)
+    with pytest.raises(ValueError, match="at most 64"):
+        big = torch.zeros(1, 2, 65, 1, 16)
+        trajectory_attention(big, big, big, torch.zeros(65, 3, dtype=torch.long), torch.ones(65, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rowptr and col must be given together"):
+        trajectory_attention(q, k, v, idx, valid, rowptr=torch.zeros(61, dtype=torch.int32))
+    rowptr, col = incoming_csr(idx, valid, 12)
+    with pytest.raises(ValueError, match=r"rowptr must have shape \[61\]"):
+        trajectory_attention(q, k, v, idx, valid, rowptr[:-1], col)
