@@ -1,0 +1,149 @@
+"""Trajectories from depth + camera and from tracks; per-level tables (C++ against the Python references)."""
+import pytest
+import torch
+
+import lightmotion_fast
+from lightmotion_fast.camera import trajectories as traj
+from lightmotion_fast.camera.trajectories import (
+    TrajectoryTables,
+    level_sizes,
+    level_tables_reference,
+    trajectories_from_depth,
+    trajectories_from_tracks,
+    zbuffer_reference,
+)
+from lightmotion_fast.reference.trajectory_attention import incoming_csr, level_indices, subsample
+
+K = torch.tensor([[40.0, 0.0, 16.0], [0.0, 40.0, 12.0], [0.0, 0.0, 1.0]])
+HAS_CPP = lightmotion_fast.extension_available() and hasattr(torch.ops.lightmotion_cpp, "trajectory_zbuffer")
+
+
+def translation(x=0.0, y=0.0, z=0.0):
+    pose = torch.eye(4)
+    pose[:3, 3] = torch.tensor([x, y, z])
+    return pose
+
+
+def test_identity_camera_gives_the_pixel_grid_all_valid():
+    depth = torch.rand(24, 32) + 1.0
+    coords, valid = trajectories_from_depth(depth, K, torch.eye(4).repeat(4, 1, 1))
+    assert coords.shape == (4, 24 * 32, 2) and valid.shape == (4, 24 * 32)
+    assert valid.all()
+    ys, xs = torch.meshgrid(torch.arange(24.0), torch.arange(32.0), indexing="ij")
+    grid = torch.stack([xs, ys], -1).reshape(-1, 2)
+    torch.testing.assert_close(coords, grid.expand(4, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_point_behind_another_is_occluded():
+    # Flat wall at depth 4 with a small near patch at depth 1. A sideways move makes the patch slide
+    # over the wall: wall points landing under the patch are occluded, the patch stays visible.
+    depth = torch.full((24, 32), 4.0)
+    depth[10:14, 14:18] = 1.0
+    poses = torch.stack([torch.eye(4), translation(x=0.1)])
+    coords, valid = trajectories_from_depth(depth, K, poses)
+    near = (depth.reshape(-1) == 1.0)
+    assert valid[0].all()
+    assert valid[1][near].all()
+    landing = torch.floor(coords[1] + 0.5)
+    inside = (landing[:, 0] >= 0) & (landing[:, 0] < 32) & (landing[:, 1] >= 0) & (landing[:, 1] < 24)
+    hidden = ~valid[1] & ~near & inside
+    assert hidden.sum() >= 4 * 3  # the patch moved 4 px over the wall, which moved 1 px: 3 columns hidden
+    # every hidden wall point lands on a pixel that a near point also lands on
+    patch_pixels = {tuple(p) for p in landing[near].tolist()}
+    assert all(tuple(p) in patch_pixels for p in landing[hidden].tolist())
+
+
+def test_points_behind_the_camera_and_outside_the_frame_are_invalid():
+    depth = torch.full((24, 32), 2.0)
+    coords, valid = trajectories_from_depth(depth, K, torch.stack([torch.eye(4), translation(z=-3.0), translation(x=1.0)]))
+    assert not valid[1].any()          # camera moved 3 units forward past a wall 2 units away
+    assert valid[2].any() and not valid[2].all()   # a sideways move pushes part of the view out
+    out_of_frame = (coords[2][:, 0] < -0.5) | (coords[2][:, 0] >= 31.5)
+    assert not valid[2][out_of_frame].any()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_cpp_zbuffer_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    uv = torch.rand(3, 500, 2, generator=g) * torch.tensor([34.0, 26.0]) - 1.0
+    depth = torch.rand(3, 500, generator=g) + 0.5
+    valid = torch.rand(3, 500, generator=g) > 0.1
+    got = torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, 24, 32, 1.03)
+    want = zbuffer_reference(uv, depth, valid, 24, 32, 1.03)
+    assert torch.equal(got, want)
+    assert (valid & ~want).any()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_cpp_level_tables_match_reference():
+    g = torch.Generator().manual_seed(1)
+    coords = torch.rand(5, 300, 2, generator=g) * torch.tensor([64.0, 48.0])
+    coords[0, :3] = torch.tensor([[-5.0, 60.0], [63.99, 47.99], [64.0, 0.0]])  # clamped at the borders
+    valid = torch.rand(5, 300, generator=g) > 0.2
+    selection = subsample(300, 77, torch.Generator().manual_seed(2))
+    for size in ((6, 8), (3, 4), (5, 7)):
+        got = torch.ops.lightmotion_cpp.trajectory_level_tables(coords, valid, selection, 48, 64, *size)
+        want = level_tables_reference(coords, valid, selection, (48, 64), size)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_tables_for_every_level(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(4, 2000, 2, generator=g) * torch.tensor([72.0, 40.0])
+    valid = torch.rand(4, 2000, generator=g) > 0.1
+    tables = TrajectoryTables(coords, valid, frame_size=(40, 72), latent_size=(5, 9), levels=4, seed=7)
+    assert tables.sizes == level_sizes((5, 9), 4) == [(5, 9), (3, 5), (2, 3), (1, 2)]
+    again = TrajectoryTables(coords, valid, frame_size=(40, 72), latent_size=(5, 9), levels=4, seed=7)
+    monkeypatch.setattr(traj._ext, "has_op", lambda name: False)  # the Python fallback builds the same
+    python = TrajectoryTables(coords, valid, frame_size=(40, 72), latent_size=(5, 9), levels=4, seed=7)
+    for h, w in tables.sizes:
+        level = tables.level(h * w)
+        assert level.idx.shape == (4, min(2000, 2 * h * w))
+        want = level_indices(coords[:, level.selection], (40, 72), (h, w))
+        assert torch.equal(level.idx.long()[level.valid], want[level.valid])  # invalid points are zeroed
+        rowptr, col = incoming_csr(level.idx, level.valid, h * w)
+        assert torch.equal(level.rowptr.long(), rowptr) and torch.equal(level.col.long(), col)
+        for other in (again, python):
+            o = other.level(h * w)
+            assert all(torch.equal(a, b) for a, b in zip((level.idx, level.valid, level.rowptr, level.col),
+                                                         (o.idx, o.valid, o.rowptr, o.col)))
+    assert tables.level(45) is tables.level(45)          # built once
+    with pytest.raises(ValueError, match="no trajectory level has 44 latent pixels"):
+        tables.level(44)
+
+
+def test_resample_draws_afresh():
+    coords = torch.rand(3, 500, 2) * 32
+    tables = TrajectoryTables(coords, None, frame_size=(32, 32), latent_size=(4, 4), levels=1, resample=True)
+    first, second = tables.level(16), tables.level(16)
+    assert first.selection.shape == (32,) and not torch.equal(first.selection, second.selection)
+
+
+def test_tracks_pass_through_and_bad_inputs_raise():
+    tracks = torch.rand(1, 6, 10, 2) * 20
+    vis = torch.rand(1, 6, 10) > 0.3
+    coords, valid = trajectories_from_tracks(tracks, vis)
+    assert coords.shape == (6, 10, 2) and torch.equal(valid, vis[0])
+    assert torch.equal(coords[valid], tracks[0][vis[0]])
+    nan_hidden = tracks[0].clone()
+    nan_hidden[~vis[0]] = float("nan")
+    assert torch.isfinite(trajectories_from_tracks(nan_hidden, vis[0])[0]).all()
+    bad = tracks[0].clone()
+    bad[vis[0].nonzero()[0][0], vis[0].nonzero()[0][1], 0] = float("nan")
+    with pytest.raises(ValueError, match="tracks has 1 non-finite"):
+        trajectories_from_tracks(bad, vis[0])
+    with pytest.raises(ValueError, match=r"visibility must have shape \(6, 10\)"):
+        trajectories_from_tracks(tracks[0], vis[0, :5])
+    with pytest.raises(ValueError, match=r"tracks must have shape \[f n 2\]"):
+        trajectories_from_tracks(tracks[0, :, :, :1], vis[0])
+    with pytest.raises(ValueError, match="depth must be positive"):
+        trajectories_from_depth(torch.zeros(4, 4), K, torch.eye(4)[None])
+    with pytest.raises(ValueError, match="poses has 1 non-finite"):
+        poses = torch.eye(4)[None].clone()
+        poses[0, 0, 3] = float("nan")
+        trajectories_from_depth(torch.ones(4, 4), K, poses)
+    with pytest.raises(ValueError, match=r"K must have shape \[3, 3\]"):
+        trajectories_from_depth(torch.ones(4, 4), torch.eye(4), torch.eye(4)[None])
+    with pytest.raises(ValueError, match="latent_size"):
+        TrajectoryTables(tracks[0], vis[0], frame_size=(20, 20), latent_size=(0, 3))
