@@ -24,7 +24,7 @@ def install_ip_adapters(unet, num_tokens=(4, 16), scales=(0.7, 0.4)):
     """What diffusers' load_ip_adapter does, with random weights instead of a checkpoint."""
     procs = {}
     for name, proc in unet.attn_processors.items():
-        if name.endswith("attn2.processor"):
+        if name.endswith("attn2.processor") and "motion_modules" not in name:
             block = name.split(".")[0]
             if block == "mid_block":
                 hidden = unet.config.block_out_channels[-1]
@@ -87,6 +87,12 @@ def test_patch_equals_ip_adapter_processor_on_unet(with_mask, monkeypatch):
     assert all(unet.attn_processors[k] is v for k, v in originals.items())
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert calls and all(n == 3 for n in calls)  # text + two adapters in each fused launch
+    for p in originals.values():  # the image prompts do matter: without them the output differs
+        if isinstance(p, IPAdapterAttnProcessor2_0):
+            p.scale = [0.0, 0.0]
+    with torch.no_grad():
+        without_ip = unet(sample, 10, text, added_cond_kwargs={"image_embeds": image_embeds}, **kwargs).sample
+    assert (without_ip - want).abs().max() > 1e-3
 
 
 def test_set_ip_adapter_scale_while_patched_and_zero_scale():
@@ -173,3 +179,36 @@ def test_reference_processor_equals_width_concatenation():
         want = attn(torch.cat([x, bank], 1))[:, :12]
         torch.testing.assert_close(plain, attn(x), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_patch_animatediff_pipeline_with_ip_adapter_equals_unpatched():
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNetMotionModel
+
+    unet2d = tiny_unet()
+    torch.manual_seed(1)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=16,
+                            motion_num_attention_heads=2, motion_max_seq_length=8)
+    unet = install_ip_adapters(UNetMotionModel.from_unet2d(unet2d, adapter), num_tokens=(4,), scales=(0.8,)).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=adapter,
+                               scheduler=DDIMScheduler(), feature_extractor=None, image_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    call = dict(prompt_embeds=torch.randn(1, 7, CROSS_DIM, generator=g),
+                negative_prompt_embeds=torch.randn(1, 7, CROSS_DIM, generator=g),
+                ip_adapter_image_embeds=[torch.randn(2, 1, IMAGE_EMBED_DIM, generator=g)],  # (negative, positive)
+                num_frames=4, height=16, width=16, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    with torch.no_grad():
+        want = pipe(**call, generator=torch.Generator().manual_seed(3)).frames
+        lightmotion_fast.patch(pipe)
+        assert "ip_adapter" in lightmotion_fast.integrations.diffusers.patch_state(pipe).installed
+        fused = [p for p in pipe.unet.attn_processors.values() if isinstance(p, FusedIPAdapterAttnProcessor)]
+        assert len(fused) == sum(1 for n in pipe.unet.attn_processors if n.endswith("attn2.processor")
+                                 and "motion_modules" not in n) > 0
+        with lightmotion_fast.backend("triton"):
+            got = pipe(**call, generator=torch.Generator().manual_seed(3)).frames
+        lightmotion_fast.unpatch(pipe)
+    assert not any(isinstance(p, FusedIPAdapterAttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
