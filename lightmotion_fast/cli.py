@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: camera-path preview, kernel-vs-reference check, timings")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the GIF and PNGs")
+    demo.add_argument("--model", type=Path, default=None, help="local diffusers checkpoint (AnimateDiff or SVD) for the LightMotion sampler")
     _camera_args(demo)
 
     preview = sub.add_parser("preview", help="only the camera-path preview (GIF + source-index map PNG)")

@@ -169,5 +169,8 @@ def main(args) -> int:
         print("(C++ extension not loaded: CPU paths use the PyTorch reference)")
     camera_preview(args.out, camera, frames=args.frames)
     ok = check_and_time(camera, args.frames, device)
+    from lightmotion_fast.demo_sampler import run_sampler_demo
+
+    ok &= run_sampler_demo(args.out, model_path=getattr(args, "model", None), device=device, camera=camera)["agree"]
     print("\nall paths agree with the reference" if ok else "\nMISMATCH: see above")
     return 0 if ok else 1

@@ -55,7 +55,11 @@ def small_animatediff_pipeline(frames: int = 8):
 def _interpreter_usable() -> bool:
     """Kernels that call Triton's own jit functions (tl.randn) run in the interpreter only when
     TRITON_INTERPRET=1 was set before triton was first imported."""
-    return "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+    if "triton" not in sys.modules:
+        return True
+    import triton.language as tl
+
+    return type(tl.randn).__name__ == "InterpretedFunction"
 
 
 @contextlib.contextmanager
