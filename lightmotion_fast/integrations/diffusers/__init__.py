@@ -25,6 +25,7 @@ FEATURE_MODULES: list[str] = [
     "lightmotion",
     "lora",
     "ip_adapter",
+    "trajectory",
 ]
 
 for _name in FEATURE_MODULES:
