@@ -191,10 +191,12 @@ def _block_n(kv_len: int) -> int:
 
 
 def _tiles(n_q: int, d_pad: int):
-    """(BLOCK_M, num_warps): large query tiles for small heads, where registers allow."""
+    """(BLOCK_M, num_warps). A program holds two fp32 [BLOCK_M, D_PAD] tiles (the running output and
+    the current condition's accumulator) plus Q: 128 queries for heads up to 64 wide, 64 above, with
+    8 warps once a tile passes 64×64, keeps that within Hopper's register file without spilling."""
     block_m = 128 if d_pad <= 64 else 64
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    return block_m, (4 if block_m * d_pad <= 64 * 128 else 8)
+    return block_m, (4 if block_m * d_pad <= 64 * 64 else 8)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -261,3 +263,194 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
         BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=num_warps, num_stages=2,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, one condition j per pair of launches (conditions are independent given dO):
+#   P = exp(s·QKᵀ + mask − lse_j),  dO_j = λ_j dO,  dP = dO_j Vᵀ,  Δ = rowsum(P ∘ dP),
+#   dS = P ∘ (dP − Δ),  dQ += s·dS K,  dK = s·dSᵀ Q,  dV = Pᵀ dO_j.
+# The dq kernel walks the (short) key list twice per query tile: first for Δ (the per-condition
+# output O_j is not stored, so Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)), then for dQ; it
+# writes Δ for the dk/dv kernel, which walks all query tiles for one key tile.
+
+@triton.jit
+def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled, masked scores of a [BLOCK_M, BLOCK_N] tile in log2 units."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    n_ok = offs_n < kv_len
+    if HAS_MASK:
+        tile_ok = (offs_m < n_q)[:, None] & n_ok[None, :]
+        mptr = mask_base + offs_m[:, None].to(tl.int64) * sm_n + offs_n[None, :].to(tl.int64) * sm_m
+        if MASK_BOOL:
+            keep = tl.load(mptr, mask=tile_ok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=tile_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(n_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _dual_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, mask_ptr,
+    n_q, heads, d_len, kv_len, qk_scale, softmax_scale, lam,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, sm_b, sm_h, sm_n, sm_m,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < n_q
+    d_ok = offs_d < d_len
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_n + offs_d[None, :] * sq_d, mask=tile_ok, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_n + offs_d[None, :] * sdo_d, mask=tile_ok, other=0.0)
+    do = (do.to(tl.float32) * lam).to(q.dtype)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    dead = lse == float("-inf")
+    lse = tl.where(dead, 0.0, lse)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    mask_base = mask_ptr + b * sm_b + h * sm_h
+
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                         HAS_MASK, MASK_BOOL, PRECISION)
+        p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        delta += tl.sum(p * dp, 1)
+    # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
+    delta -= tl.load(glse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * n_q + offs_m, delta, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                         HAS_MASK, MASK_BOOL, PRECISION)
+        p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * softmax_scale
+    dq_tile = dq_ptr + b * sdq_b + h * sdq_h + rows * sdq_n + offs_d[None, :] * sdq_d
+    if ACCUMULATE:
+        dq += tl.load(dq_tile, mask=tile_ok, other=0.0)
+    tl.store(dq_tile, dq, mask=tile_ok)
+
+
+@triton.jit
+def _dual_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr,
+    n_q, heads, d_len, kv_len, qk_scale, softmax_scale, lam,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sm_b, sm_h, sm_n, sm_m,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < d_len
+    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+    cols = offs_n[:, None].to(tl.int64)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    mask_base = mask_ptr + b * sm_b + h * sm_h
+    row_base = pid_bh.to(tl.int64) * n_q
+
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for start in range(0, n_q, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_q
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows * sq_n + offs_d[None, :] * sq_d, mask=tile_ok, other=0.0)
+        do = tl.load(do_base + rows * sdo_n + offs_d[None, :] * sdo_d, mask=tile_ok, other=0.0)
+        do = (do.to(tl.float32) * lam).to(k.dtype)
+        if UPCAST:
+            q = q.to(tl.float32)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        dead = lse == float("-inf")
+        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                         HAS_MASK, MASK_BOOL, PRECISION)
+        p = tl.where(dead[:, None], 0.0, tl.exp2(s - tl.where(dead, 0.0, lse)[:, None]))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * softmax_scale
+    tl.store(dk_ptr + b * sdk_b + h * sdk_h + cols * sdk_n + offs_d[None, :] * sdk_d,
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * sdv_b + h * sdv_h + cols * sdv_n + offs_d[None, :] * sdv_d,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor, keys, values, scales, mask,
+                                         softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
+                                         dq: torch.Tensor, dks, dvs) -> None:
+    """grad_out, q: [b h n d]; keys/values[j]: [b h mⱼ d]; mask: None or expanded [b h n m₀];
+    lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient);
+    dq: [b h n d] float32 (written);
+    dks/dvs[j]: like keys/values[j] (written)."""
+    batch, heads, n_q, d_len = q.shape
+    d_pad = max(16, triton.next_power_of_2(d_len))
+    block_m = 64 if d_pad <= 128 else 32
+    num_warps = 4 if d_pad <= 64 else 8
+    delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
+    sm = mask.stride() if mask is not None else (0, 0, 0, 0)
+    common = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad, num_warps=num_warps)
+    for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
+        masked = mask is not None and j == 0
+        mask_arg = mask if masked else q
+        mask_strides = sm if masked else (0, 0, 0, 0)
+        block_n = _block_n(k.shape[2])
+        flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
+        _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
+            q, k, v, grad_out, lse[j], grad_lse[j], delta, dq, mask_arg,
+            n_q, heads, d_len, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mask_strides,
+            ACCUMULATE=j > 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+        )
+        _dual_bwd_dkdv_kernel[(triton.cdiv(k.shape[2], block_n), batch * heads)](
+            q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_arg,
+            n_q, heads, d_len, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dks[j].stride(), *dvs[j].stride(),
+            *mask_strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+        )

@@ -98,20 +98,28 @@ def test_strided_views_and_softmax_scale(device, poisoned):
 
 
 @pytest.mark.parametrize("b,h,n,d,lengths,masked", [
-    (1, 2, 13, 40, (7, 3), True),
-    (2, 1, 9, 24, (5, 2, 3), False),
+    (1, 2, 13, 40, (7, 3), "additive"),
+    (2, 1, 9, 24, (5, 2, 3), None),
+    (1, 1, 70, 80, (77, 4), "bool"),       # two query tiles, two key tiles, a fully masked row
 ])
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_backward_matches_float64_autograd(device, b, h, n, d, lengths, masked, impl):
+def test_backward_matches_float64_autograd(device, poisoned, b, h, n, d, lengths, masked, impl):
     q, keys, values = make_inputs(b, h, n, d, lengths, torch.float32, device, requires_grad=True)
-    mask = torch.randn(b, 1, n, lengths[0], device=device) if masked else None
+    if masked == "additive":
+        mask = torch.randn(b, 1, n, lengths[0], device=device)
+    elif masked == "bool":
+        mask = torch.rand(b, h, n, lengths[0], device=device) > 0.3
+        mask[0, 0, 66] = False
+    else:
+        mask = None
     scales = [1.0] + [0.5] * (len(lengths) - 1)
     grad = torch.randn(b, h, n, d, device=device)
     with lightmotion_fast.backend(impl):
         out = dual_cross_attention(q, keys, values, scales, mask=mask)
-    out.backward(grad)
+        out.backward(grad)
     q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
-    want = dual_cross_attention_reference(q64, k64, v64, scales, None if mask is None else mask.double().cpu())
+    mask64 = None if mask is None else (mask.cpu() if mask.dtype == torch.bool else mask.double().cpu())
+    want = dual_cross_attention_reference(q64, k64, v64, scales, mask64)
     want.backward(grad.double().cpu())
     torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=2e-5, rtol=1e-4)
     for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
@@ -119,11 +127,11 @@ def test_backward_matches_float64_autograd(device, b, h, n, d, lengths, masked, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_backward_low_precision(device, dtype):
+def test_backward_low_precision(device, poisoned, dtype):
     q, keys, values = make_inputs(1, 2, 11, 40, (6, 3), dtype, device, requires_grad=True)
     with lightmotion_fast.backend("triton"):
         out = dual_cross_attention(q, keys, values, [1.0, 0.8])
-    out.float().square().sum().backward()
+        out.float().square().sum().backward()
     q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
     dual_cross_attention_reference(q64, k64, v64, [1.0, 0.8]).square().sum().backward()
     tol = 3e-2 if dtype == torch.float16 else 2e-1
@@ -156,3 +164,20 @@ def test_bad_inputs(device):
         dual_cross_attention(q, keys, values, mask=torch.zeros(1, 1, 1, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="head dim"):
         dual_cross_attention(torch.randn(1, 1, 2, 300), [torch.randn(1, 1, 2, 300)], [torch.randn(1, 1, 2, 300)])
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_gradient_through_lse_output(device, impl):
+    # The custom op also returns each condition's log-sum-exp; a loss on it must be differentiated too.
+    from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention_op
+
+    q, keys, values = make_inputs(1, 2, 9, 16, (5, 3), torch.float32, device, requires_grad=True)
+    with lightmotion_fast.backend(impl):
+        out, lse = dual_cross_attention_op(q, keys, values, [1.0, 0.5], None, 0.25)
+        (out.sum() + (lse * torch.arange(18.0, device=device).reshape(1, 2, 9)).sum()).backward()
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    lse64 = torch.stack([torch.logsumexp(q64 @ k.transpose(-1, -2) * 0.25, -1).reshape(2, 9) for k in k64])
+    (dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5], softmax_scale=0.25).sum()
+     + (lse64 * torch.arange(18.0).reshape(1, 2, 9)).sum()).backward()
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)

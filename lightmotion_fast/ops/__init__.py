@@ -30,6 +30,7 @@ OP_SAMPLES = {
     "snr_noise": (_snr_reinject.snr_noise_op, _snr_reinject.noise_sample_inputs),
     "plucker_embedding": (_plucker.plucker_embedding_op, _plucker.sample_inputs),
     "dual_cross_attention": (_dual_cross_attention.dual_cross_attention_op, _dual_cross_attention.sample_inputs),
+    "dual_cross_attention_backward": (_dual_cross_attention.dual_cross_attention_backward_op, _dual_cross_attention.backward_sample_inputs),
     "reference_attention": (_reference_attention.reference_attention_op, _reference_attention.sample_inputs),
     "trajectory_attention": (_trajectory_attention.trajectory_attention_op, _trajectory_attention.sample_inputs),
     "trajectory_attention_backward": (_trajectory_attention.trajectory_attention_backward_op, _trajectory_attention.backward_sample_inputs),

@@ -3,10 +3,9 @@
 
 Checks, the custom op `lightmotion::dual_cross_attention`, its autograd, and the choice of
 implementation. The meaning is in reference/dual_cross_attention.py, the speed in
-kernels/dual_cross_attention.py (fused forward). The backward uses the forward's per-condition
-log-sum-exp and recomputes the probabilities with PyTorch matmuls: for cross-attention the key
-counts are small (77 text, 4-16 image tokens), so the [b h n m] probabilities cost about as much
-memory as Q itself.
+kernels/dual_cross_attention.py (fused forward; backward kernels for dq and for dk/dv per
+condition, recomputing the probabilities from the forward's per-condition log-sum-exp). Without
+Triton (CPU, reference backend) the backward does the same with PyTorch matmuls.
 """
 from __future__ import annotations
 
@@ -70,33 +69,61 @@ def _setup_context(ctx, inputs, output):
     ctx.mask, ctx.scales, ctx.softmax_scale, ctx.conditions = mask, list(scales), softmax_scale, len(keys)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, lse, *kv = ctx.saved_tensors
-    keys, values = kv[:ctx.conditions], kv[ctx.conditions:]
+@torch.library.custom_op("lightmotion::dual_cross_attention_backward", mutates_args=())
+def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, keys: list[torch.Tensor],
+                                     values: list[torch.Tensor], scales: list[float], mask: torch.Tensor | None,
+                                     softmax_scale: float, lse: torch.Tensor,
+                                     grad_lse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients (dq, dks, dvs) of dual_cross_attention_op's (out, lse) for incoming (grad_out, grad_lse)."""
     b, h, n, _ = q.shape
-    s = ctx.softmax_scale
-    qf = q.float()
-    dout = grad_out.float() if grad_out is not None else torch.zeros_like(qf)
+    full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
+    if _common.select_backend(q.device) is Backend.TRITON:
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dks, dvs = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
+        _common.kernel_module("dual_cross_attention").dual_cross_attention_backward_launch(
+            grad_out, q, keys, values, scales, full_mask, softmax_scale, lse.contiguous(),
+            grad_lse.float().contiguous(), dq, dks, dvs)
+        return dq.to(q.dtype), dks, dvs
+    return _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse)
+
+
+@dual_cross_attention_backward_op.register_fake
+def _(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
+    return torch.empty_like(q), [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
+
+
+def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
+    """The same gradients with PyTorch matmuls (CPU without the interpreter, reference backend)."""
+    b, h, n, _ = q.shape
+    s = softmax_scale
+    qf, dout = q.float(), grad_out.float()
     dq = torch.zeros_like(qf)
     dks, dvs = [], []
-    for j, (k, v, lam) in enumerate(zip(keys, values, ctx.scales)):
+    for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
         kf, vf = k.float(), v.float()
         scores = (qf @ kf.transpose(-1, -2)) * s
-        if j == 0 and ctx.mask is not None:
-            mask = ctx.mask.expand(b, h, n, k.shape[2])
+        if j == 0 and mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
         lse_j = lse[j].reshape(b, h, n, 1)
-        p = torch.exp(scores - torch.where(torch.isinf(lse_j), torch.zeros_like(lse_j), lse_j))
-        p = torch.where(torch.isinf(lse_j), torch.zeros_like(p), p)
+        dead = torch.isinf(lse_j)
+        p = torch.where(dead, torch.zeros_like(scores), torch.exp(scores - torch.where(dead, 0.0, lse_j)))
         do_j = lam * dout
         dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype))
         dp = do_j @ vf.transpose(-1, -2)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-        if grad_lse is not None:
-            ds = ds + p * grad_lse[j].reshape(b, h, n, 1)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True) + grad_lse[j].float().reshape(b, h, n, 1))
         dq += (ds @ kf) * s
         dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype))
-    return dq.to(q.dtype), dks, dvs, None, None, None
+    return dq.to(q.dtype), dks, dvs
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, lse, *kv = ctx.saved_tensors
+    keys, values = kv[:ctx.conditions], kv[ctx.conditions:]
+    grad_out = torch.zeros_like(q) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    dq, dks, dvs = dual_cross_attention_backward_op(grad_out, q, keys, values, ctx.scales, ctx.mask,
+                                                    ctx.softmax_scale, lse, grad_lse)
+    return dq, dks, dvs, None, None, None
 
 
 dual_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -175,3 +202,14 @@ def sample_inputs(device: torch.device):
     kv16 = [torch.randn(1, 2, m, 24, device=device, dtype=torch.float16) for m in (5, 5, 3, 3, 2, 2)]
     return [(q, [kv[0], kv[2]], [kv[1], kv[3]], [1.0, 0.5], mask, 40 ** -0.5),
             (q16, kv16[0::2], kv16[1::2], [1.0, 0.7, 0.3], None, 0.2)]
+
+
+def backward_sample_inputs(device: torch.device):
+    """Arguments for opcheck of the backward op: a forward's outputs and incoming gradients."""
+    samples = []
+    for q, keys, values, scales, mask, softmax_scale in sample_inputs(device):
+        q, keys, values = q.detach(), [k.detach() for k in keys], [v.detach() for v in values]
+        out, lse = dual_cross_attention_op(q, keys, values, scales, mask, softmax_scale)
+        samples.append((torch.randn_like(out), q, keys, values, scales, mask, softmax_scale, lse,
+                        torch.randn_like(lse)))
+    return samples
