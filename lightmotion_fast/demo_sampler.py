@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    # The fused path runs through Triton's interpreter on a CPU, which must be switched on before
-    # triton is first imported (diffusers imports it); explicit backends keep the reference exact.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import lightmotion_fast as lm  # noqa: E402
-from lightmotion_fast.reference.latent_resample import decode_fill_map  # noqa: E402
+import lightmotion_fast as lm
+from lightmotion_fast.reference.latent_resample import decode_fill_map
 
 DEFAULT_CAMERA = lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
 
@@ -155,7 +150,9 @@ def run_sampler_demo(out_dir, model_path: str | os.PathLike | None = None, steps
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"  # before diffusers imports triton: the kernels then run interpreted
+        # The fused path runs through Triton's interpreter on a CPU, which must be on before triton is
+        # first imported (diffusers imports it); the reference run forces its backend explicitly.
+        os.environ["TRITON_INTERPRET"] = "1"
     camera = camera or DEFAULT_CAMERA
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
