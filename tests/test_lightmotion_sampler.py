@@ -8,6 +8,7 @@ import lightmotion_fast as lm
 from lightmotion_fast.integrations.diffusers import lightmotion as lmi
 from lightmotion_fast.ops import _common
 from lightmotion_fast.reference.latent_resample import latent_resample_reference
+from conftest import DEVICE
 from tiny_models import animatediff_inputs, tiny_animatediff_pipeline, tiny_svd_unet
 
 CAM = lm.CameraMotion(pan=(0.25, -0.1), zoom=0.1)
@@ -31,7 +32,7 @@ def tiny_svd_pipeline():
     pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=tiny_svd_unet(), scheduler=scheduler,
                                         feature_extractor=CLIPImageProcessor(crop_size=16, size={"shortest_edge": 16}))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(DEVICE)
 
 
 def svd_inputs(seed: int = 0, steps: int = STEPS):
@@ -42,7 +43,7 @@ def svd_inputs(seed: int = 0, steps: int = STEPS):
 
 @pytest.fixture(scope="module")
 def animatediff():
-    pipe = tiny_animatediff_pipeline()
+    pipe = tiny_animatediff_pipeline().to(DEVICE)
     return pipe, pipe(**animatediff_inputs(steps=STEPS)).frames
 
 
@@ -96,7 +97,7 @@ def test_reference_and_fused_give_the_same_video_animatediff(animatediff, correc
             fused = pipe(**animatediff_inputs(steps=STEPS)).frames
         state = lmi.sampler_state(pipe)
     assert calls["resample"] == 1 and calls["reinject"] == 1  # the fused path really ran, once each
-    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(fused, base, atol=1e-3)
     if correction == "renoise":
         assert state.record["rewind_to"] == 1
@@ -167,7 +168,7 @@ def test_svd_reference_fused_and_zero_camera(svd, monkeypatch):
         with lm.backend("triton"):
             fused = pipe(**svd_inputs()).frames
     assert calls["resample"] == 1 and calls["reinject"] == 2
-    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(fused, base, atol=1e-3)
 
 
