@@ -36,4 +36,4 @@ OP_SAMPLES = {
     "trajectory_attention_backward": (_trajectory_attention.trajectory_attention_backward_op, _trajectory_attention.backward_sample_inputs),
 }
 
-__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding", "trajectory_attention", "build_fill_map", "latent_edit", "latent_resample", "dual_cross_attention", "reference_attention"]
+__all__ = ["Backend", "backend", "latent_permute", "latent_permute_affine", "OP_SAMPLES", "multi_lora_linear", "plucker_embedding", "trajectory_attention", "build_fill_map", "latent_edit", "latent_resample", "snr_noise", "snr_reinject", "dual_cross_attention", "reference_attention"]
