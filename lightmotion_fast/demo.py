@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def check_and_time(camera: lm.CameraMotion, frames: int, device: torch.device) -
 
 def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and "triton" not in sys.modules:
+        # Without a GPU the demo checks the Triton kernels through Triton's interpreter, which has to
+        # be chosen before triton is first imported (kernels calling tl.randn depend on it).
+        os.environ["TRITON_INTERPRET"] = "1"
     camera = camera_from_args(args)
     print(f"lightmotion_fast demo on {device}: {camera}")
     if not lm.extension_available():

@@ -8,7 +8,7 @@ import lightmotion_fast as lm
 from lightmotion_fast.integrations.diffusers import lightmotion as lmi
 from lightmotion_fast.ops import _common
 from lightmotion_fast.reference.latent_resample import latent_resample_reference
-from conftest import DEVICE
+from lm_testing import DEVICE
 from tiny_models import animatediff_inputs, tiny_animatediff_pipeline, tiny_svd_unet
 
 CAM = lm.CameraMotion(pan=(0.25, -0.1), zoom=0.1)

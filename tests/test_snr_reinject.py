@@ -13,7 +13,7 @@ from lightmotion_fast.ops.snr_reinject import (
     renoise_sigma_coefficients,
 )
 from lightmotion_fast.reference.snr_reinject import philox_randn, snr_reinject_reference
-from conftest import TOLERANCES
+from lm_testing import TOLERANCES
 
 COEFFS = {
     "ddim_eps": ddim_coefficients(0.35, 0.5, 1.0, "epsilon"),
