@@ -8,15 +8,23 @@
 """
 from lightmotion_fast import _ext
 from lightmotion_fast.camera import CameraMotion
-from lightmotion_fast.ops import Backend, backend, latent_permute, latent_permute_affine
-from lightmotion_fast.ops.latent_resample import build_fill_map, latent_edit, latent_resample
-from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
-from lightmotion_fast.ops.multi_lora import multi_lora_linear
-from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
-from lightmotion_fast.ops.plucker import plucker_embedding
-from lightmotion_fast.ops.reference_attention import reference_attention
-from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 from lightmotion_fast.camera.trajectories import TrajectoryTables, trajectories_from_depth, trajectories_from_tracks
+from lightmotion_fast.ops import (
+    Backend,
+    backend,
+    build_fill_map,
+    dual_cross_attention,
+    latent_edit,
+    latent_permute,
+    latent_permute_affine,
+    latent_resample,
+    multi_lora_linear,
+    plucker_embedding,
+    reference_attention,
+    snr_noise,
+    snr_reinject,
+    trajectory_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -49,26 +57,17 @@ def extension_available() -> bool:
 
 
 __all__ = [
-    "trajectory_attention",
-    "TrajectoryTables",
-    "trajectories_from_depth",
-    "trajectories_from_tracks",
-    "Backend",
-    "CameraMotion",
-    "backend",
-    "dual_cross_attention",
-    "extension_available",
-    "latent_permute",
-    "latent_permute_affine",
-    "build_fill_map",
-    "latent_edit",
-    "latent_resample",
-    "snr_noise",
-    "snr_reinject",
+    # dispatch
+    "Backend", "backend", "extension_available",
+    # diffusers integration
+    "patch", "patched", "unpatch",
+    # LightMotion
+    "CameraMotion", "build_fill_map", "latent_edit", "latent_permute", "latent_permute_affine",
+    "latent_resample", "snr_noise", "snr_reinject",
+    # Trajectory Attention
+    "TrajectoryTables", "trajectories_from_depth", "trajectories_from_tracks", "trajectory_attention",
+    # LiON-LoRA
     "multi_lora_linear",
-    "patch",
-    "patched",
-    "plucker_embedding",
-    "reference_attention",
-    "unpatch",
+    # MotionFlow
+    "dual_cross_attention", "plucker_embedding", "reference_attention",
 ]

@@ -14,7 +14,7 @@ def test_every_scenario_file_loads_and_yields_cases():
     for name, cases_fn in scenarios.items():
         cases = list(cases_fn(torch.device("cuda"), False))     # building cases allocates nothing
         assert cases and all(isinstance(c, Case) for c in cases), name
-        assert any(c.cpu and c.quick for c in cases_fn(torch.device("cpu"), True)), f"{name}: no quick CPU case"
+        assert any(c.cpu for c in cases_fn(torch.device("cpu"), False)), f"{name}: nothing to time on a CPU"
 
 
 def test_unknown_op_is_named():
