@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import pixel_block, planes_per_program
+
 
 @triton.jit
 def _latent_resample_kernel(
@@ -52,12 +54,9 @@ def latent_resample_launch(z: torch.Tensor, fill_map: torch.Tensor, out: torch.T
     batch, channels, frames, height, width = z.shape
     n_planes = batch * channels
     hw = height * width
-    block = min(1024, triton.next_power_of_2(hw))
+    block = pixel_block(hw)
     hw_tiles = triton.cdiv(hw, block)
-    # As in latent_permute: fill the device several times over, reusing each map tile PLANES times.
-    target_programs = programs_per_sm * sm_count
-    planes = max(1, min(32, (hw_tiles * frames * n_planes) // max(target_programs, 1)))
-    planes = 1 << (min(planes, n_planes).bit_length() - 1)
+    planes = planes_per_program(hw_tiles, frames, n_planes, sm_count, programs_per_sm)
     grid = (hw_tiles, frames, triton.cdiv(n_planes, planes))
     _latent_resample_kernel[grid](
         z, out, fill_map,
