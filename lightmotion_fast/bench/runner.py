@@ -185,7 +185,7 @@ def run(ops: list[str] | None = None, quick: bool = False, plot: bool = True,
             torch.cuda.empty_cache()
 
     printer(format_table(rows))
-    for note in notes:
+    for note in dict.fromkeys(notes):
         printer(f"  note: {note}")
     if rows:
         path = write_csv(rows, results_dir, slug)
