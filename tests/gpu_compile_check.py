@@ -1,0 +1,453 @@
+"""Ahead-of-time compile check of every Triton kernel the library launches, for Hopper, without a GPU.
+
+Run as a script (tests/test_gpu_compile.py does, in a subprocess):
+
+    python tests/gpu_compile_check.py [--all] [--ops a,b] [--stats] [--json PATH]
+
+1. Capture. Triton must NOT be in interpreter mode here (TRITON_INTERPRET unset), so the kernels are
+   real JITFunctions. `JITFunction.run` is replaced by a recorder that binds the launch's arguments
+   exactly as Triton's launcher does for a CUDA target (same binder, same specialisation of ints and
+   pointer alignment, same option parsing: num_warps, num_stages, ...) and records
+   (kernel, signature, constexprs, attrs, options) instead of running anything; `Autotuner.run`
+   records every config. The ops are then called through their public functions on small CPU tensors
+   in fp32/fp16/bf16 with the Triton backend forced (model-sized head dims, ranks, frame counts
+   where cheap: nothing executes, so only host-side work grows with the shapes). Host-side choices that depend on the device are
+   answered as on a GPU: `_common.triton_interpreting` (so the Triton path is taken on CPU tensors),
+   `_common.device_sm_count` (132, an H100), and `trajectory_attention._interpreting/_upcast`.
+   Kernels do not run, so outputs hold garbage; no launch parameter depends on tensor values.
+2. Compile. Each distinct recorded launch goes through `triton.compile(ASTSource(...),
+   target=GPUTarget("cuda", 90, 32))`: TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (bundled ptxas).
+   Without --all a representative subset is compiled: per kernel and pointer-dtype signature the
+   launch with the largest tiles (BLOCK_*/D_PAD x stages), then one launch for every further
+   combination of the kernel's own non-tile constexprs (HAS_MASK, ATOMIC, SEPARATE, NUM_COND, ...).
+   --all (or LIGHTMOTION_COMPILE_ALL=1) compiles every distinct launch (tens of minutes on 2 cores).
+   A launch fails if compilation raises, produces no cubin, or needs more shared memory than
+   Hopper's 227 KiB per block (the launcher would raise OutOfResources; for autotune configs this is
+   a warning, the autotuner prunes them). --stats runs `ptxas -v` on each PTX: registers, spills.
+   A self-test first compiles a kernel the interpreter accepts but the compiler must reject.
+
+The production Triton (3.6) can be checked with the same script by putting a `pip install --target`
+copy of it first on PYTHONPATH (TRITON_CACHE_DIR separate from the default one).
+
+Exit status 0 when everything compiled, 1 otherwise; the JSON report lists every launch and error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("gpu_compile_check must run with TRITON_INTERPRET unset (kernels must be JITFunctions)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import autotuner as _autotuner  # noqa: E402
+from triton.runtime import jit as _jit  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# Hopper's shared memory per block (227 KiB opt-in, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200).
+# Triton's launcher raises OutOfResources above it when the kernel is loaded; compilation itself succeeds.
+SHARED_LIMIT = 232448
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+
+
+class Recorder:
+    def __init__(self):
+        self.backend = make_backend(TARGET)
+        self.binders = {}
+        self.records = []       # dicts, in launch order
+        self.context = {}       # op / dtype of the call in progress
+
+    def record(self, fn, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
+        # The options JITFunction.run adds before binding (the set varies across Triton versions).
+        for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(triton.knobs.compilation, name):
+                kwargs[name] = getattr(triton.knobs.compilation, name)
+        binder = self.binders.get(fn)
+        if binder is None:
+            binder = self.binders[fn] = _jit.create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args, specialization,
+                                                              options)
+        self.records.append(dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, options=options,
+                                 **self.context))
+
+
+RECORDER = Recorder()
+
+
+def _jit_run(self, *args, grid, warmup, **kwargs):
+    RECORDER.record(self, args, kwargs)
+    return None
+
+
+def _autotune_run(self, *args, **kwargs):
+    # Every config, as the autotuner would benchmark them on the GPU.
+    RECORDER.context["autotuned"] = True
+    try:
+        for config in self.configs:
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+    finally:
+        RECORDER.context["autotuned"] = False
+
+
+def install_gpu_view():
+    """Patch the launch path and the host-side device queries to behave as on a Hopper GPU."""
+    _jit.JITFunction.run = _jit_run
+    _autotuner.Autotuner.run = _autotune_run
+    from lightmotion_fast.ops import _common
+    _common.triton_interpreting = lambda: True          # take the Triton path for CPU tensors
+    _common.device_sm_count = lambda device: 132        # an H100 SXM
+    traj = _common.kernel_module("trajectory_attention")
+    traj._interpreting = lambda t: False
+    traj._upcast = lambda t: False
+
+
+# ---------------------------------------------------------------------------------------------
+# Representative calls of every op's Triton path (shapes from the specs' models where cheap: the
+# kernels do not run, so only host-side work scales with the shapes).
+
+
+def _randn(*shape, dtype=torch.float32, grad=False):
+    t = torch.randn(*shape).to(dtype)
+    return t.requires_grad_() if grad else t
+
+
+def calls_latent_permute(dtype):
+    import lightmotion_fast as lm
+    from lightmotion_fast.camera import CameraMotion
+    cam = CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
+    yield lambda: lm.latent_permute(_randn(1, 3, 5, 9, 11, dtype=dtype), cam)
+    yield lambda: lm.latent_permute(_randn(2, 16, 4, 40, 64, dtype=dtype), cam, layout="b f c h w")
+    yield lambda: lm.latent_permute(_randn(1, 4, 16, 64, 64, dtype=dtype), cam)
+
+
+def calls_latent_resample(dtype):
+    import lightmotion_fast as lm
+    from lightmotion_fast.camera import CameraMotion
+    cam = CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
+    yield lambda: lm.latent_resample(_randn(1, 3, 5, 9, 11, dtype=dtype), lm.build_fill_map(cam, 5, 9, 11, seed=3))
+    yield lambda: lm.latent_resample(_randn(2, 16, 4, 40, 64, dtype=dtype),
+                                     lm.build_fill_map(cam, 16, 40, 64, seed=4), layout="b f c h w")
+
+
+def calls_snr_reinject(dtype):
+    import lightmotion_fast as lm
+    from lightmotion_fast.ops.snr_reinject import ddim_coefficients
+    c = ddim_coefficients(0.4, 0.55, 1.0)
+    x = _randn(1, 4, 4, 5, 7, dtype=dtype)
+    region = torch.rand(4, 5, 7) > 0.5
+    yield lambda: lm.snr_reinject(x, _randn(*x.shape, dtype=dtype), c, seed=3)
+    yield lambda: lm.snr_reinject(x, None, c, seed=2**33, offset=7, region=region)
+    yield lambda: lm.snr_reinject(x, x.clone(), c, seed=5, offset=100, region=region)
+    yield lambda: lm.snr_noise(x, seed=1)
+    yield lambda: lm.snr_noise(x, seed=2**35, offset=2**33)
+
+
+def calls_trajectory_attention(dtype):
+    import lightmotion_fast as lm
+    gen = torch.Generator().manual_seed(0)
+    # (batch, pixels, frames, heads, dim): tiny, SVD-xt (14 frames, 64-wide heads), 25 frames, wide heads.
+    for (b, s, f, h, d, n) in ((1, 12, 5, 2, 16, 20), (1, 64, 14, 5, 64, 80), (1, 32, 25, 2, 40, 40),
+                                (1, 16, 8, 1, 128, 16)):
+        for mask_invalid, deterministic in ((False, True), (True, False)):
+            def call(b=b, s=s, f=f, h=h, d=d, n=n, mask_invalid=mask_invalid, deterministic=deterministic):
+                idx = torch.randint(0, s, (f, n), generator=gen)
+                valid = torch.rand(f, n, generator=gen) > 0.25
+                q, k, v = (_randn(b, s, f, h, d, dtype=dtype, grad=True) for _ in range(3))
+                out = lm.trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid,
+                                              deterministic=deterministic)
+                out.backward(torch.randn_like(out))
+            yield call
+
+
+def calls_multi_lora(dtype):
+    import lightmotion_fast as lm
+
+    def lora(ranks, d_in, d_out):
+        return ([_randn(r, d_in, dtype=dtype) for r in ranks], [_randn(d_out, r, dtype=dtype) for r in ranks])
+
+    for (m, d_in, d_out, ranks) in ((19, 24, 20, (4, 8)), (64, 320, 320, (16, 64, 128)), (32, 64, 96, (256,))):
+        x, w, bias = _randn(m, d_in, dtype=dtype), _randn(d_out, d_in, dtype=dtype), _randn(d_out, dtype=dtype)
+        a, bb = lora(ranks, d_in, d_out)
+        for norm in ("none", "weight", "output"):
+            for separate in (False, True):
+                yield (lambda x=x, w=w, bias=bias, a=a, bb=bb, norm=norm, separate=separate:
+                       lm.multi_lora_linear(x, w, bias if norm != "weight" else None, a, bb,
+                                            [1.0] * len(a), norm=norm, separate=separate))
+
+
+def calls_plucker(dtype):
+    import lightmotion_fast as lm
+    k = torch.tensor([40.0, 44.0, 6.0, 5.0]).expand(2, 3, 4).contiguous()
+    k33 = torch.tensor([[40.0, 0.0, 6.0], [0.0, 44.0, 5.0], [0.0, 0.0, 1.0]]).expand(2, 3, 3, 3).contiguous()
+    pose = torch.eye(4).repeat(2, 3, 1, 1)
+    pose[:, :, :3, 3] = torch.randn(2, 3, 3)
+    for intr in (k, k33):
+        for relative in (False, True):
+            yield lambda intr=intr, relative=relative: lm.plucker_embedding(
+                intr, pose, 9, 11, relative=relative, dtype=dtype)
+    yield lambda: lm.plucker_embedding(k.to(dtype), pose.to(dtype), 64, 96, channels_first=True)
+
+
+def calls_dual_cross_attention(dtype):
+    import lightmotion_fast as lm
+    # head dims: 40 (SD1.5 / AnimateDiff), 64, 80, 128, 160 (padded); conditions: 2 (text + image) and 5 (chained).
+    for (b, h, n, d, lens, mask_kind) in ((2, 3, 19, 40, (13, 4), "float"), (1, 2, 256, 64, (77, 4), "bool"),
+                                          (1, 2, 64, 80, (77, 16), None), (1, 1, 200, 128, (77, 4), None),
+                                          (1, 1, 40, 160, (5, 5, 3, 3, 2), "float")):
+        def call(b=b, h=h, n=n, d=d, lens=lens, mask_kind=mask_kind):
+            q = _randn(b, h, n, d, dtype=dtype, grad=True)
+            keys = [_randn(b, h, m, d, dtype=dtype, grad=True) for m in lens]
+            values = [_randn(b, h, m, d, dtype=dtype, grad=True) for m in lens]
+            mask = None
+            if mask_kind == "float":
+                mask = torch.randn(b, 1, 1, lens[0]).to(dtype)
+            elif mask_kind == "bool":
+                mask = torch.rand(b, 1, n, lens[0]) > 0.2
+            out = lm.dual_cross_attention(q, keys, values, [1.0] + [0.5] * (len(lens) - 1), mask=mask)
+            out.backward(torch.randn_like(out))
+        yield call
+
+
+def calls_reference_attention(dtype):
+    import lightmotion_fast as lm
+    for (b, h, n, n_ref, d) in ((2, 2, 21, 17, 40), (1, 2, 256, 256, 64), (1, 1, 64, 64, 128), (1, 3, 5, 9, 16),
+                                (1, 1, 32, 32, 256)):
+        yield lambda b=b, h=h, n=n, n_ref=n_ref, d=d: lm.reference_attention(
+            *(_randn(b, h, m, d, dtype=dtype) for m in (n, n, n, n_ref, n_ref)))
+
+
+OPS = {
+    "latent_permute": calls_latent_permute,
+    "latent_resample": calls_latent_resample,
+    "snr_reinject": calls_snr_reinject,
+    "trajectory_attention": calls_trajectory_attention,
+    "multi_lora": calls_multi_lora,
+    "plucker": calls_plucker,
+    "dual_cross_attention": calls_dual_cross_attention,
+    "reference_attention": calls_reference_attention,
+}
+
+
+def capture(ops):
+    import lightmotion_fast as lm
+    install_gpu_view()
+    errors = []
+    with lm.backend("triton"):
+        for op in ops:
+            for dtype in DTYPES:
+                RECORDER.context = dict(op=op, dtype=str(dtype).replace("torch.", ""), autotuned=False)
+                for i, call in enumerate(OPS[op](dtype)):
+                    try:
+                        call()
+                    except Exception:
+                        errors.append(dict(op=op, dtype=RECORDER.context["dtype"], call=i,
+                                           error=traceback.format_exc(limit=6)))
+    return RECORDER.records, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and compilation
+
+_TILE_KNOBS = re.compile(r"^(BLOCK|D_PAD|D$|NORM_CHUNK|PLANES|TRAJ_PER_PROG|GROUP)")
+
+
+def _name(rec):
+    return rec["fn"].fn.__name__
+
+
+def _key(rec):
+    opts = rec["options"]
+    return (_name(rec), repr(sorted(rec["signature"].items())), repr(sorted(rec["constexprs"].items())),
+            repr(sorted(rec["attrs"].items())), opts.num_warps, opts.num_stages, opts.num_ctas)
+
+
+def _dtype_sig(rec):
+    return tuple(sorted((k, v) for k, v in rec["signature"].items() if v.startswith("*")))
+
+
+def _tile_volume(rec):
+    names = {p.num: p.name for p in rec["fn"].params}
+    volume = rec["options"].num_stages
+    for path, v in rec["constexprs"].items():
+        if len(path) == 1 and names[path[0]].startswith(("BLOCK", "D_PAD")) and isinstance(v, int):
+            volume *= v
+    return volume
+
+
+def _flags(rec):
+    """The kernel's own non-tile constexpr parameters (not Triton's ==1 specialisation of ints)."""
+    params = {p.num: p for p in rec["fn"].params}
+    return tuple(sorted((params[p[0]].name, repr(v)) for p, v in rec["constexprs"].items()
+                        if len(p) == 1 and params[p[0]].is_constexpr and not _TILE_KNOBS.match(params[p[0]].name)))
+
+
+def select(records, compile_all):
+    """Distinct launches. Without compile_all: per kernel and pointer dtypes, the launch with the
+    largest tiles (most registers / shared memory); then one launch for each further combination of
+    the kernel's non-tile constexprs (flags such as HAS_MASK, ATOMIC, SEPARATE, and the constant
+    specialisations of integer arguments) not covered yet."""
+    distinct = {}
+    for rec in records:
+        distinct.setdefault(_key(rec), rec)
+    if compile_all:
+        return list(distinct.values())
+    largest = {}
+    for rec in distinct.values():
+        group = (_name(rec), _dtype_sig(rec))
+        if group not in largest or _tile_volume(rec) > _tile_volume(largest[group]):
+            largest[group] = rec
+    chosen = list(largest.values())
+    seen = {(_name(r), _flags(r)) for r in chosen}
+    for rec in distinct.values():
+        if (_name(rec), _flags(rec)) not in seen:
+            seen.add((_name(rec), _flags(rec)))
+            chosen.append(rec)
+    return chosen
+
+
+def _ptxas_stats(ptx):
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(TARGET.arch).path
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_st = re.search(r"(\d+) bytes spill stores", text)
+    spill_ld = re.search(r"(\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill_st.group(1)) if spill_st else None,
+                spill_loads=int(spill_ld.group(1)) if spill_ld else None,
+                stack_frame=int(stack.group(1)) if stack else None,
+                ptxas_info=" | ".join(line.strip() for line in text.splitlines() if "ptxas info" in line))
+
+
+def _named_constexprs(rec):
+    """{param name: value} for the constexprs (kernel constexpr params and ints specialised to 1)."""
+    params = {p.num: p.name for p in rec["fn"].params}
+    return {(params[k[0]] if len(k) == 1 else str(k)): (v if isinstance(v, (int, float, str, bool)) else repr(v))
+            for k, v in rec["constexprs"].items()}
+
+
+def compile_one(rec, stats=False):
+    opts = rec["options"]
+    out = dict(kernel=_name(rec), op=rec["op"], dtype=rec["dtype"], autotuned=rec["autotuned"],
+               signature=rec["signature"], constexprs=_named_constexprs(rec),
+               num_warps=opts.num_warps, num_stages=opts.num_stages)
+    t0 = time.time()
+    try:
+        src = ASTSource(fn=rec["fn"], signature=rec["signature"], constexprs=rec["constexprs"], attrs=rec["attrs"])
+        ck = triton.compile(src, target=TARGET, options=opts.__dict__)
+        shared = ck.metadata.shared
+        out.update(ok=True, shared=shared, has_cubin=bool(ck.asm.get("cubin")))
+        if not out["has_cubin"]:
+            out.update(ok=False, error="no cubin produced")
+        elif shared > SHARED_LIMIT:
+            msg = f"OutOfResources: {shared} bytes of shared memory, Hopper allows {SHARED_LIMIT}"
+            if rec["autotuned"]:
+                out["warning"] = msg + " (autotune config: pruned at run time)"
+            else:
+                out.update(ok=False, error=msg)
+        ptx = ck.asm["ptx"]
+        out["ptx_local"] = ".local" in ptx
+        if stats:
+            out.update(_ptxas_stats(ptx))
+    except Exception as e:  # noqa: BLE001 - every failure is reported
+        out.update(ok=False, error=f"{type(e).__name__}: {e}"[:4000])
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+@triton.jit
+def _selftest_bad_dot_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
+    # tl.dot needs every dimension >= 16 when compiled (the interpreter accepts this).
+    r = tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(out_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, a))
+
+
+def selftest():
+    """The check must be able to fail: a kernel the interpreter runs but the compiler rejects."""
+    rec = dict(fn=_selftest_bad_dot_kernel, signature={"a_ptr": "*fp16", "out_ptr": "*fp32", "BLOCK": "constexpr"},
+               constexprs={(2,): 8}, attrs={}, options=make_backend(TARGET).parse_options({"num_warps": 4}),
+               op="selftest", dtype="float16", autotuned=False)
+    return compile_one(rec)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", default=os.environ.get("LIGHTMOTION_COMPILE_ALL") == "1")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--stats", action="store_true", help="ptxas -v registers / spills per kernel")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--list", action="store_true", help="capture and select only; compile nothing")
+    args = parser.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; known: {sorted(OPS)}")
+
+    t0 = time.time()
+    bad = selftest()
+    print(f"self-test: a tl.dot with 8-wide tiles {'is rejected (good)' if not bad['ok'] else 'COMPILED (bad)'}: "
+          f"{bad.get('error', '').strip().splitlines()[-1] if not bad['ok'] else ''}", flush=True)
+    records, capture_errors = capture(ops)
+    chosen = select(records, args.all)
+    print(f"captured {len(records)} launches ({len({_key(r) for r in records})} distinct) in "
+          f"{time.time() - t0:.1f}s; compiling {len(chosen)} for sm_90", flush=True)
+    if args.list:
+        for rec in chosen:
+            print(f"     {_name(rec):34s} {rec['dtype']:8s} tiles={_tile_volume(rec)} flags={_flags(rec)}")
+    results = []
+    for rec in ([] if args.list else chosen):
+        res = compile_one(rec, stats=args.stats)
+        results.append(res)
+        extra = ""
+        if args.stats and res["ok"]:
+            extra = f" regs={res['registers']} spill={res['spill_stores']}/{res['spill_loads']}"
+        print(f"{'ok  ' if res['ok'] else 'FAIL'} {res['seconds']:6.2f}s {res['kernel']:34s} {res['dtype']:8s} "
+              f"warps={res['num_warps']} stages={res['num_stages']}{extra}", flush=True)
+        if not res["ok"]:
+            print("     " + res["error"].replace("\n", "\n     "), flush=True)
+    for err in capture_errors:
+        print(f"CAPTURE ERROR {err['op']} {err['dtype']} call {err['call']}:\n{err['error']}", flush=True)
+    kernels = sorted({_name(r) for r in records})
+    report = dict(target=repr(TARGET), triton=triton.__version__, torch=torch.__version__, selftest=bad,
+                  kernels=kernels, capture_errors=capture_errors, results=results,
+                  ops_launching={op: sorted({_name(r) for r in records if r["op"] == op}) for op in ops})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)}/{len(results)} compiled, {len(capture_errors)} capture errors, "
+          f"{time.time() - t0:.1f}s total")
+    for r in results:
+        if r.get("warning"):
+            print(f"warning: {r['kernel']} {r['dtype']}: {r['warning']}")
+    return 1 if failed or capture_errors or bad["ok"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
