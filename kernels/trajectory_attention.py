@@ -214,7 +214,10 @@ def _upcast(t: torch.Tensor) -> bool:
 
 
 def _warps(block_f: int, block_d: int) -> int:
-    return 4 if block_f * block_d <= 64 * 64 else 8
+    # 2026-11-21, ptxas -v for sm_90 (tests/gpu_compile_check.py --stats): at 32 frames x 64 dims
+    # four warps spill 240-970 bytes in the fp16/bf16 forward and backward; eight do not (forward)
+    # or spill ~100 bytes (backward). Not yet timed on a GPU.
+    return 4 if block_f * block_d < 32 * 64 else 8
 
 
 def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
