@@ -194,9 +194,10 @@ def _block_n(kv_len: int) -> int:
 
 def _tiles(n_q: int, d_pad: int):
     """(BLOCK_M, num_warps). A program holds two fp32 [BLOCK_M, D_PAD] tiles (the running output and
-    the current condition's accumulator) plus Q: 128 queries for heads up to 64 wide, 64 above, with
-    8 warps once a tile passes 64×64, keeps that within Hopper's register file without spilling."""
-    block_m = 128 if d_pad <= 64 else 64
+    the current condition's accumulator) plus Q: 128 queries for heads up to 64 wide, 64 up to 128,
+    32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8 warps once a tile
+    passes 64×64, keeps that within Hopper's register file."""
+    block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
     return block_m, (4 if block_m * d_pad <= 64 * 64 else 8)
 
