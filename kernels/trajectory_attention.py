@@ -59,6 +59,26 @@ def _probs(q, k, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr
 
 
 @triton.jit
+def _trajectory_rows(idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+                     D: tl.constexpr, MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr):
+    """What forward and backward need of trajectory n, read once for all heads: its pixel per frame,
+    validity, 1 / landing count of each token, the key mask, the [f, d] store mask, and the rows its
+    results go to (the dense pixels when ATOMIC, else the per-token buffer)."""
+    pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
+    ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
+    row = fr * n_pix + pix
+    count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
+    inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
+    key_ok = ok if MASK_INVALID else in_f
+    mask = ok[:, None] & (dd[None, :] < D)
+    if ATOMIC:
+        dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f
+    else:
+        dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f
+    return pix, ok, inv_count, key_ok, mask, dst_rows
+
+
+@triton.jit
 def _traj_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, rowptr_ptr, dst_ptr,
     n_traj, n_pix, frames, heads, qk_scale,
@@ -74,22 +94,12 @@ def _traj_attn_fwd_kernel(
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
-    fr64 = fr.to(tl.int64)
     for t in range(TRAJ_PER_PROG):
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
-            # The trajectory's pixels, validity and landing counts are read once for all heads.
-            pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
-            ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
-            row = fr * n_pix + pix
-            count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
-            inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
-            key_ok = ok if MASK_INVALID else in_f
-            mask = ok[:, None] & (dd[None, :] < D)
-            if ATOMIC:
-                dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr64 * sd_f
-            else:
-                dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr64 * sd_f
+            pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
+                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+                D, MASK_INVALID, ATOMIC)
             for h in range(heads):
                 q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
                 k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
@@ -120,21 +130,12 @@ def _traj_attn_bwd_kernel(
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
-    fr64 = fr.to(tl.int64)
     for t in range(TRAJ_PER_PROG):
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
-            pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
-            ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
-            row = fr * n_pix + pix
-            count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
-            inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
-            key_ok = ok if MASK_INVALID else in_f
-            mask = ok[:, None] & (dd[None, :] < D)
-            if ATOMIC:
-                dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr64 * sd_f
-            else:
-                dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr64 * sd_f
+            pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
+                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+                D, MASK_INVALID, ATOMIC)
             for h in range(heads):
                 q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
                 k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)

@@ -107,15 +107,18 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> to
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
            mask_invalid: bool = False) -> torch.Tensor:
     """Per-trajectory attention over frames. q, k, v: [b n f h d]; valid [f, n]. Returns [b n f h d]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bnfhd,bnghd->bnhfg", q, k) * scale
+    return torch.einsum("bnhfg,bnghd->bnfhd", attention_probs(q, k, valid, mask_invalid), v)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, mask_invalid: bool) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d) over the frames of each trajectory: [b n h f g] (query frame f, key frame g)."""
+    scores = torch.einsum("bnfhd,bnghd->bnhfg", q, k) * (1.0 / math.sqrt(q.shape[-1]))
     if mask_invalid:
         key_ok = rearrange(valid, "g n -> 1 n 1 1 g")
         scores = scores.masked_fill(~key_ok, float("-inf"))
         # A trajectory with no valid frame at all has no valid query either; keep its rows finite.
         scores = torch.where(key_ok.any(-1, keepdim=True), scores, torch.zeros_like(scores))
-    probs = scores.softmax(dim=-1)
-    return torch.einsum("bnhfg,bnghd->bnfhd", probs, v)
+    return scores.softmax(dim=-1)
 
 
 def scatter_average(tokens: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, hw: int) -> torch.Tensor:
@@ -218,12 +221,7 @@ def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor,
     per_token = counts[frame_rows + idx.to(torch.int64)].clamp(min=1).to(compute)  # [f n]
     dot = gather_tokens(dout.to(compute), idx, valid) / rearrange(per_token, "f n -> 1 n f 1 1")
 
-    scores = torch.einsum("bnfhd,bnghd->bnhfg", qt, kt) * scale
-    if mask_invalid:
-        key_ok = rearrange(valid, "g n -> 1 n 1 1 g")
-        scores = scores.masked_fill(~key_ok, float("-inf"))
-        scores = torch.where(key_ok.any(-1, keepdim=True), scores, torch.zeros_like(scores))
-    probs = scores.softmax(dim=-1)
+    probs = attention_probs(qt, kt, valid, mask_invalid)
     o = torch.einsum("bnhfg,bnghd->bnfhd", probs, vt)
     dv_t = torch.einsum("bnhfg,bnfhd->bnghd", probs, dot)
     dp = torch.einsum("bnfhd,bnghd->bnhfg", dot, vt)
