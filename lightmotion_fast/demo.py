@@ -107,20 +107,26 @@ def camera_preview(out_dir: Path, camera: lm.CameraMotion, frames: int = 16,
 
 
 @contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set (or, with None, leave) an environment variable inside a block; the old value comes back."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def _triton_on_this_device(device: torch.device):
     """Run the Triton kernel here: compiled on CUDA, through Triton's interpreter on a CPU. The
     interpreter is switched on only inside the block (kernels imported here stay interpreted)."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if device.type != "cuda":
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        with lm.backend("triton"):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    with env_var("TRITON_INTERPRET", "1" if device.type != "cuda" else None), lm.backend("triton"):
+        yield
 
 
 def _timed(fn, device, repeats=3):

@@ -61,18 +61,13 @@ def _interpreter_usable() -> bool:
 def _fused(device: torch.device):
     """The fused path: compiled Triton on CUDA; on a CPU the Triton interpreter (not a speed figure),
     or the CPU ops (C++ fill map, PyTorch gather) when triton was imported without the interpreter."""
-    previous = os.environ.get("TRITON_INTERPRET")
+    from lightmotion_fast.demo import env_var
+
     cpu_without_interpreter = device.type != "cuda" and not _interpreter_usable()
-    if device.type != "cuda" and not cpu_without_interpreter:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    interpret = "1" if device.type != "cuda" and not cpu_without_interpreter else None
+    with env_var("TRITON_INTERPRET", interpret):
         with contextlib.nullcontext() if cpu_without_interpreter else lm.backend("triton"):
             yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def _pipeline_call(pipe, device: torch.device, steps: int, frames: int, height: int, width: int):
