@@ -2,13 +2,28 @@
 
 Timings on CUDA come from CUDA events through triton.testing.do_bench (median of many runs after
 warm-up); on a CPU the runner says so and times the CPU paths with a wall clock.
+
+Where results go: `--out DIR`, else $LIGHTMOTION_BENCH_DIR, else the user's cache folder
+($XDG_CACHE_HOME or ~/.cache, then lightmotion_fast/bench), never the source tree. Committed results
+live in benchmarks/results/ (COMMITTED_DIR) and are copied there by hand.
+
+Honesty checks made here for every run: the ceilings are measured on buffers several times the
+last-level cache; a percentage of a ceiling above 100 gets a note saying why it cannot be trusted;
+a timing whose p20-p80 spread exceeds SPREAD_FLAG of its median is flagged (the machine was busy);
+the device column names the CPU or GPU model exactly; attention providers record which
+scaled_dot_product_attention backend PyTorch picked (read from a profiler pass, so scenario files
+need nothing).
 """
 from __future__ import annotations
 
 import csv
 import datetime as _dt
 import gc
+import importlib
 import importlib.util
+import json
+import os
+import pkgutil
 import platform
 import re
 import statistics
@@ -16,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +39,25 @@ import torch
 from lightmotion_fast.bench.scenario import Case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCENARIO_DIR = REPO_ROOT / "benchmarks" / "scenarios"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+SCENARIO_DIR = REPO_ROOT / "benchmarks" / "scenarios"     # the source checkout's scenarios
+SCENARIO_PACKAGE = "lightmotion_fast.scenarios"            # the same files, as shipped in the wheel
+COMMITTED_DIR = REPO_ROOT / "benchmarks" / "results"
 CSV_COLUMNS = ["op", "provider", "mode", "shape", "median_ms", "p20_ms", "p80_ms", "gbps", "tflops",
-               "pct_of_ceiling", "device", "torch", "triton", "commit", "date"]
+               "pct_of_ceiling", "device", "torch", "triton", "commit", "date", "dtype", "spread_pct",
+               "sdpa_backend"]
+SPREAD_FLAG = 0.25      # (p80 - p20) / median above this: the timing is flagged as taken under load
+ATTENTION_OPS = re.compile(r"attention")
+
+
+def default_results_dir() -> Path:
+    """Where `bench` writes when no --out is given: outside the source tree, in the user's cache."""
+    if os.environ.get("LIGHTMOTION_BENCH_DIR"):
+        return Path(os.environ["LIGHTMOTION_BENCH_DIR"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(cache).expanduser() / "lightmotion_fast" / "bench"
+
+
+RESULTS_DIR = default_results_dir()
 
 
 @dataclass
@@ -36,26 +66,87 @@ class Timing:
     p20_ms: float
     p80_ms: float
 
+    @property
+    def spread(self) -> float:
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
 
 @dataclass
 class Ceilings:
     copy_gbps: float
     matmul_tflops: float
+    launch_ms: float | None = None      # an empty kernel's launch (CUDA only)
+    buffer_mb: float = 0.0              # size of each copy buffer (several times the last-level cache)
+    cache_mb: float = 0.0               # the last-level cache it was sized against
+
+
+@dataclass
+class BenchReport:
+    """Everything one run produced: the rows (one per case x provider), the ceilings and the notes."""
+    rows: list[dict]
+    ceilings: Ceilings
+    device: str                         # exact model name
+    slug: str                           # file-name form
+    notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # cases left out when the deadline came
+
+    def to_json(self) -> str:
+        return json.dumps(dict(rows=self.rows, ceilings=asdict(self.ceilings), device=self.device,
+                               slug=self.slug, notes=self.notes, skipped=self.skipped), indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The device
+
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The exact model: the GPU's name and memory, or the CPU's model string with its family/model/
+    stepping numbers (some virtual machines report only "AMD EPYC") and its logical CPU count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB, {props.multi_processor_count} SMs, "
+                f"sm_{props.major}{props.minor})")
+    info = _cpuinfo()
+    ids = ", ".join(f"{k.split()[-1] if k != 'cpu family' else 'family'} {info[k]}"
+                    for k in ("cpu family", "model", "stepping") if k in info)
+    return f"{_cpu_model()} ({ids + ', ' if ids else ''}{os.cpu_count()} logical CPUs)"
 
 
 def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = "cpu-" + (platform.processor() or platform.machine())
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = "cpu-" + line.split(":", 1)[1]
-                    break
-        except OSError:
-            pass
+    """File-name form of the device: the GPU's name, or cpu-<model name>."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-" + _cpu_model()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 on a GPU; the largest CPU cache sysfs lists on a CPU (0 when unknown)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * mult)
+    return max(sizes, default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and ceilings
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float = 0.4) -> Timing:
@@ -75,10 +166,29 @@ def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float = 0.
     return Timing(statistics.median(samples), qs[1], qs[7])
 
 
+def _empty_launch_ms(device: torch.device) -> float | None:
+    """Median time of a Triton kernel that does nothing (the launch-bound floor), CUDA only."""
+    if device.type != "cuda":
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty_kernel(x_ptr, n):
+        pass
+
+    x = torch.empty(1, device=device)
+    return time_fn(lambda: _empty_kernel[(1,)](x, 1), device).median_ms
+
+
 def measure_ceilings(device: torch.device) -> Ceilings:
-    """The device's own limits: copy bandwidth (bytes read + written) and bf16 matmul rate."""
-    numel = (1 << 28) if device.type == "cuda" else (1 << 24)   # float32: 1 GiB on a GPU, 64 MiB on a CPU
-    src = torch.randn(numel, device=device)
+    """The device's own limits: copy bandwidth (bytes read + written) on buffers of at least eight times
+    the last-level cache (so the copy streams from memory, not cache), the bf16 matmul rate, and on
+    CUDA an empty kernel's launch time."""
+    cache = last_level_cache_bytes(device)
+    floor = (1 << 30) if device.type == "cuda" else (64 << 20)
+    nbytes = max(floor, 8 * cache)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device)
     copy_gbps = 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9
@@ -88,30 +198,67 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     t = time_fn(lambda: a @ b, device)
     tflops = 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
-    return Ceilings(copy_gbps, tflops)
+    del a, b
+    return Ceilings(copy_gbps, tflops, _empty_launch_ms(device), nbytes / 2 ** 20, cache / 2 ** 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+
+def _scenario_modules_from_package() -> dict[str, object] | None:
+    """The scenarios as the installed package ships them (lightmotion_fast.scenarios), or None."""
+    try:
+        pkg = importlib.import_module(SCENARIO_PACKAGE)
+    except ImportError:
+        return None
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return {name: f"{SCENARIO_PACKAGE}.{name}" for name in names} or None
+
+
+def _scenario_modules_from_dir(directory: Path) -> dict[str, object]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"benchmark scenarios not found: no package {SCENARIO_PACKAGE} and no folder "
+                                f"{directory} (set LIGHTMOTION_SCENARIO_DIR to benchmarks/scenarios)")
+    return {p.stem: p for p in sorted(directory.glob("*.py")) if not p.stem.startswith("_")}
+
+
+def scenario_sources() -> dict[str, object]:
+    """op file name -> where its scenario lives: LIGHTMOTION_SCENARIO_DIR if set, else the installed
+    package lightmotion_fast.scenarios (a wheel), else the source checkout's benchmarks/scenarios."""
+    if os.environ.get("LIGHTMOTION_SCENARIO_DIR"):
+        return _scenario_modules_from_dir(Path(os.environ["LIGHTMOTION_SCENARIO_DIR"]))
+    return _scenario_modules_from_package() or _scenario_modules_from_dir(SCENARIO_DIR)
+
+
+def _import_scenario(name: str, source) -> object:
+    if isinstance(source, str):
+        return importlib.import_module(source)
+    spec = importlib.util.spec_from_file_location(f"lightmotion_bench_{name}", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_scenarios(ops: Iterable[str] | None = None) -> dict[str, Callable]:
-    """op file name -> its `cases(device, quick)` function, from benchmarks/scenarios/*.py."""
-    if not SCENARIO_DIR.is_dir():
-        raise FileNotFoundError(f"benchmark scenarios not found at {SCENARIO_DIR}: run the benchmark "
-                                "from a source checkout (pip install -e .)")
+    """op file name -> its `cases(device, quick)` function."""
+    sources = scenario_sources()
     wanted = set(ops) if ops else None
-    found: dict[str, Callable] = {}
-    for path in sorted(SCENARIO_DIR.glob("*.py")):
-        if path.stem.startswith("_") or (wanted is not None and path.stem not in wanted):
-            continue
-        spec = importlib.util.spec_from_file_location(f"lightmotion_bench_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        found[path.stem] = module.cases
-    if wanted is not None and wanted - set(found):
-        available = sorted(p.stem for p in SCENARIO_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise ValueError(f"--ops names unknown scenario(s) {sorted(wanted - set(found))}; available: {available}")
-    return found
+    if wanted is not None and wanted - set(sources):
+        raise ValueError(f"--ops names unknown scenario(s) {sorted(wanted - set(sources))}; "
+                         f"available: {sorted(sources)}")
+    return {name: _import_scenario(name, src).cases for name, src in sources.items()
+            if wanted is None or name in wanted}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata
 
 
 def _git_commit() -> str:
+    """The commit benchmarked: $LIGHTMOTION_COMMIT if set (a copy of the tree without .git), else git."""
+    if os.environ.get("LIGHTMOTION_COMMIT"):
+        return os.environ["LIGHTMOTION_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
@@ -131,67 +278,167 @@ def _triton_version() -> str:
         return "none"
 
 
-def run(ops: list[str] | None = None, quick: bool = False, plot: bool = True,
-        results_dir: Path = RESULTS_DIR, device: torch.device | None = None,
-        printer: Callable[[str], None] = print) -> list[dict]:
-    from tqdm import tqdm
+_SDPA_BACKENDS = (("cudnn_attention", "cudnn"), ("flash_attention_for_cpu", "flash (cpu)"),
+                  ("flash_attention", "flash"), ("efficient_attention", "efficient"),
+                  ("attention_math", "math"), ("fmha", "efficient"), ("flash_fwd", "flash"), ("cudnn", "cudnn"))
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    slug = device_slug(device)
-    if device.type != "cuda":
-        printer(f"No CUDA device: timing the CPU paths on {slug} (C++ ops where built, else the "
-                "PyTorch reference). These are CPU figures, not GPU ones.")
-    printer(f"Measuring the ceilings of {slug} ...")
-    ceil = measure_ceilings(device)
-    printer(f"  copy bandwidth {ceil.copy_gbps:,.1f} GB/s (read + write), bf16 matmul {ceil.matmul_tflops:,.2f} TFLOP/s")
 
-    scenarios = load_scenarios(ops)
+def sdpa_backends(fn: Callable[[], object]) -> str:
+    """Which scaled_dot_product_attention backend(s) one call of `fn` ran, read from the profiler's op
+    and kernel names ("" when it ran no SDPA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    return backends_from_names(names)
+
+
+def backends_from_names(names: Iterable[str]) -> str:
+    found = []
+    for name in names:
+        low = name.lower()
+        if "scaled_dot_product" not in low and "fmha" not in low and "flash" not in low and "cudnn" not in low:
+            continue
+        for pattern, backend in _SDPA_BACKENDS:
+            if pattern in low:
+                found.append(backend)
+                break
+    return "+".join(sorted(set(found)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _cases(scenarios: dict[str, Callable], device: torch.device, quick: bool) -> list[Case]:
     cases: list[Case] = []
     for cases_fn in scenarios.values():
         for case in cases_fn(device, quick):
-            if quick and not case.quick:
-                continue
-            if device.type != "cuda" and not case.cpu:
+            if (quick and not case.quick) or (device.type != "cuda" and not case.cpu):
                 continue
             cases.append(case)
+    return cases
 
-    meta = dict(device=slug, torch=torch.__version__, triton=_triton_version(), commit=_git_commit(),
+
+def _row(case: Case, name: str, t: Timing, ceil: Ceilings, meta: dict, backend: str) -> dict:
+    seconds = t.median_ms * 1e-3
+    gbps = case.bytes / seconds / 1e9 if case.bytes else None
+    tflops = case.flops / seconds / 1e12 if case.flops else None
+    pct = (100 * gbps / ceil.copy_gbps if gbps is not None else
+           100 * tflops / ceil.matmul_tflops if tflops is not None else None)
+    return dict(op=case.op, provider=name, mode=case.mode, shape=case.shape, median_ms=t.median_ms,
+                p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=gbps, tflops=tflops, pct_of_ceiling=pct,
+                dtype=case.dtype, spread_pct=100 * t.spread, sdpa_backend=backend, **meta)
+
+
+def honesty_notes(rows: list[dict]) -> list[str]:
+    """Notes on what a reader must not take at face value: % of ceiling above 100, timings under load."""
+    notes = []
+    for r in rows:
+        where = f"{r['op']} {r['shape']} {r['mode']} {r['provider']}"
+        if r.get("pct_of_ceiling") is not None and r["pct_of_ceiling"] > 100:
+            notes.append(f"{where}: {r['pct_of_ceiling']:.0f} % of the ceiling is above 100 %: its inputs stay "
+                         "in cache between repeats, or the case counts more bytes/FLOPs than it moves; "
+                         "not a bandwidth or rate figure")
+    noisy = [r for r in rows if (r.get("spread_pct") or 0) > 100 * SPREAD_FLAG]
+    if noisy:
+        notes.append(f"{len(noisy)} of {len(rows)} timings spread more than {100 * SPREAD_FLAG:.0f} % "
+                     "(p20-p80 over the median): the machine was probably under load; rerun before "
+                     "trusting them (" + ", ".join(f"{r['op']}/{r['provider']}" for r in noisy[:6])
+                     + (", ..." if len(noisy) > 6 else "") + ")")
+    return notes
+
+
+def _load_note(device: torch.device) -> str | None:
+    if device.type == "cuda" or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        return (f"load average {load:.1f} on {cpus} logical CPUs before the run: other work shares this "
+                "machine, so CPU timings are inflated")
+    return None
+
+
+def bench(ops: list[str] | None = None, quick: bool = False, device: torch.device | None = None,
+          printer: Callable[[str], None] = print, deadline: float | None = None,
+          progress: bool = True) -> BenchReport:
+    """Measure the ceilings, then time every provider of every case. `deadline` (time.monotonic()):
+    cases not started by then are listed in `skipped`, not timed."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    slug, name = device_slug(device), device_name(device)
+    notes: list[str] = []
+    if device.type != "cuda":
+        printer(f"No CUDA device: timing the CPU paths on {name} (C++ ops where built, else the "
+                "PyTorch reference). These are CPU figures, not GPU ones.")
+    if (load := _load_note(device)) is not None:
+        printer(f"  warning: {load}")
+        notes.append(load)
+    printer(f"Measuring the ceilings of {name} ...")
+    ceil = measure_ceilings(device)
+    launch = f", empty launch {ceil.launch_ms * 1e3:.1f} us" if ceil.launch_ms else ""
+    printer(f"  copy bandwidth {ceil.copy_gbps:,.1f} GB/s (read + write, {ceil.buffer_mb:,.0f} MiB buffers, "
+            f"last-level cache {ceil.cache_mb:,.0f} MiB), bf16 matmul {ceil.matmul_tflops:,.2f} TFLOP/s{launch}")
+
+    cases = _cases(load_scenarios(ops), device, quick)
+    meta = dict(device=name, torch=torch.__version__, triton=_triton_version(), commit=_git_commit(),
                 date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     rows: list[dict] = []
-    notes: list[str] = []
-    for case in tqdm(cases, desc="scenarios", unit="case", file=sys.stderr):
-        providers = case.setup()
-        for name, fn in providers.items():
-            if name in case.skip:
+    skipped: list[str] = []
+    for i, case in enumerate(cases):
+        label = f"{case.op} {case.shape} {case.mode}"
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append(label)
+            continue
+        if progress:
+            printer(f"  [{i + 1}/{len(cases)}] {label}")
+        try:
+            providers = case.setup()
+        except Exception as exc:  # a case that cannot be built here is reported, not fatal
+            notes.append(f"{label}: setup failed ({type(exc).__name__}: {exc})")
+            continue
+        for pname, fn in providers.items():
+            if pname in case.skip:
                 continue
             try:
                 t = time_fn(fn, device)
+                backend = sdpa_backends(fn) if ATTENTION_OPS.search(case.op) else ""
             except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
-                notes.append(f"{case.op} {case.shape} {name}: failed ({type(exc).__name__}: {exc})")
+                notes.append(f"{label} {pname}: failed ({type(exc).__name__}: {exc})")
                 continue
-            seconds = t.median_ms * 1e-3
-            gbps = case.bytes / seconds / 1e9 if case.bytes else None
-            tflops = case.flops / seconds / 1e12 if case.flops else None
-            pct = (100 * gbps / ceil.copy_gbps if gbps is not None else
-                   100 * tflops / ceil.matmul_tflops if tflops is not None else None)
-            rows.append(dict(op=case.op, provider=name, mode=case.mode, shape=case.shape,
-                             median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=gbps,
-                             tflops=tflops, pct_of_ceiling=pct, dtype=case.dtype, **meta))
+            rows.append(_row(case, pname, t, ceil, meta, backend))
         if case.note:
             notes.append(f"{case.op} {case.shape}: {case.note}")
         del providers
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if skipped:
+        notes.append(f"{len(skipped)} case(s) not timed: the time budget ran out")
+    notes.extend(honesty_notes(rows))
+    return BenchReport(rows, ceil, name, slug, list(dict.fromkeys(notes)), skipped)
 
+
+def run(ops: list[str] | None = None, quick: bool = False, plot: bool = True,
+        results_dir: Path | None = None, device: torch.device | None = None,
+        printer: Callable[[str], None] = print) -> list[dict]:
+    """`bench`, then the table, the CSV (appended) and one plot per op in `results_dir` (default:
+    default_results_dir(), outside the source tree)."""
+    results_dir = Path(results_dir) if results_dir is not None else default_results_dir()
+    report = bench(ops, quick, device, printer)
+    rows = report.rows
     printer(format_table(rows))
-    for note in dict.fromkeys(notes):
+    for note in report.notes:
         printer(f"  note: {note}")
     if rows:
-        path = write_csv(rows, results_dir, slug)
+        path = write_csv(rows, results_dir, report.slug)
         printer(f"Appended {len(rows)} rows to {path}")
         if plot:
-            for p in draw_plots(rows, results_dir, slug):
+            for p in draw_plots(rows, results_dir, report.slug):
                 printer(f"Plot: {p}")
     return rows
 
@@ -222,6 +469,9 @@ def format_table(rows: list[dict]) -> str:
         return "(no benchmark rows)"
     speed = _speedups(rows)
     header = ["op", "shape", "mode", "dtype", "provider", "median ms", "GB/s", "TFLOP/s", "% ceil", "speedup"]
+    with_sdpa = any(r.get("sdpa_backend") for r in rows)
+    if with_sdpa:
+        header.append("SDPA")
     lines = []
     for r in rows:
         key = (r["op"], r["shape"], r["mode"])
@@ -231,23 +481,37 @@ def format_table(rows: list[dict]) -> str:
             "" if r["tflops"] is None else f"{r['tflops']:.2f}",
             "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.1f}",
             speed.get(key, "") if r["provider"] == "lightmotion" else "",
-        ])
+        ] + ([r.get("sdpa_backend") or ""] if with_sdpa else []))
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
 
 
+def _csv_value(v) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
 def write_csv(rows: list[dict], results_dir: Path, slug: str) -> Path:
+    """Append rows to results_dir/<slug>.csv; a file written with older columns is rewritten with
+    today's (its old rows keep their values, new columns empty)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{slug}.csv"
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != CSV_COLUMNS:
+                old = list(reader)
+                path.unlink()
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
+        for r in old:
+            writer.writerow({k: r.get(k) or "" for k in CSV_COLUMNS})
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
-                             for k in CSV_COLUMNS})
+            writer.writerow({k: _csv_value(r.get(k)) for k in CSV_COLUMNS})
     return path
 
 
