@@ -366,9 +366,10 @@ def _load_note(device: torch.device) -> str | None:
 
 def bench(ops: list[str] | None = None, quick: bool = False, device: torch.device | None = None,
           printer: Callable[[str], None] = print, deadline: float | None = None,
-          progress: bool = True) -> BenchReport:
+          progress: bool = True, checkpoint: Callable[[BenchReport], None] | None = None) -> BenchReport:
     """Measure the ceilings, then time every provider of every case. `deadline` (time.monotonic()):
-    cases not started by then are listed in `skipped`, not timed."""
+    cases not started by then are listed in `skipped`, not timed. `checkpoint` receives the report so
+    far after every case (so a run killed mid-way still leaves its rows)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     slug, name = device_slug(device), device_name(device)
     notes: list[str] = []
@@ -414,6 +415,8 @@ def bench(ops: list[str] | None = None, quick: bool = False, device: torch.devic
         if case.note:
             notes.append(f"{case.op} {case.shape}: {case.note}")
         del providers
+        if checkpoint is not None:
+            checkpoint(BenchReport(rows, ceil, name, slug, list(dict.fromkeys(notes)), skipped))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
