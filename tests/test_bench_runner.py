@@ -45,3 +45,99 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path, monkeypatch):
 def test_time_fn_reports_ordered_quantiles():
     t = runner.time_fn(lambda: torch.randn(100, 100) @ torch.randn(100, 100), torch.device("cpu"), budget_s=0.05)
     assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_results_go_outside_the_source_tree_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("LIGHTMOTION_BENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert runner.default_results_dir() == tmp_path / "cache" / "lightmotion_fast" / "bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert runner.REPO_ROOT not in runner.default_results_dir().parents
+    monkeypatch.setenv("LIGHTMOTION_BENCH_DIR", str(tmp_path / "mine"))
+    assert runner.default_results_dir() == tmp_path / "mine"
+
+
+def test_scenarios_load_from_the_installed_package(monkeypatch, tmp_path):
+    """An installed wheel ships the scenarios as lightmotion_fast.scenarios: the runner imports them from there."""
+    import sys
+    import types
+
+    (tmp_path / "fake_op.py").write_text("def cases(device, quick):\n    return []\n")
+    (tmp_path / "_private.py").write_text("")
+    pkg = types.ModuleType(runner.SCENARIO_PACKAGE)
+    pkg.__path__ = [str(tmp_path)]
+    monkeypatch.setitem(sys.modules, runner.SCENARIO_PACKAGE, pkg)
+    monkeypatch.delenv("LIGHTMOTION_SCENARIO_DIR", raising=False)
+    found = runner.load_scenarios()
+    assert list(found) == ["fake_op"]
+    assert found["fake_op"].__module__ == f"{runner.SCENARIO_PACKAGE}.fake_op"
+    monkeypatch.setenv("LIGHTMOTION_SCENARIO_DIR", str(runner.SCENARIO_DIR))     # the override wins
+    assert "latent_permute" in runner.load_scenarios()
+
+
+def test_percent_of_roofline_takes_the_binding_floor():
+    ceil = runner.Ceilings(copy_gbps=1000.0, matmul_tflops=100.0)
+    # 1 GB at 1000 GB/s takes 1 ms, 5e10 FLOPs at 100 TFLOP/s 0.5 ms: the bytes bind; 2 ms measured is 50 %
+    assert runner.pct_of_roofline(10 ** 9, 5e10, 2.0, ceil) == pytest.approx(50.0)
+    assert runner.pct_of_roofline(None, 2e11, 4.0, ceil) == pytest.approx(50.0)
+    assert runner.pct_of_roofline(None, None, 1.0, ceil) is None
+
+
+def test_honesty_notes_flag_impossible_percentages_and_noisy_timings():
+    rows = [dict(op="a", shape="s", mode="fwd", provider="lightmotion", pct_of_ceiling=130.0, spread_pct=5.0),
+            dict(op="b", shape="s", mode="fwd", provider="lightmotion", pct_of_ceiling=50.0, spread_pct=60.0),
+            dict(op="c", shape="s", mode="fwd", provider="reference", pct_of_ceiling=None, spread_pct=1.0)]
+    notes = runner.honesty_notes(rows)
+    assert any("a s fwd lightmotion: 130 %" in n and "above 100 %" in n for n in notes)
+    assert any("1 of 3 timings spread" in n and "b/lightmotion" in n for n in notes)
+    assert len(notes) == 2
+
+
+def test_sdpa_backend_is_read_from_the_profiler():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 16, 8)
+    assert runner.sdpa_backends(lambda: F.scaled_dot_product_attention(q, q, q)) != ""
+
+    def math_only():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    assert runner.sdpa_backends(math_only) == "math"
+    assert runner.sdpa_backends(lambda: q @ q.transpose(-1, -2)) == ""
+    assert runner.backends_from_names(["aten::_scaled_dot_product_flash_attention",
+                                       "void pytorch_flash::flash_fwd_kernel<...>"]) == "flash"
+    assert runner.backends_from_names(["aten::_scaled_dot_product_cudnn_attention",
+                                       "aten::_efficient_attention_forward",
+                                       "aten::_scaled_dot_product_efficient_attention"]) == "cudnn+efficient"
+
+
+def test_csv_with_older_columns_is_rewritten(tmp_path):
+    old = tmp_path / "dev.csv"
+    old.write_text("op,provider,mode,shape,median_ms\nx,lightmotion,fwd,s,1.5\n")
+    row = dict(op="y", provider="reference", mode="fwd", shape="t", median_ms=2.0, p20_ms=1.0, p80_ms=3.0,
+               gbps=None, tflops=None, pct_of_ceiling=None, device="d", torch="t", triton="tr", commit="c",
+               date="now", dtype="float32", spread_pct=100.0, sdpa_backend="math")
+    runner.write_csv([row], tmp_path, "dev")
+    with old.open() as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == runner.CSV_COLUMNS
+        written = list(reader)
+    assert [(r["op"], r["median_ms"]) for r in written] == [("x", "1.5"), ("y", "2")]
+    assert written[1]["sdpa_backend"] == "math" and written[0]["sdpa_backend"] == ""
+
+
+def test_device_name_is_exact_on_a_cpu():
+    name = runner.device_name(torch.device("cpu"))
+    assert runner._cpu_model() in name and "logical CPUs" in name
+
+
+def test_ceilings_stream_from_memory_and_the_deadline_leaves_cases_out(monkeypatch):
+    monkeypatch.setattr(runner, "last_level_cache_bytes", lambda device: 16 << 20)
+    monkeypatch.setattr(runner, "time_fn", lambda fn, device, budget_s=0.4: runner.Timing(1.0, 0.9, 1.1))
+    ceil = runner.measure_ceilings(torch.device("cpu"))
+    assert ceil.buffer_mb >= 8 * 16 and ceil.cache_mb == 16 and ceil.launch_ms is None
+    report = runner.bench(ops=["latent_permute"], quick=True, device=torch.device("cpu"), printer=lambda s: None,
+                          deadline=0.0)
+    assert report.rows == [] and report.skipped and any("not timed" in n for n in report.notes)

@@ -264,7 +264,8 @@ def run_step(ctx: Context, phase: str, step: Step, deadline: float) -> tuple[int
                 fh.write(line)
                 tail.append(line)
                 del tail[:-200]
-                say(f"[{phase}] {line.rstrip()}")
+                if not line.startswith("USDT:"):       # the profiler's start/stop chatter stays in the log
+                    say(f"[{phase}] {line.rstrip()}")
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -338,11 +339,12 @@ def phase_build(ctx: Context, deadline: float) -> dict:
         shutil.rmtree(PKG_SITE, ignore_errors=True)
         rc2, tail2 = run_step(ctx, "build", noext, deadline)
         status = "warning" if rc2 == 0 else "failed"
-        detail = f"extension build {why}:\n{tail[-3000:]}" + ("" if rc2 == 0 else f"\nno-ext: {tail2[-2000:]}")
-    rc3, tail3 = run_step(ctx, "build", check, deadline)
+        detail = (f"extension build {why} (logs/build.log); "
+                  + ("installed without it" if rc2 == 0 else "the install without it failed too (logs/build-noext.log)"))
+    rc3, tail3 = run_step(ctx, "build", check, max(deadline, time.monotonic() + 30))
     if rc3 != 0:
         status = "failed"
-    return dict(status=status, detail=detail + "\n" + tail3.strip())
+    return dict(status=status, detail=detail + "; " + " ".join(tail3.split())[-300:])
 
 
 def junit_summary(path: Path) -> dict:
@@ -408,7 +410,12 @@ def phase_bench(ctx: Context, deadline: float) -> dict:
     rc, tail = run_step(ctx, "bench", plan_bench(ctx, seconds - 15)[0], deadline)
     data = ctx.out / "bench.json"
     status = "ok" if rc == 0 and data.exists() else ("timeout" if rc is None else "failed")
-    return dict(status=status, detail=tail.strip()[-1500:])
+    if data.exists():
+        bench = json.loads(data.read_text())
+        detail = f"{len(bench['rows'])} timings, {len(bench['skipped'])} case(s) left out for time"
+    else:
+        detail = "no bench.json (logs/bench.log): " + " ".join(tail.split())[-600:]
+    return dict(status=status, detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +430,7 @@ def bench_worker(out: Path, seconds: float, quick: bool, ops: list[str] | None) 
     def checkpoint(report):
         (out / "bench.json").write_text(report.to_json())
 
+    out.mkdir(parents=True, exist_ok=True)
     report = runner.bench(ops=ops, quick=quick, deadline=deadline, checkpoint=checkpoint,
                           printer=lambda s: print(s, flush=True))
     checkpoint(report)
@@ -430,6 +438,7 @@ def bench_worker(out: Path, seconds: float, quick: bool, ops: list[str] | None) 
     if report.rows:
         runner.write_csv(report.rows, out, report.slug)
         try:
+            (out / "plots").mkdir(exist_ok=True)
             runner.draw_plots(report.rows, out / "plots", report.slug)
         except Exception as exc:  # plots are a convenience; the CSV and report carry the numbers
             print(f"plots failed: {type(exc).__name__}: {exc}", flush=True)
@@ -515,8 +524,8 @@ def build_report(bench: dict | None, phases: list[Phase], meta: dict) -> str:
         out += ["", "## Ceilings", "",
                 f"copy {ceil['copy_gbps']:,.0f} GB/s (read + write, {ceil.get('buffer_mb', 0):,.0f} MiB buffers, "
                 f"last-level cache {ceil.get('cache_mb', 0):,.0f} MiB), bf16 matmul {ceil['matmul_tflops']:,.1f} "
-                f"TFLOP/s{launch}. % of ceiling: achieved GB/s over the copy figure for cases with a byte "
-                "count, else TFLOP/s over the matmul figure."]
+                f"TFLOP/s{launch}. % of ceiling = the roofline floor (the larger of the case's least bytes over "
+                "the copy figure and its FLOPs over the matmul figure) over the measured time."]
     out += ["", "## Targets", "", "| op | mode | shape | target | achieved | status | source |",
             "|---|---|---|---|---|---|---|"]
     for v in verdicts:

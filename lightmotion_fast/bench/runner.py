@@ -324,12 +324,22 @@ def _cases(scenarios: dict[str, Callable], device: torch.device, quick: bool) ->
     return cases
 
 
+def pct_of_roofline(nbytes: int | None, flops: float | None, median_ms: float, ceil: Ceilings) -> float | None:
+    """100 x the roofline floor over the measured time. The floor is the larger of the least bytes over
+    the copy bandwidth and the useful FLOPs over the bf16 matmul rate (METHOD: whichever binds)."""
+    floors = []
+    if nbytes:
+        floors.append(nbytes / (ceil.copy_gbps * 1e9))
+    if flops:
+        floors.append(flops / (ceil.matmul_tflops * 1e12))
+    return 100 * max(floors) / (median_ms * 1e-3) if floors else None
+
+
 def _row(case: Case, name: str, t: Timing, ceil: Ceilings, meta: dict, backend: str) -> dict:
     seconds = t.median_ms * 1e-3
     gbps = case.bytes / seconds / 1e9 if case.bytes else None
     tflops = case.flops / seconds / 1e12 if case.flops else None
-    pct = (100 * gbps / ceil.copy_gbps if gbps is not None else
-           100 * tflops / ceil.matmul_tflops if tflops is not None else None)
+    pct = pct_of_roofline(case.bytes, case.flops, t.median_ms, ceil)
     return dict(op=case.op, provider=name, mode=case.mode, shape=case.shape, median_ms=t.median_ms,
                 p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=gbps, tflops=tflops, pct_of_ceiling=pct,
                 dtype=case.dtype, spread_pct=100 * t.spread, sdpa_backend=backend, **meta)
@@ -342,8 +352,8 @@ def honesty_notes(rows: list[dict]) -> list[str]:
         where = f"{r['op']} {r['shape']} {r['mode']} {r['provider']}"
         if r.get("pct_of_ceiling") is not None and r["pct_of_ceiling"] > 100:
             notes.append(f"{where}: {r['pct_of_ceiling']:.0f} % of the ceiling is above 100 %: its inputs stay "
-                         "in cache between repeats, or the case counts more bytes/FLOPs than it moves; "
-                         "not a bandwidth or rate figure")
+                         "in cache between repeats, the case counts more bytes/FLOPs than it must move, or "
+                         "it computes in a faster format than the bf16 matmul ceiling; not a roofline figure")
     noisy = [r for r in rows if (r.get("spread_pct") or 0) > 100 * SPREAD_FLAG]
     if noisy:
         notes.append(f"{len(noisy)} of {len(rows)} timings spread more than {100 * SPREAD_FLAG:.0f} % "
