@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", nargs="+", default=None, help="scenario names (benchmarks/scenarios/*.py)")
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
     bench.add_argument("--no-plot", action="store_true")
-    bench.add_argument("--out", "--results", dest="results", type=Path, default=None,
+    bench.add_argument("--out", "--results", dest="results", type=Path, default=None, metavar="DIR",
                        help="folder for the CSV and plots (default: $LIGHTMOTION_BENCH_DIR or "
                             "~/.cache/lightmotion_fast/bench, outside the source tree)")
     return parser

@@ -168,8 +168,8 @@ PHASES = [
     ("wheels", 30, "install .whl/*.whl into a private --target folder (never torch/triton)"),
     ("build", 120, "pip install --target of this tree: the C++ extension for this torch"),
     ("tests", 120, "the test suite on CUDA, JUnit XML"),
-    ("sanitizer", 120, "the smoke script, then compute-sanitizer memcheck + racecheck over it"),
-    ("bench", 140, "ceilings, then every op and scenario; CSV, plots"),
+    ("sanitizer", 150, "the smoke script, then compute-sanitizer memcheck + racecheck over it"),
+    ("bench", 110, "ceilings, then every op and scenario; CSV, plots"),
     ("report", 10, "report.md, gpu_report.tar.gz"),
 ]
 OPTIONAL_PHASES = {"tests", "sanitizer", "bench"}
@@ -229,7 +229,7 @@ def plan_sanitizer(ctx: Context) -> list[Step]:
     smoke = [ctx.python, "-m", "lightmotion_fast.bench.smoke"]
     # First without the sanitizer: checks every kernel against its reference and fills the Triton
     # cache, so the sanitized runs spend their time running kernels, not compiling them.
-    steps = [Step(smoke, log="smoke.log"),
+    steps = [Step(smoke + ["--dtypes", "float32,float16"], log="smoke.log"),
              Step([tool, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "100",
                    "--log-file", str(ctx.out / "memcheck.log")] + smoke + ["--dtypes", "float32,float16"],
                   env, "memcheck-console.log")]
@@ -397,7 +397,7 @@ def sanitizer_verdict(rc: int | None, log: str) -> str:
 
 def phase_sanitizer(ctx: Context, deadline: float) -> dict:
     steps = plan_sanitizer(ctx)
-    rc, tail = run_step(ctx, "sanitizer", steps[0], time.monotonic() + 0.35 * (deadline - time.monotonic()))
+    rc, tail = run_step(ctx, "sanitizer", steps[0], time.monotonic() + 0.45 * (deadline - time.monotonic()))
     results = {"smoke (no sanitizer)": dict(verdict="clean" if rc == 0 else ("timeout" if rc is None else "failed"),
                                             exit=rc, summary=" ".join(tail.split()[-12:]))}
     if sanitizer_binary() is None:
