@@ -202,3 +202,16 @@ def test_bench_json_round_trip(tmp_path):
     data = json.loads(rep.to_json())
     assert data["ceilings"]["copy_gbps"] == 100.0 and len(data["rows"]) == len(_rows())
     assert "### snr_reinject" in gpu.build_report(data, [], {})
+
+
+def test_out_folder_is_emptied_only_when_it_is_an_earlier_report(tmp_path):
+    assert gpu.is_report_folder(tmp_path)                              # empty
+    (tmp_path / "notes.txt").write_text("mine")
+    assert not gpu.is_report_folder(tmp_path)                          # someone's folder
+    (tmp_path / "console.log").write_text("")
+    assert gpu.is_report_folder(tmp_path)                              # an earlier run's
+    assert not gpu.is_report_folder(gpu.REPO) and not gpu.is_report_folder(gpu.REPO.parent)
+    proc = subprocess.run(["bash", str(REPO / "dev.sh"), "gpu", "--out", str(REPO / "tests")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not an earlier report folder" in proc.stderr
+    assert (REPO / "tests" / "conftest.py").exists()

@@ -681,6 +681,14 @@ def _commit() -> str:
     return stamp.read_text().strip() + " (per .whl/COMMIT)" if stamp.exists() else "unknown"
 
 
+def is_report_folder(path: Path) -> bool:
+    """Safe to empty: an empty folder or one an earlier run wrote (console.log at its top), never the
+    repository or a folder holding it."""
+    if path == REPO or path in REPO.parents:
+        return False
+    return not any(path.iterdir()) or (path / "console.log").exists()
+
+
 def _budgets(total: float) -> dict[str, float]:
     scale = min(1.0, total / sum(b for _, b, _ in PHASES))
     return {name: b * scale for name, b, _ in PHASES}
@@ -752,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(ctx, budgets)
 
     if out.exists():
+        if not is_report_folder(out):
+            parser.error(f"--out {out} exists and is not an earlier report folder: choose another (it is emptied)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     say.open(out / "console.log")
