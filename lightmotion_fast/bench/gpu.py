@@ -75,13 +75,14 @@ torchmetrics torchvision tqdm transformers treescope triton typer typing-extensi
 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
 WHEELS_NEEDED = ["diffusers"]          # what the project imports that the GPU machines lack
 NEVER_CARRY = re.compile(r"^(torch|triton|nvidia[-_].*|cuda[-_].*)$")
-# Test files that run the CPU-side ahead-of-time compile check (they name its script): CI runs them;
-# on the GPU they would only cost minutes of CPU.
-AOT_MARK = "gpu_compile_check"
+# Test files that run the CPU-side ahead-of-time sm_90 compiles (they name the compile check's script or
+# the static report's module): CI runs them; on the GPU machine they would only cost minutes of CPU.
+AOT_MARKS = ("gpu_compile_check", "lightmotion_fast.bench.static")
 
 
 def cpu_only_tests() -> list[Path]:
-    return sorted(p for p in (REPO / "tests").glob("test_*.py") if AOT_MARK in p.read_text(errors="replace"))
+    return sorted(p for p in (REPO / "tests").glob("test_*.py")
+                  if any(mark in p.read_text(errors="replace") for mark in AOT_MARKS))
 RACECHECK_OPS = "trajectory_attention,multi_lora,dual_cross_attention,reference_attention"  # smem / atomics
 
 
