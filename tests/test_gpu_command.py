@@ -215,3 +215,20 @@ def test_out_folder_is_emptied_only_when_it_is_an_earlier_report(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not an earlier report folder" in proc.stderr
     assert (REPO / "tests" / "conftest.py").exists()
+
+
+def test_bench_worker_writes_json_csv_plots_and_the_report_reads_them(tmp_path, monkeypatch):
+    """The bench phase's worker on the CPU (ceilings stubbed to keep it short): bench.json, the CSV with
+    the results schema, one plot per op, and a report.md built from them."""
+    from lightmotion_fast.bench import runner
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")     # time the CPU paths, as `bench` does on a CPU
+    monkeypatch.setattr(runner, "measure_ceilings", lambda device: runner.Ceilings(10.0, 0.5, None, 64, 8))
+    assert gpu.bench_worker(tmp_path, seconds=120, quick=True, ops=["plucker"]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["provider"] for r in data["rows"]} == {"lightmotion", "reference", "cameractrl_ray_condition"}
+    csv_path = tmp_path / f"{data['slug']}.csv"
+    assert csv_path.read_text().splitlines()[0] == ",".join(runner.CSV_COLUMNS)
+    assert (tmp_path / "plots" / f"{data['slug']}-plucker_embedding.png").stat().st_size > 1000
+    report = gpu.build_report(data, [], dict(device=data["device"]))
+    assert "### plucker_embedding" in report and "cameractrl_ray_condition ms" in report
