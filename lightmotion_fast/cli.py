@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark every op against its reference and peers")
     bench.add_argument("--ops", nargs="+", default=None, help="scenario names (benchmarks/scenarios/*.py)")
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
-    bench.add_argument("--no-plot", action="store_true")
-    bench.add_argument("--out", "--results", dest="results", type=Path, default=None, metavar="DIR",
+    bench.add_argument("--out", dest="results", type=Path, default=None, metavar="DIR",
                        help="folder for the CSV and plots (default: $LIGHTMOTION_BENCH_DIR or "
                             "~/.cache/lightmotion_fast/bench, outside the source tree)")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--results", type=Path, default=None, help="folder for the CSV and plots")
     return parser
 
 
