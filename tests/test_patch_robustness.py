@@ -322,3 +322,16 @@ def test_help_lists_every_option_with_family():
     assert "applies to animatediff, svd" in doc and lm.is_patched is lmd.is_patched
     assert lm.patch_state is lmd.patch_state and "is_patched" in lm.__all__
     assert os.path.exists(os.path.join(os.path.dirname(lm.__file__), "py.typed"))
+
+
+def test_readme_ops_snippet_runs_as_written():
+    """The README's "ops underneath" block, run as written (on the test device instead of "cuda": on a
+    GPU machine that is a CUDA latent, where the fill map must be built on the latent's device)."""
+    from lm_testing import DEVICE
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(lm.__file__)), "README.md")).read()
+    block = readme.split("The ops underneath:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "device=z.device" in block
+    scope = {"torch": torch, "lm": lm}
+    exec(block.replace('device="cuda"', f'device="{DEVICE}"'), scope)
+    assert scope["edited"].shape == scope["z"].shape and scope["x_prev"].device == scope["z"].device
