@@ -70,8 +70,8 @@ def _count_launches(monkeypatch):
 def test_camera_none_changes_nothing(animatediff):
     pipe, base = animatediff
     original = pipe.scheduler
-    with lm.patched(pipe, camera=None):
-        assert pipe.scheduler is original
+    with pytest.warns(UserWarning, match="installed nothing"), lm.patched(pipe, camera=None):
+        assert pipe.scheduler is original and not lm.is_patched(pipe)
         assert torch.equal(pipe(**animatediff_inputs(steps=STEPS)).frames, base)
 
 

@@ -5,8 +5,6 @@ import copy
 import io
 import json
 import os
-import pickle
-import warnings
 
 import pytest
 import torch
@@ -305,6 +303,24 @@ def test_lora_patched_unet_compiles_fullgraph(norm):
     with torch.no_grad():
         eager = model(**x).sample
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**x).sample
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_ip_adapter_patched_unet_compiles_fullgraph():
+    from test_integration_ip_adapter import install_ip_adapters, tiny_unet, unet_inputs
+
+    torch._dynamo.reset()
+    unet = lm.patch(install_ip_adapters(tiny_unet()))
+    assert "ip_adapter" in lm.patch_state(unet).installed
+    sample, text, image_embeds = unet_inputs()
+
+    def run(model):
+        return model(sample, 10, encoder_hidden_states=text,
+                     added_cond_kwargs={"image_embeds": image_embeds}).sample
+
+    with torch.no_grad():
+        eager = run(unet)
+        compiled = run(torch.compile(unet, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 

@@ -16,6 +16,7 @@ The rules (issue 14):
 - Copies come out unpatched: `copy.deepcopy`, `copy.copy` and pickling (`torch.save`) of a patched
   pipeline, model or patched sub-object copy the unpatched object (the patch is suspended during the
   copy), so a copy never runs through closures bound to the original. Patch the copy to patch it.
+  (While a copy is being taken the original is unpatched: don't copy a pipeline another thread runs.)
 - `save_pretrained` of a patched pipeline or model writes exactly what the unpatched one writes.
 """
 from __future__ import annotations
