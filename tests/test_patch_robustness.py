@@ -324,6 +324,27 @@ def test_ip_adapter_patched_unet_compiles_fullgraph():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_lightmotion_capture_on_the_unet_compiles_fullgraph():
+    """LightMotion's model-side patch (the cross-attention capture) traces whole, and records the same maps."""
+    torch._dynamo.reset()
+    pipe = tiny.tiny_animatediff_pipeline()
+    lm.patch(pipe, camera=CAM)
+    x = tiny.unet_motion_inputs(frames=2)
+    x["encoder_hidden_states"] = x["encoder_hidden_states"][:2]
+    state = lmi.sampler_state(pipe)
+    state.capturing = True
+    with torch.no_grad():
+        eager = pipe.unet(**x).sample
+        eager_maps = {k: v[0].clone() for k, v in state.maps.items()}
+        state.maps.clear()
+        compiled = torch.compile(pipe.unet, fullgraph=True, backend="aot_eager")(**x).sample
+    lm.unpatch(pipe)
+    assert eager_maps and eager_maps.keys() == state.maps.keys()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for k in eager_maps:
+        torch.testing.assert_close(state.maps[k][0], eager_maps[k], atol=1e-6, rtol=1e-5)
+
+
 # -- 15: help, exports, py.typed -------------------------------------------------------------------------
 
 def test_help_lists_every_option_with_family():
