@@ -197,6 +197,8 @@ def test_user_changes_while_patched_survive_unpatch(pipe):
     assert tuple(derived.config.scheduler) == ("diffusers", "DDIMScheduler")
     users = DDIMScheduler.from_config(original.config, timestep_spacing="trailing")
     pipe.scheduler = users
+    with pytest.warns(UserWarning, match="scheduler was replaced"):   # camera control is not silently gone
+        pipe(**tiny.animatediff_inputs(frames=2, steps=2))
     processor = AttnProcessor2_0()
     pipe.unet.set_attn_processor(processor)
     lm.unpatch(pipe)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -500,6 +501,26 @@ def _install(ctx: PatchContext) -> None:
 
             ctx.set_attr(pipe, "encode_prompt", encode_prompt)
     sampler.install(ctx)
+    _warn_when_scheduler_replaced(ctx, sampler)
+
+
+def _warn_when_scheduler_replaced(ctx: PatchContext, sampler: LightMotionSampler) -> None:
+    """`pipe.scheduler = ...` after patching leaves the new scheduler unpatched (and unpatch keeps it):
+    say so at the start of each call, which every diffusers pipeline opens with check_inputs."""
+    pipe = ctx.pipe
+    check = getattr(pipe, "check_inputs", None)
+    if check is None:
+        return
+
+    def check_inputs(*args, **kwargs):
+        if pipe.scheduler is not sampler.scheduler:
+            warnings.warn(f"pipe.scheduler was replaced after lightmotion_fast.patch (now "
+                          f"{type(pipe.scheduler).__name__}): this call runs without LightMotion's camera "
+                          f"motion; patch again (unpatch + patch) to apply it to the new scheduler",
+                          UserWarning, stacklevel=3)
+        return check(*args, **kwargs)
+
+    ctx.set_attr(pipe, "check_inputs", check_inputs)
 
 
 def _check_tokens_fit(tokens, tokenizer) -> None:
