@@ -29,26 +29,19 @@ from lightmotion_fast.ops import (
 __version__ = "0.1.0"
 
 
-def patch(pipe, **options):
-    """Swap lightmotion_fast's fused paths into a diffusers pipeline (or model). See
-    lightmotion_fast.integrations.diffusers.patch."""
-    from lightmotion_fast.integrations.diffusers import patch as _patch
-
-    return _patch(pipe, **options)
+_PATCH_API = ("patch", "patched", "unpatch", "is_patched", "patch_state")
 
 
-def unpatch(pipe):
-    """Restore exactly the processors, forwards and scheduler that `patch` replaced."""
-    from lightmotion_fast.integrations.diffusers import unpatch as _unpatch
+def __getattr__(name):
+    """The patch API lives in lightmotion_fast.integrations.diffusers (imported on first use, so that
+    `import lightmotion_fast` stays light); help(lightmotion_fast.patch) lists every option."""
+    if name in _PATCH_API:
+        from lightmotion_fast.integrations import diffusers as _diffusers
 
-    return _unpatch(pipe)
-
-
-def patched(pipe, **options):
-    """Context manager: `patch` on entry, `unpatch` on exit."""
-    from lightmotion_fast.integrations.diffusers import patched as _patched
-
-    return _patched(pipe, **options)
+        value = getattr(_diffusers, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightmotion_fast' has no attribute {name!r}")
 
 
 def extension_available() -> bool:
@@ -60,7 +53,7 @@ __all__ = [
     # dispatch
     "Backend", "backend", "extension_available",
     # diffusers integration
-    "patch", "patched", "unpatch",
+    "patch", "patched", "unpatch", "is_patched", "patch_state",
     # LightMotion
     "CameraMotion", "build_fill_map", "latent_edit", "latent_permute", "latent_permute_affine",
     "latent_resample", "snr_noise", "snr_reinject",

@@ -70,8 +70,8 @@ def _count_launches(monkeypatch):
 def test_camera_none_changes_nothing(animatediff):
     pipe, base = animatediff
     original = pipe.scheduler
-    with lm.patched(pipe, camera=None):
-        assert pipe.scheduler is original
+    with pytest.warns(UserWarning, match="installed nothing"), lm.patched(pipe, camera=None):
+        assert pipe.scheduler is original and not lm.is_patched(pipe)
         assert torch.equal(pipe(**animatediff_inputs(steps=STEPS)).frames, base)
 
 
@@ -149,10 +149,12 @@ def test_unpatch_restores_scheduler_processors_and_config(animatediff):
     scheduler, processors = pipe.scheduler, dict(pipe.unet.attn_processors)
     config_entry = pipe.config.scheduler
     lm.patch(pipe, camera=CAM)
-    assert isinstance(pipe.scheduler, lmi.LightMotionScheduler)
+    assert pipe.scheduler is scheduler and tuple(pipe.config.scheduler) == tuple(config_entry)
+    assert isinstance(pipe.scheduler.__dict__["step"].__self__, lmi.LightMotionSampler)
     assert any(isinstance(p, lmi._CrossAttentionCapture) for p in pipe.unet.attn_processors.values())
     lm.unpatch(pipe)
     assert pipe.scheduler is scheduler and tuple(pipe.config.scheduler) == tuple(config_entry)
+    assert not {"step", "set_timesteps", "scale_model_input"} & set(vars(scheduler))
     assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
 
 
@@ -178,19 +180,19 @@ def test_svd_renoise_rewinds_the_sigma_schedule(svd):
     unet_forward = pipe.unet.forward
 
     with lm.patched(pipe, camera=CAM, edit_step=2, correction="renoise", correction_steps=1):
-        real_scale = pipe.scheduler.inner.scale_model_input
+        real_scale = pipe.scheduler.scale_model_input
 
         def scale(sample, t):
-            sigmas_seen.append(float(pipe.scheduler.inner.sigmas[pipe.scheduler.inner.step_index or 0]))
+            sigmas_seen.append(float(pipe.scheduler.sigmas[pipe.scheduler.step_index or 0]))
             return real_scale(sample, t)
 
-        pipe.scheduler.inner.scale_model_input = scale
+        pipe.scheduler.scale_model_input = scale
         try:
             out = pipe(**svd_inputs()).frames
         finally:
-            del pipe.scheduler.inner.scale_model_input
+            del pipe.scheduler.scale_model_input
         timesteps = pipe.scheduler.timesteps
-        sigmas = pipe.scheduler.inner.sigmas
+        sigmas = pipe.scheduler.sigmas
     assert pipe.unet.forward == unet_forward
     assert len(timesteps) == STEPS + 1 and torch.isfinite(out).all()
     # steps 0, 1, then back to level 1 again (the rewind), then 2, 3
@@ -223,6 +225,6 @@ def test_bad_options(animatediff):
         with pytest.raises(ValueError, match="correction"):
             lm.patch(pipe, camera=CAM)
         with lm.patched(pipe, camera=CAM, correction=None):
-            assert isinstance(pipe.scheduler, lmi.LightMotionScheduler)
+            assert isinstance(lmi.sampler_state(pipe), lmi.SamplerState)
     finally:
         pipe.scheduler = original

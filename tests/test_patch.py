@@ -147,8 +147,9 @@ def test_registered_features_restore_exactly():
     pipe = tiny.tiny_animatediff_pipeline()
     reference = pipe(**tiny.animatediff_inputs()).frames
     procs, scheduler = _processors(pipe.unet), pipe.scheduler
-    with lm.patched(pipe):
-        pass
+    with pytest.warns(UserWarning, match="installed nothing"):   # a plain pipeline: nothing applies
+        with lm.patched(pipe):
+            assert not lmd.is_patched(pipe)
     assert pipe.scheduler is scheduler and all(_processors(pipe.unet)[k] is procs[k] for k in procs)
     assert torch.equal(pipe(**tiny.animatediff_inputs()).frames, reference)
 

@@ -105,3 +105,38 @@ def unet_motion_inputs(frames: int = 4):
     g = torch.Generator().manual_seed(13)
     return dict(sample=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor(10),
                 encoder_hidden_states=torch.randn(frames, 7, 32, generator=g))
+
+
+def tiny_animatediff_v2v_pipeline(scheduler=None):
+    """AnimateDiffVideoToVideoPipeline from the same tiny parts (call it with prompt_embeds)."""
+    from diffusers import AnimateDiffVideoToVideoPipeline, DDIMScheduler
+
+    scheduler = scheduler or DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                           clip_sample=False, steps_offset=1)
+    pipe = AnimateDiffVideoToVideoPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_unet2d(),
+                                           motion_adapter=tiny_motion_adapter(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def animatediff_v2v_inputs(frames: int = 2, steps: int = 4, strength: float = 0.5, seed: int = 0):
+    g = torch.Generator().manual_seed(321)
+    video = torch.rand(1, frames, 3, 16, 16, generator=g)
+    return dict(video=video, prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                negative_prompt_embeds=torch.randn(1, 7, 32, generator=g), height=16, width=16,
+                num_inference_steps=steps, strength=strength, guidance_scale=7.5, output_type="pt",
+                generator=torch.Generator().manual_seed(seed))
+
+
+def add_random_lora(model, rank: int = 4, seed: int = 0, name: str = "default"):
+    """A peft LoRA adapter on every attention projection, with random (non-zero) A and B."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                      adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model

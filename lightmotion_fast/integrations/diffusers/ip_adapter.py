@@ -295,4 +295,7 @@ def _install(ctx: PatchContext) -> None:
             ctx.set_processor(module, FusedIPAdapterAttnProcessor(module.processor))
 
 
-FEATURE = register_feature(Feature(name="ip_adapter", install=_install))
+FEATURE = register_feature(Feature(
+    name="ip_adapter", install=_install,
+    summary="IPAdapterAttnProcessor2_0 layers run text + image attention as one dual_cross_attention (no options)",
+))

@@ -6,12 +6,16 @@
     lightmotion_fast.unpatch(pipe)      # the original scheduler and attention processors, exactly
 
 What the patch does (only when `camera` is given; camera=None installs nothing):
-- wraps `pipe.scheduler` in a `LightMotionScheduler` that defers to the original scheduler except:
-  at the edit step it permutes + resamples the latent (`latent_resample`, one gather with a fill map
-  built once per call), then runs the correction: `stochastic` (default) replaces the scheduler
-  step by the fused `snr_reinject` step with η for `correction_steps` steps, optionally only on the
-  exposed region; `renoise` jumps the latent back `correction_steps` levels and rewinds the
-  schedule (the pipeline then runs that many extra UNet steps; `timesteps` already lists them);
+- gives the pipeline's own scheduler object a `LightMotionSampler` (instance attributes
+  `set_timesteps`, `scale_model_input`, `step`; `pipe.scheduler` stays the same diffusers object, so
+  save_pretrained and from_pipe see a plain scheduler). At the edit step it permutes + resamples the
+  latent (`latent_resample`, one gather with a fill map built once per call), then runs the
+  correction: `stochastic` (default) replaces the scheduler step by the fused `snr_reinject` step
+  with η for `correction_steps` steps, optionally only on the exposed region; `renoise` jumps the
+  latent back `correction_steps` levels and rewinds the schedule (the pipeline then runs that many
+  extra UNet steps; `timesteps` already lists them; it needs a pipeline that runs the whole schedule).
+  Steps count from where the pipeline starts (video-to-video with strength < 1 starts part-way);
+  coefficients come from the timestep the pipeline passes.
 - AnimateDiff: gives every text cross-attention (attn2 of the spatial transformer blocks) a
   capturing processor that, during the steps up to the edit, records the subject tokens' attention
   probabilities next to the unchanged output of the original processor; at the edit they are
@@ -20,19 +24,9 @@ What the patch does (only when `camera` is given; camera=None installs nothing):
 - SVD: its cross-attention sees a single image token, so there is nothing to capture: the
   background mask is the user's `mask`, or everything is background.
 
-Options (patch keywords):
-  camera             CameraMotion, required for this feature
-  edit_step          steps done before the edit: int, or a fraction of the steps (default 0.2)
-  correction         "stochastic" (default), "renoise", or None/"off"
-  correction_steps   window length: int, or a fraction of the steps (default 0.1), at least 1
-  eta                correction strength η (default 1.0)
-  correction_region  "all" (default) or "exposed" (noise only where the edit exposed pixels)
-  mask               user background mask [f, h, w] bool (True: background) at latent size
-  subject_tokens     token indices whose cross-attention marks the subject (default: every
-                     non-padding token of the prompt except the start token; with prompt_embeds
-                     only: every token but the first)
-  mask_threshold     std multiplier of the per-frame threshold (default 0.5)
-  motion_seed        seed of the fill draws and of the correction noise (default 0)
+Options: OPTION_DOCS below (shown by help(lightmotion_fast.patch)). A user `mask` is checked for
+dtype and rank at patch time and for its [f, h, w] against the call's latent before the first UNet
+step; other LightMotion options without `camera` are an error.
 
 The reference sampler is the same code with every op on its PyTorch reference
 (LIGHTMOTION_BACKEND=reference or `with lightmotion_fast.backend("reference")`): fill map from the
@@ -47,13 +41,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from lightmotion_fast.camera.motion import CameraMotion
-from lightmotion_fast.integrations.diffusers.registry import Feature, PatchContext, register_feature
+from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, patch_state, register_feature
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_resample
 from lightmotion_fast.ops.snr_reinject import (
     ddim_coefficients,
@@ -65,8 +61,22 @@ from lightmotion_fast.ops.snr_reinject import (
 )
 from lightmotion_fast.reference.latent_permute import source_positions
 
-OPTIONS = ("camera", "edit_step", "correction", "correction_steps", "eta", "correction_region", "mask",
-           "subject_tokens", "mask_threshold", "motion_seed")
+OPTION_DOCS = (
+    Option("camera", "CameraMotion", "None", "the camera motion; without it this feature installs nothing"),
+    Option("edit_step", "int | float", "0.2", "steps run before the edit: an int, or a fraction of the steps the "
+           "call runs (rounded, at least 1); an int past the schedule is an error"),
+    Option("correction", "'stochastic' | 'renoise' | None", "'stochastic'", "the correction after the edit"),
+    Option("correction_steps", "int | float", "0.1", "correction window: an int or a fraction of the steps, >= 1"),
+    Option("eta", "float", "1.0", "correction strength η >= 0"),
+    Option("correction_region", "'all' | 'exposed'", "'all'", "where the stochastic correction adds noise"),
+    Option("mask", "bool Tensor [f, h, w]", "None", "background mask at latent size (True: background); "
+           "default: captured from the subject tokens' cross-attention (AnimateDiff) or all background (SVD)"),
+    Option("subject_tokens", "Sequence[int]", "None", "token positions in the prompt that mark the subject "
+           "(default: every prompt token but the start token); words are not accepted"),
+    Option("mask_threshold", "float", "0.5", "std multiplier of the per-frame foreground threshold"),
+    Option("motion_seed", "int", "0", "seed of the fill draws and the correction noise, in [0, 2**62)"),
+)
+OPTIONS = tuple(o.name for o in OPTION_DOCS)
 CORRECTIONS = ("stochastic", "renoise", None)
 
 
@@ -106,12 +116,29 @@ class LightMotionConfig:
                 raise ValueError("mask must be a bool tensor [f, h, w] at latent size (True: background), got "
                                  f"{getattr(self.mask, 'shape', type(self.mask).__name__)}")
         if self.subject_tokens is not None:
-            self.subject_tokens = tuple(int(i) for i in self.subject_tokens)
+            self.subject_tokens = _token_positions(self.subject_tokens)
         if isinstance(self.motion_seed, bool) or not isinstance(self.motion_seed, int) or not 0 <= self.motion_seed < 2**62:
             raise ValueError(f"motion_seed must be an int in [0, 2**62), got {self.motion_seed!r}")
 
     def steps(self, value, total: int) -> int:
         return int(value) if isinstance(value, int) else int(round(value * total))
+
+
+def _token_positions(tokens) -> tuple[int, ...]:
+    """subject_tokens as a tuple of non-negative ints (numpy integers and 0-d tensors included)."""
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"subject_tokens must be a sequence of token positions (ints), got {tokens!r}")
+    out = []
+    for t in tokens:
+        if isinstance(t, (str, bytes)):
+            raise TypeError(f"subject_tokens must hold token positions (ints), got the word {t!r}; mapping words "
+                            f"to tokens is not supported yet: pass the positions of the word's tokens in the prompt")
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise TypeError(f"subject_tokens must hold token positions (ints), got {t!r}")
+        out.append(operator.index(t))
+    if not out or min(out) < 0:
+        raise ValueError(f"subject_tokens must be a non-empty sequence of token positions >= 0, got {out}")
+    return tuple(out)
 
 
 @dataclass
@@ -151,8 +178,10 @@ class _CrossAttentionCapture:
         k = attn.head_to_batch_dim(attn.to_k(context)).float()
         probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)       # (B·heads, hw, tokens)
         probs = probs.reshape(hidden_states.shape[0], attn.heads, *probs.shape[1:]).mean(1)
-        tokens = self.subject_tokens or self._default_tokens(probs.shape[-1])
-        tokens = [t for t in tokens if 0 <= t < probs.shape[-1]] or list(range(probs.shape[-1]))
+        if self.subject_tokens and max(self.subject_tokens) >= probs.shape[-1]:
+            raise ValueError(f"subject_tokens must be token positions < {probs.shape[-1]} (the prompt's length in "
+                             f"tokens), got {list(self.subject_tokens)}")
+        tokens = list(self.subject_tokens or self._default_tokens(probs.shape[-1]))
         subject = probs[..., tokens].mean(-1)                                  # (B, hw)
         entry = self.state.maps.setdefault(subject.shape[1], [torch.zeros_like(subject), 0])
         if entry[0].shape == subject.shape:
@@ -196,126 +225,194 @@ def capture_to_mask(maps: dict, batch: int, frames: int, height: int, width: int
     return (~foreground).cpu()
 
 
-class LightMotionScheduler:
-    """Wraps a diffusers scheduler; everything but `timesteps`, `set_timesteps` and `step` is the
-    original's. See the module docstring for what `step` adds."""
+class LightMotionSampler:
+    """LightMotion's edit and correction, installed on the pipeline's own scheduler object.
 
-    def __init__(self, inner, config: LightMotionConfig, layout: str, state: SamplerState):
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "lm_config", config)
-        object.__setattr__(self, "layout", layout)
-        object.__setattr__(self, "state", state)
-        object.__setattr__(self, "plan", None)
-        object.__setattr__(self, "position", 0)
-        object.__setattr__(self, "_inner_step_params", set(inspect.signature(inner.step).parameters))
-        name = type(inner).__name__
+    `patch` sets three instance attributes on the scheduler (`set_timesteps`, `scale_model_input`,
+    `step`), so the pipeline keeps its own scheduler: saving, `from_pipe` and `pipe.scheduler`
+    assignments see a plain diffusers scheduler. Everything else is the scheduler's own.
+
+    The sampler follows the steps the pipeline actually runs: a video-to-video call with strength < 1
+    starts part-way into the schedule (found from the first timestep the pipeline passes, or the
+    scheduler's begin index), `edit_step` and `correction_steps` count steps of that run, and the
+    correction's coefficients come from the `timestep` argument (DDIM) or the scheduler's own step
+    index (Euler), never from a call counter."""
+
+    def __init__(self, scheduler, config: LightMotionConfig, layout: str, state: SamplerState):
+        self.scheduler = scheduler
+        self.lm_config = config
+        self.layout = layout
+        self.state = state
+        # the scheduler's own bound methods, captured before patching (the instance attributes that
+        # replace them are this sampler's methods)
+        self._set_timesteps = scheduler.set_timesteps
+        self._scale_model_input = scheduler.scale_model_input
+        self._step = scheduler.step
+        self._step_params = set(inspect.signature(scheduler.step).parameters)
+        self.full = None        # the schedule set_timesteps made, before any renoise plan
+        self.plan = None        # run position -> schedule index, once the run has begun
+        self.position = 0
+        self.edit = self.window = self.start = 0
+        self._begun = False
+        name = type(scheduler).__name__
+        if "Inverse" in name:
+            raise ValueError(f"LightMotion samples forward in time; pipe.scheduler is {name}, an inversion "
+                             f"scheduler. Give the pipeline a forward scheduler (e.g. DDIMScheduler)")
         kind = "euler" if "EulerDiscrete" in name else ("ddim" if name.startswith("DDIM") else None)
         if config.correction is not None and kind is None:
             raise ValueError(f"LightMotion's correction supports DDIMScheduler (AnimateDiff) and "
                              f"EulerDiscreteScheduler (SVD), got {name}; use correction=None for the edit alone")
-        object.__setattr__(self, "kind", kind)
+        self.kind = kind
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.inner, name, value)
+    def install(self, ctx: PatchContext) -> None:
+        for name in ("set_timesteps", "scale_model_input", "step"):
+            ctx.set_attr(self.scheduler, name, getattr(self, name))
 
     # -- schedule --------------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
-        out = self.inner.set_timesteps(*args, **kwargs)
-        cfg = self.lm_config
-        n = len(self.inner.timesteps)
-        edit = min(max(cfg.steps(cfg.edit_step, n), 1), max(n - 1, 1))
-        window = max(cfg.steps(cfg.correction_steps, n), 1) if cfg.correction else 0
-        if cfg.correction == "renoise":
-            window = min(window, edit)
-            plan = list(range(edit)) + list(range(edit - window, n))
-        else:
-            plan = list(range(n))
-        object.__setattr__(self, "plan", plan)
-        object.__setattr__(self, "edit", edit)
-        object.__setattr__(self, "window", window)
-        object.__setattr__(self, "position", 0)
+        out = self._set_timesteps(*args, **kwargs)
+        sch, cfg = self.scheduler, self.lm_config
+        self.full = sch.timesteps
+        self.plan, self.position, self._begun = None, 0, False
         self.state.reset()
         self.state.capturing = True
+        if cfg.correction == "renoise":
+            # the rewind needs extra UNet steps: the pipeline reads them from `timesteps` right after
+            # set_timesteps. The scheduler's own step bookkeeping stays on the full schedule.
+            n = len(self.full)
+            edit, window = self._window(n)
+            plan = list(range(edit)) + list(range(edit - window, n))
+            sch.timesteps = self.full[torch.as_tensor(plan, device=self.full.device)]
+            if hasattr(sch, "set_begin_index"):
+                sch.set_begin_index(0)   # Euler: find step 0 by index, not by a timestep that now repeats
+            self.plan, self.edit, self.window, self.start = plan, edit, window, 0
         return out
 
-    @property
-    def timesteps(self):
-        ts = self.inner.timesteps
-        if self.plan is None or len(self.plan) == len(ts):
-            return ts
-        return ts[torch.as_tensor(self.plan, device=ts.device)]
+    def _window(self, n_run: int) -> tuple[int, int]:
+        """(steps before the edit, correction window) for a run of n_run steps."""
+        cfg = self.lm_config
+        if isinstance(cfg.edit_step, int) and cfg.edit_step >= n_run:
+            raise ValueError(f"edit_step={cfg.edit_step} is past the schedule: this call runs {n_run} steps; "
+                             f"give an int < {n_run} or a fraction of the steps")
+        edit = min(max(cfg.steps(cfg.edit_step, n_run), 1), max(n_run - 1, 1))
+        window = max(cfg.steps(cfg.correction_steps, n_run), 1) if cfg.correction else 0
+        if cfg.correction == "renoise":
+            window = min(window, edit)
+        return edit, window
+
+    def _begin(self, timestep, sample) -> None:
+        """First call of a run: where in the schedule the pipeline starts, and the user mask's shape."""
+        if self.full is None:
+            raise RuntimeError("the LightMotion-patched scheduler was used before set_timesteps")
+        if self.plan is None:
+            start = self._start_index(timestep)
+            self.edit, self.window = self._window(len(self.full) - start)
+            self.plan, self.start = list(range(start, len(self.full))), start
+        elif timestep is not None and float(timestep) != float(self.full[0]):
+            raise ValueError(f"correction='renoise' rewinds the whole schedule, but this pipeline starts part-way "
+                             f"(at timestep {float(timestep)}, e.g. video-to-video with strength < 1); "
+                             f"use correction='stochastic'")
+        mask = self.lm_config.mask
+        if mask is not None:
+            want = self._frames_hw(sample)
+            if tuple(mask.shape) != want:
+                raise ValueError(f"mask must have shape [{want[0]}, {want[1]}, {want[2]}] (latent frames, height, "
+                                 f"width of this call), got {tuple(mask.shape)}")
+        self._begun = True
+
+    def _start_index(self, timestep) -> int:
+        begin = getattr(self.scheduler, "begin_index", None)
+        if begin is not None:
+            return int(begin)
+        if timestep is None:
+            return 0
+        hits = (self.full == torch.as_tensor(timestep).to(self.full)).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not in the schedule set_timesteps made")
+        return int(hits[0])
+
+    def _frames_hw(self, sample) -> tuple[int, int, int]:
+        frames_dim = 2 if self.layout == "b c f h w" else 1
+        return sample.shape[frames_dim], sample.shape[3], sample.shape[4]
+
+    def scale_model_input(self, sample, *args, **kwargs):
+        timestep = args[0] if args else kwargs.get("timestep")
+        if not self._begun and timestep is not None:
+            self._begin(timestep, sample)   # before the first UNet step: a bad mask fails now
+        return self._scale_model_input(sample, *args, **kwargs)
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True,
              **kwargs):
-        if self.plan is None:
-            raise RuntimeError("LightMotionScheduler.step called before set_timesteps")
+        if not self._begun:
+            self._begin(timestep, sample)
         cfg = self.lm_config
         j = self.position
-        index = self.plan[j] if j < len(self.plan) else self.plan[-1]
+        index = self.plan[j] if j < len(self.plan) else self.plan[-1]    # index into the full schedule
+        edit_at = self.start + self.edit                                 # schedule index of the first edited step
         first_pass = j < self.edit
-        corrected = (cfg.correction == "stochastic" and not first_pass and self.edit <= index < self.edit + self.window)
+        corrected = (cfg.correction == "stochastic" and not first_pass and edit_at <= index < edit_at + self.window)
         if corrected:
-            prev = self._stochastic_step(model_output, timestep, sample, index, offset=j * sample.numel())
+            prev = self._stochastic_step(model_output, timestep, sample, offset=j * sample.numel())
         else:
-            if "eta" in self._inner_step_params:
+            if "eta" in self._step_params:
                 kwargs["eta"] = eta
-            if "generator" in self._inner_step_params:
+            if "generator" in self._step_params:
                 kwargs["generator"] = generator
-            prev = self.inner.step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
+            prev = self._step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
         if j == self.edit - 1:
-            prev = self._edit(prev, index, offset=j * sample.numel())
-        object.__setattr__(self, "position", j + 1)
+            prev = self._edit(prev, index, timestep, offset=j * sample.numel())
+        self.position = j + 1
         return _Output(prev) if return_dict else (prev,)
 
-    def _level(self, index: int, sample):
-        """(ᾱ_t, ᾱ_prev) of DDIM step `index`, or (σ, σ_next) of Euler step `index`."""
-        inner = self.inner
-        if self.kind == "euler":
-            return float(inner.sigmas[index]), float(inner.sigmas[index + 1])
-        t = int(inner.timesteps[index])
-        prev_t = t - inner.config.num_train_timesteps // inner.num_inference_steps
-        a_t = float(inner.alphas_cumprod[t])
-        a_prev = float(inner.alphas_cumprod[prev_t]) if prev_t >= 0 else float(inner.final_alpha_cumprod)
+    def _ddim_level(self, timestep) -> tuple[float, float]:
+        """(ᾱ_t, ᾱ_prev) of the DDIM step from `timestep`, as DDIMScheduler.step computes them."""
+        sch = self.scheduler
+        t = int(timestep)
+        prev_t = t - sch.config.num_train_timesteps // sch.num_inference_steps
+        a_t = float(sch.alphas_cumprod[t])
+        a_prev = float(sch.alphas_cumprod[prev_t]) if prev_t >= 0 else float(sch.final_alpha_cumprod)
         return a_t, a_prev
+
+    def _euler_index(self, timestep) -> int:
+        sch = self.scheduler
+        if sch.step_index is None:
+            sch._init_step_index(timestep)
+        return sch.step_index
 
     def _region(self, sample):
         if self.lm_config.correction_region != "exposed":
             return None
         return self.state.record["exposed"].to(sample.device)
 
-    def _stochastic_step(self, model_output, timestep, sample, index, offset):
-        cfg, inner = self.lm_config, self.inner
+    def _stochastic_step(self, model_output, timestep, sample, offset):
+        cfg, sch = self.lm_config, self.scheduler
         seed = cfg.motion_seed
-        level = self._level(index, sample)
-        prediction = inner.config.prediction_type
+        prediction = sch.config.prediction_type
         if self.kind == "euler":
-            coeffs = euler_coefficients(level[0], level[1], cfg.eta, prediction)
+            i = self._euler_index(timestep)
+            coeffs = euler_coefficients(float(sch.sigmas[i]), float(sch.sigmas[i + 1]), cfg.eta, prediction)
             out = snr_reinject(sample, model_output.to(sample.dtype), coeffs, seed, offset, self._region(sample), self.layout)
-            inner._step_index = (inner.step_index or 0) + 1
+            sch._step_index = i + 1
             return out.to(model_output.dtype)
-        if getattr(inner.config, "clip_sample", False) or getattr(inner.config, "thresholding", False):
+        if getattr(sch.config, "clip_sample", False) or getattr(sch.config, "thresholding", False):
             # x̂0 is clipped: not an affine map any more; the scheduler's own step with the same noise
             noise = snr_noise(sample, seed, offset).to(sample.dtype)
-            out = inner.step(model_output, timestep, sample, eta=cfg.eta, variance_noise=noise, return_dict=False)[0]
+            out = self._step(model_output, timestep, sample, eta=cfg.eta, variance_noise=noise, return_dict=False)[0]
             if self._region(sample) is not None:
-                plain = inner.step(model_output, timestep, sample, eta=0.0, return_dict=False)[0]
+                plain = self._step(model_output, timestep, sample, eta=0.0, return_dict=False)[0]
                 out = torch.where(self._expand(self._region(sample)), out, plain)
             return out
-        coeffs = ddim_coefficients(level[0], level[1], cfg.eta, prediction)
+        coeffs = ddim_coefficients(*self._ddim_level(timestep), cfg.eta, prediction)
         return snr_reinject(sample, model_output.to(sample.dtype), coeffs, seed, offset, self._region(sample), self.layout)
 
     def _expand(self, region):
         return region[None, None] if self.layout == "b c f h w" else region[None, :, None]
 
-    def _edit(self, latents, index, offset):
+    def _edit(self, latents, index, timestep, offset):
         cfg, state = self.lm_config, self.state
         state.capturing = False
-        frames_dim = 2 if self.layout == "b c f h w" else 1
-        frames, height, width = latents.shape[frames_dim], latents.shape[3], latents.shape[4]
+        frames, height, width = self._frames_hw(latents)
         background = cfg.mask
         source = "user"
         if background is None:
@@ -335,19 +432,19 @@ class LightMotionScheduler:
                             background_source=source, exposed=~kept, edit_index=index)
         state.maps.clear()
         if cfg.correction == "renoise" and self.window > 0:
-            edited = self._renoise(edited, index, offset)
+            edited = self._renoise(edited, index, timestep, offset)
         return edited
 
-    def _renoise(self, latents, index, offset):
+    def _renoise(self, latents, index, timestep, offset):
         """Jump from the level after step `index` back to the level before step index+1-window."""
-        inner, cfg = self.inner, self.lm_config
+        sch, cfg = self.scheduler, self.lm_config
         target = index + 1 - self.window
         if self.kind == "euler":
-            coeffs = renoise_sigma_coefficients(float(inner.sigmas[index + 1]), float(inner.sigmas[target]))
-            inner._step_index = target
+            coeffs = renoise_sigma_coefficients(float(sch.sigmas[index + 1]), float(sch.sigmas[target]))
+            sch._step_index = target
         else:
-            a_from = self._level(index, latents)[1]
-            a_to = float(inner.alphas_cumprod[int(inner.timesteps[target])])
+            a_from = self._ddim_level(timestep)[1]
+            a_to = float(sch.alphas_cumprod[int(self.full[target])])
             coeffs = renoise_coefficients(a_from, a_to)
         out = snr_reinject(latents, None, coeffs, cfg.motion_seed, offset, None, self.layout)
         self.state.record.update(renoised=out, rewind_to=target)
@@ -366,22 +463,29 @@ class _Output:
 
 def sampler_state(pipe) -> SamplerState | None:
     """The LightMotion state of a patched pipeline (its `record` holds the last call's edit)."""
-    scheduler = getattr(pipe, "scheduler", None)
-    return scheduler.state if isinstance(scheduler, LightMotionScheduler) else None
+    ctx = patch_state(pipe)
+    sampler = ctx.data.get("lightmotion") if ctx is not None else None
+    return sampler.state if sampler is not None else None
 
 
 def _install(ctx: PatchContext) -> None:
     opts = ctx.options
+    given = {k: opts[k] for k in OPTIONS if k in opts and (opts[k] is not None or k == "correction")}
     if opts.get("camera") is None:
+        extra = sorted(k for k in OPTIONS if k != "camera" and opts.get(k) is not None)
+        if extra:
+            raise ValueError(f"patch() got LightMotion option(s) {extra} without camera=")
         return
-    config = LightMotionConfig(**{k: opts[k] for k in OPTIONS if k in opts and (opts[k] is not None or k == "correction")})
+    config = LightMotionConfig(**given)
     pipe = ctx.pipe
-    if getattr(pipe, "scheduler", None) is None:
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None:
         raise ValueError(f"LightMotion needs a pipeline with a scheduler (AnimateDiffPipeline, "
                          f"StableVideoDiffusionPipeline), got {type(pipe).__name__}")
+    _check_tokens_fit(config.subject_tokens, getattr(pipe, "tokenizer", None))
     state = SamplerState()
-    layout = ctx.adapter.latent_layout
-    wrapper = LightMotionScheduler(pipe.scheduler, config, layout, state)
+    sampler = LightMotionSampler(scheduler, config, ctx.adapter.latent_layout, state)
+    ctx.data["lightmotion"] = sampler
     if ctx.adapter.name == "animatediff" and config.mask is None:
         for module in ctx.model.modules():
             if getattr(module, "is_cross_attention", False) and hasattr(module, "processor"):
@@ -396,7 +500,35 @@ def _install(ctx: PatchContext) -> None:
                 return encode(prompt, *args, **kwargs)
 
             ctx.set_attr(pipe, "encode_prompt", encode_prompt)
-    ctx.set_attr(pipe, "scheduler", wrapper)
+    sampler.install(ctx)
+    _warn_when_scheduler_replaced(ctx, sampler)
 
 
-register_feature(Feature(name="lightmotion", install=_install, options=OPTIONS, families=("animatediff", "svd")))
+def _warn_when_scheduler_replaced(ctx: PatchContext, sampler: LightMotionSampler) -> None:
+    """`pipe.scheduler = ...` after patching leaves the new scheduler unpatched (and unpatch keeps it):
+    say so at the start of each call, which every diffusers pipeline opens with check_inputs."""
+    pipe = ctx.pipe
+    check = getattr(pipe, "check_inputs", None)
+    if check is None:
+        return
+
+    def check_inputs(*args, **kwargs):
+        if pipe.scheduler is not sampler.scheduler:
+            warnings.warn(f"pipe.scheduler was replaced after lightmotion_fast.patch (now "
+                          f"{type(pipe.scheduler).__name__}): this call runs without LightMotion's camera "
+                          f"motion; patch again (unpatch + patch) to apply it to the new scheduler",
+                          UserWarning, stacklevel=3)
+        return check(*args, **kwargs)
+
+    ctx.set_attr(pipe, "check_inputs", check_inputs)
+
+
+def _check_tokens_fit(tokens, tokenizer) -> None:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokens and isinstance(limit, int) and limit < 10**6 and max(tokens) >= limit:
+        raise ValueError(f"subject_tokens must be token positions < {limit} (the tokenizer's model_max_length), "
+                         f"got {list(tokens)}")
+
+
+register_feature(Feature(name="lightmotion", install=_install, options=OPTION_DOCS, families=("animatediff", "svd"),
+                         summary="LightMotion camera motion: latent edit + SNR correction in the sampler"))

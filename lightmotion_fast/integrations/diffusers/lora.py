@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lightmotion_fast.integrations.diffusers.registry import Feature, PatchContext, register_feature
+from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, register_feature
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.reference.multi_lora import NORMS
 
@@ -95,4 +95,9 @@ def install(ctx: PatchContext) -> None:
             ctx.wrap_forward(module, _fused_forward(module, norm))
 
 
-FEATURE = register_feature(Feature(name="multi_lora", install=install, options=("lora_norm",)))
+FEATURE = register_feature(Feature(
+    name="multi_lora", install=install,
+    options=(Option("lora_norm", "'none' | 'weight' | 'output'", "'none'",
+                    "LiON-LoRA normalisation of the peft LoRA layers: 'none' is peft's own sum"),),
+    summary="peft LoRA layers run base + every active adapter as one fused multi_lora_linear",
+))
