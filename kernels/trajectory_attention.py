@@ -182,7 +182,7 @@ def _traj_attn_bwd_kernel(
 
 @triton.jit
 def _csr_reduce_kernel(
-    tok_ptr, rowptr_ptr, col_ptr, out_ptr,
+    tok_ptr, rowptr_ptr, col_ptr, valid_ptr, out_ptr,
     n_pix, n_traj, nnz, frames, heads,
     st_b, st_n, st_f, st_h,
     so_b, so_s, so_f, so_h, so_d,
@@ -190,7 +190,8 @@ def _csr_reduce_kernel(
 ):
     """out[b, p, f, h] = Σ tok[b, n, f, h] over n in the CSR list of (f, p), in list order; 0 if empty.
     One folded grid axis over (pixel block, frame, batch), pixel blocks fastest. Row pointers are
-    clamped into [0, nnz] and column indices into [0, n_traj): no table content reads out of bounds."""
+    clamped into [0, nnz], column indices into [0, n_traj), and only tokens valid at the frame (the
+    rows the first launch wrote) are read: no table content reads out of bounds or unwritten memory."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(n_pix, BLOCK_P)
     pid_p = pid % n_blocks
@@ -213,6 +214,7 @@ def _csr_reduce_kernel(
             here = j < count
             n = tl.load(col_ptr + start + j, mask=here, other=0)
             n = tl.minimum(tl.maximum(n, 0), n_traj - 1).to(tl.int64)
+            here = here & (tl.load(valid_ptr + frame * n_traj + n, mask=here, other=0) != 0)
             vals = tl.load(tok_base + (n * st_n)[:, None] + dd[None, :], mask=here[:, None] & d_ok, other=0.0)
             acc += vals.to(tl.float32)
         dst = out_ptr + (dst_rows + h64 * so_h)[:, None] + dd[None, :].to(tl.int64) * so_d
@@ -254,7 +256,7 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, out: torch.Tensor) -> None:
+def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
     """out [b s f h d] (any strides) = per-pixel sums of the token buffer tok [b n f h d] over the CSR lists."""
     batch, n_pix, frames, heads, dim = out.shape
     n_traj = tok.shape[1]
@@ -265,7 +267,7 @@ def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, out: tor
     block_p = 32 if block_d <= 64 else 16
     grid = (triton.cdiv(n_pix, block_p) * frames * batch,)
     _csr_reduce_kernel[grid](
-        tok, rowptr, col, out, n_pix, n_traj, col.numel(), frames, heads,
+        tok, rowptr, col, valid, out, n_pix, n_traj, col.numel(), frames, heads,
         tok.stride(0), tok.stride(1), tok.stride(2), tok.stride(3),
         *out.stride(),
         D=dim, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
@@ -302,7 +304,7 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
         num_warps=_warps(block_f, block_d),
     )
     if deterministic:
-        _reduce(dst, rowptr, col, out)
+        _reduce(dst, rowptr, col, valid, out)
     elif dst is not out:
         out.copy_(dst)
 
@@ -334,6 +336,6 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:
-            _reduce(buf, rowptr, col, grad)
+            _reduce(buf, rowptr, col, valid, grad)
         else:
             grad.copy_(buf)

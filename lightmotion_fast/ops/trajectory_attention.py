@@ -118,14 +118,16 @@ class TrajectoryIndex:
                 raise ValueError(f"idx values must lie in [0, {n_pix}) (pixels s of q) where valid, got "
                                  f"{int(bad.sum())} outside, range [{int(wrong.min())}, {int(wrong.max())}]")
         idx64 = torch.where(valid, idx64, torch.zeros_like(idx64))
-        built_rowptr, built_col = incoming_csr(idx64, valid, n_pix)
-        if rowptr is not None and not (torch.equal(rowptr.detach().to(torch.int64), built_rowptr)
-                                       and torch.equal(col.detach().to(torch.int64), built_col)):
-            raise ValueError("rowptr/col are not the CSR table of idx and valid (built for other trajectories, "
-                             "another level, or modified): build them from this idx and valid "
-                             "(TrajectoryTables does), or leave them out")
+        if rowptr is None:
+            rowptr, col = incoming_csr(idx64, valid, n_pix)
+        else:
+            rowptr, col = rowptr.detach().to(torch.int64), col.detach().to(torch.int64)
+            if not _is_csr_of(rowptr, col, idx64, valid, n_pix):
+                raise ValueError("rowptr/col are not the CSR table of idx and valid (built for other trajectories, "
+                                 "another level, or modified): build them from this idx and valid "
+                                 "(TrajectoryTables does), or leave them out")
         self._set(idx64.to(torch.int32).contiguous(), valid.detach().clone().contiguous(), n_pix,
-                  built_rowptr.to(torch.int32), built_col.to(torch.int32))
+                  rowptr.to(torch.int32).contiguous(), col.to(torch.int32).contiguous())
 
     def _set(self, idx, valid, n_pix, rowptr, col) -> None:
         self.idx, self.valid, self.rowptr, self.col, self.n_pix = idx, valid, rowptr, col, int(n_pix)
@@ -173,6 +175,28 @@ class TrajectoryIndex:
     def __repr__(self) -> str:
         return (f"TrajectoryIndex(frames={self.frames}, trajectories={self.num_trajectories}, n_pix={self.n_pix}, "
                 f"landing tokens={self.col.numel()}, device={self.device})")
+
+
+def _is_csr_of(rowptr: torch.Tensor, col: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, n_pix: int) -> bool:
+    """Whether rowptr/col (int64) is exactly `incoming_csr(idx, valid, n_pix)`, in O(nnz) without sorting:
+    rowptr starts at 0, never decreases and ends at len(col) = the number of valid tokens; every entry
+    names a valid token that lands on its row; entries of a row ascend strictly. Distinct valid tokens,
+    as many as there are, each on its own row: the table lists every valid token once, in order."""
+    frames, n = idx.shape
+    nnz = col.numel()
+    counts = rowptr[1:] - rowptr[:-1]
+    if int(rowptr[0]) != 0 or bool((counts < 0).any()) or int(rowptr[-1]) != nnz or nnz != int(valid.sum()):
+        return False
+    if nnz == 0:
+        return True
+    if bool(((col < 0) | (col >= n)).any()):
+        return False
+    rows = torch.repeat_interleave(torch.arange(frames * n_pix, device=col.device), counts)
+    frame, pixel = rows // n_pix, rows % n_pix
+    if not bool((valid[frame, col] & (idx[frame, col] == pixel)).all()):
+        return False
+    same_row = rows[1:] == rows[:-1]
+    return not bool((same_row & (col[1:] <= col[:-1])).any())
 
 
 def _check_count(name: str, value) -> int:
