@@ -348,7 +348,7 @@ def test_out_of_range_idx_at_invalid_points_is_accepted(device):
 
 
 def test_index_arguments_accept_numpy_integers_and_float64_runs_on_the_reference():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     q, k, v, idx, valid = _inputs()
     index = TrajectoryIndex(idx, valid, np.int64(12))
     with lightmotion_fast.backend("reference"):
