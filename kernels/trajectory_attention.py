@@ -140,6 +140,7 @@ def _traj_attn_bwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    WRITE_EARLY: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
@@ -160,24 +161,31 @@ def _traj_attn_bwd_kernel(
                 do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D)
                 do = do.to(tl.float32) * inv_count[:, None]
                 p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+                do_c = do.to(v.dtype)
+                off = (dst_rows + h64 * sd_h)[:, None] + dst_cols
+                if WRITE_EARLY:  # fewer [F, D] tiles live at once (see _bwd_write_early)
+                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
                 o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
                 delta = tl.sum(do * o, axis=1)
-                do_c = do.to(v.dtype)
                 dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
-                ds = p * (dp - delta[:, None])
-                ds_c = ds.to(q.dtype)
+                ds_c = (p * (dp - delta[:, None])).to(q.dtype)
                 dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
+                if WRITE_EARLY:
+                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
                 dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
-                dv = _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST)
-                off = (dst_rows + h64 * sd_h)[:, None] + dst_cols
-                if ATOMIC:
-                    tl.atomic_add(dq_ptr + off, dq, mask=mask, sem="relaxed")
-                    tl.atomic_add(dk_ptr + off, dk, mask=mask, sem="relaxed")
-                    tl.atomic_add(dv_ptr + off, dv, mask=mask, sem="relaxed")
-                else:
-                    tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                if not WRITE_EARLY:
+                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
+                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
+                _write_grad(dk_ptr + off, dk, mask, ATOMIC)
+
+
+@triton.jit
+def _write_grad(ptr, g, mask, ATOMIC: tl.constexpr):
+    """A token's gradient: added atomically at its dense position, or stored in the token buffer."""
+    if ATOMIC:
+        tl.atomic_add(ptr, g, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, g.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -244,6 +252,14 @@ def _warps(block_f: int, block_d: int) -> int:
     # four warps spill 240-970 bytes in the fp16/bf16 forward and backward; eight do not (forward)
     # or spill ~100 bytes (backward). Not yet timed on a GPU.
     return 4 if block_f * block_d < 32 * 64 else 8
+
+
+def _bwd_write_early(dtype: torch.dtype, deterministic: bool) -> bool:
+    # 2026-11-22, ptxas -v for sm_90 at SVD-xt L0 (25 frames, 5 x 64), 8 warps: writing dv and dq as
+    # soon as they exist takes the 16-bit atomic backward from 142 to 128 registers (1 -> 2 blocks
+    # per SM); the deterministic one is at 100 registers (2 blocks) writing at the end but 128 early,
+    # and fp32 spills 532 bytes early. Untimed on a GPU.
+    return (not deterministic) and dtype != torch.float32
 
 
 def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
@@ -333,6 +349,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
+        WRITE_EARLY=_bwd_write_early(q.dtype, deterministic),
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:
