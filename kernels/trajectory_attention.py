@@ -39,8 +39,10 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr):
-    rows = base + pix.to(tl.int64) * s_s + frame.to(tl.int64) * s_f
+def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr, ALIGN: tl.constexpr):
+    # Row strides arrive in units of ALIGN elements (see _alignment): multiplying here tells the
+    # compiler every row starts on a 16-byte boundary, so a row is read with 128-bit accesses.
+    rows = (base + pix.to(tl.int64) * s_s + frame.to(tl.int64) * s_f) * ALIGN
     mask = ok[:, None] & (dd[None, :] < D)
     return tl.load(ptr + rows[:, None] + dd[None, :].to(tl.int64) * s_d, mask=mask, other=0.0)
 
@@ -103,6 +105,7 @@ def _traj_attn_fwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
@@ -117,12 +120,12 @@ def _traj_attn_fwd_kernel(
             dst_cols = dd[None, :].to(tl.int64) * sd_d
             for h in range(heads):
                 h64 = tl.cast(h, tl.int64)  # h × a head stride can pass 2³¹ in a large tensor
-                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
+                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
                 p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
                 o = _mm(p.to(v.dtype), v, PRECISION, UPCAST) * inv_count[:, None]
-                dst = dst_ptr + (dst_rows + h64 * sd_h)[:, None] + dst_cols
+                dst = dst_ptr + ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
                 if ATOMIC:
                     tl.atomic_add(dst, o, mask=mask, sem="relaxed")
                 else:
@@ -140,7 +143,7 @@ def _traj_attn_bwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    WRITE_EARLY: tl.constexpr,
+    WRITE_EARLY: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
@@ -155,14 +158,14 @@ def _traj_attn_bwd_kernel(
             dst_cols = dd[None, :].to(tl.int64) * sd_d
             for h in range(heads):
                 h64 = tl.cast(h, tl.int64)
-                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
-                do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D)
+                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
+                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
+                do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D, ALIGN)
                 do = do.to(tl.float32) * inv_count[:, None]
                 p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
                 do_c = do.to(v.dtype)
-                off = (dst_rows + h64 * sd_h)[:, None] + dst_cols
+                off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
                 if WRITE_EARLY:  # fewer [F, D] tiles live at once (see _bwd_write_early)
                     _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
                 o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
@@ -254,6 +257,32 @@ def _warps(block_f: int, block_d: int) -> int:
     return 4 if block_f * block_d < 32 * 64 else 8
 
 
+def _alignment(*tensors: torch.Tensor) -> int:
+    """16 bytes in elements when every tensor starts 16-byte aligned with a unit head-dim stride and
+    all its other strides multiples of 16 bytes, else 1. The kernels take the row strides divided by
+    this and multiply back by the constant: then the compiler knows each gathered row is 16-byte
+    aligned and reads it with 128-bit (and cp.async) accesses, which a runtime stride cannot promise
+    at head dims like 40 (Triton only specialises integer arguments divisible by 16)."""
+    strides = [s for t in tensors for s in t.stride()[:-1]]
+    if all(s % 16 == 0 for s in strides):
+        # Triton already specialises integer arguments divisible by 16; scaling again costs registers
+        # (sm_90 ptxas at 25 frames x 64 dims: 76 -> 98 in the atomic forward, 78 -> 172 in fp32).
+        return 1
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % align for s in t.stride()[:-1]):
+            return 1
+    return align
+
+
+def _strides(align: int, *tensors: torch.Tensor) -> list[int]:
+    """[b s f h] strides of each tensor in units of `align` elements, then its head-dim stride."""
+    out = []
+    for t in tensors:
+        out += [s // align for s in t.stride()[:-1]] + [t.stride(-1)]
+    return out
+
+
 def _bwd_write_early(dtype: torch.dtype, deterministic: bool) -> bool:
     # 2026-11-22, ptxas -v for sm_90 at SVD-xt L0 (25 frames, 5 x 64), 8 warps: writing dv and dq as
     # soon as they exist takes the 16-bit atomic backward from 142 to 128 registers (1 -> 2 blocks
@@ -311,13 +340,14 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
     else:
         dst = out if (out.dtype == torch.float32) else torch.empty(out.shape, dtype=torch.float32, device=q.device)
         dst.zero_()
+    align = _alignment(q, k, v, dst)
     _traj_attn_fwd_kernel[(n_prog * batch,)](
         q, k, v, idx, valid, rowptr, dst,
         n_traj, n_pix, col.numel(), n_prog, frames, heads, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *dst.stride(),
+        *_strides(align, q, k, v, dst),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_warps(block_f, block_d),
+        num_warps=_warps(block_f, block_d), ALIGN=align,
     )
     if deterministic:
         _reduce(dst, rowptr, col, valid, out)
@@ -342,14 +372,15 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         bufs = [torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3)]
     else:
         bufs = [torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
+    align = _alignment(q, k, v, dout, *bufs)
     _traj_attn_bwd_kernel[(n_prog * batch,)](
         q, k, v, dout, idx, valid, rowptr, *bufs,
         n_traj, n_pix, col.numel(), n_prog, frames, heads, dim ** -0.5 * LOG2E, dim ** -0.5,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bufs[0].stride(),
+        *_strides(align, q, k, v, dout, bufs[0]),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
-        WRITE_EARLY=_bwd_write_early(q.dtype, deterministic),
+        WRITE_EARLY=_bwd_write_early(q.dtype, deterministic), ALIGN=align,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:

@@ -222,7 +222,7 @@ def test_bad_inputs_raise_clear_errors():
 # Strides, grids, tables (issue 10 item 5, issue 14 items 2 and 11)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_head_dim_not_innermost_in_both_modes(dtype, device, poisoned):
     # q, k, v viewed from a [b s f d h] tensor: the head dim has stride `heads`. The atomic mode once
     # accumulated straight into an fp32 output with an implied unit stride (max error 3.2).
