@@ -388,3 +388,21 @@ def test_public_function_compiles_fullgraph(with_index):
                                                    valid)
     for g, w in zip((q.grad, k.grad, v.grad), want):
         torch.testing.assert_close(g, w)
+
+
+def test_offsets_past_two_to_the_31_elements(device):
+    # Head h of a view whose head stride is 2³⁰ + 16 elements starts past 2³¹ for h = 2: an int32
+    # product h · stride wraps there. On the CPU the 4 GiB storage is reserved, not touched (only the
+    # rows the view holds are written), so the test needs a few hundred MB of memory.
+    (q0, _, _), idx, valid = make_case(1, 2, 2, 3, 3, 16, 6, device=device, seed=14)
+    stride_h = 2 ** 30 + 16
+    batch, n_pix, frames, heads, dim = q0.shape
+    storage = torch.empty((heads - 1) * stride_h + n_pix * frames * dim, dtype=torch.float16, device=device)
+    q = storage.as_strided(q0.shape, (0, frames * dim, dim, stride_h, 1))
+    for h in range(heads):
+        q[:, :, :, h] = q0[:, :, :, h].half()
+    want = trajectory_attention_reference(q.double(), q.double(), q.double(), idx, valid)
+    for deterministic in (True, False):
+        with lightmotion_fast.backend("triton"):
+            got = trajectory_attention(q, q, q, idx, valid, deterministic=deterministic)
+        close(got, want, torch.float16, f"out (deterministic={deterministic})")
