@@ -20,6 +20,11 @@ so nothing from the forward is saved besides the inputs), reads dO at the token'
 the count, and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO with dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
+
+Safety and limits: every index read from the tables (idx, rowptr, col) is clamped into its tensor and
+the reduction reads only token rows the first launch wrote, so no table content reads or writes out of
+bounds (ops/trajectory_attention.py checks the tables once, when a TrajectoryIndex is built). Grids are
+one folded axis (axes 1 and 2 stop at 65,535 programs); offsets that can pass 2³¹ are int64.
 """
 import torch
 import triton
