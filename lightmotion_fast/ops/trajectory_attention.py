@@ -99,8 +99,8 @@ class TrajectoryIndex:
     The object keeps its own int32 copies (idx is 0 at invalid points, whose pixel is never read), so
     later changes to the caller's tensors do not reach it; an in-place change to its own tensors is
     detected (tensor version counters, no read-back) at the next call. `to(device)` moves it without
-    re-checking. Calls that take a TrajectoryIndex read no tensor values on the host, so they run
-    under `torch.compile(fullgraph=True)` and CUDA graphs.
+    re-checking. Calls that take a TrajectoryIndex read no tensor values on the host (no GPU sync),
+    so they trace under `torch.compile(fullgraph=True)`.
 
     >>> index = TrajectoryIndex(idx, valid, n_pix=h * w)   # once per level
     >>> out = trajectory_attention(q, k, v, index)          # every call
