@@ -20,6 +20,11 @@ so nothing from the forward is saved besides the inputs), reads dO at the token'
 the count, and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO with dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
+
+Safety and limits: every index read from the tables (idx, rowptr, col) is clamped into its tensor and
+the reduction reads only token rows the first launch wrote, so no table content reads or writes out of
+bounds (ops/trajectory_attention.py checks the tables once, when a TrajectoryIndex is built). Grids are
+one folded axis (axes 1 and 2 stop at 65,535 programs); offsets that can pass 2³¹ are int64.
 """
 import torch
 import triton
@@ -39,8 +44,10 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr):
-    rows = base + pix.to(tl.int64) * s_s + frame.to(tl.int64) * s_f
+def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr, ALIGN: tl.constexpr):
+    # Row strides arrive in units of ALIGN elements (see _alignment): multiplying here tells the
+    # compiler every row starts on a 16-byte boundary, so a row is read with 128-bit accesses.
+    rows = (base + pix.to(tl.int64) * s_s + frame.to(tl.int64) * s_f) * ALIGN
     mask = ok[:, None] & (dd[None, :] < D)
     return tl.load(ptr + rows[:, None] + dd[None, :].to(tl.int64) * s_d, mask=mask, other=0.0)
 
@@ -59,38 +66,53 @@ def _probs(q, k, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr
 
 
 @triton.jit
-def _trajectory_rows(idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+def _trajectory_rows(idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, fr, in_f, dd, sd_b, sd_x, sd_f,
                      D: tl.constexpr, MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr):
     """What forward and backward need of trajectory n, read once for all heads: its pixel per frame,
     validity, 1 / landing count of each token, the key mask, the [f, d] store mask, and the rows its
-    results go to (the dense pixels when ATOMIC, else the per-token buffer)."""
-    pix = tl.load(idx_ptr + fr * n_traj + n, mask=in_f, other=0)
-    ok = (tl.load(valid_ptr + fr * n_traj + n, mask=in_f, other=0) != 0) & in_f
-    row = fr * n_pix + pix
-    count = tl.load(rowptr_ptr + row + 1, mask=ok, other=1) - tl.load(rowptr_ptr + row, mask=ok, other=0)
-    inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
+    results go to (the dense pixels when ATOMIC, else the per-token buffer).
+
+    The tables are validated on the host when they are built (ops/trajectory_attention.py); here every
+    index read from them is clamped into its tensor anyway, so no table content can make the kernel
+    read or write out of bounds (a wrong table gives a wrong result, never a fault)."""
+    at = fr.to(tl.int64) * n_traj + n
+    pix = tl.load(idx_ptr + at, mask=in_f, other=0)
+    pix = tl.minimum(tl.maximum(pix, 0), n_pix - 1).to(tl.int64)
+    ok = (tl.load(valid_ptr + at, mask=in_f, other=0) != 0) & in_f
+    row = fr.to(tl.int64) * n_pix + pix
+    start = tl.minimum(tl.maximum(tl.load(rowptr_ptr + row, mask=ok, other=0), 0), nnz)
+    end = tl.minimum(tl.maximum(tl.load(rowptr_ptr + row + 1, mask=ok, other=0), start), nnz)
+    inv_count = 1.0 / tl.maximum(end - start, 1).to(tl.float32)
     key_ok = ok if MASK_INVALID else in_f
     mask = ok[:, None] & (dd[None, :] < D)
     if ATOMIC:
-        dst_rows = b * sd_b + pix.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f
+        dst_rows = b * sd_b + pix * sd_x + fr.to(tl.int64) * sd_f
     else:
         dst_rows = b * sd_b + n.to(tl.int64) * sd_x + fr.to(tl.int64) * sd_f
     return pix, ok, inv_count, key_ok, mask, dst_rows
 
 
 @triton.jit
+def _program_ids(n_prog):
+    """(block of trajectories, batch) of this program. One folded grid axis: axis 1 and 2 are limited
+    to 65,535 programs, axis 0 to 2³¹ − 1; trajectories of one batch are neighbours."""
+    pid = tl.program_id(0)
+    return pid % n_prog, (pid // n_prog).to(tl.int64)
+
+
+@triton.jit
 def _traj_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, rowptr_ptr, dst_ptr,
-    n_traj, n_pix, frames, heads, qk_scale,
+    n_traj, n_pix, nnz, n_prog, frames, heads, qk_scale,
     sq_b, sq_s, sq_f, sq_h, sq_d,
     sk_b, sk_s, sk_f, sk_h, sk_d,
     sv_b, sv_s, sv_f, sv_h, sv_d,
-    sd_b, sd_x, sd_f, sd_h,
+    sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
@@ -98,15 +120,17 @@ def _traj_attn_fwd_kernel(
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
             pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
-                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, fr, in_f, dd, sd_b, sd_x, sd_f,
                 D, MASK_INVALID, ATOMIC)
+            dst_cols = dd[None, :].to(tl.int64) * sd_d
             for h in range(heads):
-                q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-                k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-                v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
+                h64 = tl.cast(h, tl.int64)  # h × a head stride can pass 2³¹ in a large tensor
+                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
+                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
                 p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
                 o = _mm(p.to(v.dtype), v, PRECISION, UPCAST) * inv_count[:, None]
-                dst = dst_ptr + (dst_rows + h * sd_h)[:, None] + dd[None, :]
+                dst = dst_ptr + ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
                 if ATOMIC:
                     tl.atomic_add(dst, o, mask=mask, sem="relaxed")
                 else:
@@ -116,17 +140,17 @@ def _traj_attn_fwd_kernel(
 @triton.jit
 def _traj_attn_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, valid_ptr, rowptr_ptr, dq_ptr, dk_ptr, dv_ptr,
-    n_traj, n_pix, frames, heads, qk_scale, sm_scale,
+    n_traj, n_pix, nnz, n_prog, frames, heads, qk_scale, sm_scale,
     sq_b, sq_s, sq_f, sq_h, sq_d,
     sk_b, sk_s, sk_f, sk_h, sk_d,
     sv_b, sv_s, sv_f, sv_h, sv_d,
     so_b, so_s, so_f, so_h, so_d,
-    sd_b, sd_x, sd_f, sd_h,
+    sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    WRITE_EARLY: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
     dd = tl.arange(0, BLOCK_D)
     in_f = fr < frames
@@ -134,65 +158,82 @@ def _traj_attn_bwd_kernel(
         n = pid_n * TRAJ_PER_PROG + t
         if n < n_traj:
             pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
-                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, b, fr, in_f, dd, sd_b, sd_x, sd_f,
+                idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, fr, in_f, dd, sd_b, sd_x, sd_f,
                 D, MASK_INVALID, ATOMIC)
+            dst_cols = dd[None, :].to(tl.int64) * sd_d
             for h in range(heads):
-                q = _gather_rows(q_ptr, b * sq_b + h * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D)
-                k = _gather_rows(k_ptr, b * sk_b + h * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D)
-                v = _gather_rows(v_ptr, b * sv_b + h * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D)
-                do = _gather_rows(do_ptr, b * so_b + h * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D)
+                h64 = tl.cast(h, tl.int64)
+                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
+                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
+                do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D, ALIGN)
                 do = do.to(tl.float32) * inv_count[:, None]
                 p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
+                do_c = do.to(v.dtype)
+                off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
+                if WRITE_EARLY:  # fewer [F, D] tiles live at once (see _bwd_write_early)
+                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
                 o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
                 delta = tl.sum(do * o, axis=1)
-                do_c = do.to(v.dtype)
                 dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
-                ds = p * (dp - delta[:, None])
-                ds_c = ds.to(q.dtype)
+                ds_c = (p * (dp - delta[:, None])).to(q.dtype)
                 dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
+                if WRITE_EARLY:
+                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
                 dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
-                dv = _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST)
-                off = (dst_rows + h * sd_h)[:, None] + dd[None, :]
-                if ATOMIC:
-                    tl.atomic_add(dq_ptr + off, dq, mask=mask, sem="relaxed")
-                    tl.atomic_add(dk_ptr + off, dk, mask=mask, sem="relaxed")
-                    tl.atomic_add(dv_ptr + off, dv, mask=mask, sem="relaxed")
-                else:
-                    tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-                    tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                if not WRITE_EARLY:
+                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
+                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
+                _write_grad(dk_ptr + off, dk, mask, ATOMIC)
+
+
+@triton.jit
+def _write_grad(ptr, g, mask, ATOMIC: tl.constexpr):
+    """A token's gradient: added atomically at its dense position, or stored in the token buffer."""
+    if ATOMIC:
+        tl.atomic_add(ptr, g, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, g.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _csr_reduce_kernel(
-    tok_ptr, rowptr_ptr, col_ptr, out_ptr,
-    n_pix, heads,
+    tok_ptr, rowptr_ptr, col_ptr, valid_ptr, out_ptr,
+    n_pix, n_traj, nnz, frames, heads,
     st_b, st_n, st_f, st_h,
     so_b, so_s, so_f, so_h, so_d,
     D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, p, f, h] = Σ tok[b, n, f, h] over n in the CSR list of (f, p), in list order; 0 if empty."""
-    pid_p = tl.program_id(0)
-    frame = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    """out[b, p, f, h] = Σ tok[b, n, f, h] over n in the CSR list of (f, p), in list order; 0 if empty.
+    One folded grid axis over (pixel block, frame, batch), pixel blocks fastest. Row pointers are
+    clamped into [0, nnz], column indices into [0, n_traj), and only tokens valid at the frame (the
+    rows the first launch wrote) are read: no table content reads out of bounds or unwritten memory."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_pix, BLOCK_P)
+    pid_p = pid % n_blocks
+    frame = ((pid // n_blocks) % frames).to(tl.int64)
+    b = (pid // (n_blocks * frames)).to(tl.int64)
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     dd = tl.arange(0, BLOCK_D)
     in_p = pp < n_pix
     d_ok = dd[None, :] < D
     row = frame * n_pix + pp
-    start = tl.load(rowptr_ptr + row, mask=in_p, other=0)
-    count = tl.load(rowptr_ptr + row + 1, mask=in_p, other=0) - start
+    start = tl.minimum(tl.maximum(tl.load(rowptr_ptr + row, mask=in_p, other=0), 0), nnz)
+    count = tl.minimum(tl.maximum(tl.load(rowptr_ptr + row + 1, mask=in_p, other=0), start), nnz) - start
     longest = tl.max(count, axis=0)
     dst_rows = b * so_b + frame * so_f + pp.to(tl.int64) * so_s
     for h in range(heads):
+        h64 = tl.cast(h, tl.int64)
         acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        tok_base = tok_ptr + b * st_b + frame * st_f + h * st_h
+        tok_base = tok_ptr + b * st_b + frame * st_f + h64 * st_h
         for j in range(0, longest):
             here = j < count
-            n = tl.load(col_ptr + start + j, mask=here, other=0).to(tl.int64)
+            n = tl.load(col_ptr + start + j, mask=here, other=0)
+            n = tl.minimum(tl.maximum(n, 0), n_traj - 1).to(tl.int64)
+            here = here & (tl.load(valid_ptr + frame * n_traj + n, mask=here, other=0) != 0)
             vals = tl.load(tok_base + (n * st_n)[:, None] + dd[None, :], mask=here[:, None] & d_ok, other=0.0)
             acc += vals.to(tl.float32)
-        dst = out_ptr + (dst_rows + h * so_h)[:, None] + dd[None, :] * so_d
+        dst = out_ptr + (dst_rows + h64 * so_h)[:, None] + dd[None, :].to(tl.int64) * so_d
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, None] & d_ok)
 
 
@@ -221,6 +262,40 @@ def _warps(block_f: int, block_d: int) -> int:
     return 4 if block_f * block_d < 32 * 64 else 8
 
 
+def _alignment(*tensors: torch.Tensor) -> int:
+    """16 bytes in elements when every tensor starts 16-byte aligned with a unit head-dim stride and
+    all its other strides multiples of 16 bytes, else 1. The kernels take the row strides divided by
+    this and multiply back by the constant: then the compiler knows each gathered row is 16-byte
+    aligned and reads it with 128-bit (and cp.async) accesses, which a runtime stride cannot promise
+    at head dims like 40 (Triton only specialises integer arguments divisible by 16)."""
+    strides = [s for t in tensors for s in t.stride()[:-1]]
+    if all(s % 16 == 0 for s in strides):
+        # Triton already specialises integer arguments divisible by 16; scaling again costs registers
+        # (sm_90 ptxas at 25 frames x 64 dims: 76 -> 98 in the atomic forward, 78 -> 172 in fp32).
+        return 1
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % align for s in t.stride()[:-1]):
+            return 1
+    return align
+
+
+def _strides(align: int, *tensors: torch.Tensor) -> list[int]:
+    """[b s f h] strides of each tensor in units of `align` elements, then its head-dim stride."""
+    out = []
+    for t in tensors:
+        out += [s // align for s in t.stride()[:-1]] + [t.stride(-1)]
+    return out
+
+
+def _bwd_write_early(dtype: torch.dtype, deterministic: bool) -> bool:
+    # 2026-11-22, ptxas -v for sm_90 at SVD-xt L0 (25 frames, 5 x 64), 8 warps: writing dv and dq as
+    # soon as they exist takes the 16-bit atomic backward from 142 to 128 registers (1 -> 2 blocks
+    # per SM); the deterministic one is at 100 registers (2 blocks) writing at the end but 128 early,
+    # and fp32 spills 532 bytes early. Untimed on a GPU.
+    return (not deterministic) and dtype != torch.float32
+
+
 def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
     # On a GPU one trajectory per program keeps enough programs in flight to hide the gather latency;
     # the interpreter pays per program, so there it walks several.
@@ -231,43 +306,56 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, out: torch.Tensor) -> None:
+def _reduce(tok: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
+    """out [b s f h d] (any strides) = per-pixel sums of the token buffer tok [b n f h d] over the CSR lists."""
     batch, n_pix, frames, heads, dim = out.shape
+    n_traj = tok.shape[1]
+    if n_traj == 0 or col.numel() == 0:
+        out.zero_()
+        return
     block_d = max(16, triton.next_power_of_2(dim))
     block_p = 32 if block_d <= 64 else 16
-    grid = (triton.cdiv(n_pix, block_p), frames, batch)
+    grid = (triton.cdiv(n_pix, block_p) * frames * batch,)
     _csr_reduce_kernel[grid](
-        tok, rowptr, col, out, n_pix, heads,
+        tok, rowptr, col, valid, out, n_pix, n_traj, col.numel(), frames, heads,
         tok.stride(0), tok.stride(1), tok.stride(2), tok.stride(3),
         *out.stride(),
         D=dim, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
     )
 
 
+def _empty(q: torch.Tensor, n_traj: int) -> bool:
+    # Nothing to gather (no pixel, trajectory or batch): every output is 0, and no launch is needed.
+    return q.numel() == 0 or n_traj == 0
+
+
 def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid: bool, deterministic: bool) -> None:
     """Writes out [b s f h d] (any strides). idx int32 [f, n], valid uint8 [f, n], rowptr/col int32."""
     batch, n_pix, frames, heads, dim = q.shape
     n_traj = idx.shape[1]
+    if _empty(q, n_traj):
+        out.zero_()
+        return
     block_f, block_d = _blocks(frames, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    grid = (triton.cdiv(n_traj, tpp), batch)
+    n_prog = triton.cdiv(n_traj, tpp)
     qk_scale = dim ** -0.5 * LOG2E
     if deterministic:
         dst = torch.empty((batch, n_traj, frames, heads, dim), dtype=q.dtype, device=q.device)
     else:
         dst = out if (out.dtype == torch.float32) else torch.empty(out.shape, dtype=torch.float32, device=q.device)
         dst.zero_()
-    _traj_attn_fwd_kernel[grid](
+    align = _alignment(q, k, v, dst)
+    _traj_attn_fwd_kernel[(n_prog * batch,)](
         q, k, v, idx, valid, rowptr, dst,
-        n_traj, n_pix, frames, heads, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(),
-        dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3),
+        n_traj, n_pix, col.numel(), n_prog, frames, heads, qk_scale,
+        *_strides(align, q, k, v, dst),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_warps(block_f, block_d),
+        num_warps=_warps(block_f, block_d), ALIGN=align,
     )
     if deterministic:
-        _reduce(dst, rowptr, col, out)
+        _reduce(dst, rowptr, col, valid, out)
     elif dst is not out:
         out.copy_(dst)
 
@@ -277,26 +365,30 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
     """Writes dq, dk, dv ([b s f h d], any strides) from dout [b s f h d]."""
     batch, n_pix, frames, heads, dim = q.shape
     n_traj = idx.shape[1]
+    if _empty(q, n_traj):
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return
     block_f, block_d = _blocks(frames, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    grid = (triton.cdiv(n_traj, tpp), batch)
+    n_prog = triton.cdiv(n_traj, tpp)
     if deterministic:
         shape = (batch, n_traj, frames, heads, dim)
         bufs = [torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3)]
     else:
         bufs = [torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
-    st = bufs[0].stride()
-    _traj_attn_bwd_kernel[grid](
+    align = _alignment(q, k, v, dout, *bufs)
+    _traj_attn_bwd_kernel[(n_prog * batch,)](
         q, k, v, dout, idx, valid, rowptr, *bufs,
-        n_traj, n_pix, frames, heads, dim ** -0.5 * LOG2E, dim ** -0.5,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        st[0], st[1], st[2], st[3],
+        n_traj, n_pix, col.numel(), n_prog, frames, heads, dim ** -0.5 * LOG2E, dim ** -0.5,
+        *_strides(align, q, k, v, dout, bufs[0]),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
+        WRITE_EARLY=_bwd_write_early(q.dtype, deterministic), ALIGN=align,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:
-            _reduce(buf, rowptr, col, grad)
+            _reduce(buf, rowptr, col, valid, grad)
         else:
             grad.copy_(buf)

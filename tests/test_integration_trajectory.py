@@ -158,3 +158,33 @@ def test_svd_pipeline_patch_zero_branch_and_fused_equals_reference():
     assert (fused - base).abs().max() > 1e-3
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
     assert torch.equal(frames(), base)  # unpatched on leaving the block
+
+
+def test_patched_unet_compiles_fullgraph_with_tables_built_before():
+    # Tables given to patch (or built by an eager call) exist before the first compiled forward; the
+    # processors then read no tensor values on the host, so the whole UNet is one graph.
+    unet, inputs = tiny_svd_unet(), svd_unet_inputs(FRAMES)
+    coords, valid = coords_for(64)
+    tables = TrajectoryTables(coords, valid, frame_size=(64, 64), latent_size=(8, 8))
+    lightmotion_fast.patch(unet, trajectories=tables, traj_weights=random_official_weights(unet))
+    torch._dynamo.reset()
+    with lightmotion_fast.backend("reference"):
+        eager = run(unet, inputs)
+        compiled = run(torch.compile(unet, fullgraph=True, backend="aot_eager"), inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    lightmotion_fast.unpatch(unet)
+
+
+def test_tables_from_coords_cannot_be_built_inside_a_compiled_graph():
+    unet, inputs = tiny_svd_unet(), svd_unet_inputs(FRAMES)
+    coords, valid = coords_for(64)
+    lightmotion_fast.patch(unet, trajectories=coords, valid=valid)
+    torch._dynamo.reset()
+    with lightmotion_fast.backend("reference"), pytest.raises(Exception, match="cannot be built inside a compiled"):
+        run(torch.compile(unet, fullgraph=True, backend="aot_eager"), inputs)
+    torch._dynamo.reset()
+    with lightmotion_fast.backend("reference"):
+        eager = run(unet, inputs)  # built here, eagerly, for this latent size
+        torch.testing.assert_close(run(torch.compile(unet, fullgraph=True, backend="aot_eager"), inputs), eager,
+                                   rtol=1e-5, atol=1e-5)
+    lightmotion_fast.unpatch(unet)

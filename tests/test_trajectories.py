@@ -147,3 +147,45 @@ def test_tracks_pass_through_and_bad_inputs_raise():
         trajectories_from_depth(torch.ones(4, 4), torch.eye(4), torch.eye(4)[None])
     with pytest.raises(ValueError, match="latent_size"):
         TrajectoryTables(tracks[0], vis[0], frame_size=(20, 20), latent_size=(0, 3))
+
+
+def test_degenerate_inputs_raise_errors_naming_the_argument():
+    # issue 14 item 10: each of these was accepted silently or raised LinAlgError/IndexError/RuntimeError.
+    K = torch.tensor([[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]])
+    poses = torch.eye(4).repeat(3, 1, 1)
+    depth = torch.full((6, 8), 2.0)
+    with pytest.raises(ValueError, match="K must be invertible"):
+        trajectories_from_depth(depth, torch.zeros(3, 3), poses)
+    singular = poses.clone()
+    singular[1, 1, 1] = 0.0
+    singular[1, 1, 0] = 0.0
+    with pytest.raises(ValueError, match=r"poses must be invertible.*\[1\]"):
+        trajectories_from_depth(depth, K, singular)
+    with pytest.raises(ValueError, match="depth must be a non-empty"):
+        trajectories_from_depth(torch.ones(0, 8), K, poses)
+    with pytest.raises(ValueError, match="poses must hold at least one frame"):
+        trajectories_from_depth(depth, K, torch.zeros(0, 4, 4))
+    for tolerance in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="tolerance must be"):
+            trajectories_from_depth(depth, K, poses, tolerance=tolerance)
+    with pytest.raises(TypeError, match="tracks must hold real"):
+        trajectories_from_tracks(torch.zeros(3, 5, 2, dtype=torch.complex64))
+    coords, valid = torch.rand(3, 10, 2) * 32, torch.ones(3, 10, dtype=torch.bool)
+    for levels in (0, -3):
+        with pytest.raises(ValueError, match="levels must be a positive"):
+            TrajectoryTables(coords, valid, (32, 32), (4, 4), levels=levels)
+    with pytest.raises(TypeError, match="levels must be an integer"):
+        TrajectoryTables(coords, valid, (32, 32), (4, 4), levels=2.5)
+    with pytest.raises(TypeError, match="frame_size must be"):
+        TrajectoryTables(coords, valid, (32.7, 32), (4, 4))
+    with pytest.raises(TypeError, match="latent_size must be"):
+        TrajectoryTables(coords, valid, (32, 32), (4.0, 4))
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+    coords, valid = torch.rand(3, 10, 2) * 32, torch.ones(3, 10, dtype=torch.bool)
+    tables = TrajectoryTables(coords, valid, (np.int64(32), np.int32(32)), (np.int64(4), 4), levels=np.int64(2))
+    plain = TrajectoryTables(coords, valid, (32, 32), (4, 4), levels=2)
+    assert tables.sizes == plain.sizes == [(4, 4), (2, 2)]
+    assert torch.equal(tables.level(16).idx, plain.level(16).idx)

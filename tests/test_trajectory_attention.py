@@ -5,7 +5,7 @@ import torch
 from einops import rearrange
 
 import lightmotion_fast
-from lightmotion_fast.ops.trajectory_attention import trajectory_attention
+from lightmotion_fast.ops.trajectory_attention import TrajectoryIndex, trajectory_attention
 from lightmotion_fast.reference.trajectory_attention import (
     incoming_csr,
     landed,
@@ -216,3 +216,193 @@ def test_bad_inputs_raise_clear_errors():
     rowptr, col = incoming_csr(idx, valid, 12)
     with pytest.raises(ValueError, match=r"rowptr must have shape \[61\]"):
         trajectory_attention(q, k, v, idx, valid, rowptr[:-1], col)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strides, grids, tables (issue 10 item 5, issue 14 items 2 and 11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dim_not_innermost_in_both_modes(dtype, device, poisoned):
+    # q, k, v viewed from a [b s f d h] tensor: the head dim has stride `heads`. The atomic mode once
+    # accumulated straight into an fp32 output with an implied unit stride (max error 3.2).
+    (q, k, v), idx, valid = make_case(2, 3, 4, 5, 3, 16, 20, device=device, seed=11)
+    views = [rearrange(rearrange(t, "b s f h d -> b s f d h").to(dtype).contiguous(), "b s f d h -> b s f h d")
+             .requires_grad_() for t in (q, k, v)]
+    assert views[0].stride(-1) == 3
+    dout = torch.randn(q.shape, dtype=torch.float64, device=device)
+    want = trajectory_attention_reference(q, k, v, idx, valid)
+    want_grads = trajectory_attention_backward_reference(dout, q, k, v, idx, valid)
+    for deterministic in (True, False):
+        with lightmotion_fast.backend("triton"):
+            out = trajectory_attention(*views, idx, valid, deterministic=deterministic)
+        close(out, want, dtype, f"out (deterministic={deterministic})")
+        grads = torch.autograd.grad(out, views, dout.to(dtype))
+        for name, g, w in zip("qkv", grads, want_grads):
+            close(g, w, dtype, f"d{name} (deterministic={deterministic})")
+
+
+class _GridRecorder:
+    """Stands in for a kernel: records the launch grids instead of running."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_grids_stay_within_cuda_limits_for_large_batches(monkeypatch):
+    # CUDA allows 2³¹ − 1 programs on grid axis 0 but only 65,535 on axes 1 and 2; batch 70,000 once
+    # went on axis 1 (forward, backward) and axis 2 (the CSR reduction) and failed to launch.
+    kernels = lightmotion_fast.ops._common.kernel_module("trajectory_attention")
+    recorders = {}
+    for name in ("_traj_attn_fwd_kernel", "_traj_attn_bwd_kernel", "_csr_reduce_kernel"):
+        recorders[name] = _GridRecorder()
+        monkeypatch.setattr(kernels, name, recorders[name])
+    monkeypatch.setattr(kernels, "_interpreting", lambda t: False)
+    batch = 70_000
+    idx = torch.tensor([[0, 1, 1]]).repeat(2, 1)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    q = torch.zeros(batch, 2, 2, 1, 16, requires_grad=True)
+    with lightmotion_fast.backend("triton"):
+        for deterministic in (True, False):
+            out = trajectory_attention(q, q, q, idx, valid, deterministic=deterministic)
+            out.backward(torch.ones_like(out))
+    for name, rec in recorders.items():
+        assert rec.grids, f"{name} never launched"
+        for grid in rec.grids:
+            assert grid[0] < 2 ** 31 and all(g <= 65_535 for g in grid[1:]), f"{name} grid {grid}"
+
+
+def _garbage_tables(idx, valid, n_pix):
+    """Ways a CSR table can be wrong: garbage columns, garbage row pointers, a table of other trajectories."""
+    rowptr, col = incoming_csr(idx, valid, n_pix)
+    other_idx = (idx + 1) % n_pix
+    yield "col", rowptr, torch.full_like(col, 1_000_000)
+    yield "rowptr", rowptr * 1000 - 7, col
+    yield "stale", *incoming_csr(other_idx, valid, n_pix)
+
+
+def test_wrong_tables_are_rejected_when_attached():
+    q, k, v, idx, valid = _inputs()
+    for what, rowptr, col in _garbage_tables(idx, valid, 12):
+        with pytest.raises(ValueError, match="not the CSR table of idx and valid"):
+            TrajectoryIndex(idx, valid, 12, rowptr, col)
+        with pytest.raises(ValueError, match="not the CSR table of idx and valid"):
+            trajectory_attention(q, k, v, idx, valid, rowptr, col)
+    rowptr, col = incoming_csr(idx, valid, 12)
+    index = TrajectoryIndex(idx, valid, 12, rowptr.to(torch.int32), col)  # the right table is accepted
+    torch.testing.assert_close(trajectory_attention(q, k, v, index),
+                               trajectory_attention_reference(q, k, v, idx, valid))
+    index.idx[0, 0] = 3  # changed in place after the check: caught without reading values
+    with pytest.raises(RuntimeError, match="modified in place"):
+        trajectory_attention(q, k, v, index)
+    with pytest.raises(ValueError, match="built for 5 frames of 12 pixels"):
+        trajectory_attention(q[:, :6], k[:, :6], v[:, :6], TrajectoryIndex(idx, valid, 12))
+    with pytest.raises(ValueError, match="must be left out"):
+        trajectory_attention(q, k, v, TrajectoryIndex(idx, valid, 12), valid)
+
+
+def test_index_keeps_its_own_copies():
+    q, k, v, idx, valid = _inputs()
+    index = TrajectoryIndex(idx, valid, 12)
+    want = trajectory_attention(q, k, v, index)
+    idx.zero_()
+    valid.fill_(False)
+    assert torch.equal(trajectory_attention(q, k, v, index), want)
+
+
+def test_kernels_never_read_out_of_bounds_whatever_the_tables_hold(device):
+    # The public path rejects such tables; the kernels themselves (reached through the custom op)
+    # clamp every index they read from them. Before: SIGSEGV (garbage col or rowptr) or ~1e34 (stale).
+    (q, k, v), idx, valid = make_case(1, 3, 4, 5, 2, 16, 10, device=device, seed=12)
+    q, k, v = (t.float() for t in (q, k, v))
+    kernels = lightmotion_fast.ops._common.kernel_module("trajectory_attention")
+    bad_idx = idx.masked_fill(torch.rand(idx.shape) < 0.3, 1_000_000).to(torch.int32)
+    cases = [(w, idx.to(torch.int32), r.to(torch.int32), c.to(torch.int32))
+             for w, r, c in _garbage_tables(idx, valid, 12)]
+    rowptr, col = incoming_csr(idx, valid, 12)
+    cases.append(("idx", bad_idx, rowptr.to(torch.int32), col.to(torch.int32)))
+    for what, table_idx, rowptr, col in cases:
+        for deterministic in (True, False):
+            out = torch.full_like(q, float("nan"))
+            kernels.trajectory_attention_fwd(q, k, v, table_idx, valid.view(torch.uint8), rowptr, col, out,
+                                             False, deterministic)
+            grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+            kernels.trajectory_attention_bwd(torch.ones_like(q), q, k, v, table_idx, valid.view(torch.uint8),
+                                             rowptr, col, *grads, False, deterministic)
+            for t in (out, *grads):
+                # softmax averages of bounded values stay bounded; gradients too (count ≥ 1)
+                assert torch.isfinite(t).all() and t.abs().max() < 1e3, f"{what}, deterministic={deterministic}"
+
+
+def test_out_of_range_idx_at_invalid_points_is_accepted(device):
+    q, k, v, idx, valid = _inputs()
+    far = idx.masked_fill(~valid, 1_000_000)
+    want = trajectory_attention_reference(q, k, v, idx, valid)
+    torch.testing.assert_close(trajectory_attention(q, k, v, far, valid), want)
+    with pytest.raises(ValueError, match=r"idx values must lie in \[0, 12\) \(pixels s of q\) where valid"):
+        trajectory_attention(q, k, v, far.masked_fill(valid, 12), valid)
+
+
+def test_index_arguments_accept_numpy_integers_and_float64_runs_on_the_reference():
+    import numpy as np
+    q, k, v, idx, valid = _inputs()
+    index = TrajectoryIndex(idx, valid, np.int64(12))
+    with lightmotion_fast.backend("reference"):
+        out = trajectory_attention(q.double(), k.double(), v.double(), index)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, trajectory_attention_reference(q.double(), k.double(), v.double(), idx, valid))
+    with pytest.raises(TypeError, match="n_pix must be an integer"):
+        TrajectoryIndex(idx, valid, 12.0)
+    with pytest.raises(TypeError, match="needs valid"):
+        trajectory_attention(q, k, v, idx)
+
+
+def test_padded_csr_lists_the_same_tokens():
+    _, idx, valid = make_case(1, 3, 4, 6, 1, 8, 40, seed=13)
+    rowptr, col = incoming_csr(idx, valid, 12)
+    prow, pcol = incoming_csr(idx, valid, 12, padded=True)
+    assert torch.equal(prow, rowptr) and pcol.numel() == idx.numel()
+    assert torch.equal(pcol[: col.numel()], col)
+
+
+@pytest.mark.parametrize("with_index", [True, False], ids=["TrajectoryIndex", "raw tensors"])
+def test_public_function_compiles_fullgraph(with_index):
+    # Nothing is read back on the host inside the graph: no data-dependent guard, no graph break.
+    q, k, v, idx, valid = _inputs()
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    torch._dynamo.reset()
+    if with_index:
+        index = TrajectoryIndex(idx, valid, 12)
+        fn = torch.compile(lambda a, b, c: trajectory_attention(a, b, c, index), fullgraph=True, backend="aot_eager")
+    else:
+        fn = torch.compile(lambda a, b, c: trajectory_attention(a, b, c, idx, valid), fullgraph=True,
+                           backend="aot_eager")
+    out = fn(q, k, v)
+    torch.testing.assert_close(out, trajectory_attention_reference(q.detach(), k.detach(), v.detach(), idx, valid))
+    out.sum().backward()
+    want = trajectory_attention_backward_reference(torch.ones_like(out), q.detach(), k.detach(), v.detach(), idx,
+                                                   valid)
+    for g, w in zip((q.grad, k.grad, v.grad), want):
+        torch.testing.assert_close(g, w)
+
+
+def test_offsets_past_two_to_the_31_elements(device):
+    # Head h of a view whose head stride is 2³⁰ + 16 elements starts past 2³¹ for h = 2: an int32
+    # product h · stride wraps there. On the CPU the 4 GiB storage is reserved, not touched (only the
+    # rows the view holds are written), so the test needs a few hundred MB of memory.
+    (q0, _, _), idx, valid = make_case(1, 2, 2, 3, 3, 16, 6, device=device, seed=14)
+    stride_h = 2 ** 30 + 16
+    batch, n_pix, frames, heads, dim = q0.shape
+    storage = torch.empty((heads - 1) * stride_h + n_pix * frames * dim, dtype=torch.float16, device=device)
+    q = storage.as_strided(q0.shape, (0, frames * dim, dim, stride_h, 1))
+    for h in range(heads):
+        q[:, :, :, h] = q0[:, :, :, h].half()
+    want = trajectory_attention_reference(q.double(), q.double(), q.double(), idx, valid)
+    for deterministic in (True, False):
+        with lightmotion_fast.backend("triton"):
+            got = trajectory_attention(q, q, q, idx, valid, deterministic=deterministic)
+        close(got, want, torch.float16, f"out (deterministic={deterministic})")

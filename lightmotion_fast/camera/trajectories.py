@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from lightmotion_fast import _ext
+from lightmotion_fast.ops._common import check_finite_number
+from lightmotion_fast.ops.trajectory_attention import TrajectoryIndex
 from lightmotion_fast.reference.trajectory_attention import (
     incoming_csr,
     level_indices,
@@ -30,6 +32,35 @@ def _check(name: str, t, ndim: int, dims: str, last: int | None = None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim or (last is not None and t.shape[-1] != last):
         raise ValueError(f"{name} must have shape [{dims}], got {tuple(t.shape)}")
+
+
+def _integer(name: str, value) -> int:
+    """A Python or numpy integer (anything with __index__, not a bool) as an int."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return value.__index__()
+
+
+def _int_pair(name: str, value, dims: str) -> tuple[int, int]:
+    """A pair of positive integers, e.g. a frame size in pixels."""
+    if not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be {dims}, two positive integers, got {value!r}")
+    try:
+        pair = (_integer(name, value[0]), _integer(name, value[1]))
+    except TypeError:
+        raise TypeError(f"{name} must be {dims}, two positive integers, got {tuple(value)!r}") from None
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be {dims} > 0, got {pair}")
+    return pair
+
+
+def _check_invertible(name: str, m: torch.Tensor) -> None:
+    """m [..., n, n] float64: each matrix invertible, checked without raising torch's LinAlgError."""
+    _, info = torch.linalg.inv_ex(m)
+    singular = (info != 0) | (torch.linalg.det(m).abs() < 1e-12)
+    if bool(singular.any()):
+        where = "" if m.ndim == 2 else f" (at {singular.nonzero().squeeze(1).tolist()[:5]})"
+        raise ValueError(f"{name} must be invertible, got a singular matrix{where}")
 
 
 def _check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:
@@ -92,9 +123,20 @@ def trajectories_from_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.T
     if tuple(poses.shape[1:]) != (4, 4):
         raise ValueError(f"poses must have shape [f, 4, 4], got {tuple(poses.shape)}")
     for name, t in (("depth", depth), ("K", K), ("poses", poses)):
+        if t.is_complex():
+            raise TypeError(f"{name} must be real, got {t.dtype}")
         _check_finite(name, t.detach().cpu().to(torch.float64))
+    if depth.numel() == 0:
+        raise ValueError(f"depth must be a non-empty [H0 W0] map, got shape {tuple(depth.shape)}")
+    if poses.shape[0] == 0:
+        raise ValueError("poses must hold at least one frame (frame 0's pose), got shape [0, 4, 4]")
     if bool((depth <= 0).any()):
         raise ValueError("depth must be positive everywhere")
+    for name, value in (("tolerance", tolerance), ("near", near)):
+        if check_finite_number(name, value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    _check_invertible("K", K.detach().cpu().to(torch.float64))
+    _check_invertible("poses", poses.detach().cpu().to(torch.float64))
     height0, width0 = depth.shape
     d = depth.detach().cpu().to(torch.float64)
     k64 = K.detach().cpu().to(torch.float64)
@@ -130,6 +172,8 @@ def trajectories_from_tracks(tracks: torch.Tensor, visibility: torch.Tensor | No
         if isinstance(visibility, torch.Tensor) and visibility.ndim == 3 and visibility.shape[0] == 1:
             visibility = visibility[0]
     _check("tracks", tracks, 3, "f n 2", last=2)
+    if tracks.is_complex() or tracks.dtype == torch.bool:
+        raise TypeError(f"tracks must hold real (x, y) coordinates, got dtype {tracks.dtype}")
     if visibility is None:
         visibility = torch.ones(tracks.shape[:2], dtype=torch.bool)
     _check("visibility", visibility, 2, "f n")
@@ -166,24 +210,26 @@ def _level_tables(coords, valid, selection, frame_size, level_size):
 
 @dataclass
 class TrajectoryLevel:
-    """Index tables of one UNet level (latent size h×w), ready for `trajectory_attention`."""
+    """Index tables of one UNet level (latent size h×w), ready for `trajectory_attention`: `index` is a
+    `TrajectoryIndex` (checked once, when the level is built); idx, valid, rowptr, col and landed are
+    its tensors."""
 
     size: tuple[int, int]
     selection: torch.Tensor   # [n_s] int64: which input trajectories this level uses
-    idx: torch.Tensor         # [f, n_s] int32 flat pixel
-    valid: torch.Tensor       # [f, n_s] bool
-    rowptr: torch.Tensor      # [f·h·w + 1] int32 CSR of the valid tokens landing on each (frame, pixel)
-    col: torch.Tensor         # [nnz] int32
+    index: TrajectoryIndex    # idx [f, n_s] int32, valid [f, n_s] bool, rowptr [f·h·w + 1] / col [nnz] int32
+
+    idx = property(lambda self: self.index.idx)
+    valid = property(lambda self: self.index.valid)
+    rowptr = property(lambda self: self.index.rowptr)
+    col = property(lambda self: self.index.col)
 
     @property
     def landed(self) -> torch.Tensor:
         """[f, h·w] bool: pixels at least one valid token lands on (where to_out's bias applies)."""
-        frames = self.idx.shape[0]
-        return (self.rowptr[1:] > self.rowptr[:-1]).reshape(frames, self.size[0] * self.size[1])
+        return self.index.landed
 
     def to(self, device) -> "TrajectoryLevel":
-        return TrajectoryLevel(self.size, self.selection, *(t.to(device, non_blocking=True) for t in (
-            self.idx, self.valid, self.rowptr, self.col)))
+        return TrajectoryLevel(self.size, self.selection, self.index.to(device, non_blocking=True))
 
 
 def level_sizes(latent_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
@@ -208,15 +254,16 @@ class TrajectoryTables:
                  latent_size: tuple[int, int], *, levels: int = 4, ratio: float = 2.0,
                  generator: torch.Generator | None = None, seed: int | None = None, resample: bool = False):
         coords, valid = trajectories_from_tracks(coords, valid)
-        if len(frame_size) != 2 or min(frame_size) <= 0:
-            raise ValueError(f"frame_size must be (H0, W0) > 0, got {frame_size}")
-        if len(latent_size) != 2 or min(latent_size) <= 0:
-            raise ValueError(f"latent_size must be (h, w) > 0, got {latent_size}")
+        frame_size = _int_pair("frame_size", frame_size, "(H0, W0)")
+        latent_size = _int_pair("latent_size", latent_size, "(h, w)")
+        levels = _integer("levels", levels)
+        if levels <= 0:
+            raise ValueError(f"levels must be a positive number of UNet levels, got {levels}")
         if not ratio > 0:
             raise ValueError(f"ratio must be positive, got {ratio}")
         self.coords, self.valid = coords, valid
         self.frames = coords.shape[0]
-        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.frame_size = frame_size
         self.ratio = float(ratio)
         self.resample = bool(resample)
         if generator is None:
@@ -234,7 +281,7 @@ class TrajectoryTables:
         n = self.coords.shape[1]
         selection = subsample(n, num_samples(n, size, self.ratio), self.generator)
         idx, ok, rowptr, col = _level_tables(self.coords, self.valid, selection, self.frame_size, size)
-        return TrajectoryLevel(size, selection, idx, ok, rowptr, col)
+        return TrajectoryLevel(size, selection, TrajectoryIndex(idx, ok, size[0] * size[1], rowptr, col))
 
     def size_for(self, n_pix: int) -> tuple[int, int]:
         level = self._levels.get(int(n_pix))
@@ -243,13 +290,19 @@ class TrajectoryTables:
                              f"{[f'{h}x{w}' for h, w in self.sizes]}")
         return level.size
 
+    def prepare(self, device: torch.device | str) -> None:
+        """Copy every level's tables to `device` now (cached), so later `level()` calls only look them up."""
+        if not self.resample:
+            for size in self.sizes:
+                self.level(size[0] * size[1], device)
+
     def level(self, n_pix: int, device: torch.device | str | None = None) -> TrajectoryLevel:
         """The tables of the level with n_pix = h·w latent pixels, on `device` (cached per device)."""
         size = self.size_for(n_pix)
         if self.resample:
             built = self._build(size)
             return built if device is None else built.to(device)
-        if device is None:
+        if device is None or torch.device(device) == self._levels[int(n_pix)].index.device:
             return self._levels[int(n_pix)]
         key = (int(n_pix), str(torch.device(device)))
         if key not in self._on_device:

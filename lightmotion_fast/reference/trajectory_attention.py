@@ -64,23 +64,28 @@ def subsample(num_trajectories: int, keep: int, generator: torch.Generator | Non
     return perm[:keep].sort().values
 
 
-def incoming_csr(idx: torch.Tensor, valid: torch.Tensor, hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+def incoming_csr(idx: torch.Tensor, valid: torch.Tensor, hw: int,
+                 padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel lists of the valid tokens landing on it: a CSR table over the f·s rows (f, p).
 
     idx, valid: [f, n]. Returns rowptr [f·s + 1] and col [nnz] (int64): the tokens landing on pixel p
     of frame f are trajectories col[rowptr[f·s + p] : rowptr[f·s + p + 1]], in ascending order.
     The same table serves the backward pass: the tokens that *read* position (f, p) are the ones
-    that land on it.
+    that land on it. padded=True returns col with all f·n entries (the invalid tokens after the
+    nnz listed ones, never referenced by rowptr): every shape is then known without reading idx or
+    valid, which `torch.compile(fullgraph=True)` needs.
     """
     frames, n = idx.shape
-    rows = (torch.arange(frames, dtype=torch.int64, device=idx.device)[:, None] * hw + idx.to(torch.int64))
-    rows = rows[valid]
-    cols = torch.arange(n, dtype=torch.int64, device=idx.device).expand(frames, n)[valid]
-    order = torch.argsort(rows * n + cols)
-    counts = torch.bincount(rows, minlength=frames * hw)
-    rowptr = torch.zeros(frames * hw + 1, dtype=torch.int64, device=idx.device)
-    rowptr[1:] = torch.cumsum(counts, 0)
-    return rowptr, cols[order]
+    total = frames * hw
+    rows = torch.arange(frames, dtype=torch.int64, device=idx.device)[:, None] * hw + idx.to(torch.int64)
+    rows = torch.where(valid, rows, total).reshape(-1)   # invalid tokens go to a row past the end
+    cols = torch.arange(n, dtype=torch.int64, device=idx.device).expand(frames, n).reshape(-1)
+    order = torch.argsort(rows * n + cols)                # distinct keys: row-major, ascending n
+    counts = torch.zeros(total + 1, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, rows, torch.ones_like(rows))
+    rowptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:total], 0)])
+    col = cols[order]
+    return rowptr, (col if padded else col[: int(rowptr[-1])])
 
 
 def landed(idx: torch.Tensor, valid: torch.Tensor, hw: int) -> torch.Tensor:

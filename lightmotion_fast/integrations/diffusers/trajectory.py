@@ -48,25 +48,38 @@ class TrajectoryState:
             self.tables = None
         self.vae_scale_factor = vae_scale_factor
         self.batch: int | None = None
+        self._built: dict[tuple[int, int], TrajectoryTables] = {}   # tables made from coords, per latent size
 
     @property
     def frames(self) -> int:
         return self.tables.frames if self.tables is not None else self.coords.shape[0]
 
     def begin_call(self, sample: torch.Tensor) -> None:
-        """sample: the UNet's input [b f c h w]."""
+        """sample: the UNet's input [b f c h w]. Tables built from coords are made here, once per latent
+        size, outside any compiled graph: under torch.compile they must exist already (pass a
+        TrajectoryTables to patch, or run the model once before compiling)."""
         if sample.ndim != 5:
             raise ValueError(f"the trajectory branch expects a [b f c h w] sample, got {tuple(sample.shape)}")
         batch, frames, _, height, width = sample.shape
         if frames != self.frames:
             raise ValueError(f"trajectories have {self.frames} frames but the UNet is called with {frames}")
-        if self.tables is None:
+        if self.coords is not None and (self.tables is None or self.tables.sizes[0] != (height, width)):
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "the trajectory tables for a {}x{} latent do not exist yet and cannot be built inside a "
+                    "compiled graph: patch with trajectories=TrajectoryTables(coords, valid, frame_size, "
+                    "latent_size), or call the model once before torch.compile".format(height, width))
             s = self.vae_scale_factor
-            self.tables = TrajectoryTables(self.coords, self.valid, frame_size=(height * s, width * s),
-                                           latent_size=(height, width), levels=4)
+            self.tables = self._built.get((height, width))
+            if self.tables is None:
+                self.tables = self._built[(height, width)] = TrajectoryTables(
+                    self.coords, self.valid, frame_size=(height * s, width * s), latent_size=(height, width),
+                    levels=4)
         elif self.tables.sizes[0] != (height, width):
             raise ValueError(f"the trajectory tables were built for a {self.tables.sizes[0]} latent, "
                              f"the UNet is called with {(height, width)}")
+        if not torch.compiler.is_compiling():
+            self.tables.prepare(sample.device)  # every level's tables on the device before the blocks run
         self.batch = batch
 
 
@@ -127,9 +140,8 @@ class TrajectoryAttnProcessor(torch.nn.Module):
         def project(layer):
             return rearrange(layer(hidden_states), "(b s) f (h d) -> b s f h d", b=batch, h=heads)
 
-        out = trajectory_attention(project(self.to_q), project(self.to_k), project(self.to_v), level.idx,
-                                   level.valid, level.rowptr, level.col, mask_invalid=self.mask_invalid,
-                                   deterministic=self.deterministic)
+        out = trajectory_attention(project(self.to_q), project(self.to_k), project(self.to_v), level.index,
+                                   mask_invalid=self.mask_invalid, deterministic=self.deterministic)
         out = F.linear(rearrange(out, "b s f h d -> (b s) f (h d)"), self.to_out[0].weight)
         # to_out's bias only where a token landed (the official order: to_out per token, then average).
         landed = rearrange(level.landed, "f s -> 1 s f 1").to(out.dtype)
