@@ -181,3 +181,24 @@ print("ok without triton")
     result = _run(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok without triton" in result.stdout
+
+
+def test_missing_extension_warning_says_not_built_without_the_circular_import_text(tmp_path):
+    """A package without _C (a LIGHTMOTION_NO_EXT=1 wheel) warns clearly, and the ops still run."""
+    code = BLOCK_IMPORT.format(name="lightmotion_fast._C") + """
+import importlib.util, warnings
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "lightmotion_fast._C" else _find_spec(name, *a)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import lightmotion_fast as lm
+messages = [str(w.message) for w in caught if "lightmotion_fast" in str(w.message)]
+print(messages)
+assert len(messages) == 1 and "has no C++ extension" in messages[0], messages
+assert "circular import" not in messages[0] and "--no-build-isolation" in messages[0]
+assert not lm.extension_available()
+import torch
+lm.latent_permute(torch.randn(1, 1, 2, 4, 4), lm.CameraMotion(pan=(0.25, 0.0)))
+"""
+    result = _run(code)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
