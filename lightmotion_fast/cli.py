@@ -47,14 +47,16 @@ def _camera_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=positive_int, default=16)
 
 
-def _add_demo(sub) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightmotion_fast",
+                                     description="lightmotion_fast: fused kernels for camera-controlled video diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="the main job: camera-path preview, kernel-vs-reference check, timings")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the GIF and PNGs")
     demo.add_argument("--model", type=Path, default=None, help="local diffusers checkpoint (AnimateDiff or SVD) for the LightMotion sampler")
     _camera_args(demo)
 
-
-def _add_preview(sub) -> None:
     preview = sub.add_parser("preview", help="only the camera-path preview (GIF + source-index map PNG)")
     preview.add_argument("--out", type=Path, default=Path("demo_out"))
     preview.add_argument("--image", type=Path, default=None, help="an image file instead of the generated test image")
@@ -64,22 +66,11 @@ def _add_preview(sub) -> None:
     preview.add_argument("--full-size", action="store_true", help="keep --image at its full resolution")
     _camera_args(preview)
 
-
-def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark every op against its reference and peers")
     bench.add_argument("--ops", nargs="+", default=None, help="scenario names (benchmarks/scenarios/*.py)")
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
     bench.add_argument("--no-plot", action="store_true")
     bench.add_argument("--results", type=Path, default=None, help="folder for the CSV and plots")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightmotion_fast",
-                                     description="lightmotion_fast: fused kernels for camera-controlled video diffusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo(sub)
-    _add_preview(sub)
-    _add_bench(sub)
     return parser
 
 
