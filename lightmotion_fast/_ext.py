@@ -27,8 +27,8 @@ def _load():
     if importlib.util.find_spec("lightmotion_fast._C") is None:
         # Checked first: importing a missing submodule while the package initialises reports a
         # "partially initialized module ... circular import", which misleads.
-        _warn("this installation has no C++ extension lightmotion_fast._C (built without torch, or with "
-              "LIGHTMOTION_NO_EXT=1)")
+        _warn("the C++ extension lightmotion_fast._C could not be loaded: this installation has no C++ extension "
+              "(built without torch, or with LIGHTMOTION_NO_EXT=1)")
         return None, "not built"
     try:
         from lightmotion_fast import _C  # noqa: F401  (registers torch.ops.lightmotion_cpp.*)
