@@ -5,7 +5,8 @@ that frame's intrinsics and pose as scalars, forms M = R · K⁻¹ and the camer
 (K⁻¹ analytically, the relative pose as the rigid inverse of frame 0 times frame f), then for each
 pixel computes d = normalize(M · [u + .5, v + .5, 1]), the moment t × d, and stores the six channels.
 Nothing but the output touches memory, so the kernel runs at the store bandwidth. The output is
-addressed through strides: [b f 6 h w] and [b 6 f h w] are the same kernel.
+addressed through strides: [b f 6 h w] and [b 6 f h w] are the same kernel. Arithmetic is in float32,
+or in float64 when the poses are float64 (as in the reference).
 """
 import torch
 import triton
@@ -13,16 +14,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _load3x3(ptr, s_r, s_c):
-    a00 = tl.load(ptr).to(tl.float32)
-    a01 = tl.load(ptr + s_c).to(tl.float32)
-    a02 = tl.load(ptr + 2 * s_c).to(tl.float32)
-    a10 = tl.load(ptr + s_r).to(tl.float32)
-    a11 = tl.load(ptr + s_r + s_c).to(tl.float32)
-    a12 = tl.load(ptr + s_r + 2 * s_c).to(tl.float32)
-    a20 = tl.load(ptr + 2 * s_r).to(tl.float32)
-    a21 = tl.load(ptr + 2 * s_r + s_c).to(tl.float32)
-    a22 = tl.load(ptr + 2 * s_r + 2 * s_c).to(tl.float32)
+def _load3x3(ptr, s_r, s_c, ACC: tl.constexpr):
+    a00 = tl.load(ptr).to(ACC)
+    a01 = tl.load(ptr + s_c).to(ACC)
+    a02 = tl.load(ptr + 2 * s_c).to(ACC)
+    a10 = tl.load(ptr + s_r).to(ACC)
+    a11 = tl.load(ptr + s_r + s_c).to(ACC)
+    a12 = tl.load(ptr + s_r + 2 * s_c).to(ACC)
+    a20 = tl.load(ptr + 2 * s_r).to(ACC)
+    a21 = tl.load(ptr + 2 * s_r + s_c).to(ACC)
+    a22 = tl.load(ptr + 2 * s_r + 2 * s_c).to(ACC)
     return a00, a01, a02, a10, a11, a12, a20, a21, a22
 
 
@@ -33,7 +34,7 @@ def _plucker_kernel(
     sk_b, sk_f, sk_r, sk_c,
     sp_b, sp_f, sp_r, sp_c,
     so_b, so_f, so_c, so_h, so_w,
-    K_IS_VECTOR: tl.constexpr, RELATIVE: tl.constexpr, BLOCK: tl.constexpr,
+    K_IS_VECTOR: tl.constexpr, RELATIVE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_hw = tl.program_id(0)
     bf = tl.program_id(1)
@@ -43,10 +44,10 @@ def _plucker_kernel(
     # K⁻¹ as nine scalars.
     kp = k_ptr + b * sk_b + f * sk_f
     if K_IS_VECTOR:
-        fx = tl.load(kp).to(tl.float32)
-        fy = tl.load(kp + sk_c).to(tl.float32)
-        cx = tl.load(kp + 2 * sk_c).to(tl.float32)
-        cy = tl.load(kp + 3 * sk_c).to(tl.float32)
+        fx = tl.load(kp).to(ACC)
+        fy = tl.load(kp + sk_c).to(ACC)
+        cx = tl.load(kp + 2 * sk_c).to(ACC)
+        cy = tl.load(kp + 3 * sk_c).to(ACC)
         i00 = 1.0 / fx
         i11 = 1.0 / fy
         i02 = -cx * i00
@@ -57,7 +58,7 @@ def _plucker_kernel(
         i21 = 0.0
         i22 = 1.0
     else:
-        k00, k01, k02, k10, k11, k12, k20, k21, k22 = _load3x3(kp, sk_r, sk_c)
+        k00, k01, k02, k10, k11, k12, k20, k21, k22 = _load3x3(kp, sk_r, sk_c, ACC)
         c00 = k11 * k22 - k12 * k21
         c01 = k12 * k20 - k10 * k22
         c02 = k10 * k21 - k11 * k20
@@ -74,16 +75,16 @@ def _plucker_kernel(
 
     # Pose [R | t], relative to frame 0 if asked: R0ᵀ R_f and R0ᵀ (t_f − t0).
     pp = pose_ptr + b * sp_b + f * sp_f
-    r00, r01, r02, r10, r11, r12, r20, r21, r22 = _load3x3(pp, sp_r, sp_c)
-    tx = tl.load(pp + 3 * sp_c).to(tl.float32)
-    ty = tl.load(pp + sp_r + 3 * sp_c).to(tl.float32)
-    tz = tl.load(pp + 2 * sp_r + 3 * sp_c).to(tl.float32)
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = _load3x3(pp, sp_r, sp_c, ACC)
+    tx = tl.load(pp + 3 * sp_c).to(ACC)
+    ty = tl.load(pp + sp_r + 3 * sp_c).to(ACC)
+    tz = tl.load(pp + 2 * sp_r + 3 * sp_c).to(ACC)
     if RELATIVE:
         p0 = pose_ptr + b * sp_b
-        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _load3x3(p0, sp_r, sp_c)
-        dx0 = tx - tl.load(p0 + 3 * sp_c).to(tl.float32)
-        dy0 = ty - tl.load(p0 + sp_r + 3 * sp_c).to(tl.float32)
-        dz0 = tz - tl.load(p0 + 2 * sp_r + 3 * sp_c).to(tl.float32)
+        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _load3x3(p0, sp_r, sp_c, ACC)
+        dx0 = tx - tl.load(p0 + 3 * sp_c).to(ACC)
+        dy0 = ty - tl.load(p0 + sp_r + 3 * sp_c).to(ACC)
+        dz0 = tz - tl.load(p0 + 2 * sp_r + 3 * sp_c).to(ACC)
         tx = q00 * dx0 + q10 * dy0 + q20 * dz0
         ty = q01 * dx0 + q11 * dy0 + q21 * dz0
         tz = q02 * dx0 + q12 * dy0 + q22 * dz0
@@ -113,8 +114,8 @@ def _plucker_kernel(
     inside = offs < height * width
     v = offs // width
     u = offs - v * width
-    x = u.to(tl.float32) + 0.5
-    y = v.to(tl.float32) + 0.5
+    x = u.to(ACC) + 0.5
+    y = v.to(ACC) + 0.5
     dx = m00 * x + m01 * y + m02
     dy = m10 * x + m11 * y + m12
     dz = m20 * x + m21 * y + m22
@@ -135,7 +136,7 @@ def _plucker_kernel(
 
 def plucker_launch(intrinsics: torch.Tensor, c2w: torch.Tensor, out: torch.Tensor, relative: bool) -> None:
     """intrinsics: [b f 4] or [b f 3 3]; c2w: [b f 4 4]; out: a [b f 6 h w] view (any strides).
-    Writes out."""
+    Writes out, computing in float64 when c2w is float64, else in float32."""
     batch, frames = c2w.shape[:2]
     height, width = out.shape[3], out.shape[4]
     hw = height * width
@@ -151,5 +152,6 @@ def plucker_launch(intrinsics: torch.Tensor, c2w: torch.Tensor, out: torch.Tenso
         frames, height, width,
         *sk, *c2w.stride(), *out.stride(),
         K_IS_VECTOR=k_is_vector, RELATIVE=relative, BLOCK=block,
+        ACC=tl.float64 if c2w.dtype == torch.float64 else tl.float32,
         num_warps=4 if block >= 512 else 2,
     )

@@ -1,17 +1,50 @@
-"""Command line: `python -m lightmotion_fast demo|bench|preview`."""
+"""Command line: `python -m lightmotion_fast demo|bench|preview`.
+
+A user's mistake (a bad flag or value, a missing or unreadable image, an output folder that cannot be
+made, a missing optional dependency) ends in one line on stderr and exit status 2, like argparse's own
+errors; anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed as one line, without a traceback."""
+
+
+# --- argument types: argparse turns their ValueError/ArgumentTypeError into a one-line usage error ---
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def _camera_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pan", type=float, nargs=2, default=(0.25, -0.125), metavar=("X", "Y"),
+    p.add_argument("--pan", type=finite_float, nargs=2, default=(0.25, -0.125), metavar=("X", "Y"),
                    help="pan totals as fractions of width and height (x > 0: camera pans right)")
-    p.add_argument("--zoom", type=float, default=0.16, help="relative scale change at the last frame (> 0: zoom in)")
-    p.add_argument("--rotate", type=float, default=-16.0, help="camera roll in degrees (counter-clockwise > 0)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--zoom", type=finite_float, default=0.16,
+                   help="relative scale change at the last frame (> 0: zoom in; > -1)")
+    p.add_argument("--rotate", type=finite_float, default=-16.0, help="camera roll in degrees (counter-clockwise > 0)")
+    p.add_argument("--frames", type=positive_int, default=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview = sub.add_parser("preview", help="only the camera-path preview (GIF + source-index map PNG)")
     preview.add_argument("--out", type=Path, default=Path("demo_out"))
     preview.add_argument("--image", type=Path, default=None, help="an image file instead of the generated test image")
+    preview.add_argument("--max-size", type=positive_int, default=256, metavar="PIXELS",
+                         help="shrink --image so that its longer side is at most this (default 256: a "
+                              "working size like a latent's, seconds and a small GIF even for a photo)")
+    preview.add_argument("--full-size", action="store_true", help="keep --image at its full resolution")
     _camera_args(preview)
 
     bench = sub.add_parser("bench", help="benchmark every op against its reference and peers")
@@ -40,20 +77,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        from lightmotion_fast.bench import runner
+# --- the checks that need more than one flag's text, done before any work starts ---
 
-        runner.run(ops=args.ops, quick=args.quick, plot=not args.no_plot,
-                   results_dir=args.results or runner.RESULTS_DIR)
-        return 0
+def camera_from_args(args):
+    import lightmotion_fast as lm
+
+    try:
+        return lm.CameraMotion(pan=tuple(args.pan), zoom=args.zoom, rotate=args.rotate)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc).replace("CameraMotion ", "--")) from None
+
+
+def output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return path
+
+
+def require(*modules: str, extra: str) -> None:
+    """Fail with one line naming the pip extra when an optional dependency is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"this command needs {', '.join(missing)}: pip install 'lightmotion_fast[{extra}]'")
+
+
+# --- the commands ---
+
+def run_bench(args) -> int:
+    from lightmotion_fast.bench import runner
+
+    runner.run(ops=args.ops, quick=args.quick, plot=not args.no_plot,
+               results_dir=args.results or runner.RESULTS_DIR)
+    return 0
+
+
+def run_preview(args) -> int:
+    require("PIL", "matplotlib", extra="demo")
     from lightmotion_fast import demo
 
-    if args.command == "preview":
-        demo.camera_preview(args.out, demo.camera_from_args(args), frames=args.frames, image=args.image)
-        return 0
-    return demo.main(args)
+    camera = camera_from_args(args)
+    image = None
+    if args.image is not None:
+        try:
+            image = demo.load_image(args.image, max_size=None if args.full_size else args.max_size)
+        except OSError as exc:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
+            raise UsageError(f"--image {args.image}: {exc.strerror or exc}") from None
+    demo.camera_preview(output_dir(args.out), camera, frames=args.frames, image=image)
+    return 0
+
+
+def run_demo(args) -> int:
+    require("PIL", "matplotlib", "diffusers", "transformers", extra="demo")
+    from lightmotion_fast import demo
+
+    camera = camera_from_args(args)
+    if args.model is not None and not args.model.is_dir():
+        raise UsageError(f"--model {args.model}: not a folder (a local diffusers checkpoint is expected)")
+    output_dir(args.out)
+    return demo.main(args, camera=camera)
+
+
+COMMANDS = {"demo": run_demo, "preview": run_preview, "bench": run_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -44,12 +44,52 @@ def test_image(height: int = 256, width: int = 256) -> torch.Tensor:
     return img.clamp(0, 1)
 
 
-def _load_image(path: Path) -> torch.Tensor:
-    from PIL import Image
-    import numpy as np
+# Pillow modes holding one channel of integers wider than 8 bits (16-bit PNG/TIFF greyscale).
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+def _rgb_or_float(img):
+    """Any Pillow image -> "RGB" (8 bits per channel) or "F" (one channel of floats in [0, 1]).
+
+    convert("RGB") clips 16-bit greyscale at 255 (a 16-bit image turns white), so those are scaled
+    by their own range instead; transparency is composited over white rather than dropped (palette
+    images with a transparent colour included), so transparent areas don't read as exposed black."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in _WIDE_INT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        # "I" is also how older Pillow opens 16-bit PNGs: its values say whether it holds 8 or 16 bits.
+        full_scale = 255.0 if img.mode == "I" and arr.size and arr.max() <= 255 else 65535.0
+        return Image.fromarray((arr / full_scale).clip(0, 1).astype(np.float32), mode="F")
+    if img.mode == "F":
+        return Image.fromarray(np.asarray(img, dtype=np.float32).clip(0, 1), mode="F")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: Path, max_size: int | None = 256) -> torch.Tensor:
+    """An image file as RGB [3, h, w] float32 in [0, 1], its longer side shrunk to at most `max_size`
+    pixels (None: full size). Camera orientation from EXIF is applied; 16-bit, palette and
+    transparent images are handled (see `_rgb_or_float`). A JPEG is decoded at reduced size directly."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        if max_size is not None:
+            opened.draft("RGB", (max_size, max_size))  # JPEG only: DCT scaling, never below the size asked
+        img = _rgb_or_float(ImageOps.exif_transpose(opened))
+    if max_size is not None and max(img.size) > max_size:
+        scale = max_size / max(img.size)
+        size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32)
+    if img.mode == "F":
+        return torch.from_numpy(arr.clip(0, 1).copy())[None].expand(3, -1, -1).contiguous()
+    return torch.from_numpy(arr / 255.0).permute(2, 0, 1).contiguous()
 
 
 def _to_uint8(frames: torch.Tensor):
@@ -92,11 +132,16 @@ def write_index_map(camera: lm.CameraMotion, frames: int, height: int, width: in
 
 
 def camera_preview(out_dir: Path, camera: lm.CameraMotion, frames: int = 16,
-                   image: Path | None = None) -> dict[str, Path]:
-    """Write the camera-path GIF and the source-index map PNG; returns their paths."""
+                   image: Path | torch.Tensor | None = None) -> dict[str, Path]:
+    """Write the camera-path GIF and the source-index map PNG; returns their paths.
+    image: an image file (shrunk by `load_image`'s default), an RGB [3, h, w] tensor in [0, 1], or
+    None for the generated test card."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    img = _load_image(image) if image is not None else test_image()
+    if image is None:
+        img = test_image()
+    else:
+        img = image if isinstance(image, torch.Tensor) else load_image(Path(image))
     video = img[None, :, None].expand(1, img.shape[0], frames, *img.shape[1:]).contiguous()
     moved, _ = lm.latent_permute(video, camera)
     paths = {"gif": out_dir / "camera_path.gif", "index_map": out_dir / "source_index_map.png"}
@@ -168,13 +213,13 @@ def check_and_time(camera: lm.CameraMotion, frames: int, device: torch.device) -
     return ok
 
 
-def main(args) -> int:
+def main(args, camera: lm.CameraMotion | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and "triton" not in sys.modules:
         # Without a GPU the demo checks the Triton kernels through Triton's interpreter, which has to
         # be chosen before triton is first imported (kernels calling tl.randn depend on it).
         os.environ["TRITON_INTERPRET"] = "1"
-    camera = camera_from_args(args)
+    camera = camera or camera_from_args(args)
     print(f"lightmotion_fast demo on {device}: {camera}")
     if not lm.extension_available():
         print("(C++ extension not loaded: CPU paths use the PyTorch reference)")
@@ -182,6 +227,7 @@ def main(args) -> int:
     ok = check_and_time(camera, args.frames, device)
     from lightmotion_fast.demo_sampler import run_sampler_demo
 
-    ok &= run_sampler_demo(args.out, model_path=getattr(args, "model", None), device=device, camera=camera)["agree"]
+    ok &= run_sampler_demo(args.out, model_path=getattr(args, "model", None), device=device, camera=camera,
+                           frames=args.frames)["agree"]
     print("\nall paths agree with the reference" if ok else "\nMISMATCH: see above")
     return 0 if ok else 1

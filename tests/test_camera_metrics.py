@@ -163,3 +163,28 @@ def test_plot_writes_png(tmp_path):
     assert (tmp_path / "traj.png").stat().st_size > 5000
     metrics.plot_trajectories(gen[None].repeat(2, 1, 1, 1), gt[None].repeat(2, 1, 1, 1), tmp_path / "b.png", align=True)
     assert (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("frame", [0, 2])
+def test_singular_pose_is_a_value_error_naming_the_argument(frame):
+    gt = random_trajectory(4)
+    gen = gt.clone()
+    gen[frame, :3, :3] = 0  # a camera without orientation: c2w not invertible
+    for fn in (metrics.trajectory_errors, metrics.rpe, metrics.rot_err):
+        with pytest.raises(ValueError, match=f"generated has a singular pose at frame {frame}"):
+            fn(gen, gt)
+    with pytest.raises(ValueError, match=f"ground_truth has a singular pose at frame {frame} of video 1"):
+        metrics.trajectory_errors(torch.stack([gt, gt]), torch.stack([gt, gen]))
+    with pytest.raises(ValueError, match="c2w has a singular pose"):
+        metrics.prepare(gen)
+
+
+def test_scaled_poses_still_count_as_invertible_and_bad_inputs_are_named():
+    gt = random_trajectory(3)
+    scaled = gt.clone()
+    scaled[:, :3, :3] *= 1e-3  # a similarity, not a singular pose
+    assert torch.isfinite(metrics.trajectory_errors(scaled, gt).rot_err)
+    with pytest.raises(ValueError, match="generated must have shape"):
+        metrics.trajectory_errors(gt[:0], gt[:0])
+    with pytest.raises(TypeError, match="generated must hold real numbers"):
+        metrics.trajectory_errors(gt.to(torch.complex128), gt)

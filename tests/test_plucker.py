@@ -169,3 +169,55 @@ def test_bad_inputs():
     nan_k[0, 0, 2] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         embed(nan_k, pose, 4, 4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("matrix_k", [False, True])
+def test_float64_cameras_compute_in_float64(device, poisoned, impl, matrix_k):
+    """Poses from files and numpy are float64: the public function takes them (it used to raise a
+    TypeError although the op supports them) and both paths keep float64 precision."""
+    k, pose = random_cameras(2, 3, 5, 7, matrix_k)
+    want = plucker_embedding_reference(k, pose, 5, 7, relative=True)
+    with lightmotion_fast.backend(impl):
+        got = lightmotion_fast.plucker_embedding(k.to(device), pose.to(device), 5, 7, relative=True)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.cpu(), want, atol=1e-12, rtol=1e-12)
+    with lightmotion_fast.backend(impl):
+        half = lightmotion_fast.plucker_embedding(k.to(device), pose.to(device), 5, 7, dtype=torch.float16)
+    assert half.dtype == torch.float16
+
+
+def test_integer_types_for_height_and_width():
+    np = pytest.importorskip("numpy")
+    k, pose = random_cameras(1, 2, 4, 6)
+    with lightmotion_fast.backend("reference"):
+        got = lightmotion_fast.plucker_embedding(k.float(), pose.float(), np.int64(4), np.int32(6))
+    assert got.shape == (1, 2, 6, 4, 6)
+    for bad in (4.0, True, "4", -1):
+        with pytest.raises(ValueError, match="height"):
+            lightmotion_fast.plucker_embedding(k.float(), pose.float(), bad, 6)
+
+
+def test_default_validation_skips_meta_tensors_and_checks_eager_values():
+    """validate=None: eager calls on real tensors are checked; meta tensors (shape propagation) have no
+    values to check and pass through, where validate=True used to fail reading them."""
+    k, pose = random_cameras(1, 2, 4, 4)
+    meta = lightmotion_fast.plucker_embedding(k.float().to("meta"), pose.float().to("meta"), 4, 4)
+    assert meta.device.type == "meta" and meta.shape == (1, 2, 6, 4, 4)
+    singular = k.float().clone()
+    singular[0, 0, 1] = 0
+    with pytest.raises(ValueError, match="intrinsics of batch 0, frame 0 are singular"):
+        lightmotion_fast.plucker_embedding(singular, pose.float(), 4, 4)
+    with lightmotion_fast.backend("reference"):
+        out = lightmotion_fast.plucker_embedding(singular, pose.float(), 4, 4, validate=False)
+    assert not torch.isfinite(out).all()  # unchecked, as asked
+    with pytest.raises(TypeError, match="validate"):
+        lightmotion_fast.plucker_embedding(k.float(), pose.float(), 4, 4, validate="yes")
+
+
+def test_singular_pose_names_c2w():
+    k, pose = random_cameras(1, 3, 4, 4)
+    pose = pose.clone()
+    pose[0, 2, :3, :3] = 0  # a singular c2w: no rotation at all
+    with pytest.raises(ValueError, match="c2w of batch 0, frame 2 is not a rigid"):
+        lightmotion_fast.plucker_embedding(k, pose, 4, 4, relative=True)

@@ -45,10 +45,26 @@ def _check_poses(name: str, poses) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor of c2w poses, got {type(poses).__name__}")
     if poses.ndim not in (3, 4) or tuple(poses.shape[-2:]) != (4, 4) or poses.shape[-3] == 0:
         raise ValueError(f"{name} must have shape [f, 4, 4] or [n, f, 4, 4] with f >= 1, got {tuple(poses.shape)}")
+    if poses.is_complex() or not (poses.is_floating_point() or poses.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {poses.dtype}")
     poses = poses.detach().to(torch.float64)
     if not bool(torch.isfinite(poses).all()):
         raise ValueError(f"{name} contains NaN or inf")
+    _check_invertible(name, poses)
     return poses
+
+
+def _check_invertible(name: str, poses: torch.Tensor) -> None:
+    """Every pose is inverted (relative to frame 0, RPE's steps): a singular one is a ValueError naming
+    the pose, not a linear-algebra error from deep inside a metric. Singular means |det| tiny next to
+    the size of the rotation-scale block, so a scaled (similarity) pose still counts as invertible."""
+    size = poses[..., :3, :3].abs().amax(dim=(-2, -1))
+    singular = torch.linalg.det(poses).abs() <= 1e-12 * size.pow(3).clamp_min(torch.finfo(poses.dtype).tiny)
+    if bool(singular.any()):
+        where = torch.nonzero(singular)[0].tolist()
+        label = f"frame {where[-1]}" + (f" of video {where[0]}" if poses.ndim == 4 else "")
+        raise ValueError(f"{name} has a singular pose at {label} (a c2w matrix must be invertible): "
+                         f"{poses[tuple(where)].tolist()}")
 
 
 def _pair(generated, ground_truth) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ is in reference/plucker.py, the speed in kernels/plucker.py.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from lightmotion_fast.ops import _common
@@ -74,24 +76,57 @@ def check_cameras(intrinsics: torch.Tensor, c2w: torch.Tensor) -> None:
                 f"|det R − 1| = {det_err[b, f]:.3g}, last row {pose[b, f, 3].tolist()})")
 
 
+# float64 too: poses and intrinsics read from files and numpy arrive in float64, and the op computes in
+# float64 for them (reference and kernel alike).
+DTYPES = (*_common.FLOAT_DTYPES, torch.float64)
+
+
+def _positive_int(name: str, value) -> int:
+    """An int >= 1; numpy and other integer types are taken (operator.index), floats and bools are not."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(number)
+
+
+def _should_validate(validate: bool | None, c2w: torch.Tensor) -> bool:
+    """Whether to run the value checks. They read the cameras back to the host, which a graph being
+    traced by torch.compile cannot do: the default checks eager calls only."""
+    if validate is None:
+        return not torch.compiler.is_compiling() and c2w.device.type != "meta"
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be True, False or None, got {validate!r}")
+    if validate and torch.compiler.is_compiling():
+        raise ValueError("validate=True reads the cameras back to the host, which torch.compile cannot trace: "
+                         "leave validate=None (checks eager calls only) or pass validate=False")
+    return validate
+
+
 def plucker_embedding(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, width: int, *,
                       relative: bool = False, channels_first: bool = False, dtype: torch.dtype | None = None,
-                      validate: bool = True) -> torch.Tensor:
+                      validate: bool | None = None) -> torch.Tensor:
     """Plücker ray embedding (o × d, d) of every pixel of every frame (CameraCtrl / CamI2V convention).
 
     intrinsics: [b f 4] (fx, fy, cx, cy, in pixels of the H×W target) or [b f 3 3];
     c2w: [b f 4 4] camera-to-world poses, OpenCV axes (x right, y down, z forward).
+    Both float32, float16, bfloat16 or float64 (computed in float64 when c2w is float64, else float32).
     relative=True expresses every pose relative to the first frame (c2w_0⁻¹ · c2w_f).
     Returns [b f 6 h w] (or [b 6 f h w] with channels_first=True) in `dtype` (default c2w's dtype);
     channels 0-2 are the moment t × d, 3-5 the unit direction d.
-    validate=False skips the value checks (NaN, singular K, non-rigid pose), which read the values
-    back to the host.
+
+    validate: the value checks (NaN/inf, singular K, a pose that is not rigid) read the cameras back
+    to the host (one synchronisation on a GPU). None (default): checked on eager calls, skipped while
+    torch.compile traces the call (so `torch.compile(fullgraph=True)` works) and for meta tensors;
+    True: always checked (an error inside torch.compile); False: never.
 
     >>> k = torch.tensor([[[300.0, 300.0, 128.0, 128.0]]]).expand(1, 16, 4)
     >>> rays = plucker_embedding(k, torch.eye(4).expand(1, 16, 4, 4), 256, 256)   # [1, 16, 6, 256, 256]
     """
-    _common.check_tensor("c2w", c2w, ndim=4, dims="b f 4 4")
-    _common.check_tensor("intrinsics", intrinsics, ndim=(3, 4), dims="b f 4 or b f 3 3")
+    _common.check_tensor("c2w", c2w, ndim=4, dims="b f 4 4", dtypes=DTYPES)
+    _common.check_tensor("intrinsics", intrinsics, ndim=(3, 4), dims="b f 4 or b f 3 3", dtypes=DTYPES)
     if tuple(c2w.shape[2:]) != (4, 4):
         raise ValueError(f"c2w must have shape [b, f, 4, 4], got {tuple(c2w.shape)}")
     if intrinsics.shape[:2] != c2w.shape[:2] or (
@@ -99,15 +134,13 @@ def plucker_embedding(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, 
         raise ValueError(f"intrinsics must have shape [{c2w.shape[0]}, {c2w.shape[1]}, 4] or "
                          f"[{c2w.shape[0]}, {c2w.shape[1]}, 3, 3] (b, f of c2w), got {tuple(intrinsics.shape)}")
     _common.check_same_device(intrinsics=intrinsics, c2w=c2w)
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    height, width = _positive_int("height", height), _positive_int("width", width)
     if c2w.shape[0] == 0 or c2w.shape[1] == 0:
         raise ValueError(f"c2w must have at least one batch and one frame, got shape {tuple(c2w.shape)}")
     out_dtype = dtype or c2w.dtype
-    if out_dtype not in _common.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {out_dtype}")
-    if validate:
+    if out_dtype not in DTYPES:
+        raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {out_dtype}")
+    if _should_validate(validate, c2w):
         check_cameras(intrinsics, c2w)
     return plucker_embedding_op(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
 

@@ -39,14 +39,16 @@ def plucker_embedding_reference(intrinsics: torch.Tensor, c2w: torch.Tensor, hei
     compute = torch.float64 if c2w.dtype == torch.float64 else torch.float32
     k = intrinsics_matrix(intrinsics.to(compute))
     pose = c2w.to(compute)
+    # inv_ex, not inv: cameras are checked (or deliberately not) by the caller; a singular K or pose
+    # that reaches this point gives inf/NaN rays, as in the kernel, instead of an error on one backend.
     if relative:
-        pose = torch.linalg.inv(pose[:, :1]) @ pose
+        pose = torch.linalg.inv_ex(pose[:, :1]).inverse @ pose
     rot, centre = pose[..., :3, :3], pose[..., :3, 3]
 
     v, u = torch.meshgrid(torch.arange(height, dtype=compute, device=c2w.device) + 0.5,
                           torch.arange(width, dtype=compute, device=c2w.device) + 0.5, indexing="ij")
     pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)                    # [h w 3]
-    cam_dirs = torch.einsum("bfij,hwj->bfhwi", torch.linalg.inv(k), pixels)     # camera space
+    cam_dirs = torch.einsum("bfij,hwj->bfhwi", torch.linalg.inv_ex(k).inverse, pixels)     # camera space
     dirs = torch.einsum("bfij,bfhwj->bfhwi", rot, cam_dirs)                     # world space
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)
     origins = centre[:, :, None, None, :].expand_as(dirs)
