@@ -92,7 +92,7 @@ def _snr_reinject_kernel(
     cx, cm, cn, cx0, cm0,
     inner, frames, hw,
     HAS_MODEL: tl.constexpr, HAS_REGION: tl.constexpr, SHIFT: tl.constexpr, Q: tl.constexpr,
-    BLOCK: tl.constexpr, FAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, FAST: tl.constexpr, ACC: tl.constexpr, INDEX32: tl.constexpr,
 ):
     # Element i = stream element offset + i; the program's tile starts at a quad boundary of the
     # stream, SHIFT = offset % 4 elements before element 0 (SHIFT = 0 keeps the accesses aligned).
@@ -110,7 +110,9 @@ def _snr_reinject_kernel(
     res = acc + cn * noise.to(ACC)
     if HAS_REGION:
         # the region mask is [f, h, w]; element i sits at frame (i // inner) % frames, pixel i % hw
-        ridx = ((offs // inner) % frames) * hw + offs % hw
+        # (32-bit divisions when every index fits: a 64-bit division is a long subroutine on the GPU)
+        idx = offs.to(tl.int32) if INDEX32 else offs
+        ridx = ((idx // inner) % frames) * hw + idx % hw
         inside = tl.load(region_ptr + ridx, mask=valid, other=0) != 0
         plain = cx0 * x
         if HAS_MODEL:
@@ -145,7 +147,7 @@ def snr_reinject_launch(x: torch.Tensor, model_output, region, out: torch.Tensor
         n, seed, offset // 4, cx, cm, cn, cx0, cm0, inner, frames, hw,
         HAS_MODEL=model_output is not None, HAS_REGION=region is not None, SHIFT=shift,
         Q=quads_per_row(x.dtype), BLOCK=block, FAST=fast_math(), num_warps=4,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, INDEX32=n + block < 2**31,
     )
 
 
