@@ -373,3 +373,12 @@ def test_kernel_compiles_without_fma_in_the_index_math():
     counts = res.stdout.split()
     assert counts[0] == "FMA" and int(counts[1]) == 0, res.stdout
     assert int(counts[3]) >= 4, "the products are still there, as separate multiplies"
+
+
+def test_compiles_fullgraph_through_the_public_function():
+    cam = lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
+    z = torch.randn(1, 2, 3, 6, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z: lm.latent_permute(z, cam), fullgraph=True, backend="aot_eager")
+    (out, exposed), (ref, ref_exposed) = compiled(z), lm.latent_permute(z, cam)
+    assert torch.equal(out, ref) and torch.equal(exposed, ref_exposed)

@@ -196,3 +196,16 @@ def test_numpy_integer_seeds_and_float64(device, poisoned):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="seed must be an int"):
         lm.snr_reinject(x, m, c, seed=1.0)
+
+
+def test_compiles_fullgraph_through_the_public_function():
+    x = torch.randn(1, 2, 3, 6, 8)
+    region = torch.rand(3, 6, 8) > 0.5
+    c = COEFFS["ddim_eps"]
+
+    def step(x):
+        return lm.snr_reinject(x, 2 * x, c, seed=3, offset=4, region=region), lm.snr_noise(x, 3, 4)
+
+    torch._dynamo.reset()
+    got, expected = torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
