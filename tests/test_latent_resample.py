@@ -369,3 +369,13 @@ def test_gpu_map_out_of_range_never_reads_outside():
     bad[0, 0, 0], bad[1, 2, 3] = -7, 10**6
     out = lm.latent_resample(z, bad)
     assert torch.equal(out, latent_resample_reference(z, bad.clamp(0, 3 * 4 * 5 - 1)))
+
+
+def test_decodings_go_with_their_map():
+    z = torch.randn(1, 2, 3, 6, 8)
+    SOURCE_OFFSETS.clear()
+    with lm.backend("triton"):
+        for seed in range(3):
+            lm.latent_resample(z, lm.build_fill_map(CAMERAS["pan"], 3, 6, 8, seed=seed))
+    # each map died after its call: only the last decoding can still be held
+    assert len(SOURCE_OFFSETS._entries) == 1

@@ -73,8 +73,9 @@ def decode_source_offsets(fill_map: torch.Tensor, frames: int, height: int, widt
 
 class _OffsetCache:
     """Decoded offsets kept with their fill map: keyed on the map object, its version counter (an
-    in-place change of the map re-decodes) and z's strides; the map is held weakly, and at most
-    `capacity` decodings are kept (least recently used dropped)."""
+    in-place change of the map re-decodes) and z's strides; the map is held weakly (a decoding goes
+    when its map is gone), and at most `capacity` decodings are kept (least recently used dropped):
+    at most 64 × 4 bytes per map pixel. `SOURCE_OFFSETS.clear()` empties it."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
@@ -91,6 +92,8 @@ class _OffsetCache:
                 return hit[1]
         offsets = decode_source_offsets(fill_map, frames, height, width, strides)
         with self._lock:
+            for dead in [k for k, (ref, _) in self._entries.items() if ref() is None]:
+                del self._entries[dead]   # maps that are gone take their decodings with them
             self._entries[key] = (weakref.ref(fill_map), offsets)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
