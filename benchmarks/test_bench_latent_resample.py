@@ -28,3 +28,17 @@ def test_latent_resample_small(benchmark, impl):
     with lm.backend(impl):
         out = benchmark(lm.latent_resample, z, fill)
     assert torch.equal(out, latent_resample_reference(z, fill))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_latent_resample_renoise_small(benchmark, impl):
+    """The whole `renoise` edit step in one pass, against resample then snr_reinject."""
+    from lightmotion_fast.ops.snr_reinject import renoise_coefficients
+
+    z = torch.randn(2, 4, 8, 16, 16, device=DEVICE)
+    fill = lm.build_fill_map(CAMERA, 8, 16, 16, seed=1, device=DEVICE)
+    coeffs = renoise_coefficients(0.6, 0.4)
+    with lm.backend(impl):
+        out = benchmark(lm.latent_resample, z, fill, renoise=coeffs, seed=2, offset=0)
+        two_pass = lm.snr_reinject(lm.latent_resample(z, fill), None, coeffs, seed=2, offset=0)
+    torch.testing.assert_close(out, two_pass, atol=1e-5, rtol=1e-5)

@@ -27,3 +27,11 @@ def test_scheduler_step_randn_add_small(benchmark):
         return COEFFS.cx0 * x + COEFFS.cm0 * eps + COEFFS.cn * torch.randn_like(x)
 
     assert benchmark(unfused).shape == x.shape
+
+
+def test_snr_noise_small(benchmark):
+    """Four normals per Philox call: the noise alone, materialised."""
+    x = torch.empty(2, 4, 8, 16, 16, device=DEVICE)
+    with lm.backend("triton"):
+        noise = benchmark(lm.snr_noise, x, 0, 0)
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05

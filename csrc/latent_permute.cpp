@@ -11,6 +11,15 @@
 #include <cstdint>
 #include <vector>
 
+// Every product is rounded before the sums, as in the reference and the Triton kernel (launched with
+// enable_fp_fusion=False): no FMA contraction, whatever -march the extension is built with, so all
+// implementations pick the same source pixel.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace {
 
 template <typename scalar_t>

@@ -4,7 +4,13 @@ One launch covers every batch and channel plane. A program owns a tile of BLOCK 
 one frame, computes their source positions once from the frame's 2×3 inverse affine (no index
 tensor in memory), then walks PLANES (batch, channel) planes with those positions: one read of
 each kept source element, one write of each output element. Programs of plane group 0 also write
-the exposed mask. Strides are arguments, so `b c f h w` and `b f c h w` views run without copies.
+the exposed mask (the grid has at least one plane group, so an empty batch still gets its mask).
+Strides are arguments, so `b c f h w` and `b f c h w` views run without copies.
+
+The index math is compiled without floating-point contraction (enable_fp_fusion=False): each
+product is rounded before the sums, exactly as in reference.source_positions and the C++ op, so
+every device picks the same source pixel (with contraction ptxas fuses a product into an FMA and a
+few pixels per clip round to a different source at real latent sizes).
 """
 import torch
 import triton
@@ -71,11 +77,11 @@ def latent_permute_launch(z: torch.Tensor, inv_affine: torch.Tensor, out: torch.
     hw = height * width
     block = pixel_block(hw)
     hw_tiles = triton.cdiv(hw, block)
-    planes = planes_per_program(hw_tiles, frames, n_planes, sm_count, programs_per_sm)
-    grid = (hw_tiles, frames, triton.cdiv(n_planes, planes))
+    planes = planes_per_program(hw_tiles, frames, max(n_planes, 1), sm_count, programs_per_sm)
+    grid = (hw_tiles, frames, max(1, triton.cdiv(n_planes, planes)))
     _latent_permute_kernel[grid](
         z, out, exposed, inv_affine,
         n_planes, channels, height, width,
         *z.stride(), *out.stride(),
-        PLANES=planes, BLOCK=block,
+        PLANES=planes, BLOCK=block, enable_fp_fusion=False,
     )

@@ -239,3 +239,146 @@ def test_cuda_graph_capture_and_no_host_sync():
     torch.cuda.synchronize()
     ref, ref_exposed = lm.latent_permute(z, cam)
     assert torch.equal(g_out, ref) and torch.equal(g_exposed, ref_exposed)
+
+
+# --- edge inputs (issue 14 items 8 and 10) ------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["triton", "cpp", "reference"])
+def test_empty_batch_still_gets_its_mask(impl, device, poisoned):
+    z = torch.randn(0, 2, 3, 8, 8, device="cpu" if impl == "cpp" else device)  # C++: CPU tensors
+    with lm.backend(impl):
+        out, exposed = lm.latent_permute(z, CAMERAS["combo"])
+    _, ref_exposed = _expected(z, CAMERAS["combo"], "b c f h w")
+    assert out.shape == z.shape and torch.equal(exposed.cpu(), ref_exposed)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 0, 8), (1, 2, 3, 8, 0), (2, 0, 3, 5, 4)], ids=str)
+def test_empty_frames_and_channels(shape, device):
+    z = torch.randn(shape, device=device)
+    for impl in ("triton", "reference"):
+        with lm.backend(impl):
+            out, exposed = lm.latent_permute(z, CAMERAS["combo"])
+        assert out.shape == z.shape and exposed.shape == (3,) + shape[3:]
+        assert torch.equal(exposed.cpu(), _expected(z, CAMERAS["combo"], "b c f h w")[1])
+
+
+def test_inverse_affines_hands_out_a_copy(device):
+    cam = lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
+    z = torch.randn(1, 2, 3, 8, 8, device=device)
+    before, before_exposed = lm.latent_permute(z, cam)
+    mine = cam.inverse_affines(3, 8, 8, device=device)
+    mine += 100                                   # the caller's tensor, not the camera's cache
+    again, again_exposed = lm.latent_permute(z, cam)
+    assert torch.equal(again, before) and torch.equal(again_exposed, before_exposed)
+    assert not torch.equal(cam.inverse_affines(3, 8, 8, device=device), mine)
+
+
+def test_numpy_integers_are_sizes_and_floats_are_not():
+    import numpy as np
+
+    cam = CAMERAS["combo"]
+    assert torch.equal(cam.inverse_affines(np.int64(3), np.int32(8), np.int16(9)), cam.inverse_affines(3, 8, 9))
+    for bad_name, args in (("height", (3, 8.0, 9)), ("frames", (3.0, 8, 9)), ("width", (3, 8, 9.5))):
+        with pytest.raises(TypeError, match=f"{bad_name} must be an int"):
+            cam.inverse_affines(*args)
+    with pytest.raises(ValueError, match="frames must be an int >= 1"):
+        cam.inverse_affines(0, 8, 9)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpp", "reference"])
+def test_float64_latents(impl, device, poisoned):
+    z = torch.randn(2, 3, 4, 9, 11, device="cpu" if impl == "cpp" else device, dtype=torch.float64)
+    with lm.backend(impl):
+        out, exposed = lm.latent_permute(z, CAMERAS["combo"])
+    ref, ref_exposed = _expected(z, CAMERAS["combo"], "b c f h w")
+    assert out.dtype == torch.float64 and torch.equal(out.cpu(), ref) and torch.equal(exposed.cpu(), ref_exposed)
+
+
+# --- bit-exact source indices at the real sizes (issue 11 item 4) ----------------------------------
+
+# Every camera the benchmarks use (benchmarks/scenarios/latent_permute.py, latent_resample.py) and the tests'.
+BENCH_CAMERAS = {
+    "bench_combo": lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16),
+    "bench_pan": lm.CameraMotion(pan=(0.25, 0.0)),
+    **CAMERAS,
+}
+REAL_SIZES = {"AnimateDiff": (16, 64, 64), "SVD-xt": (25, 72, 128), "large": (32, 128, 128)}
+
+
+def _kernel_positions(inv, height, width, contract: str | None = None):
+    """The kernel's float32 op sequence for the source pixel, in NumPy: products rounded, then
+    (a0·x + a1·y) + a2, then floor(s + 0.5). contract="x"/"y" models an FMA contraction of that
+    product into the first sum (what ptxas emits when fp fusion is on)."""
+    import numpy as np
+
+    a = inv.numpy().astype(np.float32).reshape(-1, 6)[:, :, None, None]
+    y, x = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+
+    def coord(c0, c1, c2):
+        if contract is None:
+            s = (c0 * x).astype(np.float32) + (c1 * y).astype(np.float32)
+        elif contract == "x":   # fma(c0, x, c1*y): one rounding of the exact c0*x + round(c1*y)
+            s = (c0.astype(np.float64) * x + (c1 * y).astype(np.float32)).astype(np.float32)
+        else:                   # fma(c1, y, c0*x)
+            s = (c1.astype(np.float64) * y + (c0 * x).astype(np.float32)).astype(np.float32)
+        s = (s + c2).astype(np.float32)
+        return np.floor((s + np.float32(0.5)).astype(np.float32)).astype(np.int64)
+
+    sx, sy = coord(a[:, 0], a[:, 1], a[:, 2]), coord(a[:, 3], a[:, 4], a[:, 5])
+    return torch.from_numpy(sy), torch.from_numpy(sx)
+
+
+@pytest.mark.parametrize("size", list(REAL_SIZES), ids=str)
+def test_kernel_index_math_equals_reference_at_real_sizes(size):
+    """Without FP contraction (the kernel is launched with enable_fp_fusion=False, the C++ op is
+    built without FMA), the kernel's op sequence picks the reference's source for every pixel of
+    every frame, for every benchmark camera. The contracted sequence does not, which is why the
+    kernel must not be contracted."""
+    frames, height, width = REAL_SIZES[size]
+    contracted_differs = 0
+    for name, cam in BENCH_CAMERAS.items():
+        inv = cam.inverse_affines(frames, height, width)
+        ref_y, ref_x, _ = source_positions(inv, height, width)
+        sy, sx = _kernel_positions(inv, height, width)
+        assert torch.equal(sy, ref_y) and torch.equal(sx, ref_x), name
+        for order in ("x", "y"):
+            cy, cx = _kernel_positions(inv, height, width, contract=order)
+            contracted_differs += int(((cy != ref_y) | (cx != ref_x)).sum())
+    if size != "AnimateDiff":
+        assert contracted_differs > 0, "the contracted formula should differ somewhere at this size"
+
+
+def test_kernel_compiles_without_fma_in_the_index_math():
+    """sm_90 AOT compile (subprocess: this process runs Triton's interpreter): the PTX of the
+    permutation kernel holds no fused multiply-add."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import gpu_compile_check as g, triton, torch, lightmotion_fast as lm\n"
+        "from triton.compiler import ASTSource\n"
+        "g.install_gpu_view()\n"
+        "with lm.backend('triton'):\n"
+        "    lm.latent_permute(torch.randn(1, 2, 3, 9, 11, dtype=torch.float16), lm.CameraMotion(zoom=0.2, rotate=5))\n"
+        "rec = g.RECORDER.records[-1]\n"
+        "src = ASTSource(fn=rec['fn'], signature=rec['signature'], constexprs=rec['constexprs'], attrs=rec['attrs'])\n"
+        "ptx = triton.compile(src, target=g.TARGET, options=rec['options'].__dict__).asm['ptx']\n"
+        "print('FMA', ptx.count('fma.rn.f32'), 'MUL', ptx.count('mul.f32') + ptx.count('mul.rn.f32'))\n"
+    ) % str(Path(__file__).parent)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = res.stdout.split()
+    assert counts[0] == "FMA" and int(counts[1]) == 0, res.stdout
+    assert int(counts[3]) >= 4, "the products are still there, as separate multiplies"
+
+
+def test_compiles_fullgraph_through_the_public_function():
+    cam = lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
+    z = torch.randn(1, 2, 3, 6, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z: lm.latent_permute(z, cam), fullgraph=True, backend="aot_eager")
+    (out, exposed), (ref, ref_exposed) = compiled(z), lm.latent_permute(z, cam)
+    assert torch.equal(out, ref) and torch.equal(exposed, ref_exposed)

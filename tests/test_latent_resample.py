@@ -4,13 +4,16 @@ import pytest
 import torch
 
 import lightmotion_fast as lm
-from lightmotion_fast.ops.latent_resample import build_fill_map_affine
+from lightmotion_fast.kernels._grid import plane_tiling
+from lightmotion_fast.ops.latent_resample import SOURCE_OFFSETS, build_fill_map_affine, decode_source_offsets
+from lightmotion_fast.ops.snr_reinject import StepCoefficients, renoise_coefficients, renoise_sigma_coefficients
 from lightmotion_fast.reference.latent_resample import (
     alignment_affines,
     build_fill_map_reference,
     decode_fill_map,
     latent_resample_reference,
 )
+from lm_testing import TOLERANCES
 
 CAMERAS = {
     "combo": lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16),
@@ -210,3 +213,169 @@ def test_bad_inputs():
         lm.build_fill_map("pan", 3, 4, 5)
     with pytest.raises(ValueError, match="axis"):
         lm.build_fill_map(cam, 3, 4, 5, axis="diagonal")
+
+
+# --- the fused edit: decoded offsets, planes per program, renoise in the same pass (issue 11 item 3) ---
+
+@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 8, 12), "b c f h w"), ((1, 5, 2, 9, 11), "b f c h w"),
+                                           ((2, 2, 3, 17, 23), "b c f h w")], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("offset", [0, 6, 1024])
+def test_renoise_in_the_same_pass_equals_resample_then_snr(shape, layout, dtype, offset, device, poisoned):
+    z = torch.randn(shape, device=device).to(dtype)
+    frames = shape[2] if layout == "b c f h w" else shape[1]
+    fill = lm.build_fill_map(CAMERAS["combo"], frames, shape[3], shape[4], background=_background(frames, *shape[3:]),
+                             seed=2, device=device)
+    coeffs = renoise_coefficients(0.6, 0.35)
+    with lm.backend("triton"):
+        fused = lm.latent_resample(z, fill, layout, renoise=coeffs, seed=7, offset=offset)
+        edited = lm.latent_resample(z, fill, layout)
+        two_pass = lm.snr_reinject(edited, None, coeffs, seed=7, offset=offset, layout=layout)
+    with lm.backend("reference"):
+        ref = lm.latent_resample(z.cpu(), fill.cpu(), layout, renoise=coeffs, seed=7, offset=offset)
+    assert fused.dtype == dtype and fused.shape == z.shape
+    atol, rtol = TOLERANCES.get(dtype, (1e-6, 1e-6))
+    torch.testing.assert_close(fused, two_pass, atol=atol, rtol=rtol)
+    torch.testing.assert_close(fused.cpu(), ref, atol=atol, rtol=rtol)
+    assert not torch.allclose(fused.cpu().double(), coeffs.cx * edited.cpu().double())  # noise was added
+
+
+def test_renoise_checks():
+    z = torch.randn(1, 2, 3, 4, 5)
+    fill = lm.build_fill_map(CAMERAS["pan"], 3, 4, 5)
+    with pytest.raises(ValueError, match="renoise.cm must be 0"):
+        lm.latent_resample(z, fill, renoise=StepCoefficients(1.0, 0.5, 0.1, 1.0, 0.0))
+    with pytest.raises(TypeError, match="renoise must be a StepCoefficients"):
+        lm.latent_resample(z, fill, renoise=(1.0, 0.5))
+    with pytest.raises(ValueError, match="seed"):
+        lm.latent_resample(z, fill, renoise=renoise_sigma_coefficients(1.0, 2.0), seed=-1)
+
+
+def test_fill_map_is_decoded_once_and_again_after_a_change(device):
+    z = torch.randn(1, 2, 3, 6, 8, device=device)
+    fill = lm.build_fill_map(CAMERAS["pan"], 3, 6, 8, seed=1, device=device)
+    SOURCE_OFFSETS.clear()
+    with lm.backend("triton"):
+        first = lm.latent_resample(z, fill)
+        lm.latent_resample(z, fill)
+        assert len(SOURCE_OFFSETS._entries) == 1            # decoded once, for z's strides
+        lm.latent_resample(z.transpose(3, 4).contiguous().transpose(3, 4), fill)
+        assert len(SOURCE_OFFSETS._entries) == 2            # other strides: another decoding
+        fill[0, 0, 0] = 5                                   # in place: the version counter moves
+        changed = lm.latent_resample(z, fill)
+    assert torch.equal(changed.cpu(), latent_resample_reference(z.cpu(), fill.cpu()))
+    assert not torch.equal(changed, first)
+
+
+def test_decoded_offsets_follow_the_strides():
+    fill = lm.build_fill_map(CAMERAS["combo"], 3, 5, 7, seed=4)
+    src_f, src_y, src_x = decode_fill_map(fill, 5, 7)
+    off = decode_source_offsets(fill, 3, 5, 7, (1000, 30, 2))
+    assert off.dtype == torch.int32 and torch.equal(off.long(), src_f * 1000 + src_y * 30 + src_x * 2)
+    assert decode_source_offsets(fill, 3, 5, 7, (2**31, 30, 2)).dtype == torch.int64
+
+
+@pytest.mark.parametrize("label, hw, frames, planes, vec, at_least", [
+    ("AnimateDiff fp16", 64 * 64, 16, 8, 8, 8),
+    ("SVD-xt fp16", 72 * 128, 25, 8, 8, 8),
+    ("bandwidth fp32", 128 * 128, 32, 256, 4, 8),
+])
+def test_several_planes_per_program_at_real_shapes(label, hw, frames, planes, vec, at_least):
+    block, per_program, num_warps = plane_tiling(hw, frames, planes, 132, vec)
+    programs = -(-hw // block) * frames * -(-planes // per_program)
+    assert per_program >= at_least and programs >= 132, (block, per_program, programs)
+    assert block % vec == 0 and block >= 32 * vec * num_warps // 4
+
+
+def test_compiles_fullgraph_through_the_public_function():
+    z = torch.randn(1, 2, 3, 6, 8)
+    fill = lm.build_fill_map(CAMERAS["combo"], 3, 6, 8, seed=1)
+    coeffs = renoise_coefficients(0.6, 0.4)
+
+    def edit(z, fill):
+        return lm.latent_resample(z, fill), lm.latent_resample(z, fill, renoise=coeffs, seed=3, offset=8)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(edit, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(z, fill), edit(z, fill)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_validate_reads_the_map(device):
+    z = torch.randn(1, 2, 3, 4, 5, device=device)
+    fill = lm.build_fill_map(CAMERAS["pan"], 3, 4, 5, device=device)
+    with pytest.raises(ValueError, match="fill_map entries"):
+        lm.latent_resample(z, fill - 1, validate=True)
+
+
+def test_numpy_integer_sizes_and_seeds_float_sizes_rejected():
+    import numpy as np
+
+    cam = CAMERAS["combo"]
+    a = lm.build_fill_map(cam, np.int64(3), np.int32(8), 8, seed=np.int64(1))
+    assert torch.equal(a, lm.build_fill_map(cam, 3, 8, 8, seed=1))
+    with pytest.raises(TypeError, match="height must be an int"):
+        lm.build_fill_map(cam, 3, 8.0, 8)
+    with pytest.raises(ValueError, match="frames must be an int >= 1"):
+        lm.build_fill_map(cam, 0, 8, 8)
+
+
+def test_float64_latents(device, poisoned):
+    z = torch.randn(1, 2, 3, 6, 8, device=device, dtype=torch.float64)
+    fill = lm.build_fill_map(CAMERAS["combo"], 3, 6, 8, seed=1, device=device)
+    with lm.backend("triton"):
+        out = lm.latent_resample(z, fill)
+    assert out.dtype == torch.float64 and torch.equal(out.cpu(), latent_resample_reference(z.cpu(), fill.cpu()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host-sync checks need a GPU")
+def test_fused_edit_is_one_launch_without_host_sync_and_graph_capturable():
+    z = torch.randn(2, 25, 4, 72, 128, device="cuda", dtype=torch.float16)     # SVD-xt, b f c h w
+    fill = lm.build_fill_map(CAMERAS["combo"], 25, 72, 128, seed=0, device="cuda")
+    coeffs = renoise_sigma_coefficients(2.0, 3.5)
+
+    def edit():
+        return lm.latent_resample(z, fill, "b f c h w", renoise=coeffs, seed=1, offset=0)
+
+    edit()                                          # decodes the map once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")         # any host synchronisation now raises
+    try:
+        edit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        edit()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len({e.name for e in kernels}) == 1 and len(kernels) == 1, [e.name for e in kernels]
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        edit()
+        with torch.cuda.graph(graph, stream=stream):
+            g_out = edit()
+    z.copy_(torch.randn_like(z))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, edit())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the clamp applies to maps on a GPU")
+def test_gpu_map_out_of_range_never_reads_outside():
+    z = torch.randn(1, 2, 3, 4, 5, device="cuda")
+    fill = lm.build_fill_map(CAMERAS["pan"], 3, 4, 5, device="cuda")
+    bad = fill.clone()
+    bad[0, 0, 0], bad[1, 2, 3] = -7, 10**6
+    out = lm.latent_resample(z, bad)
+    assert torch.equal(out, latent_resample_reference(z, bad.clamp(0, 3 * 4 * 5 - 1)))
+
+
+def test_decodings_go_with_their_map():
+    z = torch.randn(1, 2, 3, 6, 8)
+    SOURCE_OFFSETS.clear()
+    with lm.backend("triton"):
+        for seed in range(3):
+            lm.latent_resample(z, lm.build_fill_map(CAMERAS["pan"], 3, 6, 8, seed=seed))
+    # each map died after its call: only the last decoding can still be held
+    assert len(SOURCE_OFFSETS._entries) == 1

@@ -2,6 +2,7 @@
 the kernel's own noise; the in-kernel noise stream; the ᾱ and σ step formulas against diffusers."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from lightmotion_fast.ops.snr_reinject import (
     renoise_coefficients,
     renoise_sigma_coefficients,
 )
-from lightmotion_fast.reference.snr_reinject import philox_randn, snr_reinject_reference
+from lightmotion_fast.reference.snr_reinject import _philox4x32, neg_log_uniform, philox_randn, snr_reinject_reference
 from lm_testing import TOLERANCES
 
 COEFFS = {
@@ -40,13 +41,49 @@ def test_kernel_matches_reference_given_its_noise(shape, dtype, name, device, po
     torch.testing.assert_close(out.cpu().double(), ref, atol=atol * 4, rtol=rtol)
 
 
-def test_kernel_noise_equals_numpy_philox(device):
-    like = torch.empty(3, 1000, device=device)
-    for seed, offset in ((0, 0), (123, 5000), (2**33 + 1, 2**32 - 10)):
+@pytest.mark.parametrize("numel", [3000, 4093])
+def test_kernel_noise_equals_numpy_philox(numel, device):
+    like = torch.empty(numel, device=device)
+    # offsets at every position inside a quad (offset % 4 = 0..3), and counters past 2**32
+    for seed, offset in ((0, 0), (123, 5000), (5, 7), (9, 2**34 + 1), (2**33 + 1, 2**32 - 10)):
         with lm.backend("triton"):
             noise = lm.snr_noise(like, seed, offset)
-        torch.testing.assert_close(noise.cpu(), philox_randn(seed, offset, like.numel()).reshape(3, 1000),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(noise.cpu(), philox_randn(seed, offset, numel), atol=2e-5, rtol=1e-5)
+
+
+def test_philox_known_answers():
+    """The reference's Philox-4x32-10 against Random123's published known-answer vectors."""
+    def words(counter, key):
+        c = [np.asarray([w], dtype=np.uint32) for w in counter]
+        return [int(w[0]) for w in _philox4x32(*c, np.uint32(key[0]), np.uint32(key[1]))]
+
+    assert words([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def test_one_philox_call_gives_four_normals():
+    """Stream elements 4c .. 4c+3 are the two Box–Muller pairs of the words of counter c."""
+    seed, c = 77, 12345
+    key = (np.uint32(seed), np.uint32(0))
+    zero = np.zeros(1, dtype=np.uint32)
+    w = _philox4x32(np.asarray([c], dtype=np.uint32), zero, zero, zero.copy(), *key)
+    expected = []
+    for a, b in ((w[0], w[1]), (w[2], w[3])):
+        u = (int(a[0]) >> 9) * 2.0 ** -23 + 2.0 ** -24
+        theta = math.pi * int(np.asarray(b).view(np.int32)[0]) * 2.0 ** -31
+        r = math.sqrt(-2.0 * math.log(u))
+        expected += [r * math.cos(theta), r * math.sin(theta)]
+    got = philox_randn(seed, 4 * c, 4)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-6, rtol=1e-6)
+
+
+def test_neg_log_is_accurate_for_every_uniform():
+    """−ln u as the stream computes it (series near u = 1, log2 elsewhere), for all 2²³ values of u."""
+    k = np.arange(2**23, dtype=np.uint32)
+    u, e = neg_log_uniform(k)
+    exact = -np.log(u.astype(np.float64))
+    assert np.all(e > 0)
+    assert np.max(np.abs(e - exact) / exact) < 4e-7
 
 
 def test_noise_statistics_and_streams(device):
@@ -142,3 +179,33 @@ def test_bad_inputs():
         lm.snr_reinject(x, x, c.__class__(1.0, 0.0, float("nan"), 1.0, 0.0), seed=0)
     with pytest.raises(ValueError, match="prediction_type"):
         ddim_coefficients(0.3, 0.4, 1.0, "flow")
+
+
+def test_numpy_integer_seeds_and_float64(device, poisoned):
+    """numpy integers are seeds and offsets; float64 latents are taken (issue 14 item 10)."""
+    x = torch.randn(1, 2, 3, 4, 8, device=device, dtype=torch.float64)
+    m = torch.randn_like(x)
+    c = COEFFS["ddim_eps"]
+    with lm.backend("triton"):
+        out = lm.snr_reinject(x, m, c, seed=np.int64(4), offset=np.uint32(8))
+        noise = lm.snr_noise(x, np.int32(4), np.int64(8))
+    assert out.dtype == torch.float64
+    assert torch.equal(noise, lm.snr_noise(x, 4, 8))
+    ref = snr_reinject_reference(x.cpu(), m.cpu(), noise.cpu().double(), c)
+    # the kernel takes the coefficients as float32 scalars: float64 data agree to float32 precision
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        lm.snr_reinject(x, m, c, seed=1.0)
+
+
+def test_compiles_fullgraph_through_the_public_function():
+    x = torch.randn(1, 2, 3, 6, 8)
+    region = torch.rand(3, 6, 8) > 0.5
+    c = COEFFS["ddim_eps"]
+
+    def step(x):
+        return lm.snr_reinject(x, 2 * x, c, seed=3, offset=4, region=region), lm.snr_noise(x, 3, 4)
+
+    torch._dynamo.reset()
+    got, expected = torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -1,4 +1,9 @@
-"""latent_permute against the per-frame reference loop, one advanced-indexing gather, and grid_sample."""
+"""latent_permute against the per-frame reference loop, one advanced-indexing gather, torch.take with
+precomputed offsets, grid_sample, and (on a GPU) the gather with its index math compiled by
+torch.compile (Inductor fuses the affine math, the gather and the masked fill into one kernel).
+
+Bytes: what the op must move — kept pixels read (exposed ones are not), every output element
+written, and the [f, h, w] bool mask written."""
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,6 +29,40 @@ def vectorised_gather(inv_affine, frames, height, width, device):
         return out.reshape(z.shape)
 
     return run
+
+
+def take_precomputed(inv_affine, z_shape, device):
+    """torch.take with every output element's flat source offset precomputed (int64, as large as the
+    latent), and the exposed elements zeroed by a precomputed mask."""
+    b, c, frames, height, width = z_shape
+    src_y, src_x, kept = source_positions(inv_affine.cpu(), height, width)
+    frame_base = (torch.arange(frames) * height * width)[:, None, None]
+    per_frame = torch.where(kept, frame_base + src_y * width + src_x, 0)
+    planes = torch.arange(b * c)[:, None] * frames * height * width
+    index = (planes + per_frame.reshape(1, -1)).reshape(z_shape).to(device)
+    exposed = (~kept).to(device)
+
+    def run(z):  # z: contiguous [b c f h w]
+        return torch.take(z, index).masked_fill_(exposed, 0)
+
+    return run
+
+
+def compiled_gather(frames, height, width):
+    """The index math, the gather and the fill written as plain PyTorch and compiled by Inductor."""
+    def permute(z, inv):  # z: [b c f h w], inv: [f, 2, 3]
+        y = torch.arange(height, device=z.device, dtype=torch.float32)[:, None]
+        x = torch.arange(width, device=z.device, dtype=torch.float32)[None, :]
+        a = inv.reshape(frames, 6)[:, :, None, None]
+        sx = torch.floor(a[:, 0] * x + a[:, 1] * y + a[:, 2] + 0.5).long()
+        sy = torch.floor(a[:, 3] * x + a[:, 4] * y + a[:, 5] + 0.5).long()
+        kept = (sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)
+        flat = torch.where(kept, sy * width + sx, 0) + torch.arange(frames, device=z.device)[:, None, None] * height * width
+        planes = z.reshape(z.shape[0], z.shape[1], -1)
+        out = planes[:, :, flat.reshape(-1)].reshape(z.shape)
+        return torch.where(kept, out, torch.zeros((), dtype=z.dtype, device=z.device)), ~kept
+
+    return torch.compile(permute, fullgraph=True, dynamic=False)
 
 
 def grid_sample_nearest(inv_affine, frames, height, width, batch, device, dtype):
@@ -52,19 +91,33 @@ def _case(label, shape, layout, device, dtype, quick, cpu=True):
         inv = CAMERA.inverse_affines(f, h, w, device=device)
         gather = vectorised_gather(inv, f, h, w, device)
         gsample = grid_sample_nearest(inv, f, h, w, b, device, dtype)
-        return {
+        zcc = zc.contiguous()
+        take = take_precomputed(inv, zcc.shape, device)
+        providers = {
             "lightmotion": lambda: lm.latent_permute(z, CAMERA, layout=layout),
             "reference": lambda: latent_permute_reference(zc, inv),
             "torch_gather": lambda: gather(zc),
+            "torch_take_offsets": lambda: take(zcc),
             "grid_sample_nearest": lambda: gsample(zc),
         }
+        if device.type == "cuda":
+            compiled = compiled_gather(f, h, w)
+            providers["torch_compile_gather"] = lambda: compiled(zcc, inv)
+            compiled(zcc, inv)  # compile outside the timing
+        return providers
 
-    numel = 1
-    for s in shape:
-        numel *= s
-    elem = torch.empty((), dtype=dtype).element_size()
     return Case(op="latent_permute", shape=f"{label} {'x'.join(map(str, shape))}", setup=setup,
-                dtype=str(dtype).replace("torch.", ""), bytes=2 * numel * elem, quick=quick, cpu=cpu)
+                dtype=str(dtype).replace("torch.", ""), bytes=permute_bytes(shape, layout, dtype), quick=quick,
+                cpu=cpu, note="bytes: kept pixels read, all written, the mask written; torch_take_offsets also "
+                "reads its int64 offsets (not counted)")
+
+
+def permute_bytes(shape, layout, dtype) -> int:
+    """Bytes the permutation must move: read the kept sources, write every output, write the mask."""
+    b, c, f, h, w = shape if layout == "b c f h w" else (shape[0], shape[2], shape[1], shape[3], shape[4])
+    _, _, kept = source_positions(CAMERA.inverse_affines(f, h, w), h, w)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return int(kept.sum()) * b * c * elem + b * c * f * h * w * elem + f * h * w
 
 
 def cases(device, quick):

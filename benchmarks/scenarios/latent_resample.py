@@ -1,12 +1,19 @@
 """LightMotion's latent edit: the fill-map build (C++ vs the Python reference builder) and the fused
 permute + resample gather against the plain-PyTorch reference, a per-frame gather + torch.where
-version, and a MotionBooth-style per-row Python loop with NumPy random choice (integer pans only)."""
+version, torch.take with precomputed offsets, a MotionBooth-style per-row Python loop with NumPy random
+choice (integer pans only), and on a GPU the gather compiled by torch.compile. The "+ renoise" cases
+time the whole edit step of the `renoise` correction — gather, then the jump back to a noisier level
+with fresh noise — as our one launch against Inductor's fused gather + in-kernel Philox.
+
+Bytes: every output element written once and read once (the fill map covers every pixel), plus the
+int32 map (the decoded offsets) read once per plane group."""
 import numpy as np
 import torch
 
 import lightmotion_fast as lm
 from lightmotion_fast.bench.scenario import Case
 from lightmotion_fast.ops.latent_resample import build_fill_map_affine
+from lightmotion_fast.ops.snr_reinject import renoise_coefficients
 from lightmotion_fast.reference.latent_permute import latent_permute_reference
 from lightmotion_fast.reference.latent_resample import build_fill_map_reference, latent_resample_reference
 
@@ -52,6 +59,28 @@ def motionbooth_shift(z, background, shift_per_frame, seed=0):
     return out
 
 
+def take_offsets(z_shape, fill, device):
+    """torch.take with every output element's flat source offset precomputed (int64, latent-sized)."""
+    b, c, f, h, w = z_shape
+    planes = torch.arange(b * c)[:, None] * f * h * w
+    index = (planes + fill.cpu().reshape(1, -1).long()).reshape(z_shape).to(device)
+    return lambda z: torch.take(z, index)
+
+
+def compiled_edit(fill, coeffs=None):
+    """The gather (and the renoise jump with torch.randn_like) as plain PyTorch, compiled by Inductor
+    (which fuses the gather, the affine map and its in-kernel Philox into one kernel)."""
+    flat = fill.reshape(-1).long()
+
+    def edit(z):  # z: contiguous [b c f h w]
+        out = z.reshape(z.shape[0], z.shape[1], -1)[:, :, flat].reshape(z.shape)
+        if coeffs is not None:
+            out = coeffs.cx * out + coeffs.cn * torch.randn_like(out)
+        return out
+
+    return torch.compile(edit, fullgraph=True, dynamic=False)
+
+
 def _numel(shape):
     n = 1
     for s in shape:
@@ -75,29 +104,51 @@ def _build_case(frames, height, width, quick):
                 dtype="int32", quick=quick, cpu=True, note="the fill map is built on the CPU once per video")
 
 
-def _apply_case(label, shape, layout, device, dtype, quick, cpu=True, loop=True):
+def _apply_case(label, shape, layout, device, dtype, quick, cpu=True, loop=True, renoise=False):
     def setup():
         z = torch.randn(shape, device=device, dtype=dtype)
         zc = z if layout == "b c f h w" else z.transpose(1, 2)  # b c f h w view
         b, c, f, h, w = zc.shape
         bg = background_mask(f, h, w)
         fill = lm.build_fill_map(CAMERA, f, h, w, background=bg, seed=0, device=device)
-        providers = {
-            "lightmotion": lambda: lm.latent_resample(z, fill, layout=layout),
-            "reference": lambda: latent_resample_reference(zc, fill),
-            "per_frame_where": lambda: per_frame_where(zc, CAMERA, fill),
-        }
-        for _ in range(3):  # the first calls of a custom op pay one-time dispatch costs
+        zcc = zc.contiguous()
+        if renoise:
+            coeffs = renoise_coefficients(0.6, 0.4)
+            providers = {
+                "lightmotion": lambda: lm.latent_resample(z, fill, layout=layout, renoise=coeffs, seed=0, offset=0),
+                "resample_then_snr": lambda: lm.snr_reinject(lm.latent_resample(z, fill, layout=layout), None,
+                                                             coeffs, seed=0, offset=0, layout=layout),
+            }
+        else:
+            coeffs = None
+            take = take_offsets(zcc.shape, fill, device)
+            providers = {
+                "lightmotion": lambda: lm.latent_resample(z, fill, layout=layout),
+                "reference": lambda: latent_resample_reference(zc, fill),
+                "per_frame_where": lambda: per_frame_where(zc, CAMERA, fill),
+                "torch_take_offsets": lambda: take(zcc),
+            }
+        if device.type == "cuda":
+            compiled = compiled_edit(fill, coeffs)
+            compiled(zcc)  # compile outside the timing
+            providers["torch_compile_edit"] = lambda: compiled(zcc)
+        for _ in range(3):  # the first calls of a custom op pay one-time costs (dispatch, the map's decoding)
             providers["lightmotion"]()
-        if loop:
+        if loop and not renoise:
             providers["motionbooth_loop"] = lambda: motionbooth_shift(zc, bg, PAN.pan[0] * w / max(f - 1, 1))
         return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
-    return Case(op="latent_resample", shape=f"{label} {'x'.join(map(str, shape))}", setup=setup,
-                dtype=str(dtype).replace("torch.", ""), bytes=2 * _numel(shape) * elem, quick=quick, cpu=cpu,
-                note="motionbooth_loop: integer horizontal pans only (a pure pan, not the benchmark camera)"
-                if loop else "")
+    frames = shape[2] if layout == "b c f h w" else shape[1]
+    moved = 2 * _numel(shape) * elem + frames * shape[3] * shape[4] * 4
+    notes = ["bytes: the latent read and written once, the int32 map read once"]
+    if loop and not renoise:
+        notes.append("motionbooth_loop: integer horizontal pans only (a pure pan, not the benchmark camera)")
+    if renoise:
+        notes.append("+ renoise: gather and x_T2 = cx*x + cn*n with in-kernel noise, one launch")
+    return Case(op="latent_resample", shape=f"{label}{' + renoise' if renoise else ''} {'x'.join(map(str, shape))}",
+                setup=setup, dtype=str(dtype).replace("torch.", ""), bytes=moved, quick=quick, cpu=cpu,
+                note="; ".join(notes))
 
 
 def cases(device, quick):
@@ -108,3 +159,6 @@ def cases(device, quick):
     yield _apply_case("SVD-xt", (2, 25, 4, 72, 128), "b f c h w", device, dtype, quick=True, cpu=False)
     yield _apply_case("bandwidth", (8, 16, 32, 128, 128), "b c f h w", device, torch.float32, quick=False,
                       cpu=False, loop=False)
+    yield _apply_case("AnimateDiff", (2, 4, 16, 64, 64), "b c f h w", device, dtype, quick=True, cpu=False,
+                      renoise=True)
+    yield _apply_case("SVD-xt", (2, 25, 4, 72, 128), "b f c h w", device, dtype, quick=True, cpu=False, renoise=True)

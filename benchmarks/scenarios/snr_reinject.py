@@ -1,6 +1,8 @@
 """LightMotion's correction step: the fused snr_reinject (noise drawn in registers) against the
 scheduler's own DDIM step with η (which draws its noise tensor itself), and against the unfused
-recipe: the plain scheduler step, a separate torch.randn and an add."""
+recipe: the plain scheduler step, a separate torch.randn and an add; on a GPU also against the step
+cx·x + cm·ε + cn·randn_like(x) compiled by torch.compile (Inductor fuses it into one kernel with
+in-kernel Philox: the same design, the strongest peer)."""
 import torch
 
 import lightmotion_fast as lm
@@ -37,6 +39,13 @@ def _case(label, shape, device, dtype, quick, cpu=True):
             "scheduler_step_eta": lambda: sched.step(eps, t, x, eta=1.0, generator=gen).prev_sample,
             "step_randn_add": step_randn_add,
         }
+        if device.type == "cuda":
+            def step(x, eps):
+                return coeffs.cx * x + coeffs.cm * eps + coeffs.cn * torch.randn_like(x)
+
+            compiled = torch.compile(step, fullgraph=True, dynamic=False)
+            compiled(x, eps)  # compile outside the timing
+            providers["torch_compile_step"] = lambda: compiled(x, eps)
         for _ in range(3):  # the first calls of a custom op pay one-time dispatch costs
             providers["lightmotion"]()
         if device.type == "cuda" or x.numel() <= 1 << 18:  # the NumPy Philox reference is slow

@@ -20,9 +20,24 @@ src = round(A_f⁻¹ p); the kernels compute that from the 2×3 inverse matrix o
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
+
+
+def as_int(name: str, value, minimum: int = 0) -> int:
+    """`value` as a Python int (numpy and torch integer scalars accepted); TypeError for anything that
+    is not an integer (floats included, even 8.0), ValueError below `minimum`."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
 
 
 def _finite(name: str, value) -> float:
@@ -82,8 +97,7 @@ class CameraMotion:
 
     def fractions(self, frames: int) -> torch.Tensor:
         """[F, 4] float64: the fraction of each total (pan x, pan y, zoom, rotate) at every frame."""
-        if not isinstance(frames, int) or frames < 1:
-            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        frames = as_int("frames", frames, minimum=1)
         if self.schedule is not None:
             if self.schedule.shape[0] != frames:
                 raise ValueError(f"CameraMotion schedule has {self.schedule.shape[0]} frames but the "
@@ -95,6 +109,7 @@ class CameraMotion:
     def affines(self, frames: int, height: int, width: int) -> torch.Tensor:
         """[F, 2, 3] float64 forward transforms: source position -> target position (x, y)."""
         frac = self.fractions(frames)
+        height, width = as_int("height", height), as_int("width", width)
         cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
         tx = frac[:, 0] * self.pan[0] * width
         ty = frac[:, 1] * self.pan[1] * height
@@ -114,9 +129,18 @@ class CameraMotion:
         """[F, 2, 3] float32 inverse transforms: target position -> source position (x, y).
 
         Built in float64 and rounded once to float32, which is what every implementation reads.
-        Cached per (shape, device), so repeated calls on the GPU copy nothing to the device (the op
-        then needs no host synchronisation and can be captured in a CUDA graph).
+        Returns a new tensor the caller owns (the ops read a cached copy, see `cached_inverse_affines`).
         """
+        return self.cached_inverse_affines(frames, height, width, device).clone()
+
+    def cached_inverse_affines(self, frames: int, height: int, width: int,
+                               device: torch.device | str = "cpu") -> torch.Tensor:
+        """As `inverse_affines`, but the camera's cached tensor itself: read it, never modify it.
+
+        Cached per (shape, device), so repeated calls on the GPU copy nothing to the device (the ops
+        then need no host synchronisation and can be captured in a CUDA graph).
+        """
+        frames, height, width = as_int("frames", frames, 1), as_int("height", height), as_int("width", width)
         key = (frames, height, width, str(torch.device(device)))
         cached = self._cache.get(key)
         if cached is not None:

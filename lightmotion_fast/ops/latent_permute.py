@@ -13,6 +13,8 @@ from lightmotion_fast.ops._common import Backend
 from lightmotion_fast.reference.latent_permute import latent_permute_reference
 
 LAYOUTS = ("b c f h w", "b f c h w")
+# What the latent ops take: every floating dtype their custom ops, kernels and references handle.
+LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @torch.library.custom_op("lightmotion::latent_permute", mutates_args=())
@@ -23,6 +25,8 @@ def latent_permute_op(z: torch.Tensor, inv_affine: torch.Tensor, frames_first: b
     frames, height, width = zv.shape[2:]
     exposed = torch.empty((frames, height, width), dtype=torch.bool, device=z.device)
     impl = _common.select_backend(z.device, cpp_op="latent_permute_out")
+    if exposed.numel() == 0:
+        return out, exposed  # h = 0 or w = 0: nothing to compute (and no grid to launch)
     if impl is Backend.TRITON:
         kernel = _common.kernel_module("latent_permute")
         kernel.latent_permute_launch(zv, inv_affine.reshape(frames, 6).contiguous(), ov, exposed,
@@ -47,7 +51,7 @@ def check_latent(name: str, z, layout: str) -> tuple[int, int, int]:
     """Validate a 5-D video latent; returns (frames, height, width)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    _common.check_tensor(name, z, ndim=5, dims=layout)
+    _common.check_tensor(name, z, ndim=5, dims=layout, dtypes=LATENT_DTYPES)
     frames = z.shape[2] if layout == "b c f h w" else z.shape[1]
     return frames, z.shape[3], z.shape[4]
 
@@ -66,7 +70,7 @@ def latent_permute(z: torch.Tensor, camera: CameraMotion, layout: str = "b c f h
     frames, height, width = check_latent("z", z, layout)
     if not isinstance(camera, CameraMotion):
         raise TypeError(f"camera must be a lightmotion_fast.CameraMotion, got {type(camera).__name__}")
-    inv = camera.inverse_affines(frames, height, width, device=z.device)
+    inv = camera.cached_inverse_affines(frames, height, width, device=z.device)
     return latent_permute_op(z, inv, layout == "b f c h w")
 
 

@@ -8,37 +8,138 @@ reference/latent_resample.py: int32 [f, h, w], entry (src_frame * h + src_y) * w
 """
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
+
 import torch
 
-from lightmotion_fast.camera.motion import CameraMotion
+from lightmotion_fast.camera.motion import CameraMotion, as_int
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops._common import Backend
-from lightmotion_fast.ops.latent_permute import check_latent
+from lightmotion_fast.ops.latent_permute import LATENT_DTYPES, check_latent
+from lightmotion_fast.ops.snr_reinject import StepCoefficients, _check_seed, _noise_reference
 from lightmotion_fast.reference.latent_resample import (
     alignment_affines,
     build_fill_map_reference,
     latent_resample_reference,
 )
+from lightmotion_fast.reference.snr_reinject import snr_reinject_reference
 
-_MAX_SEED = 2**63
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+# --- the fill map decoded into source offsets, once per (map, z strides) ----------------------------
+
+def check_fill_entries(fill_map: torch.Tensor, frames: int, height: int, width: int) -> None:
+    """ValueError unless every entry is a flat (frame, y, x) index of the latent. Reads the values:
+    on a GPU this synchronises the host (the ops call it for CPU maps, or with validate=True)."""
+    if fill_map.numel() == 0:
+        return
+    lo, hi = int(fill_map.min()), int(fill_map.max())
+    if lo < 0 or hi >= frames * height * width:
+        raise ValueError(f"fill_map entries must lie in [0, {frames * height * width}) (flat (frame, y, x) "
+                         f"indices), got range [{lo}, {hi}]")
+
+
+def decode_source_offsets(fill_map: torch.Tensor, frames: int, height: int, width: int,
+                          strides: tuple[int, int, int]) -> torch.Tensor:
+    """[f, h, w] element offsets of each output pixel's source inside one (b, c) plane of z, for z's
+    (frame, row, column) strides: src_frame·s_f + src_y·s_h + src_x·s_w. int32 when every offset
+    the latent can have fits (all real latents), else int64. Runs on the map's device, no host sync.
+
+    CPU maps are checked (ValueError); GPU maps are clamped into range, so that whatever a map holds
+    the kernel never reads outside z (check_fill_entries / validate=True to get the error instead).
+    """
+    flat = fill_map.to(torch.int64)
+    hw = height * width
+    if fill_map.device.type == "cpu":
+        check_fill_entries(fill_map, frames, height, width)
+    else:
+        flat = flat.clamp(0, max(frames * hw - 1, 0))
+    s_f, s_h, s_w = strides
+    src_f = torch.div(flat, hw, rounding_mode="floor")
+    rest = flat - src_f * hw
+    src_y = torch.div(rest, width, rounding_mode="floor")
+    offsets = src_f * s_f + src_y * s_h + (rest - src_y * width) * s_w
+    largest = (frames - 1) * abs(s_f) + (height - 1) * abs(s_h) + (width - 1) * abs(s_w)
+    return offsets.to(torch.int32 if largest < 2**31 else torch.int64).contiguous()
+
+
+class _OffsetCache:
+    """Decoded offsets kept with their fill map: keyed on the map object, its version counter (an
+    in-place change of the map re-decodes) and z's strides; the map is held weakly (a decoding goes
+    when its map is gone), and at most `capacity` decodings are kept (least recently used dropped):
+    at most 64 × 4 bytes per map pixel. `SOURCE_OFFSETS.clear()` empties it."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fill_map: torch.Tensor, frames: int, height: int, width: int, strides) -> torch.Tensor:
+        key = (id(fill_map), fill_map._version, fill_map.data_ptr(), fill_map.device, frames, height, width,
+               tuple(strides))
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0]() is fill_map:
+                self._entries.move_to_end(key)
+                return hit[1]
+        offsets = decode_source_offsets(fill_map, frames, height, width, strides)
+        with self._lock:
+            for dead in [k for k, (ref, _) in self._entries.items() if ref() is None]:
+                del self._entries[dead]   # maps that are gone take their decodings with them
+            self._entries[key] = (weakref.ref(fill_map), offsets)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return offsets
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+SOURCE_OFFSETS = _OffsetCache()
 
 
 @torch.library.custom_op("lightmotion::latent_resample", mutates_args=())
-def latent_resample_op(z: torch.Tensor, fill_map: torch.Tensor, frames_first: bool) -> torch.Tensor:
-    """z: [b c f h w] (frames_first=False) or [b f c h w] (True); fill_map: [f, h, w] int32."""
+def latent_resample_op(z: torch.Tensor, fill_map: torch.Tensor, frames_first: bool, renoise: bool = False,
+                       cx: float = 1.0, cn: float = 0.0, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """z: [b c f h w] (frames_first=False) or [b f c h w] (True); fill_map: [f, h, w] int32.
+    renoise: out = cx·edited + cn·n with n snr_reinject's noise stream (seed, offset), in one pass."""
     out = torch.empty_like(z)
     zv, ov = (z, out) if not frames_first else (z.transpose(1, 2), out.transpose(1, 2))
+    frames, height, width = zv.shape[2:]
+    if out.numel() == 0:
+        return out
+    offsets = SOURCE_OFFSETS.get(fill_map, frames, height, width, zv.stride()[2:])  # CPU maps: checked here
     impl = _common.select_backend(z.device)
     if impl is Backend.TRITON:
+        noise = None
+        if renoise:
+            # the stream runs over the output row-major in its own layout; strides in the view's order
+            contiguous = _contiguous_strides(z.shape)
+            order = (0, 2, 1) if frames_first else (0, 1, 2)
+            noise = (cx, cn, seed, offset, tuple(contiguous[i] for i in order))
         kernel = _common.kernel_module("latent_resample")
-        kernel.latent_resample_launch(zv, fill_map.contiguous(), ov, sm_count=_common.device_sm_count(z.device))
+        kernel.latent_resample_launch(zv, offsets, ov, noise, sm_count=_common.device_sm_count(z.device))
     else:
-        ov.copy_(latent_resample_reference(zv, fill_map))
+        layout = "b f c h w" if frames_first else "b c f h w"
+        edited = latent_resample_reference(z, fill_map, layout)
+        if renoise:
+            edited = snr_reinject_reference(edited, None, _noise_reference(z.shape, seed, offset, z.device),
+                                            StepCoefficients(cx, 0.0, cn, 1.0, 0.0), None, layout)
+        out.copy_(edited)
     return out
 
 
 @latent_resample_op.register_fake
-def _(z, fill_map, frames_first):
+def _(z, fill_map, frames_first, renoise=False, cx=1.0, cn=0.0, seed=0, offset=0):
     return torch.empty_like(z)
 
 
@@ -52,11 +153,7 @@ def resolve_seed(seed: int | None = None, generator: torch.Generator | None = No
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     if seed is None:
         return 0
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+    return _check_seed("seed", seed)
 
 
 def mainly_vertical(camera: CameraMotion, height: int, width: int) -> bool:
@@ -103,22 +200,33 @@ def build_fill_map(camera: CameraMotion, frames: int, height: int, width: int,
     """
     if not isinstance(camera, CameraMotion):
         raise TypeError(f"camera must be a lightmotion_fast.CameraMotion, got {type(camera).__name__}")
-    for name, value in (("frames", frames), ("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    frames, height, width = (as_int(name, value, minimum=1) for name, value in
+                             (("frames", frames), ("height", height), ("width", width)))
     if axis not in ("auto", "row", "column"):
         raise ValueError(f"axis must be 'auto', 'row' or 'column', got {axis!r}")
     by_column = mainly_vertical(camera, height, width) if axis == "auto" else axis == "column"
-    inv = camera.inverse_affines(frames, height, width)
+    inv = camera.cached_inverse_affines(frames, height, width)
     fill = build_fill_map_affine(inv, background, height, width, resolve_seed(seed, generator), by_column)
     return fill.to(device)
 
 
-def latent_resample(z: torch.Tensor, fill_map: torch.Tensor, layout: str = "b c f h w") -> torch.Tensor:
+def latent_resample(z: torch.Tensor, fill_map: torch.Tensor, layout: str = "b c f h w", *,
+                    renoise: StepCoefficients | None = None, seed: int = 0, offset: int = 0,
+                    validate: bool = False) -> torch.Tensor:
     """Permutation and resampling in one gather: out[b, c, f, y, x] = z[b, c, src_frame, src_y, src_x].
 
     z: [b c f h w] (AnimateDiff) or [b f c h w] with layout="b f c h w" (SVD); any strides.
     fill_map: [f, h, w] int32 from `build_fill_map`, on z's device. z is not modified.
+    renoise: the correction's jump back to a noisier level, applied in the same pass:
+    out = cx·edited + cn·n, with coefficients from `renoise_coefficients` / `renoise_sigma_coefficients`
+    (cm must be 0) and n exactly the noise `snr_reinject(edited, None, renoise, seed, offset)` draws.
+    validate: read the map's values back and check them (a host synchronisation on a GPU). Without
+    it, CPU maps are still checked (once per map, when first decoded), and GPU maps are clamped into
+    range, so no map makes the kernel read outside z. Nothing here reads a tensor's values, so the
+    function traces with torch.compile(fullgraph=True) and captures in a CUDA graph.
+
+    >>> fill = build_fill_map(CameraMotion(pan=(0.25, 0)), 16, 64, 64, seed=0, device="cuda")
+    >>> x = latent_resample(z, fill, renoise=renoise_coefficients(0.6, 0.4), seed=0, offset=0)
     """
     frames, height, width = check_latent("z", z, layout)
     _common.check_tensor("fill_map", fill_map, ndim=3, dims="f h w", dtypes=(torch.int32,))
@@ -126,13 +234,18 @@ def latent_resample(z: torch.Tensor, fill_map: torch.Tensor, layout: str = "b c 
         raise ValueError(f"fill_map must have shape [{frames}, {height}, {width}] (frames, height, width "
                          f"of z), got {tuple(fill_map.shape)}")
     _common.check_same_device(z=z, fill_map=fill_map)
-    if fill_map.device.type == "cpu" and fill_map.numel() > 0:
-        # On a GPU the values are not inspected: reading them back would synchronise the host.
-        lo, hi = int(fill_map.min()), int(fill_map.max())
-        if lo < 0 or hi >= frames * height * width:
-            raise ValueError(f"fill_map entries must lie in [0, {frames * height * width}) (flat (frame, y, x) "
-                             f"indices), got range [{lo}, {hi}]")
-    return latent_resample_op(z, fill_map, layout == "b f c h w")
+    if validate:
+        check_fill_entries(fill_map, frames, height, width)
+    if renoise is None:
+        return latent_resample_op(z, fill_map, layout == "b f c h w")
+    if not isinstance(renoise, StepCoefficients):
+        raise TypeError(f"renoise must be a StepCoefficients (renoise_coefficients(...)), got {type(renoise).__name__}")
+    cx = _common.check_finite_number("renoise.cx", renoise.cx)
+    cn = _common.check_finite_number("renoise.cn", renoise.cn)
+    if renoise.cm != 0:
+        raise ValueError(f"renoise.cm must be 0 (the jump uses no model output), got {renoise.cm}")
+    return latent_resample_op(z, fill_map, layout == "b f c h w", True, cx, cn,
+                              _check_seed("seed", seed), _check_seed("offset", offset))
 
 
 def latent_edit(z: torch.Tensor, camera: CameraMotion, background: torch.Tensor | None = None,

@@ -12,7 +12,8 @@ import torch
 
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops._common import Backend
-from lightmotion_fast.ops.latent_permute import check_latent
+from lightmotion_fast.camera.motion import as_int
+from lightmotion_fast.ops.latent_permute import LATENT_DTYPES, check_latent
 from lightmotion_fast.reference.snr_reinject import (
     StepCoefficients,
     ddim_coefficients,
@@ -80,8 +81,8 @@ def _(like, seed, offset):
 
 
 def _check_seed(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """A Python int in [0, 2**63) (numpy / torch integer scalars accepted)."""
+    value = as_int(name, value, minimum=-(2**63))
     if not 0 <= value < _MAX_SEED:
         raise ValueError(f"{name} must be in [0, 2**63), got {value}")
     return value
@@ -102,7 +103,7 @@ def snr_reinject(x: torch.Tensor, model_output: torch.Tensor | None, coeffs: Ste
     """
     frames, height, width = check_latent("x", x, layout)
     if model_output is not None:
-        _common.check_tensor("model_output", model_output, ndim=5, dims=layout)
+        _common.check_tensor("model_output", model_output, ndim=5, dims=layout, dtypes=LATENT_DTYPES)
         if model_output.shape != x.shape:
             raise ValueError(f"model_output must have x's shape {tuple(x.shape)}, got {tuple(model_output.shape)}")
         _common.check_same_device(x=x, model_output=model_output)
