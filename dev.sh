@@ -29,7 +29,7 @@ setup() {
     "$PY" -m venv "$VENV"
   fi
   local vpy="$VENV/bin/python" stamp="$VENV/.lightmotion-installed" want
-  want=$(cat setup.py pyproject.toml csrc/* | sha256sum | cut -d' ' -f1)
+  want=$(cat setup.py pyproject.toml build_backend/*.py csrc/* | sha256sum | cut -d' ' -f1)
   if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$vpy" -c "import lightmotion_fast" 2>/dev/null; then
     echo "[dev.sh] installing build tools and torch"
     "$vpy" -m pip install -q --disable-pip-version-check "setuptools>=69" wheel "ninja>=1.11"

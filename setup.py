@@ -77,6 +77,7 @@ MAPPED = {"lightmotion_fast.kernels": "kernels", "lightmotion_fast.scenarios": o
 setup(
     packages=find_packages(include=["lightmotion_fast", "lightmotion_fast.*"]) + list(MAPPED),
     package_dir=MAPPED,
+    package_data={"lightmotion_fast": ["py.typed"]},  # PEP 561: the package ships its type hints
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

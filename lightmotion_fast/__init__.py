@@ -23,6 +23,7 @@ from lightmotion_fast.ops import (
     reference_attention,
     snr_noise,
     snr_reinject,
+    TrajectoryIndex,
     trajectory_attention,
 )
 
@@ -58,7 +59,7 @@ __all__ = [
     "CameraMotion", "build_fill_map", "latent_edit", "latent_permute", "latent_permute_affine",
     "latent_resample", "snr_noise", "snr_reinject",
     # Trajectory Attention
-    "TrajectoryTables", "trajectories_from_depth", "trajectories_from_tracks", "trajectory_attention",
+    "TrajectoryIndex", "TrajectoryTables", "trajectories_from_depth", "trajectories_from_tracks", "trajectory_attention",
     # LiON-LoRA
     "multi_lora_linear",
     # MotionFlow

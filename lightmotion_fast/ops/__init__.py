@@ -20,7 +20,7 @@ from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.ops.plucker import plucker_embedding
 from lightmotion_fast.ops.reference_attention import reference_attention
 from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
-from lightmotion_fast.ops.trajectory_attention import trajectory_attention
+from lightmotion_fast.ops.trajectory_attention import TrajectoryIndex, trajectory_attention
 
 # custom op name -> (the op, a function of the device giving a list of argument tuples)
 OP_SAMPLES = {
@@ -46,5 +46,5 @@ OP_SAMPLES = {
 __all__ = [
     "OP_SAMPLES", "Backend", "backend", "build_fill_map", "dual_cross_attention", "latent_edit", "latent_permute",
     "latent_permute_affine", "latent_resample", "multi_lora_linear", "plucker_embedding", "reference_attention",
-    "snr_noise", "snr_reinject", "trajectory_attention",
+    "snr_noise", "snr_reinject", "TrajectoryIndex", "trajectory_attention",
 ]
