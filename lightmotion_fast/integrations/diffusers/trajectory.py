@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from lightmotion_fast.camera.trajectories import TrajectoryTables
-from lightmotion_fast.integrations.diffusers.registry import Feature, PatchContext, register_feature
+from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, register_feature
 from lightmotion_fast.ops.trajectory_attention import trajectory_attention
 from lightmotion_fast.reference.trajectory_attention import official_trajectory_branch
 
@@ -239,6 +239,13 @@ def _install(ctx: PatchContext) -> None:
 FEATURE = register_feature(Feature(
     name="trajectory",
     install=_install,
-    options=("trajectories", "valid", "traj_weights"),
+    options=(
+        Option("trajectories", "TrajectoryTables | Tensor [f, n, 2]", "None",
+               "trajectory tables, or (x, y) pixel coordinates of the generated frames; without it this feature "
+               "installs nothing"),
+        Option("valid", "bool Tensor [f, n]", "None", "visibility of each coordinate (None: all visible)"),
+        Option("traj_weights", "state dict | official list | None", "None",
+               "branch weights; None initialises from the temporal attention (output projection zero)"),
+    ),
     families=("svd",),
 ))
