@@ -34,11 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
     bench.add_argument("--no-plot", action="store_true")
     bench.add_argument("--results", type=Path, default=None, help="folder for the CSV and plots")
+    bench.add_argument("--static", action="store_true",
+                       help="no timing: compile every launch at the benchmark shapes for sm_90 and write "
+                            "sm90-static.{csv,md} (registers, spills, occupancy, SASS counts, roofline floors)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.static:
+        from lightmotion_fast.bench import static
+
+        return static.static_main(ops=args.ops, results_dir=args.results or static.RESULTS_DIR)
     if args.command == "bench":
         from lightmotion_fast.bench import runner
 
