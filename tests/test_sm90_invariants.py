@@ -90,7 +90,8 @@ _DUAL_ALIGNED = (r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+
 _DUAL_WGMMA = r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SDXL b=2 n=4096) .*\| fwd$"
 _REF_D40 = r"reference_attention \| SD1.5/AnimateDiff 64x64 .*\| float16 \| fwd$"
 _REF_ALIGNED = r"reference_attention \| SD1.5/AnimateDiff (32x32|16x16) .*\| float16 \| fwd$"
-_TRAJ = r"trajectory_attention \| SVD-xt L0 .*\| float16 \| fwd\+bwd"
+_TRAJ = r"trajectory_attention \| SVD-xt L0 .*\| float16 \| fwd\+bwd \|"
+# The trajectory kernels run 32-frame tiles (25 frames padded): below wgmma's 64 rows, mma.sync is the design.
 
 INVARIANTS = [
     # --- elementwise streams: contiguous tensors move as 128-bit accesses; no spills
@@ -149,12 +150,15 @@ INVARIANTS = [
     I("_reference_attention_fwd_kernel", _REF_ALIGNED, ">=2 blocks/SM", known=ISSUE10_REF),
     # --- trajectory attention, SVD-xt L0 (both modes)
     I("_traj_attn_fwd_kernel", _TRAJ, "no spills"),
-    I("_traj_attn_fwd_kernel", _TRAJ, "no 2-byte loads"),
+    I("_traj_attn_fwd_kernel", _TRAJ, "128-bit loads"),
+    I("_traj_attn_fwd_kernel", _TRAJ + " deterministic", "128-bit stores"),   # atomic mode adds with REDG
     I("_traj_attn_fwd_kernel", _TRAJ, "async loads"),
     I("_traj_attn_fwd_kernel", _TRAJ, ">=2 blocks/SM"),
     I("_csr_reduce_kernel", _TRAJ, "no spills"),
     I("_csr_reduce_kernel", _TRAJ, "128-bit loads"),
     I("_traj_attn_bwd_kernel", _TRAJ, "no spills"),
+    I("_traj_attn_bwd_kernel", _TRAJ, "128-bit loads"),
+    I("_traj_attn_bwd_kernel", _TRAJ + " deterministic", "128-bit stores"),
     I("_traj_attn_bwd_kernel", _TRAJ, ">=2 blocks/SM", known=ISSUE10_TRAJ_BWD),
     I("_traj_attn_bwd_kernel", _TRAJ, "async loads", known=ISSUE10_TRAJ_BWD),
 ]
@@ -260,3 +264,18 @@ def test_sass_counts_read_widths_and_units():
     assert (c["ldg_128"], c["ldg_16"], c["ldg_32"], c["stg_128"]) == (1, 1, 1, 1)
     assert (c["ldgsts"], c["ldgsts_128"], c["hgmma"], c["hmma"], c["atomics"]) == (1, 1, 1, 1, 1)
     assert c["backward_branches"] == 1 and c["instructions"] == 13
+
+
+def test_partial_regeneration_keeps_the_other_cases():
+    from lightmotion_fast.bench.static import merge
+    old = [dict(case="a", kernel="k1", launch="1"), dict(case="a", kernel="k2", launch="2"),
+           dict(case="b", kernel="k1", launch="3")]
+    new = [dict(case="a", kernel="k1", launch="4")]
+    assert merge(old, new) == [dict(case="b", kernel="k1", launch="3"), dict(case="a", kernel="k1", launch="4")]
+
+
+def test_bench_static_flag():
+    from lightmotion_fast.cli import build_parser
+    args = build_parser().parse_args(["bench", "--static", "--ops", "snr_reinject", "plucker"])
+    assert args.static and args.ops == ["snr_reinject", "plucker"]
+    assert not build_parser().parse_args(["bench"]).static

@@ -427,8 +427,8 @@ def calls_trajectory_attention(case):
     train = case.mode == "fwd+bwd"
     # The branch's projections give q/k/v as views of [(b s), f, (h d)]: contiguous [b s f h d].
     shape = (batch, n_pix, frames, heads, p["channels"] // heads)
-    for variant, deterministic in (("deterministic", True), ("atomic", False)):
-        def call(deterministic=deterministic):
+    for variant in VARIANTS["trajectory_attention"]:
+        def call(deterministic=(variant == "deterministic")):
             q, k, v = (_empty(*shape, dtype=p["dtype"], grad=train) for _ in range(3))
             out = lm.trajectory_attention(q, k, v, level.idx, level.valid, level.rowptr, level.col,
                                           deterministic=deterministic)
@@ -471,6 +471,10 @@ CALLS = {
     "dual_cross_attention": calls_dual_cross_attention,
     "reference_attention": calls_reference_attention,
 }
+
+
+# Scenarios whose cases run the op more than one way (the benchmark's providers): the label's last field.
+VARIANTS = {"trajectory_attention": ("deterministic", "atomic")}
 
 
 def case_label(case, variant=""):
@@ -527,6 +531,9 @@ def capture(ops=None, cases_regex=None):
     errors = []
     with lm.backend("triton"), SkipMatmuls():
         for name, case in benchmark_cases(ops):
+            labels = [case_label(case, v) for v in VARIANTS.get(name, ("",))]
+            if pattern and not any(pattern.search(label) for label in labels):
+                continue   # skip building the inputs of cases that were not asked for
             try:
                 calls = list(CALLS[name](case))
             except Exception:  # noqa: BLE001 - reported, the rest goes on
@@ -571,11 +578,13 @@ def floors(nbytes, flops):
 
 
 def _instr_per_elem(rec, counts):
-    """Static SASS instructions per element for loop-free kernels that handle BLOCK elements per program
-    (the elementwise kernels): every thread runs the whole straight-line body once."""
+    """Static SASS instructions per element for the elementwise kernels (one BLOCK of elements per
+    program, no tile loop): instructions x threads / BLOCK. Cold paths (libdevice's slow argument
+    reduction, for one) are counted too, so this bounds the dynamic count from above."""
     consts = named_constexprs(rec)
     block = consts.get("BLOCK")
-    if not isinstance(block, int) or counts.get("backward_branches") or consts.get("PLANES", 1) != 1:
+    if not isinstance(block, int) or consts.get("PLANES", 1) != 1 or any(
+            k.startswith("BLOCK_") for k in consts):
         return ""
     return round(counts["instructions"] * 32 * rec["options"].num_warps / block, 1)
 
@@ -685,15 +694,27 @@ widths, async copies, MMA kind and atomics from the SASS (`cuobjdump -sass`), 64
   Contiguous fp16/bf16 tiles should move as 128-bit accesses; 16-bit ones are per-element scalar accesses.
   Gathers by a data-dependent index (latent_permute's source pixels, index tables) are scalar by nature.
 - *cp.async (128)*: LDGSTS instructions (those 128 bits wide); *TMA*: UTMALDG/UBLKCP; *MMA*: HGMMA (wgmma,
-  Hopper's warpgroup MMA) or HMMA (mma.sync); *atom*: RED/ATOM global atomics; *div64*: 64-bit integer
-  divisions/remainders in the PTX (each a ~70-instruction subroutine); *instr*: static SASS instructions
-  (per element for loop-free elementwise kernels: instructions × threads / BLOCK).
-- *floor*: the case's roofline floor max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) in µs, from the
-  scenario's byte and FLOP counts, at the measured ceilings (H100 SXM 3.0 TB/s, 798 TFLOP/s; H200 4.3 TB/s,
-  788 TFLOP/s) and at H100's peaks (3.35 TB/s, 989 TFLOP/s). One floor per case: it covers all its launches.
-- Static counts are not timings: everything here is a prediction aid. `tests/test_sm90_invariants.py` turns
-  the hot kernels' design invariants (no spills, 128-bit tiles, async K/V and GEMM tiles, wgmma, occupancy)
-  into a test over these numbers; its strict xfails name the open issue that fixes each known miss.
+  Hopper's warpgroup MMA) or HMMA (mma.sync; tiles under 64 rows cannot use wgmma); *atom*: RED/ATOM global
+  atomics; *div64*: 64-bit integer divisions/remainders in the PTX (each a ~70-instruction subroutine);
+  *instr*: static SASS instructions, and in brackets per element for the elementwise kernels
+  (instructions × threads / BLOCK; cold paths included, so an upper bound on what runs).
+- *programs*: the launch grid; *floor*: the case's roofline floor max(bytes / copy bandwidth, FLOPs / bf16
+  matmul rate) in µs from the scenario's byte and FLOP counts, at the measured ceilings (H100 SXM 3.0 TB/s,
+  798 TFLOP/s; H200 4.3 TB/s, 788 TFLOP/s) and at H100's peaks (3.35 TB/s, 989 TFLOP/s). One floor per case
+  covers all its launches; a fwd+bwd case lists its forward launches again.
+- Only Triton launches appear: PyTorch's own work inside an op (the multi-LoRA backward's GEMMs, projections)
+  is not here.
+- Static counts are not timings; everything here is a prediction aid, to be confirmed on a GPU.
+
+**Invariants.** `tests/test_sm90_invariants.py` (part of the default test run) recompiles the hot launches and
+holds one declarative table of design invariants against these columns: no spills in fp16/bf16 launches;
+contiguous tiles (attention Q/K/V/O, GEMM tiles, elementwise streams) moved by 128-bit accesses, never 2-byte
+ones; K/V and GEMM tiles loaded asynchronously (cp.async or TMA); wgmma for the matrix kernels whose tiles allow
+it; ≥ 2 resident blocks per SM for the attention forwards; snr_reinject ≤ 50 instructions per element;
+latent_resample without 64-bit division; the multi-LoRA LoRA tail without 2-byte loads. Today's misses are
+strict expected failures naming the issue that fixes them (issue 10: attention at head dim 40, reference
+attention occupancy, the trajectory and dual backwards; issue 11: multi-LoRA expand/shrink, snr_reinject,
+latent_resample); when a fix makes one pass, the run fails until its `known=` is deleted from the table.
 """
 
 
@@ -716,6 +737,21 @@ def _mma(row):
     return " + ".join(p for p in parts if p) or "—"
 
 
+def _cell(text):
+    return str(text).replace("|", "\\|")
+
+
+def _compact(constexprs):
+    """Tiles and flags that are set: 'BLOCK_M=128 D_PAD=64 ATOMIC'; False flags are left out."""
+    out = []
+    for item in filter(None, constexprs.split(",")):
+        name, _, value = item.partition("=")
+        if value == "False":
+            continue
+        out.append(name if value == "True" else item)
+    return " ".join(out)
+
+
 def render_md(rows, versions):
     lines = [MD_HEADER.format(versions=versions), "## Cases and roofline floors\n",
              "| case | bytes | FLOPs | floor H100 µs | floor H100 peak µs | floor H200 µs | bound | launches |",
@@ -727,7 +763,7 @@ def render_md(rows, versions):
         r = rs[0]
         flops = f"{float(r['flops']):.3g}" if r["flops"] else ""
         nbytes = f"{float(r['bytes']):.3g}" if r["bytes"] else ""
-        lines.append(f"| {case} | {nbytes} | {flops} | {r['floor_us_h100']} | {r['floor_us_h100_peak']} | "
+        lines.append(f"| {_cell(case)} | {nbytes} | {flops} | {r['floor_us_h100']} | {r['floor_us_h100_peak']} | "
                      f"{r['floor_us_h200']} | {r['bound']} | {len(rs)} |")
     by_op = {}
     for r in rows:
@@ -740,13 +776,13 @@ def render_md(rows, versions):
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             if r["ok"] == "0" and not r["registers"]:
-                lines.append(f"| {r['case']} | {r['kernel']} | {r['constexprs']} | | | | | | | | | | | | | | "
-                             f"FAILED: {r['error'][:200]} |")
+                lines.append(f"| {_cell(r['case'])} | {r['kernel']} | {_compact(r['constexprs'])} | | | | | | | | | | "
+                             f"| | | | FAILED: {_cell(r['error'][:200])} |")
                 continue
             instr = f"{r['instructions']}" + (f" ({r['instr_per_elem']})" if r["instr_per_elem"] else "")
             tune = " (autotune cfg)" if r["autotune_config"] == "1" else ""
             lines.append(
-                f"| {r['case']} | {r['kernel']} | {r['constexprs'].replace(',', ', ')}{tune} | "
+                f"| {_cell(r['case'])} | {r['kernel']} | {_compact(r['constexprs'])}{tune} | "
                 f"{r['num_warps']}/{r['num_stages']} | {r['programs']} | {r['registers']} | {r['spill_stores']} | "
                 f"{_kb(r['shared'])} | {r['blocks_per_sm']} ({r['warps_per_sm']}) | {_widths(r, 'ldg')} | "
                 f"{_widths(r, 'stg')} | {r['ldgsts']} ({r['ldgsts_128']}) | {r['tma']} | {_mma(r)} | "
