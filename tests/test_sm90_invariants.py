@@ -190,9 +190,9 @@ def test_every_hot_launch_compiled(rows):
 
 
 def _params():
-    for inv in INVARIANTS:
+    for i, inv in enumerate(INVARIANTS):
         marks = [pytest.mark.xfail(strict=True, reason=inv.known)] if inv.known else []
-        yield pytest.param(inv, id=f"{inv.kernel}-{inv.check}-{inv.cases[:40]}", marks=marks)
+        yield pytest.param(inv, id=f"row{i:02d}-{inv.kernel.strip('_')}-{inv.check}", marks=marks)
 
 
 @pytest.mark.parametrize("inv", list(_params()))
@@ -279,3 +279,18 @@ def test_bench_static_flag():
     args = build_parser().parse_args(["bench", "--static", "--ops", "snr_reinject", "plucker"])
     assert args.static and args.ops == ["snr_reinject", "plucker"]
     assert not build_parser().parse_args(["bench"]).static
+
+
+def test_each_check_rejects_what_it_names():
+    """Each check passes a row that meets every design rule and fails on the one field it is about."""
+    good = dict(spill_stores="0", spill_loads="0", ldg_16="0", ldg_128="2", ldgsts="8", ldgsts_128="8", tma="0",
+                stg_16="0", stg_128="1", hgmma="4", hmma="0", blocks_per_sm="2", instr_per_elem="40", div64="0")
+    breaks = {"no spills": dict(spill_stores="8"), "128-bit loads": dict(ldg_16="56"),
+              "128-bit stores": dict(stg_16="32", stg_128="0"), "no 2-byte loads": dict(ldg_16="1"),
+              "async loads": dict(ldgsts="0", ldgsts_128="0"), "wgmma": dict(hmma="32"),
+              ">=2 blocks/SM": dict(blocks_per_sm="1"), "<=50 instr/elem": dict(instr_per_elem="224"),
+              "no div64": dict(div64="16")}
+    assert set(breaks) == set(CHECKS)
+    for name, (predicate, _) in CHECKS.items():
+        assert predicate(good), name
+        assert not predicate({**good, **breaks[name]}), name

@@ -301,7 +301,8 @@ def ptx_div64(ptx):
 
 
 def _analysis_cache_dir():
-    base = os.environ.get("TRITON_CACHE_DIR") or triton.knobs.cache.dir
+    knobs = getattr(triton, "knobs", None)
+    base = os.environ.get("TRITON_CACHE_DIR") or (knobs.cache.dir if knobs else Path.home() / ".triton" / "cache")
     path = Path(base) / "lightmotion_static"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -716,10 +717,6 @@ strict expected failures naming the issue that fixes them (issue 10: attention a
 attention occupancy, the trajectory and dual backwards; issue 11: multi-LoRA expand/shrink, snr_reinject,
 latent_resample); when a fix makes one pass, the run fails until its `known=` is deleted from the table.
 """
-
-
-def _num(v):
-    return "" if v in ("", None) else v
 
 
 def _kb(v):
