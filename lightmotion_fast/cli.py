@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark every op against its reference and peers")
     bench.add_argument("--ops", nargs="+", default=None, help="scenario names (benchmarks/scenarios/*.py)")
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
-    bench.add_argument("--out", dest="results", type=Path, default=None, metavar="DIR",
+    bench.add_argument("--out", "--results", dest="results", type=Path, default=None, metavar="DIR",
                        help="folder for the CSV and plots (default: $LIGHTMOTION_BENCH_DIR or "
                             "~/.cache/lightmotion_fast/bench, outside the source tree)")
     bench.add_argument("--no-plot", action="store_true")
-    bench.add_argument("--results", type=Path, default=None, help="folder for the CSV and plots")
+    bench.add_argument("--static", action="store_true",
+                       help="no timing: compile every launch at the benchmark shapes for sm_90 and write "
+                            "sm90-static.{csv,md} (registers, spills, occupancy, SASS counts, roofline floors)")
     return parser
 
 
@@ -108,6 +110,10 @@ def require(*modules: str, extra: str) -> None:
 # --- the commands ---
 
 def run_bench(args) -> int:
+    if args.static:
+        from lightmotion_fast.bench import static
+
+        return static.static_main(ops=args.ops, results_dir=args.results or static.RESULTS_DIR)
     from lightmotion_fast.bench import runner
 
     runner.run(ops=args.ops, quick=args.quick, plot=not args.no_plot,

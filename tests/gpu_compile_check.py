@@ -37,9 +37,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -49,73 +47,22 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime import autotuner as _autotuner  # noqa: E402
-from triton.runtime import jit as _jit  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-# Hopper's shared memory per block (227 KiB opt-in, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200).
-# Triton's launcher raises OutOfResources above it when the kernel is loaded; compilation itself succeeds.
-SHARED_LIMIT = 232448
+from lightmotion_fast.bench import static  # noqa: E402
+
+TARGET = static.TARGET
+SHARED_LIMIT = static.SHARED_LIMIT
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------
 # Capture
 
 
-class Recorder:
-    def __init__(self):
-        self.backend = make_backend(TARGET)
-        self.binders = {}
-        self.records = []       # dicts, in launch order
-        self.context = {}       # op / dtype of the call in progress
-
-    def record(self, fn, args, kwargs):
-        kwargs = dict(kwargs)
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
-        # The options JITFunction.run adds before binding (the set varies across Triton versions).
-        for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
-            if hasattr(triton.knobs.compilation, name):
-                kwargs[name] = getattr(triton.knobs.compilation, name)
-        binder = self.binders.get(fn)
-        if binder is None:
-            binder = self.binders[fn] = _jit.create_function_from_signature(fn.signature, fn.params, self.backend)
-        bound_args, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args, specialization,
-                                                              options)
-        self.records.append(dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, options=options,
-                                 **self.context))
-
-
-RECORDER = Recorder()
-
-
-def _jit_run(self, *args, grid, warmup, **kwargs):
-    RECORDER.record(self, args, kwargs)
-    return None
-
-
-def _autotune_run(self, *args, **kwargs):
-    # Every config, as the autotuner would benchmark them on the GPU.
-    RECORDER.context["autotuned"] = True
-    try:
-        for config in self.configs:
-            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
-    finally:
-        RECORDER.context["autotuned"] = False
-
-
-def install_gpu_view():
-    """Patch the launch path and the host-side device queries to behave as on a Hopper GPU."""
-    _jit.JITFunction.run = _jit_run
-    _autotuner.Autotuner.run = _autotune_run
-    from lightmotion_fast.ops import _common
-    _common.triton_interpreting = lambda: True          # take the Triton path for CPU tensors
-    _common.device_sm_count = lambda device: 132        # an H100 SXM
-    traj = _common.kernel_module("trajectory_attention")
-    traj._interpreting = lambda t: False
-    traj._upcast = lambda t: False
+# The recorder, the GPU view of the host-side queries, ptxas -v and the launch identity live in
+# lightmotion_fast/bench/static.py, which also uses them for the sm_90 report at the benchmark shapes.
+RECORDER = static.RECORDER
+install_gpu_view = static.install_gpu_view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,14 +215,8 @@ def capture(ops):
 _TILE_KNOBS = re.compile(r"^(BLOCK|D_PAD|D$|NORM_CHUNK|PLANES|TRAJ_PER_PROG|GROUP)")
 
 
-def _name(rec):
-    return rec["fn"].fn.__name__
-
-
-def _key(rec):
-    opts = rec["options"]
-    return (_name(rec), repr(sorted(rec["signature"].items())), repr(sorted(rec["constexprs"].items())),
-            repr(sorted(rec["attrs"].items())), opts.num_warps, opts.num_stages, opts.num_ctas)
+_name = static.kernel_name
+_key = static.launch_key
 
 
 def _dtype_sig(rec):
@@ -322,33 +263,8 @@ def select(records, compile_all):
     return chosen
 
 
-def _ptxas_stats(ptx):
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(TARGET.arch).path
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill_st = re.search(r"(\d+) bytes spill stores", text)
-    spill_ld = re.search(r"(\d+) bytes spill loads", text)
-    stack = re.search(r"(\d+) bytes stack frame", text)
-    return dict(registers=int(regs.group(1)) if regs else None,
-                spill_stores=int(spill_st.group(1)) if spill_st else None,
-                spill_loads=int(spill_ld.group(1)) if spill_ld else None,
-                stack_frame=int(stack.group(1)) if stack else None,
-                ptxas_info=" | ".join(line.strip() for line in text.splitlines() if "ptxas info" in line))
-
-
-def _named_constexprs(rec):
-    """{param name: value} for the constexprs (kernel constexpr params and ints specialised to 1)."""
-    params = {p.num: p.name for p in rec["fn"].params}
-    return {(params[k[0]] if len(k) == 1 else str(k)): (v if isinstance(v, (int, float, str, bool)) else repr(v))
-            for k, v in rec["constexprs"].items()}
+_ptxas_stats = static.ptxas_stats
+_named_constexprs = static.named_constexprs
 
 
 def compile_one(rec, stats=False):
@@ -357,25 +273,13 @@ def compile_one(rec, stats=False):
                signature=rec["signature"], constexprs=_named_constexprs(rec),
                num_warps=opts.num_warps, num_stages=opts.num_stages)
     t0 = time.time()
-    try:
-        src = ASTSource(fn=rec["fn"], signature=rec["signature"], constexprs=rec["constexprs"], attrs=rec["attrs"])
-        ck = triton.compile(src, target=TARGET, options=opts.__dict__)
-        shared = ck.metadata.shared
-        out.update(ok=True, shared=shared, has_cubin=bool(ck.asm.get("cubin")))
-        if not out["has_cubin"]:
-            out.update(ok=False, error="no cubin produced")
-        elif shared > SHARED_LIMIT:
-            msg = f"OutOfResources: {shared} bytes of shared memory, Hopper allows {SHARED_LIMIT}"
-            if rec["autotuned"]:
-                out["warning"] = msg + " (autotune config: pruned at run time)"
-            else:
-                out.update(ok=False, error=msg)
-        ptx = ck.asm["ptx"]
-        out["ptx_local"] = ".local" in ptx
+    ck, info = static.compile_launch(rec)
+    out.update(info)
+    if ck is not None:
+        out.update(shared=ck.metadata.shared, has_cubin=bool(ck.asm.get("cubin")))
+        out["ptx_local"] = ".local" in ck.asm["ptx"]
         if stats:
-            out.update(_ptxas_stats(ptx))
-    except Exception as e:  # noqa: BLE001 - every failure is reported
-        out.update(ok=False, error=f"{type(e).__name__}: {e}"[:4000])
+            out.update(_ptxas_stats(ck.asm["ptx"]))
     out["seconds"] = round(time.time() - t0, 2)
     return out
 

@@ -1,0 +1,296 @@
+"""The hot kernels' sm_90 design invariants at their benchmark shapes, checked without a GPU.
+
+A subprocess runs the static report's capture and compile (lightmotion_fast/bench/static.py) for the cases
+that INVARIANTS names, with Triton not in interpreter mode, and the tests below hold each invariant against the
+compiler's output: ptxas registers/spills, occupancy, SASS access widths, async copies, MMA kind, 64-bit
+divisions, instructions per element. Compiled kernels are cached in Triton's cache (TRITON_CACHE_DIR), so only
+launches whose kernel source or options changed are recompiled (a cold run compiles ~35 launches: a few
+minutes on 2 cores).
+
+INVARIANTS is the one table to edit. A row names a kernel, the benchmark cases it is checked at (a regex over
+the report's case label 'op | shape | dtype | mode[ | variant]'), the check, and `known`: the open issue whose
+work fixes a known miss. A row with `known` is a strict expected failure: when the fix lands, the test XPASSes,
+which fails the run with the message "... XPASS means fixed: delete known=... from this INVARIANTS row". Never
+loosen a check to make a row pass; add a row for a new kernel or shape.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STATIC_CSV = REPO / "benchmarks" / "results" / "sm90-static.csv"
+
+
+def _n(row, *cols):
+    return sum(int(row[c] or 0) for c in cols)
+
+
+# check name -> (predicate over one report row, what it requires)
+CHECKS = {
+    "no spills": (lambda r: _n(r, "spill_stores", "spill_loads") == 0, "0 spill bytes (ptxas -v)"),
+    "128-bit loads": (lambda r: _n(r, "ldg_16") == 0 and _n(r, "ldg_128", "ldgsts_128", "tma") >= 1,
+                      "no 2-byte element loads (LDG.U16), at least one 128-bit load / cp.async / TMA"),
+    "128-bit stores": (lambda r: _n(r, "stg_16") == 0 and _n(r, "stg_128") >= 1,
+                       "no 2-byte element stores (STG.U16), at least one STG.128"),
+    "no 2-byte loads": (lambda r: _n(r, "ldg_16") == 0, "no 2-byte element loads (LDG.U16) anywhere"),
+    "async loads": (lambda r: _n(r, "ldgsts", "tma") >= 1, "tiles loaded with cp.async (LDGSTS) or TMA"),
+    "wgmma": (lambda r: _n(r, "hgmma") >= 1 and _n(r, "hmma") == 0, "HGMMA (wgmma) only, no HMMA (mma.sync)"),
+    ">=2 blocks/SM": (lambda r: _n(r, "blocks_per_sm") >= 2, "at least 2 resident blocks per SM"),
+    "<=50 instr/elem": (lambda r: r["instr_per_elem"] not in ("", None) and float(r["instr_per_elem"]) <= 50,
+                        "at most 50 static SASS instructions per element"),
+    "no div64": (lambda r: _n(r, "div64") == 0, "no 64-bit integer division/remainder in the PTX"),
+}
+
+# Known misses: what the fixing issue must do. The text is the xfail reason pytest prints.
+_FLIP = " XPASS means fixed: delete known=... from this INVARIANTS row."
+ISSUE10_D40 = ("issue 10: head dim as a tl.constexpr with launcher-guaranteed 16-B alignment; at d=40 every Q/K/V/O "
+               "access is a 2-byte scalar, K/V are not loaded asynchronously and 1 block fits per SM." + _FLIP)
+ISSUE10_REF = ("issue 10: reference_attention rebuilt FA3-style for Hopper (fewer registers/smem per block: 2 "
+               "resident blocks per SM)." + _FLIP)
+ISSUE10_DUAL_BWD = ("issue 10: dual backward with an aligned constexpr head dim (128-bit, pipelined, wgmma "
+                    "tiles)." + _FLIP)
+ISSUE10_TRAJ_BWD = ("issue 10: trajectory backward with >= 2 resident blocks per SM and prefetched (async) "
+                    "full-row gathers." + _FLIP)
+ISSUE11_LORA = ("issue 11: multi-LoRA expand as one pipelined GEMM over K = d_in + R with ranks padded to the "
+                "tile (no scalar LoRA-tail loads, no spilling autotune config)." + _FLIP)
+ISSUE11_SHRINK = "issue 11: multi-LoRA shrink epilogue storing z as 128-bit tiles." + _FLIP
+ISSUE11_SNR = "issue 11: snr_reinject with four normals per Philox call and fast transcendentals." + _FLIP
+ISSUE11_EDIT = ("issue 11: fused edit decoding the fill map once into int32 source offsets (no int64 division "
+                "per element)." + _FLIP)
+
+
+@dataclass(frozen=True)
+class Invariant:
+    kernel: str       # kernel name (exact)
+    cases: str        # regex over the case label 'op | shape | dtype | mode[ | variant]'
+    check: str        # a key of CHECKS
+    known: str = ""   # "" = must hold today; else the issue text of a known miss (strict xfail)
+
+
+I = Invariant
+# Case label patterns (benchmarks/scenarios/*.py at their GPU dtypes).
+_ELEM16 = r"\| (AnimateDiff|SVD-xt) .*\| float16 \|"
+_SNR_FP16 = r"snr_reinject \| AnimateDiff .*\| float16 \|"
+_SNR_FP32 = r"snr_reinject \| bandwidth .*\| float32 \|"
+_PLUCKER = r"plucker_embedding \| SVD 1x25x576x1024 \| float16"
+_LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd$"
+_DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
+_DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
+_DUAL_ALIGNED = (r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SD1.5/AnimateDiff 16x16 .* "
+                 r"keys=77\+4|SDXL b=2 n=4096 10x64 keys=77\+4) \| float16 \| fwd$")
+_DUAL_WGMMA = r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SDXL b=2 n=4096) .*\| fwd$"
+_REF_D40 = r"reference_attention \| SD1.5/AnimateDiff 64x64 .*\| float16 \| fwd$"
+_REF_ALIGNED = r"reference_attention \| SD1.5/AnimateDiff (32x32|16x16) .*\| float16 \| fwd$"
+_TRAJ = r"trajectory_attention \| SVD-xt L0 .*\| float16 \| fwd\+bwd \|"
+# The trajectory kernels run 32-frame tiles (25 frames padded): below wgmma's 64 rows, mma.sync is the design.
+
+INVARIANTS = [
+    # --- elementwise streams: contiguous tensors move as 128-bit accesses; no spills
+    I("_latent_permute_kernel", "latent_permute " + _ELEM16, "no spills"),
+    I("_latent_permute_kernel", "latent_permute " + _ELEM16, "128-bit stores"),   # loads gather: scalar by design
+    I("_latent_resample_kernel", "latent_resample " + _ELEM16, "no spills"),
+    I("_latent_resample_kernel", "latent_resample " + _ELEM16, "128-bit stores"),
+    I("_latent_resample_kernel", "latent_resample " + _ELEM16, "no div64", known=ISSUE11_EDIT),
+    I("_snr_reinject_kernel", _SNR_FP16, "no spills"),
+    I("_snr_reinject_kernel", _SNR_FP16, "128-bit loads"),
+    I("_snr_reinject_kernel", _SNR_FP16, "128-bit stores"),
+    I("_snr_reinject_kernel", _SNR_FP16, "<=50 instr/elem", known=ISSUE11_SNR),
+    I("_snr_reinject_kernel", _SNR_FP32, "<=50 instr/elem", known=ISSUE11_SNR),
+    I("_plucker_kernel", _PLUCKER, "no spills"),
+    I("_plucker_kernel", _PLUCKER, "128-bit stores"),
+    # --- multi-LoRA GEMMs (CogVideoX-5B, every autotune config)
+    I("_multi_lora_shrink_kernel", _LORA, "no spills"),
+    I("_multi_lora_shrink_kernel", _LORA, "async loads"),
+    I("_multi_lora_shrink_kernel", _LORA, "wgmma"),
+    I("_multi_lora_shrink_kernel", _LORA, "128-bit stores", known=ISSUE11_SHRINK),
+    I("_multi_lora_expand_kernel", _LORA, "no spills", known=ISSUE11_LORA),
+    I("_multi_lora_expand_kernel", _LORA, "async loads"),
+    I("_multi_lora_expand_kernel", _LORA, "wgmma"),
+    I("_multi_lora_expand_kernel", _LORA, "128-bit stores"),
+    I("_multi_lora_expand_kernel", _LORA, "no 2-byte loads", known=ISSUE11_LORA),   # the LoRA tail
+    # --- dual cross-attention: d=40 (SD1.5 64x64) and the 16-B-aligned head dims
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "no spills"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit loads", known=ISSUE10_D40),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit stores", known=ISSUE10_D40),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "async loads", known=ISSUE10_D40),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, ">=2 blocks/SM", known=ISSUE10_D40),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "wgmma"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "no spills"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "128-bit loads"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "async loads"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, ">=2 blocks/SM"),
+    # d=160 runs 32-query tiles: below wgmma's 64 rows per warpgroup, so mma.sync there is the design.
+    I("_dual_cross_attention_fwd_kernel", _DUAL_WGMMA, "wgmma"),
+    I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "no spills"),
+    I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "128-bit loads", known=ISSUE10_DUAL_BWD),
+    I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "async loads", known=ISSUE10_DUAL_BWD),
+    I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "no spills"),
+    I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "128-bit loads", known=ISSUE10_DUAL_BWD),
+    I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "wgmma", known=ISSUE10_DUAL_BWD),
+    # --- reference attention (forward)
+    I("_reference_attention_fwd_kernel", _REF_D40, "no spills"),
+    I("_reference_attention_fwd_kernel", _REF_D40, "128-bit loads", known=ISSUE10_D40),
+    I("_reference_attention_fwd_kernel", _REF_D40, "128-bit stores", known=ISSUE10_D40),
+    I("_reference_attention_fwd_kernel", _REF_D40, "async loads", known=ISSUE10_D40),
+    I("_reference_attention_fwd_kernel", _REF_D40, ">=2 blocks/SM", known=ISSUE10_D40),
+    I("_reference_attention_fwd_kernel", _REF_D40, "wgmma"),
+    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "no spills"),
+    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "128-bit loads"),
+    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "async loads"),
+    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "wgmma"),
+    I("_reference_attention_fwd_kernel", _REF_ALIGNED, ">=2 blocks/SM", known=ISSUE10_REF),
+    # --- trajectory attention, SVD-xt L0 (both modes)
+    I("_traj_attn_fwd_kernel", _TRAJ, "no spills"),
+    I("_traj_attn_fwd_kernel", _TRAJ, "128-bit loads"),
+    I("_traj_attn_fwd_kernel", _TRAJ + " deterministic", "128-bit stores"),   # atomic mode adds with REDG
+    I("_traj_attn_fwd_kernel", _TRAJ, "async loads"),
+    I("_traj_attn_fwd_kernel", _TRAJ, ">=2 blocks/SM"),
+    I("_csr_reduce_kernel", _TRAJ, "no spills"),
+    I("_csr_reduce_kernel", _TRAJ, "128-bit loads"),
+    I("_traj_attn_bwd_kernel", _TRAJ, "no spills"),
+    I("_traj_attn_bwd_kernel", _TRAJ, "128-bit loads"),
+    I("_traj_attn_bwd_kernel", _TRAJ + " deterministic", "128-bit stores"),
+    I("_traj_attn_bwd_kernel", _TRAJ, ">=2 blocks/SM", known=ISSUE10_TRAJ_BWD),
+    I("_traj_attn_bwd_kernel", _TRAJ, "async loads", known=ISSUE10_TRAJ_BWD),
+]
+
+
+def _case_regex():
+    return "|".join(f"(?:{p})" for p in sorted({inv.cases for inv in INVARIANTS}))
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sm90") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "lightmotion_fast.bench.static", "--cases", _case_regex(),
+                           "--no-write", "--json", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=3600)
+    if not out.exists():
+        pytest.fail(f"the static capture wrote nothing (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    data = json.loads(out.read_text())
+    assert data["capture_errors"] == [], "\n".join(e["case"] + "\n" + e["error"] for e in data["capture_errors"])
+    return [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in data["rows"]]
+
+
+def test_every_hot_launch_compiled(rows):
+    failed = [r for r in rows if r["ok"] != "1"]
+    assert not failed, "\n".join(f"{r['kernel']} {r['case']}: {r['error']}" for r in failed)
+
+
+def _params():
+    for i, inv in enumerate(INVARIANTS):
+        marks = [pytest.mark.xfail(strict=True, reason=inv.known)] if inv.known else []
+        yield pytest.param(inv, id=f"row{i:02d}-{inv.kernel.strip('_')}-{inv.check}", marks=marks)
+
+
+@pytest.mark.parametrize("inv", list(_params()))
+def test_invariant(rows, inv):
+    matching = [r for r in rows if r["kernel"] == inv.kernel and re.search(inv.cases, r["case"])]
+    assert matching, f"no launch of {inv.kernel} at cases /{inv.cases}/: a renamed kernel or scenario? fix the row"
+    predicate, wanted = CHECKS[inv.check]
+    broken = [r for r in matching if not predicate(r)]
+    assert not broken, f"{inv.kernel}: {inv.check} ({wanted}) fails at:\n" + "\n".join(
+        f"  {r['case']} [{r['constexprs']} w={r['num_warps']} s={r['num_stages']}]: regs={r['registers']} "
+        f"spill={r['spill_stores']} blocks/SM={r['blocks_per_sm']} LDG128/16={r['ldg_128']}/{r['ldg_16']} "
+        f"STG128/16={r['stg_128']}/{r['stg_16']} LDGSTS={r['ldgsts']} TMA={r['tma']} HGMMA/HMMA={r['hgmma']}/"
+        f"{r['hmma']} div64={r['div64']} instr/elem={r['instr_per_elem']}" for r in broken)
+
+
+def test_every_check_named_in_the_table_exists():
+    assert {inv.check for inv in INVARIANTS} <= set(CHECKS)
+    assert len(set(INVARIANTS)) == len(INVARIANTS), "duplicate rows"
+
+
+# --- the committed report and the model behind its columns (no compile)
+
+def test_committed_report_covers_every_benchmark_case():
+    from lightmotion_fast.bench import static
+    with open(STATIC_CSV, newline="") as f:
+        reported = {r["case"] for r in csv.DictReader(f)}
+    wanted = set()
+    for name, case in static.benchmark_cases():
+        if case.mode == "build" or "UNet step" in case.shape:   # no kernel launch of its own
+            continue
+        variants = ("deterministic", "atomic") if name == "trajectory_attention" else ("",)
+        wanted |= {static.case_label(case, v) for v in variants}
+    missing = sorted(wanted - reported)
+    assert not missing, "regenerate with `python -m lightmotion_fast bench --static`; missing:\n" + "\n".join(missing)
+
+
+def test_occupancy_model_matches_the_cuda_rules():
+    from lightmotion_fast.bench.static import occupancy
+    # registers: 153 regs x 8 warps -> 5,120 regs per warp -> 12 warps -> 1 block; 123 regs -> 2 blocks
+    assert occupancy(153, 20 * 1024, 8) == (1, 8)
+    assert occupancy(123, 20 * 1024, 8) == (2, 16)
+    assert occupancy(36, 0, 4) == (12, 48)
+    # warps: 32 regs x 4 warps would allow 16 blocks, 64 warps per SM allow 16
+    assert occupancy(32, 0, 4) == (16, 64)
+    # shared memory: 120 KiB per block leaves room for one (228 KiB per SM, 1 KiB reserved per block)
+    assert occupancy(64, 120 * 1024, 4) == (1, 4)
+    assert occupancy(64, 96 * 1024, 4) == (2, 8)
+
+
+def test_sass_counts_read_widths_and_units():
+    from lightmotion_fast.bench.static import sass_counts
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P6 LDG.E.128 R24, desc[UR8][R34.64] ;
+        /*0020*/                   LDG.E.U16 R2, desc[UR8][R2.64] ;
+        /*0030*/                   LDG.E.CONSTANT R2, desc[UR8][R2.64] ;
+        /*0040*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR8][R2.64] ;
+        /*0050*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ;
+        /*0060*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0070*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R4 ;
+        /*0080*/                   REDUX.MAX R3, R2 ;
+        /*0090*/                   STG.E.128 desc[UR8][R2.64], R4 ;
+        /*00a0*/               @P0 BRA 0x10 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0 ;
+        /*00d0*/                   NOP;
+    """
+    c = sass_counts(sass)
+    assert (c["ldg_128"], c["ldg_16"], c["ldg_32"], c["stg_128"]) == (1, 1, 1, 1)
+    assert (c["ldgsts"], c["ldgsts_128"], c["hgmma"], c["hmma"], c["atomics"]) == (1, 1, 1, 1, 1)
+    assert c["backward_branches"] == 1 and c["instructions"] == 13
+
+
+def test_partial_regeneration_keeps_the_other_cases():
+    from lightmotion_fast.bench.static import merge
+    old = [dict(case="a", kernel="k1", launch="1"), dict(case="a", kernel="k2", launch="2"),
+           dict(case="b", kernel="k1", launch="3")]
+    new = [dict(case="a", kernel="k1", launch="4")]
+    assert merge(old, new) == [dict(case="b", kernel="k1", launch="3"), dict(case="a", kernel="k1", launch="4")]
+
+
+def test_bench_static_flag():
+    from lightmotion_fast.cli import build_parser
+    args = build_parser().parse_args(["bench", "--static", "--ops", "snr_reinject", "plucker"])
+    assert args.static and args.ops == ["snr_reinject", "plucker"]
+    assert not build_parser().parse_args(["bench"]).static
+
+
+def test_each_check_rejects_what_it_names():
+    """Each check passes a row that meets every design rule and fails on the one field it is about."""
+    good = dict(spill_stores="0", spill_loads="0", ldg_16="0", ldg_128="2", ldgsts="8", ldgsts_128="8", tma="0",
+                stg_16="0", stg_128="1", hgmma="4", hmma="0", blocks_per_sm="2", instr_per_elem="40", div64="0")
+    breaks = {"no spills": dict(spill_stores="8"), "128-bit loads": dict(ldg_16="56"),
+              "128-bit stores": dict(stg_16="32", stg_128="0"), "no 2-byte loads": dict(ldg_16="1"),
+              "async loads": dict(ldgsts="0", ldgsts_128="0"), "wgmma": dict(hmma="32"),
+              ">=2 blocks/SM": dict(blocks_per_sm="1"), "<=50 instr/elem": dict(instr_per_elem="224"),
+              "no div64": dict(div64="16")}
+    assert set(breaks) == set(CHECKS)
+    for name, (predicate, _) in CHECKS.items():
+        assert predicate(good), name
+        assert not predicate({**good, **breaks[name]}), name
