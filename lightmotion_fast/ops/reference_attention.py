@@ -59,8 +59,9 @@ def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: 
     n_m = k.shape[2]
     dq, (dk_cat,), (dv_cat,) = _backward_torch(grad_out, q, [torch.cat([k, k_ref], 2)], [torch.cat([v, v_ref], 2)],
                                                [1.0], None, softmax_scale, lse[None], grad_lse[None])
-    return [dq, dk_cat[:, :, :n_m].contiguous(), dv_cat[:, :, :n_m].contiguous(),
-            dk_cat[:, :, n_m:].contiguous(), dv_cat[:, :, n_m:].contiguous()]
+    # clone: the slices may be views of one buffer, and custom-op outputs must not alias.
+    return [dq, dk_cat[:, :, :n_m].clone(), dv_cat[:, :, :n_m].clone(), dk_cat[:, :, n_m:].clone(),
+            dv_cat[:, :, n_m:].clone()]
 
 
 @reference_attention_backward_op.register_fake
