@@ -384,8 +384,8 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
 # The dual dq kernel walks the (short) key list twice per query tile: first for Δ (the
 # per-condition output O_j is not stored, so Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)),
 # then for dQ; it writes Δ for the dk/dv kernel. Reference attention passes Δ = rowsum(dO ∘ O)
-# (DELTA_GIVEN) and skips the first walk. The dk/dv kernel owns one key tile and one SPLIT-th of
-# the query tiles, so short key lists (77 text tokens: 3 tiles) still fill the GPU; with SPLIT > 1
+# (DELTA_GIVEN) and skips the first walk. The dk/dv kernel owns one key tile and one n_split-th of
+# the query tiles, so short key lists (77 text tokens: 3 tiles) still fill the GPU; with n_split > 1
 # it writes fp32 partial sums that the launcher adds up.
 
 @triton.jit
@@ -485,17 +485,17 @@ def _dual_bwd_dq_kernel(
 @triton.jit
 def _dual_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr,
-    n_q, heads, kv_len, qk_scale, softmax_scale, lam, rows_per_split,
+    n_q, heads, kv_len, qk_scale, softmax_scale, lam, n_split, rows_per_split,
     sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
     sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8, sm_b, sm_h, sm_n, sm_m,
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # Program = (b·h, key tile, query split), the splits of one key tile neighbours.
-    pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * SPLIT)
-    pid_n = pid_ns // SPLIT
-    pid_s = pid_ns % SPLIT
+    pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * n_split)
+    pid_n = pid_ns // n_split
+    pid_s = pid_ns % n_split
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -577,10 +577,10 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     dk_view, dv_view = (dk_dst, dv_dst) if split == 1 else (dk_dst[0], dv_dst[0])
     _dual_bwd_dkdv_kernel[(batch * heads * kv_tiles * split,)](
         q, k, v, grad_out, lse, delta, dk_dst, dv_dst, mask_args[0],
-        n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), rows_per_split,
+        n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), split, rows_per_split,
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out),
         dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *mask_args[1],
-        SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
     )
     if split == 1:
         _copy_back(dk_dst, dk)
