@@ -345,15 +345,15 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
     _copy_back(o, out)
 
 
-def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps) of the reference forward: flash-attention tiles for self-attention
-    lengths, 128 queries × 64 keys up to 64-wide heads; fp32 halves the query tile."""
+def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
+    """Launch tiles of the reference forward (self-attention lengths): flash-attention tiles, 128
+    queries × 64 keys up to 64-wide heads; fp32 halves the query tile."""
     block_m = 128 if d_pad <= 64 else 64
     block_n = 64 if d_pad <= 128 else 32
     if dtype == torch.float32:
         block_m //= 2
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    return block_m, block_n, (4 if block_m * d_pad <= 64 * 64 else 8)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=(4 if block_m * d_pad <= 64 * 64 else 8), num_stages=3)
 
 
 def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, k_p: torch.Tensor,
@@ -364,14 +364,13 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
     q, k_m, v_m, k_p, v_p = (_aligned(t) for t in (q, k_m, v_m, k_p, v_p))
     o = _writable(out)
     d_pad = _d_pad(d_len)
-    block_m, block_n, num_warps = _reference_tiles(n_q, d_pad, q.dtype)
-    grid = (triton.cdiv(n_q, block_m) * batch * heads,)
+    tiles = _reference_tiles(n_q, d_pad, q.dtype)
+    grid = (triton.cdiv(n_q, tiles["BLOCK_M"]) * batch * heads,)
     _reference_attention_fwd_kernel[grid](
         q, o, lse, k_m, v_m, k_p, v_p,
         n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
         *_strides8(q), *_strides8(o), *_strides8(k_m), *_strides8(v_m), *_strides8(k_p), *_strides8(v_p),
-        HEAD_DIM=d_len, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype), num_warps=num_warps, num_stages=3,
+        HEAD_DIM=d_len, D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles,
     )
     _copy_back(o, out)
 
