@@ -282,12 +282,14 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     """(BLOCK_M, num_warps) of the dual forward. A program holds two fp32 [BLOCK_M, D_PAD] tiles (the
     running output and the current condition's accumulator) plus Q: 128 queries for heads up to 64
     wide, 64 up to 128, 32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8
-    warps once a tile passes 64×64; fp32 inputs (Q and K/V tiles twice as wide) take half of that."""
+    warps once a tile passes 64×64. fp32 inputs (Q and K/V tiles twice as wide) take half the
+    queries and 8 warps from 128-wide heads (4 warps spilled 0.5–1 KB under ptxas)."""
     block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
     if dtype == torch.float32:
         block_m //= 2
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    return block_m, (4 if block_m * d_pad <= 64 * 64 else 8)
+    wide = block_m * d_pad > 64 * 64 or (dtype == torch.float32 and d_pad >= 128)
+    return block_m, (8 if wide else 4)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -345,15 +347,22 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
     _copy_back(o, out)
 
 
+# Reference forward tiles per head-dim width (fp16/bf16), from sm_90 ptxas/SASS at the SD1.5 shapes:
+# every one vectorised (LDG.128), K/V cp.async-pipelined, no spills, ≥ 2 resident blocks per SM:
+#   D_PAD 64:  128×64, 8 warps, 3 stages: 126 regs, 64 KB smem -> 2 blocks (16 warps)
+#   D_PAD 128:  64×32, 4 warps, 3 stages: 128 regs, 64 KB -> 3 blocks (64×64 at 8 warps: 139 regs, 1 block)
+#   D_PAD 256:  32×32, 4 warps, 3 stages: 166 regs, 82 KB -> 2 blocks (64×32 at 8 warps: 172 regs, 1 block)
+_REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3)}
+# fp32 (IEEE or TF32 dots): operands twice as wide; tiles chosen so ptxas reports no spills.
+_REFERENCE_TILES_FP32 = {64: (64, 64, 4, 3), 128: (32, 32, 4, 3), 256: (16, 32, 4, 2)}
+
+
 def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
-    """Launch tiles of the reference forward (self-attention lengths): flash-attention tiles, 128
-    queries × 64 keys up to 64-wide heads; fp32 halves the query tile."""
-    block_m = 128 if d_pad <= 64 else 64
-    block_n = 64 if d_pad <= 128 else 32
-    if dtype == torch.float32:
-        block_m //= 2
+    """Launch tiles of the reference forward (self-attention lengths), see the tables above."""
+    table = _REFERENCE_TILES_FP32 if dtype == torch.float32 else _REFERENCE_TILES
+    block_m, block_n, num_warps, num_stages = table[max(64, d_pad)]
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=(4 if block_m * d_pad <= 64 * 64 else 8), num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, k_p: torch.Tensor,
@@ -547,7 +556,17 @@ def _bwd_tiles(d_pad: int, dtype: torch.dtype):
     block_m = 64 if d_pad <= 128 else 32
     if dtype == torch.float32:
         block_m //= 2
-    return block_m, (4 if d_pad <= 64 else 8)
+    return block_m, (4 if d_pad <= 64 and dtype != torch.float32 else 8)
+
+
+def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
+    """Key tile of the dk/dv kernel: it keeps K, V and the fp32 dK, dV accumulators of its tile in
+    registers for the whole query walk, so wide heads take fewer keys (fp32 fewer still: fp32 dk/dv
+    at 64 keys × 256 spilled 6.6 KB under ptxas)."""
+    cap = 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
+    if dtype == torch.float32:
+        cap = max(16, cap // 2)
+    return min(block_n, cap)
 
 
 def _dkdv_split(programs: int, q_tiles: int, sm_count: int) -> int:
@@ -562,6 +581,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     """dk, dv (like k, v; written) of one key/value set; splits the query walk when the grid is small."""
     batch, heads, n_q, d_len = q.shape
     kv_len = k.shape[2]
+    block_n = _dkdv_block_n(block_n, common["D_PAD"], q.dtype)
     kv_tiles = triton.cdiv(kv_len, block_n)
     q_tiles = triton.cdiv(n_q, block_m)
     split = _dkdv_split(batch * heads * kv_tiles, q_tiles, sm_count)
