@@ -282,13 +282,14 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     """(BLOCK_M, num_warps) of the dual forward. A program holds two fp32 [BLOCK_M, D_PAD] tiles (the
     running output and the current condition's accumulator) plus Q: 128 queries for heads up to 64
     wide, 64 up to 128, 32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8
-    warps once a tile passes 64×64. fp32 inputs (Q and K/V tiles twice as wide) take half the
-    queries and 8 warps from 128-wide heads (4 warps spilled 0.5–1 KB under ptxas)."""
-    block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
+    warps once a tile passes 64×64. fp32 dots (IEEE: FMA loops, not tensor cores) need far more
+    registers per element: 32 queries up to 64-wide heads, 16 above, 4 warps."""
     if dtype == torch.float32:
-        block_m //= 2
+        block_m = 32 if d_pad <= 64 else 16
+    else:
+        block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    wide = block_m * d_pad > 64 * 64 or (dtype == torch.float32 and d_pad >= 128)
+    wide = block_m * d_pad > 64 * 64
     return block_m, (8 if wide else 4)
 
 
@@ -353,8 +354,9 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
 #   D_PAD 128:  64×32, 4 warps, 3 stages: 128 regs, 64 KB -> 3 blocks (64×64 at 8 warps: 139 regs, 1 block)
 #   D_PAD 256:  32×32, 4 warps, 3 stages: 166 regs, 82 KB -> 2 blocks (64×32 at 8 warps: 172 regs, 1 block)
 _REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3)}
-# fp32 (IEEE or TF32 dots): operands twice as wide; tiles chosen so ptxas reports no spills.
-_REFERENCE_TILES_FP32 = {64: (64, 64, 4, 3), 128: (32, 32, 4, 3), 256: (16, 32, 4, 2)}
+# fp32 (IEEE dots are FMA loops): 64×64 spilled 2.9 KB, 64×32 0.8 KB, 32×32 at D_PAD 128 1.1 KB;
+# 16-query tiles do not (16×32 at D_PAD 256: 196 regs, 0 spills).
+_REFERENCE_TILES_FP32 = {64: (32, 32, 4, 3), 128: (16, 32, 4, 2), 256: (16, 32, 4, 2)}
 
 
 def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -552,21 +554,23 @@ def _dual_bwd_dkdv_kernel(
 
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, num_warps) of the backward kernels; fp32 halves the query tile."""
-    block_m = 64 if d_pad <= 128 else 32
+    """(BLOCK_M, num_warps) of the backward kernels; fp32 (FMA-loop dots) takes 16-query tiles."""
     if dtype == torch.float32:
-        block_m //= 2
-    return block_m, (4 if d_pad <= 64 and dtype != torch.float32 else 8)
+        return 16, 4
+    return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8)
 
 
 def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
     """Key tile of the dk/dv kernel: it keeps K, V and the fp32 dK, dV accumulators of its tile in
-    registers for the whole query walk, so wide heads take fewer keys (fp32 fewer still: fp32 dk/dv
-    at 64 keys × 256 spilled 6.6 KB under ptxas)."""
-    cap = 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
-    if dtype == torch.float32:
-        cap = max(16, cap // 2)
+    registers for the whole query walk, so wide heads take fewer keys; fp32 takes 16 (32 keys at
+    D_PAD 64 spilled 396 B under ptxas, 64 × 256 6.6 KB)."""
+    cap = 16 if dtype == torch.float32 else 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
     return min(block_n, cap)
+
+
+def _dq_block_n(block_n: int, dtype: torch.dtype) -> int:
+    """Key tile of the dq kernel: fp32 (FMA-loop dots) takes 16 keys (32 spilled 12 B at D_PAD 64)."""
+    return 16 if dtype == torch.float32 else block_n
 
 
 def _dkdv_split(programs: int, q_tiles: int, sm_count: int) -> int:
@@ -612,6 +616,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
 def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args, lam, softmax_scale, block_m, block_n,
                accumulate, delta_given, flags, common):
     batch, heads, n_q, _ = q.shape
+    block_n = _dq_block_n(block_n, q.dtype)
     _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
         q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args[0],
         n_q, heads, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
@@ -660,7 +665,7 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
     dq_dst = _writable(dq)
     d_pad = _d_pad(d_len)
     block_m, num_warps = _bwd_tiles(d_pad, q.dtype)
-    block_n = 64 if d_pad <= 128 else 32
+    block_n = 64 if d_pad <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
                   num_warps=num_warps)
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
