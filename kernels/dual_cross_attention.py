@@ -25,8 +25,8 @@ Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchron
 * Grids are 1-D: (b·h) × tiles folded on axis 0, whose limit is 2³¹ − 1 (axes 1 and 2 stop at 65,535).
 
 fp32 inputs use IEEE fp32 dots (results match the reference to fp32 rounding) unless the caller
-allows TF32 through `torch.backends.cuda.matmul.allow_tf32`; their tiles are half the fp16 ones,
-so the fp32 accumulators fit in registers.
+allows TF32 through `torch.backends.cuda.matmul.allow_tf32`. IEEE fp32 dots compile to FMA loops,
+not tensor-core instructions, so fp32 takes 16–32-query tiles that ptxas fits without spilling.
 """
 import os
 
@@ -283,13 +283,14 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     running output and the current condition's accumulator) plus Q: 128 queries for heads up to 64
     wide, 64 up to 128, 32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8
     warps once a tile passes 64×64. fp32 dots (IEEE: FMA loops, not tensor cores) need far more
-    registers per element: 32 queries up to 64-wide heads, 16 above, 4 warps."""
+    registers per element: 32 queries up to 64-wide heads, 16 above (at 8 warps: 16×256 at 4 warps
+    spilled 0.5 KB under ptxas)."""
     if dtype == torch.float32:
         block_m = 32 if d_pad <= 64 else 16
     else:
         block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    wide = block_m * d_pad > 64 * 64
+    wide = block_m * d_pad > 64 * 64 or (dtype == torch.float32 and d_pad >= 128)
     return block_m, (8 if wide else 4)
 
 
@@ -354,9 +355,9 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
 #   D_PAD 128:  64×32, 4 warps, 3 stages: 128 regs, 64 KB -> 3 blocks (64×64 at 8 warps: 139 regs, 1 block)
 #   D_PAD 256:  32×32, 4 warps, 3 stages: 166 regs, 82 KB -> 2 blocks (64×32 at 8 warps: 172 regs, 1 block)
 _REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3)}
-# fp32 (IEEE dots are FMA loops): 64×64 spilled 2.9 KB, 64×32 0.8 KB, 32×32 at D_PAD 128 1.1 KB;
-# 16-query tiles do not (16×32 at D_PAD 256: 196 regs, 0 spills).
-_REFERENCE_TILES_FP32 = {64: (32, 32, 4, 3), 128: (16, 32, 4, 2), 256: (16, 32, 4, 2)}
+# fp32 (IEEE dots are FMA loops): 64×64 spilled 2.9 KB, 64×32 0.8 KB, 32×32 at D_PAD 128 1.1 KB,
+# 16×32 at D_PAD 128 and 4 warps 0.5 KB; 16×32 at D_PAD 256 and 4 warps: 196 regs, 0 spills.
+_REFERENCE_TILES_FP32 = {64: (32, 32, 4, 3), 128: (16, 32, 8, 2), 256: (16, 32, 4, 2)}
 
 
 def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
@@ -554,10 +555,11 @@ def _dual_bwd_dkdv_kernel(
 
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, num_warps) of the backward kernels; fp32 (FMA-loop dots) takes 16-query tiles."""
+    """(BLOCK_M, num_warps, num_stages) of the backward kernels; fp32 (FMA-loop dots) takes 16-query
+    tiles and 2 stages."""
     if dtype == torch.float32:
-        return 16, 4
-    return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8)
+        return 16, (4 if d_pad <= 64 else 8), 2
+    return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8), 3
 
 
 def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
@@ -637,10 +639,10 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     dq_dst = _writable(dq)
     d_pad = _d_pad(d_len)
-    block_m, num_warps = _bwd_tiles(d_pad, q.dtype)
+    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
     delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
     common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
-                  num_warps=num_warps)
+                  num_warps=num_warps, num_stages=num_stages)
     for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
         masked = mask is not None and j == 0
         mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
@@ -664,10 +666,10 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
     q, grad_out = _aligned(q), _aligned(grad_out)
     dq_dst = _writable(dq)
     d_pad = _d_pad(d_len)
-    block_m, num_warps = _bwd_tiles(d_pad, q.dtype)
+    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
     block_n = 64 if d_pad <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
-                  num_warps=num_warps)
+                  num_warps=num_warps, num_stages=num_stages)
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
     no_mask = (q, (0, 0, 0, 0))
     for i, ((k, v), (dk, dv)) in enumerate(zip(sources, grads)):
