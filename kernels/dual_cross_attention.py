@@ -10,10 +10,23 @@ applies to the first condition.
 
 Forward, reference attention: the same loop with ONE softmax state running over two key/value
 sources in turn (the feature map m, then the reference bank p), which is attention over the
-concatenation [m; p] without building it.
+concatenation [m; p] without building it. Its backward reuses the dual kernels (Δ = rowsum(dO ∘ O)
+given, one dq/dkdv launch per source).
 
-Head dims that are not powers of two (40, 80, 160) are padded to D_PAD with masked loads. fp32
-inputs use IEEE fp32 dots (no TF32), so results match the reference to fp32 rounding.
+Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchronous on sm_90):
+* HEAD_DIM is a compile-time constant, so the head-dim mask `offs_d < HEAD_DIM` is known to be
+  constant over runs of 8 elements (all real head dims, 40/64/80/96/128/160/256, are multiples of 8);
+  the register tile is D_PAD = next power of two (tl.arange needs one; the dots see D_PAD, 40 → 64).
+* Every [b h n d] operand has a unit head-dim stride, its other strides are multiples of 8 elements
+  and its base is 16-byte aligned. The launcher checks this (`_aligned`) and passes strides divided
+  by 8; the kernels multiply them back by 8 (`_rows`), so the compiler can prove that each 8-element
+  row segment is 16-byte aligned. Operands that do not satisfy it get an aligned copy first.
+* All offsets are int64 (`_rows`), so tensors past 2³¹ elements address correctly.
+* Grids are 1-D: (b·h) × tiles folded on axis 0, whose limit is 2³¹ − 1 (axes 1 and 2 stop at 65,535).
+
+fp32 inputs use IEEE fp32 dots (results match the reference to fp32 rounding) unless the caller
+allows TF32 through `torch.backends.cuda.matmul.allow_tf32`. IEEE fp32 dots compile to FMA loops,
+not tensor-core instructions, so fp32 takes 16–32-query tiles that ptxas fits without spilling.
 """
 import os
 
@@ -23,53 +36,69 @@ import triton.language as tl
 
 MAX_CONDITIONS = 4
 LOG2E = 1.4426950408889634
+ALIGN = 8   # elements: strides are passed divided by this (16 bytes at fp16/bf16)
 
 
 @triton.jit
-def _online_softmax_pass(q, acc, m_i, l_i, k_base, v_base, kv_len, sk_n, sk_d, sv_n, sv_d,
-                         mask_base, sm_n, sm_m, offs_m, n_q, offs_d, d_len, qk_scale,
-                         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+def _rows(idx, stride8):
+    """int64 element offsets idx · stride for a stride passed as stride / 8 (see the module doc)."""
+    return idx.to(tl.int64) * stride8 * 8
+
+
+@triton.jit
+def _tile_ptrs(base, rows, s_n8, offs_d):
+    """Pointers of a [rows, D_PAD] tile of a row-major-in-d operand with row stride 8·s_n8."""
+    return base + _rows(rows, s_n8)[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _program_ids(n_tiles):
+    """(tile, (b·h) index) of this program on a 1-D grid of (b·h) × n_tiles programs; the tiles of one
+    (b, h) are neighbours, so they share its keys/values in L2."""
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
+def _head_base(ptr, b, h, s_b8, s_h8):
+    return ptr + _rows(b, s_b8) + _rows(h, s_h8)
+
+
+@triton.jit
+def _online_softmax_pass(q, acc, m_i, l_i, k_base, v_base, kv_len, sk_n8, sv_n8,
+                         mask_base, sm_n, sm_m, offs_m, n_q, offs_d, qk_scale,
+                         HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Fold the keys/values at k_base/v_base (kv_len of them) into one online-softmax state.
     Scores are kept in log2 units (scaled by qk_scale = s·log2 e) so exp2 can be used."""
-    d_ok = offs_d < d_len
+    d_ok = offs_d < HEAD_DIM
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if HAS_MASK:
-            tile_ok = (offs_m < n_q)[:, None] & n_ok[None, :]
-            mptr = mask_base + offs_m[:, None].to(tl.int64) * sm_n + offs_n[None, :].to(tl.int64) * sm_m
-            if MASK_BOOL:
-                keep = tl.load(mptr, mask=tile_ok, other=0)
-                s = tl.where(keep != 0, s, float("-inf"))
-            else:
-                bias = tl.load(mptr, mask=tile_ok, other=0.0).to(tl.float32)
-                s = s + bias * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+            v = v.to(tl.float32)
+        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                         HAS_MASK, MASK_BOOL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with every key masked so far keep m = -inf; shift by 0 there so no inf - inf appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
-               k_ptr, v_ptr, kv_len, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+def _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+               k_ptr, v_ptr, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
                mask_ptr, sm_b, sm_h, sm_n, sm_m, lse_ptr,
-               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
     """softmax(q kᵀ s + mask) v for one condition, as an fp32 tile; stores the row log-sum-exp."""
@@ -77,9 +106,9 @@ def _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h, kv_len, sk_n, sk_d, sv_n, sv_d,
-        mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, offs_m, n_q, offs_d, d_len, qk_scale,
-        HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
+        q, acc, m_i, l_i, _head_base(k_ptr, b, h, sk_b8, sk_h8), _head_base(v_ptr, b, h, sv_b8, sv_h8),
+        kv_len, sk_n8, sv_n8, mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, offs_m, n_q, offs_d, qk_scale,
+        HEAD_DIM, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
     # Natural-log LSE of the scaled (and masked) scores; -inf marks a fully masked row.
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_q)
@@ -90,57 +119,56 @@ def _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
 def _dual_cross_attention_fwd_kernel(
     q_ptr, o_ptr, lse_ptr, mask_ptr,
     k0, v0, k1, v1, k2, v2, k3, v3,
-    n_q, heads, d_len, qk_scale,
-    sq_b, sq_h, sq_n, sq_d,
-    so_b, so_h, so_n, so_d,
+    n_q, heads, qk_scale,
+    sq_b8, sq_h8, sq_n8,
+    so_b8, so_h8, so_n8,
     sm_b, sm_h, sm_n, sm_m,
     len0, len1, len2, len3,
     lam0, lam1, lam2, lam3,
-    sk0_b, sk0_h, sk0_n, sk0_d, sv0_b, sv0_h, sv0_n, sv0_d,
-    sk1_b, sk1_h, sk1_n, sk1_d, sv1_b, sv1_h, sv1_n, sv1_d,
-    sk2_b, sk2_h, sk2_n, sk2_d, sv2_b, sv2_h, sv2_n, sv2_d,
-    sk3_b, sk3_h, sk3_n, sk3_d, sv3_b, sv3_h, sv3_n, sv3_d,
+    sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+    sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+    sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
+    sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+    HEAD_DIM: tl.constexpr,
     NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
     BLOCK_N3: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    tile_ok = row_ok[:, None] & (offs_d < d_len)[None, :]
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :] * sq_d,
-                mask=tile_ok, other=0.0)
+    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    lse_stride = tl.num_programs(1).to(tl.int64) * n_q      # lse: [conditions, b·h, n]
+    lse_stride = (tl.num_programs(0) // tl.cdiv(n_q, BLOCK_M)).to(tl.int64) * n_q    # lse: [conditions, b·h, n]
     lse_row = lse_ptr + pid_bh.to(tl.int64) * n_q
 
-    out = lam0 * _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
-                            k0, v0, len0, sk0_b, sk0_h, sk0_n, sk0_d, sv0_b, sv0_h, sv0_n, sv0_d,
+    out = lam0 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+                            k0, v0, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
                             mask_ptr, sm_b, sm_h, sm_n, sm_m, lse_row,
-                            HAS_MASK, MASK_BOOL, BLOCK_M, BLOCK_N0, D_PAD, PRECISION, UPCAST)
+                            HEAD_DIM, HAS_MASK, MASK_BOOL, BLOCK_M, BLOCK_N0, D_PAD, PRECISION, UPCAST)
     if NUM_COND >= 2:
-        out += lam1 * _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
-                                 k1, v1, len1, sk1_b, sk1_h, sk1_n, sk1_d, sv1_b, sv1_h, sv1_n, sv1_d,
+        out += lam1 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+                                 k1, v1, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + lse_stride,
-                                 False, False, BLOCK_M, BLOCK_N1, D_PAD, PRECISION, UPCAST)
+                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N1, D_PAD, PRECISION, UPCAST)
     if NUM_COND >= 3:
-        out += lam2 * _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
-                                 k2, v2, len2, sk2_b, sk2_h, sk2_n, sk2_d, sv2_b, sv2_h, sv2_n, sv2_d,
+        out += lam2 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+                                 k2, v2, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + 2 * lse_stride,
-                                 False, False, BLOCK_M, BLOCK_N2, D_PAD, PRECISION, UPCAST)
+                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N2, D_PAD, PRECISION, UPCAST)
     if NUM_COND >= 4:
-        out += lam3 * _condition(q, offs_m, n_q, offs_d, d_len, qk_scale, b, h,
-                                 k3, v3, len3, sk3_b, sk3_h, sk3_n, sk3_d, sv3_b, sv3_h, sv3_n, sv3_d,
+        out += lam3 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+                                 k3, v3, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + 3 * lse_stride,
-                                 False, False, BLOCK_M, BLOCK_N3, D_PAD, PRECISION, UPCAST)
+                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N3, D_PAD, PRECISION, UPCAST)
 
-    o_tile = o_ptr + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_n + offs_d[None, :] * so_d
+    o_tile = _tile_ptrs(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, so_n8, offs_d)
     if ACCUMULATE:
         out += tl.load(o_tile, mask=tile_ok, other=0.0).to(tl.float32)
     tl.store(o_tile, out.to(o_ptr.dtype.element_ty), mask=tile_ok)
@@ -149,24 +177,22 @@ def _dual_cross_attention_fwd_kernel(
 @triton.jit
 def _reference_attention_fwd_kernel(
     q_ptr, o_ptr, lse_ptr, k0, v0, k1, v1,
-    n_q, heads, d_len, qk_scale, len0, len1,
-    sq_b, sq_h, sq_n, sq_d,
-    so_b, so_h, so_n, so_d,
-    sk0_b, sk0_h, sk0_n, sk0_d, sv0_b, sv0_h, sv0_n, sv0_d,
-    sk1_b, sk1_h, sk1_n, sk1_d, sv1_b, sv1_h, sv1_n, sv1_d,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    n_q, heads, qk_scale, len0, len1,
+    sq_b8, sq_h8, sq_n8,
+    so_b8, so_h8, so_n8,
+    sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+    sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    tile_ok = row_ok[:, None] & (offs_d < d_len)[None, :]
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_n + offs_d[None, :] * sq_d,
-                mask=tile_ok, other=0.0)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -174,16 +200,76 @@ def _reference_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # One softmax state over both sources: the keys of m, then those of the reference bank p.
     acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, k0 + b * sk0_b + h * sk0_h, v0 + b * sv0_b + h * sv0_h, len0, sk0_n, sk0_d, sv0_n, sv0_d,
-        q_ptr, 0, 0, offs_m, n_q, offs_d, d_len, qk_scale, False, False, BLOCK_N, PRECISION, UPCAST)
+        q, acc, m_i, l_i, _head_base(k0, b, h, sk0_b8, sk0_h8), _head_base(v0, b, h, sv0_b8, sv0_h8), len0,
+        sk0_n8, sv0_n8, q_ptr, 0, 0, offs_m, n_q, offs_d, qk_scale,
+        HEAD_DIM, False, False, BLOCK_N, PRECISION, UPCAST)
     acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, k1 + b * sk1_b + h * sk1_h, v1 + b * sv1_b + h * sv1_h, len1, sk1_n, sk1_d, sv1_n, sv1_d,
-        q_ptr, 0, 0, offs_m, n_q, offs_d, d_len, qk_scale, False, False, BLOCK_N, PRECISION, UPCAST)
+        q, acc, m_i, l_i, _head_base(k1, b, h, sk1_b8, sk1_h8), _head_base(v1, b, h, sv1_b8, sv1_h8), len1,
+        sk1_n8, sv1_n8, q_ptr, 0, 0, offs_m, n_q, offs_d, qk_scale,
+        HEAD_DIM, False, False, BLOCK_N, PRECISION, UPCAST)
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_n + offs_d[None, :] * so_d,
+    tl.store(_tile_ptrs(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, so_n8, offs_d),
              out.to(o_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: alignment, tiles, launches.
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    """The kernels' layout contract for a [.., d] operand: unit head-dim stride, every other stride
+    (of a dimension longer than 1) a multiple of ALIGN elements, base address 16-byte aligned."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    if t.data_ptr() % 16:
+        return False
+    return all(s % ALIGN == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def _aligned_empty(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` that satisfies the contract: rows padded to a multiple of
+    ALIGN elements, viewed back to the head dim."""
+    d = shape[-1]
+    return torch.empty((*shape[:-1], triton.cdiv(d, ALIGN) * ALIGN), dtype=dtype, device=device)[..., :d]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it satisfies the layout contract, else an aligned copy.
+
+    No copy (the common cases): contiguous [b h n d] and diffusers' [b n (h d)] projections viewed as
+    [b h n d] (the heads_last_empty outputs too), for any head dim that is a multiple of 8 (every real
+    model: 40, 64, 80, 96, 128, 160, 256), broadcast (stride-0) batch/head dims included.
+    Copy: a head dim that is not innermost (e.g. a [b h d n] tensor transposed), a head dim not a
+    multiple of 8 (its rows are then padded to one), a row/head/batch stride not a multiple of 8, or a
+    storage offset that breaks 16-byte alignment."""
+    if _is_aligned(t):
+        return t
+    out = _aligned_empty(t.shape, t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
+def _writable(t: torch.Tensor) -> torch.Tensor:
+    """Where a kernel should write a result meant for t: t itself, or an aligned scratch tensor that
+    the caller copies into t afterwards (`_copy_back`)."""
+    return t if _is_aligned(t) else _aligned_empty(t.shape, t.dtype, t.device)
+
+
+def _copy_back(scratch: torch.Tensor, dst: torch.Tensor) -> None:
+    if scratch is not dst:
+        dst.copy_(scratch)
+
+
+def _strides8(t: torch.Tensor, dims=3):
+    """The first `dims` strides divided by ALIGN (the kernels multiply them back); strides of
+    length-1 dimensions are never used, so they are passed as 0."""
+    return [s // ALIGN if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims])]
+
+
+def _d_pad(d_len: int) -> int:
+    """Register-tile width of the head dim: tl.arange needs a power of two and tl.dot at least 16."""
+    return max(16, triton.next_power_of_2(d_len))
 
 
 def _block_n(kv_len: int) -> int:
@@ -192,14 +278,20 @@ def _block_n(kv_len: int) -> int:
     return min((16, 32, 64), key=lambda bn: (triton.cdiv(max(kv_len, 1), bn) * (bn + 16), -bn))
 
 
-def _tiles(n_q: int, d_pad: int):
-    """(BLOCK_M, num_warps). A program holds two fp32 [BLOCK_M, D_PAD] tiles (the running output and
-    the current condition's accumulator) plus Q: 128 queries for heads up to 64 wide, 64 up to 128,
-    32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8 warps once a tile
-    passes 64×64, keeps that within Hopper's register file."""
-    block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
+def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
+    """(BLOCK_M, num_warps) of the dual forward. A program holds two fp32 [BLOCK_M, D_PAD] tiles (the
+    running output and the current condition's accumulator) plus Q: 128 queries for heads up to 64
+    wide, 64 up to 128, 32 above (a 64×256 tile spilled ~1 KB in fp16 under ptxas for sm_90), with 8
+    warps once a tile passes 64×64. fp32 dots (IEEE: FMA loops, not tensor cores) need far more
+    registers per element: 32 queries up to 64-wide heads, 16 above (at 8 warps: 16×256 at 4 warps
+    spilled 0.5 KB under ptxas)."""
+    if dtype == torch.float32:
+        block_m = 32 if d_pad <= 64 else 16
+    else:
+        block_m = 128 if d_pad <= 64 else 64 if d_pad <= 128 else 32
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
-    return block_m, (4 if block_m * d_pad <= 64 * 64 else 8)
+    wide = block_m * d_pad > 64 * 64 or (dtype == torch.float32 and d_pad >= 128)
+    return block_m, (8 if wide else 4)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -209,7 +301,11 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 dots are IEEE unless the caller opted into TF32 for matmuls
+    (torch.backends.cuda.matmul.allow_tf32 = True); fp16/bf16 dots ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, softmax_scale: float,
@@ -218,11 +314,13 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
     mask: None or a [b h n m₀] (expanded, any strides) float or bool tensor; lse: [conditions, b·h, n]
     float32 contiguous. Writes out and lse."""
     batch, heads, n_q, d_len = q.shape
-    d_pad = max(16, triton.next_power_of_2(d_len))
-    block_m, num_warps = _tiles(n_q, d_pad)
-    grid = (triton.cdiv(n_q, block_m), batch * heads)
+    q = _aligned(q)
+    keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
+    o = _writable(out)
+    d_pad = _d_pad(d_len)
+    block_m, num_warps = _tiles(n_q, d_pad, q.dtype)
+    grid = (triton.cdiv(n_q, block_m) * batch * heads,)
     has_mask = mask is not None
-    mask_arg = mask if has_mask else q
     sm = mask.stride() if has_mask else (0, 0, 0, 0)
     for first in range(0, len(keys), MAX_CONDITIONS):
         chunk = list(range(first, min(first + MAX_CONDITIONS, len(keys))))
@@ -234,20 +332,40 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
         lams = [float(scales[j]) for j in chunk] + [0.0] * pad
         strides = []
         for k, v in zip(ks, vs):
-            strides += [*k.stride(), *v.stride()]
+            strides += [*_strides8(k), *_strides8(v)]
         masked = has_mask and first == 0
         _dual_cross_attention_fwd_kernel[grid](
-            q, out, lse[first:], mask_arg if masked else q,
+            q, o, lse[first:], mask if masked else q,
             ks[0], vs[0], ks[1], vs[1], ks[2], vs[2], ks[3], vs[3],
-            n_q, heads, d_len, softmax_scale * LOG2E,
-            *q.stride(), *out.stride(), *(sm if masked else (0, 0, 0, 0)),
+            n_q, heads, softmax_scale * LOG2E,
+            *_strides8(q), *_strides8(o), *(sm if masked else (0, 0, 0, 0)),
             *lens, *lams, *strides,
-            NUM_COND=len(chunk), HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool,
+            HEAD_DIM=d_len, NUM_COND=len(chunk), HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool,
             ACCUMULATE=first > 0,
             BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0]), BLOCK_N1=_block_n(lens[1]), BLOCK_N2=_block_n(lens[2]),
             BLOCK_N3=_block_n(lens[3]), D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
             num_warps=num_warps, num_stages=2,
         )
+    _copy_back(o, out)
+
+
+# Reference forward tiles per head-dim width (fp16/bf16), from sm_90 ptxas/SASS at the SD1.5 shapes:
+# every one vectorised (LDG.128), K/V cp.async-pipelined, no spills, ≥ 2 resident blocks per SM:
+#   D_PAD 64:  128×64, 8 warps, 3 stages: 126 regs, 64 KB smem -> 2 blocks (16 warps)
+#   D_PAD 128:  64×32, 4 warps, 3 stages: 128 regs, 64 KB -> 3 blocks (64×64 at 8 warps: 139 regs, 1 block)
+#   D_PAD 256:  32×32, 4 warps, 3 stages: 166 regs, 82 KB -> 2 blocks (64×32 at 8 warps: 172 regs, 1 block)
+_REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3)}
+# fp32 (IEEE dots are FMA loops): 64×64 spilled 2.9 KB, 64×32 0.8 KB, 32×32 24 B–1.1 KB, 16×32 at
+# D_PAD 128 0.5 KB (4 warps); the tiles below: 140 / 48 / 196 regs, 0 spills.
+_REFERENCE_TILES_FP32 = {64: (16, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 32, 4, 2)}
+
+
+def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
+    """Launch tiles of the reference forward (self-attention lengths), see the tables above."""
+    table = _REFERENCE_TILES_FP32 if dtype == torch.float32 else _REFERENCE_TILES
+    block_m, block_n, num_warps, num_stages = table[max(64, d_pad)]
+    block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, k_p: torch.Tensor,
@@ -255,28 +373,31 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
     """q, out: [b h n d]; k_m, v_m: [b h n_m d]; k_p, v_p: [b h n_p d] (any strides); lse: [b·h, n] float32.
     Writes out = softmax(q [k_m; k_p]ᵀ s) [v_m; v_p] and lse."""
     batch, heads, n_q, d_len = q.shape
-    d_pad = max(16, triton.next_power_of_2(d_len))
-    # Self-attention lengths: flash-attention tiles (128 queries x 64 keys up to 64-wide heads).
-    block_m = max(16, min(128 if d_pad <= 64 else 64, triton.next_power_of_2(n_q)))
-    block_n = 64 if d_pad <= 128 else 32
-    num_warps = 4 if block_m * d_pad <= 64 * 64 else 8
-    grid = (triton.cdiv(n_q, block_m), batch * heads)
+    q, k_m, v_m, k_p, v_p = (_aligned(t) for t in (q, k_m, v_m, k_p, v_p))
+    o = _writable(out)
+    d_pad = _d_pad(d_len)
+    tiles = _reference_tiles(n_q, d_pad, q.dtype)
+    grid = (triton.cdiv(n_q, tiles["BLOCK_M"]) * batch * heads,)
     _reference_attention_fwd_kernel[grid](
-        q, out, lse, k_m, v_m, k_p, v_p,
-        n_q, heads, d_len, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
-        *q.stride(), *out.stride(), *k_m.stride(), *v_m.stride(), *k_p.stride(), *v_p.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=num_warps, num_stages=3,
+        q, o, lse, k_m, v_m, k_p, v_p,
+        n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
+        *_strides8(q), *_strides8(o), *_strides8(k_m), *_strides8(v_m), *_strides8(k_p), *_strides8(v_p),
+        HEAD_DIM=d_len, D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles,
     )
+    _copy_back(o, out)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward, one condition j per pair of launches (conditions are independent given dO):
-#   P = exp(s·QKᵀ + mask − lse_j),  dO_j = λ_j dO,  dP = dO_j Vᵀ,  Δ = rowsum(P ∘ dP),
+# Backward, one key/value set per pair of launches (dual conditions are independent given dO;
+# reference attention's two sources share one softmax, so they share lse and Δ):
+#   P = exp(s·QKᵀ + mask − lse),  dO_j = λ_j dO,  dP = dO_j Vᵀ,  Δ = rowsum(P ∘ dP) over all keys,
 #   dS = P ∘ (dP − Δ),  dQ += s·dS K,  dK = s·dSᵀ Q,  dV = Pᵀ dO_j.
-# The dq kernel walks the (short) key list twice per query tile: first for Δ (the per-condition
-# output O_j is not stored, so Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)), then for dQ; it
-# writes Δ for the dk/dv kernel, which walks all query tiles for one key tile.
+# The dual dq kernel walks the (short) key list twice per query tile: first for Δ (the
+# per-condition output O_j is not stored, so Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)),
+# then for dQ; it writes Δ for the dk/dv kernel. Reference attention passes Δ = rowsum(dO ∘ O)
+# (DELTA_GIVEN) and skips the first walk. The dk/dv kernel owns one key tile and one n_split-th of
+# the query tiles, so short key lists (77 text tokens: 3 tiles) still fill the GPU; with n_split > 1
+# it writes fp32 partial sums that the launcher adds up.
 
 @triton.jit
 def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
@@ -298,60 +419,64 @@ def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_sc
 @triton.jit
 def _dual_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, mask_ptr,
-    n_q, heads, d_len, kv_len, qk_scale, softmax_scale, lam,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, sm_b, sm_h, sm_n, sm_m,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
+    n_q, heads, kv_len, qk_scale, softmax_scale, lam,
+    sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
+    sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DELTA_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    d_ok = offs_d < d_len
+    d_ok = offs_d < HEAD_DIM
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows * sq_n + offs_d[None, :] * sq_d, mask=tile_ok, other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows * sdo_n + offs_d[None, :] * sdo_d, mask=tile_ok, other=0.0)
+    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
+    do = tl.load(_tile_ptrs(_head_base(do_ptr, b, h, sdo_b8, sdo_h8), offs_m, sdo_n8, offs_d), mask=tile_ok,
+                 other=0.0)
     do = (do.to(tl.float32) * lam).to(q.dtype)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    row_base = pid_bh.to(tl.int64) * n_q
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     dead = lse == float("-inf")
     lse = tl.where(dead, 0.0, lse)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
+    k_base = _head_base(k_ptr, b, h, sk_b8, sk_h8)
+    v_base = _head_base(v_ptr, b, h, sv_b8, sv_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
 
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, kv_len, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                         HAS_MASK, MASK_BOOL, PRECISION)
-        p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        delta += tl.sum(p * dp, 1)
-    # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
-    delta -= tl.load(glse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
-    tl.store(delta_ptr + pid_bh.to(tl.int64) * n_q + offs_m, delta, mask=row_ok)
+    if DELTA_GIVEN:
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, kv_len, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+            k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+            v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                             HAS_MASK, MASK_BOOL, PRECISION)
+            p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            delta += tl.sum(p * dp, 1)
+        # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
+        delta -= tl.load(glse_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        tl.store(delta_ptr + row_base + offs_m, delta, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -362,7 +487,7 @@ def _dual_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * softmax_scale
-    dq_tile = dq_ptr + b * sdq_b + h * sdq_h + rows * sdq_n + offs_d[None, :] * sdq_d
+    dq_tile = _tile_ptrs(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, sdq_n8, offs_d)
     if ACCUMULATE:
         dq += tl.load(dq_tile, mask=tile_ok, other=0.0)
     tl.store(dq_tile, dq, mask=tile_ok)
@@ -371,41 +496,43 @@ def _dual_bwd_dq_kernel(
 @triton.jit
 def _dual_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr,
-    n_q, heads, d_len, kv_len, qk_scale, softmax_scale, lam,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d, sm_b, sm_h, sm_n, sm_m,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    n_q, heads, kv_len, qk_scale, softmax_scale, lam, n_split, rows_per_split,
+    sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
+    sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8, sm_b, sm_h, sm_n, sm_m,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Program = (b·h, key tile, query split), the splits of one key tile neighbours.
+    pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * n_split)
+    pid_n = pid_ns // n_split
+    pid_s = pid_ns % n_split
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < d_len
+    d_ok = offs_d < HEAD_DIM
     kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-    cols = offs_n[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = tl.load(_tile_ptrs(_head_base(k_ptr, b, h, sk_b8, sk_h8), offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(_head_base(v_ptr, b, h, sv_b8, sv_h8), offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    q_base = q_ptr + b * sq_b + h * sq_h
-    do_base = do_ptr + b * sdo_b + h * sdo_h
+    q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
+    do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
     row_base = pid_bh.to(tl.int64) * n_q
 
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for start in range(0, n_q, BLOCK_M):
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, n_q)
+    for start in range(row_start, row_end, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < n_q
+        row_ok = offs_m < row_end
         tile_ok = row_ok[:, None] & d_ok[None, :]
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows * sq_n + offs_d[None, :] * sq_d, mask=tile_ok, other=0.0)
-        do = tl.load(do_base + rows * sdo_n + offs_d[None, :] * sdo_d, mask=tile_ok, other=0.0)
+        q = tl.load(_tile_ptrs(q_base, offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
+        do = tl.load(_tile_ptrs(do_base, offs_m, sdo_n8, offs_d), mask=tile_ok, other=0.0)
         do = (do.to(tl.float32) * lam).to(k.dtype)
         if UPCAST:
             q = q.to(tl.float32)
@@ -420,42 +547,137 @@ def _dual_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * softmax_scale
-    tl.store(dk_ptr + b * sdk_b + h * sdk_h + cols * sdk_n + offs_d[None, :] * sdk_d,
+    split = pid_s.to(tl.int64) * 8
+    tl.store(_tile_ptrs(_head_base(dk_ptr + split * sdk_s8, b, h, sdk_b8, sdk_h8), offs_n, sdk_n8, offs_d),
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * sdv_b + h * sdv_h + cols * sdv_n + offs_d[None, :] * sdv_d,
+    tl.store(_tile_ptrs(_head_base(dv_ptr + split * sdv_s8, b, h, sdv_b8, sdv_h8), offs_n, sdv_n8, offs_d),
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+def _bwd_tiles(d_pad: int, dtype: torch.dtype):
+    """(BLOCK_M, num_warps, num_stages) of the backward kernels; fp32 (FMA-loop dots) takes 16-query
+    tiles, 2 stages and more warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64; at D_PAD 256 dk/dv
+    still spills ~3 KB with 16 warps, 4 KB with 8)."""
+    if dtype == torch.float32:
+        return 16, (8 if d_pad <= 128 else 16), 2
+    return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8), 3
+
+
+def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
+    """Key tile of the dk/dv kernel: it keeps K, V and the fp32 dK, dV accumulators of its tile in
+    registers for the whole query walk, so wide heads take fewer keys; fp32 takes 16 (32 keys at
+    D_PAD 64 spilled 396 B under ptxas, 64 × 256 6.6 KB)."""
+    cap = 16 if dtype == torch.float32 else 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
+    return min(block_n, cap)
+
+
+def _dq_block_n(block_n: int, dtype: torch.dtype) -> int:
+    """Key tile of the dq kernel: fp32 (FMA-loop dots) takes 16 keys (32 spilled 12 B at D_PAD 64)."""
+    return 16 if dtype == torch.float32 else block_n
+
+
+def _dkdv_split(programs: int, q_tiles: int, sm_count: int) -> int:
+    """Query splits of the dk/dv walk: enough programs for about 16 per SM (a short key list gives
+    only a few key tiles per (b, h)), each split still walking at least 4 query tiles."""
+    want = triton.cdiv(16 * sm_count, max(programs, 1))
+    return max(1, min(want, q_tiles // 4))
+
+
+def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_scale, block_m, block_n,
+                 sm_count, flags, common):
+    """dk, dv (like k, v; written) of one key/value set; splits the query walk when the grid is small."""
+    batch, heads, n_q, d_len = q.shape
+    kv_len = k.shape[2]
+    block_n = _dkdv_block_n(block_n, common["D_PAD"], q.dtype)
+    kv_tiles = triton.cdiv(kv_len, block_n)
+    q_tiles = triton.cdiv(n_q, block_m)
+    split = _dkdv_split(batch * heads * kv_tiles, q_tiles, sm_count)
+    if split == 1:
+        dk_dst, dv_dst = _writable(dk), _writable(dv)
+        dk_s8 = dv_s8 = 0
+    else:
+        dk_dst = _aligned_empty((split, *k.shape), torch.float32, k.device)
+        dv_dst = _aligned_empty((split, *v.shape), torch.float32, v.device)
+        dk_s8, dv_s8 = dk_dst.stride(0) // ALIGN, dv_dst.stride(0) // ALIGN
+    rows_per_split = triton.cdiv(q_tiles, split) * block_m
+    dk_view, dv_view = (dk_dst, dv_dst) if split == 1 else (dk_dst[0], dv_dst[0])
+    _dual_bwd_dkdv_kernel[(batch * heads * kv_tiles * split,)](
+        q, k, v, grad_out, lse, delta, dk_dst, dv_dst, mask_args[0],
+        n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), split, rows_per_split,
+        *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out),
+        dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *mask_args[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+    )
+    if split == 1:
+        _copy_back(dk_dst, dk)
+        _copy_back(dv_dst, dv)
+    else:
+        dk.copy_(dk_dst.sum(0))
+        dv.copy_(dv_dst.sum(0))
+
+
+def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args, lam, softmax_scale, block_m, block_n,
+               accumulate, delta_given, flags, common):
+    batch, heads, n_q, _ = q.shape
+    block_n = _dq_block_n(block_n, q.dtype)
+    _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
+        q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args[0],
+        n_q, heads, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
+        *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out), *_strides8(dq), *mask_args[1],
+        ACCUMULATE=accumulate, DELTA_GIVEN=delta_given, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+    )
 
 
 def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor, keys, values, scales, mask,
                                          softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
-                                         dq: torch.Tensor, dks, dvs) -> None:
+                                         dq: torch.Tensor, dks, dvs, sm_count: int = 132) -> None:
     """grad_out, q: [b h n d]; keys/values[j]: [b h mⱼ d]; mask: None or expanded [b h n m₀];
     lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient);
-    dq: [b h n d] float32 (written);
-    dks/dvs[j]: like keys/values[j] (written)."""
+    dq: [b h n d] float32 (written); dks/dvs[j]: like keys/values[j] (written); sm_count: the
+    device's SMs (sizes the dk/dv query split)."""
     batch, heads, n_q, d_len = q.shape
-    d_pad = max(16, triton.next_power_of_2(d_len))
-    block_m = 64 if d_pad <= 128 else 32
-    num_warps = 4 if d_pad <= 64 else 8
+    q, grad_out = _aligned(q), _aligned(grad_out)
+    keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
+    dq_dst = _writable(dq)
+    d_pad = _d_pad(d_len)
+    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
     delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
-    sm = mask.stride() if mask is not None else (0, 0, 0, 0)
-    common = dict(PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad, num_warps=num_warps)
+    common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
+                  num_warps=num_warps, num_stages=num_stages)
     for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
         masked = mask is not None and j == 0
-        mask_arg = mask if masked else q
-        mask_strides = sm if masked else (0, 0, 0, 0)
-        block_n = _block_n(k.shape[2])
+        mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
         flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
-        _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
-            q, k, v, grad_out, lse[j], grad_lse[j], delta, dq, mask_arg,
-            n_q, heads, d_len, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mask_strides,
-            ACCUMULATE=j > 0, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
-        )
-        _dual_bwd_dkdv_kernel[(triton.cdiv(k.shape[2], block_n), batch * heads)](
-            q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_arg,
-            n_q, heads, d_len, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dks[j].stride(), *dvs[j].stride(),
-            *mask_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
-        )
+        block_n = _block_n(k.shape[2])
+        _launch_dq(q, k, v, grad_out, lse[j], grad_lse[j], delta, dq_dst, mask_args, lam, softmax_scale,
+                   block_m, block_n, j > 0, False, flags, common)
+        _launch_dkdv(q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_args, lam, softmax_scale,
+                     block_m, block_n, sm_count, flags, common)
+    _copy_back(dq_dst, dq)
+
+
+def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor, out: torch.Tensor, sources,
+                                        softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
+                                        dq: torch.Tensor, grads, sm_count: int = 132) -> None:
+    """grad_out, q, out: [b h n d]; sources: ((k_m, v_m), (k_p, v_p)), each [b h mᵢ d]; lse, grad_lse:
+    [b·h, n] float32; dq: [b h n d] float32 (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
+    sources (written). One softmax spans both sources, so Δ = rowsum(dO ∘ O) − g_lse is shared."""
+    batch, heads, n_q, d_len = q.shape
+    delta = ((grad_out.float() * out.float()).sum(-1).reshape(batch * heads, n_q) - grad_lse).contiguous()
+    q, grad_out = _aligned(q), _aligned(grad_out)
+    dq_dst = _writable(dq)
+    d_pad = _d_pad(d_len)
+    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
+    block_n = 64 if d_pad <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
+    common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
+                  num_warps=num_warps, num_stages=num_stages)
+    flags = dict(HAS_MASK=False, MASK_BOOL=False)
+    no_mask = (q, (0, 0, 0, 0))
+    for i, ((k, v), (dk, dv)) in enumerate(zip(sources, grads)):
+        k, v = _aligned(k), _aligned(v)
+        bn = min(block_n, max(16, triton.next_power_of_2(k.shape[2])))
+        _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq_dst, no_mask, 1.0, softmax_scale,
+                   block_m, bn, i > 0, True, flags, common)
+        _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, no_mask, 1.0, softmax_scale,
+                     block_m, bn, sm_count, flags, common)
+    _copy_back(dq_dst, dq)

@@ -3,8 +3,11 @@ reference, at odd lengths, with masks, several conditions and all three dtypes; 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import lightmotion_fast
+from lightmotion_fast.kernels import dual_cross_attention as attn_kernels
 from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.reference.dual_cross_attention import dual_cross_attention_reference
 
@@ -181,3 +184,181 @@ def test_gradient_through_lse_output(device, impl):
      + (lse64 * torch.arange(18.0).reshape(1, 2, 9)).sum()).backward()
     for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models' head dims, memory layouts, large grids, NaN, float64 (issue 10, issue 14 items 8/10)
+
+BWD_TOL = {torch.float32: (5e-5, 1e-4), torch.float16: (3e-2, 3e-2), torch.bfloat16: (2e-1, 2e-1)}
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_model_head_dims_forward_backward(device, poisoned, d, dtype):
+    # Diffusers' layout: [b n (h d)] projections viewed as [b h n d] (head dim innermost, heads interleaved).
+    b, h, n, lengths = 1, 2, 21, (11, 4)
+    def view(m):
+        return torch.randn(b, m, h * d, device=device, dtype=dtype).view(b, m, h, d).transpose(1, 2).requires_grad_()
+    q, keys, values = view(n), [view(m) for m in lengths], [view(m) for m in lengths]
+    mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
+    grad = torch.randn(b, h, n, d, device=device, dtype=dtype)
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask)
+        out.backward(grad)
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.6], mask.cpu())
+    want.backward(grad.double().cpu())
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=2 * atol, rtol=rtol)
+    atol, rtol = BWD_TOL[dtype]
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=atol, rtol=rtol)
+
+
+def _layouts(b, h, n, d, device):
+    """The same [b h n d] values in layouts that take the launcher's copy path: head dim not innermost
+    ([b h d n] transposed), an odd storage offset / row stride (rows of 41 elements), and the plain
+    contiguous layout that takes none."""
+    base = torch.randn(b, h, n, d, device=device)
+    not_innermost = base.transpose(2, 3).contiguous().transpose(2, 3)
+    odd = torch.zeros(b, h, n, d + 1, device=device)
+    odd[..., 1:] = base
+    return {"contiguous": base.clone(), "head_dim_not_innermost": not_innermost, "odd_offset": odd[..., 1:]}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head_dim_not_innermost", "odd_offset"])
+def test_unaligned_layouts_forward_backward(device, poisoned, layout):
+    b, h, n, d, lengths = 2, 2, 19, 40, (9, 5)
+    q = _layouts(b, h, n, d, device)[layout].requires_grad_()
+    keys = [_layouts(b, h, m, d, device)[layout].requires_grad_() for m in lengths]
+    values = [_layouts(b, h, m, d, device)[layout].requires_grad_() for m in lengths]
+    grad = _layouts(b, h, n, d, device)[layout]
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
+        out.backward(grad)
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5])
+    want.backward(grad.double().cpu())
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=4e-5, rtol=1e-4)
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_head_dim_not_a_multiple_of_8(device, poisoned):
+    # d = 20: rows are padded to 24 in an aligned copy; output written through an aligned scratch.
+    q, keys, values = make_inputs(1, 2, 13, 20, (7, 3), torch.float32, device, requires_grad=True)
+    grad = torch.randn(1, 2, 13, 20, device=device)
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
+        out.backward(grad)
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5])
+    want.backward(grad.double().cpu())
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=4e-5, rtol=1e-4)
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_dkdv_query_split_matches_reference(device, poisoned):
+    # 300 queries in 32-row fp32 tiles (10 tiles) with one (b, h) and one key tile per condition:
+    # the dk/dv walk is split across programs and its partial sums added.
+    kern = attn_kernels
+    assert kern._dkdv_split(programs=1, q_tiles=10, sm_count=4) == 2
+    q, keys, values = make_inputs(1, 1, 300, 16, (5, 3), torch.float32, device, requires_grad=True)
+    mask = torch.randn(1, 1, 300, 5, device=device)
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5], mask=mask)
+        out.backward(torch.ones_like(out))
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5], mask.double().cpu()).sum().backward()
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records the grids it is launched with, runs nothing."""
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_grids_fit_cuda_limits_when_batch_times_heads_is_large(monkeypatch):
+    # CUDA grids allow 2³¹ − 1 programs on axis 0 but only 65,535 on axes 1 and 2; b·h = 70,000
+    # (e.g. a temporal attention over (b·h·w) sequences) must not land on axis 1.
+    kern = attn_kernels
+    names = ("_dual_cross_attention_fwd_kernel", "_reference_attention_fwd_kernel", "_dual_bwd_dq_kernel",
+             "_dual_bwd_dkdv_kernel")
+    recorders = {name: _GridRecorder() for name in names}
+    for name, rec in recorders.items():
+        monkeypatch.setattr(kern, name, rec)
+    b, h, n, d = 35000, 2, 3, 8
+    q = torch.randn(b, h, n, d)
+    k = torch.randn(b, h, 2, d)
+    lse = torch.empty(1, b * h, n)
+    kern.dual_cross_attention_launch(q, [k], [k], [1.0], None, 0.3, torch.empty_like(q), lse)
+    kern.reference_attention_launch(q, k, k, k, k, 0.3, torch.empty_like(q), lse[0])
+    kern.dual_cross_attention_backward_launch(q, q, [k], [k], [1.0], None, 0.3, lse, lse, torch.empty_like(q),
+                                              [torch.empty_like(k)], [torch.empty_like(k)])
+    for name, rec in recorders.items():
+        assert rec.grids, name
+        for grid in rec.grids:
+            assert grid[0] < 2 ** 31 and all(g <= 65535 for g in grid[1:]), (name, grid)
+
+
+@triton.jit
+def _rows_probe(out_ptr, idx, stride8):
+    tl.store(out_ptr + tl.arange(0, 2), attn_kernels._rows(idx + tl.arange(0, 2), stride8))
+
+
+def test_offsets_are_int64_past_2_to_the_31(device):
+    # The kernels address every tile through _rows(index, stride / 8): with stride 2³³ (2³⁰ · 8) and
+    # index 3 the offset 3 · 2³³ needs 64 bits.
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    _rows_probe[(1,)](out, 3, 2 ** 30)
+    assert out.tolist() == [3 * 2 ** 33, 4 * 2 ** 33]
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_nan_query_propagates_on_every_backend(device, poisoned, impl):
+    # Issue 14 item 8: a NaN query row gives NaN in that row (not 0), everything else is unaffected;
+    # fully masked rows still give 0 from that condition.
+    q, keys, values = make_inputs(1, 2, 9, 16, (5, 3), torch.float32, device)
+    q[0, 1, 4, 7] = float("nan")
+    mask = torch.ones(1, 2, 9, 5, dtype=torch.bool, device=device)
+    mask[0, 0, 2] = False
+    with lightmotion_fast.backend(impl):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5], mask=mask)
+    assert torch.isnan(out[0, 1, 4]).all()
+    finite = torch.ones(out.shape[:3], dtype=torch.bool)
+    finite[0, 1, 4] = False
+    assert torch.isfinite(out[finite.to(out.device)]).all()
+    want = dual_cross_attention_reference(*as64([q]), as64(keys), as64(values), [1.0, 0.5], mask.cpu())
+    torch.testing.assert_close(out.double().cpu(), want, atol=4e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_float64_accepted_and_differentiable(device, impl):
+    # Issue 14 item 10: the public op takes what the custom op takes (float64 runs PyTorch).
+    q, keys, values = make_inputs(1, 1, 3, 4, (3, 2), torch.float64, device, requires_grad=True)
+    mask = torch.randn(1, 1, 3, 3, dtype=torch.float64, device=device)
+    with lightmotion_fast.backend(impl):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5], mask=mask)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, dual_cross_attention_reference(q, keys, values, [1.0, 0.5], mask))
+        assert torch.autograd.gradcheck(lambda q, k0, k1, v0, v1: dual_cross_attention(
+            q, [k0, k1], [v0, v1], [1.0, 0.5], mask=mask), (q, *keys, *values), fast_mode=True)
+
+
+def test_fp32_dots_use_tf32_only_when_the_caller_allows_it():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert attn_kernels._precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert attn_kernels._precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = before

@@ -68,3 +68,115 @@ def test_bad_inputs(device):
         reference_attention(q, q.half(), q, kr, kr)
     with pytest.raises(ValueError, match="q"):
         reference_attention(q[0], q, q, kr, kr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backward (no SDPA recompute), model head dims, layouts, NaN, float64 (issues 10 and 14)
+
+BWD_TOL = {torch.float32: (5e-5, 1e-4), torch.float16: (3e-2, 3e-2), torch.bfloat16: (2e-1, 2e-1)}
+
+
+def _heads_view(b, m, h, d, dtype, device):
+    """[b m (h d)] projections viewed as [b h m d], as diffusers processors hand them over."""
+    return torch.randn(b, m, h * d, device=device, dtype=dtype).view(b, m, h, d).transpose(1, 2).requires_grad_()
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_model_head_dims_forward_backward(device, poisoned, d, dtype):
+    b, h, n, n_ref = 1, 2, 19, 13
+    q, k, v = (_heads_view(b, n, h, d, dtype, device) for _ in range(3))
+    kr, vr = (_heads_view(b, n_ref, h, d, dtype, device) for _ in range(2))
+    grad = torch.randn(b, h, n, d, device=device, dtype=dtype)
+    with lightmotion_fast.backend("triton"):
+        out = reference_attention(q, k, v, kr, vr)
+        out.backward(grad)
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, kr, vr)]
+    want = sdpa_concat(*leaves)
+    want.backward(grad.double().cpu())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=atol, rtol=rtol)
+    atol, rtol = BWD_TOL[dtype]
+    for got, ref in zip((q, k, v, kr, vr), leaves):
+        assert got.grad.dtype == dtype
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=atol, rtol=rtol)
+
+
+def test_backward_does_not_recompute_through_sdpa(device, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reference_attention's backward called scaled_dot_product_attention")
+
+    q, k, v, kr, vr = (torch.randn(1, 2, m, 16, device=device, requires_grad=True) for m in (9, 9, 9, 5, 5))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", forbidden)
+    with lightmotion_fast.backend("triton"):
+        reference_attention(q, k, v, kr, vr).sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, kr, vr))
+
+
+@pytest.mark.parametrize("layout", ["head_dim_not_innermost", "odd_offset", "d_not_multiple_of_8"])
+def test_unaligned_layouts_forward_backward(device, poisoned, layout):
+    b, h, n, n_ref, d = 2, 2, 17, 11, (20 if layout == "d_not_multiple_of_8" else 40)
+
+    def make(m):
+        base = torch.randn(b, h, m, d, device=device)
+        if layout == "head_dim_not_innermost":
+            return base.transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+        if layout == "odd_offset":
+            padded = torch.zeros(b, h, m, d + 1, device=device)
+            padded[..., 1:] = base
+            return padded[..., 1:].detach().requires_grad_()
+        return base.requires_grad_()
+
+    q, k, v, kr, vr = (make(m) for m in (n, n, n, n_ref, n_ref))
+    grad = torch.randn(b, h, n, d, device=device)
+    with lightmotion_fast.backend("triton"):
+        out = reference_attention(q, k, v, kr, vr)
+        out.backward(grad)
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, kr, vr)]
+    want = sdpa_concat(*leaves)
+    want.backward(grad.double().cpu())
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=2e-5, rtol=1e-4)
+    for got, ref in zip((q, k, v, kr, vr), leaves):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_backward_with_split_dkdv_walk(device, poisoned):
+    # 300 queries in 32-row fp32 tiles and one key tile per source: the dk/dv query walk is split.
+    q, k, v = (torch.randn(1, 1, 300, 16, device=device, requires_grad=True) for _ in range(3))
+    kr, vr = (torch.randn(1, 1, 7, 16, device=device, requires_grad=True) for _ in range(2))
+    with lightmotion_fast.backend("triton"):
+        reference_attention(q, k[:, :, :9], v[:, :, :9], kr, vr).square().sum().backward()
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, kr, vr)]
+    sdpa_concat(leaves[0], leaves[1][:, :, :9], leaves[2][:, :, :9], *leaves[3:]).square().sum().backward()
+    for got, ref in zip((q, k, v, kr, vr), leaves):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_op_passes_opcheck(device):
+    from lightmotion_fast.ops.reference_attention import backward_sample_inputs, reference_attention_backward_op
+
+    with lightmotion_fast.backend("triton"):
+        for args in backward_sample_inputs(device):
+            torch.library.opcheck(reference_attention_backward_op, args)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_nan_query_propagates(device, impl):
+    q, k, v, kr, vr = (torch.randn(1, 2, m, 16, device=device) for m in (7, 7, 7, 5, 5))
+    q[0, 0, 3, 2] = float("nan")
+    with lightmotion_fast.backend(impl):
+        out = reference_attention(q, k, v, kr, vr)
+    assert torch.isnan(out[0, 0, 3]).all()
+    out[0, 0, 3] = 0.0
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_float64_accepted_and_differentiable(device, impl):
+    q, k, v, kr, vr = (torch.randn(1, 1, m, 4, device=device, dtype=torch.float64, requires_grad=True)
+                       for m in (3, 3, 3, 2, 2))
+    with lightmotion_fast.backend(impl):
+        out = reference_attention(q, k, v, kr, vr)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, sdpa_concat(q, k, v, kr, vr).to(device))
+        assert torch.autograd.gradcheck(reference_attention, (q, k, v, kr, vr), fast_mode=True)

@@ -41,6 +41,8 @@ OP_SAMPLES = {
     "dual_cross_attention_backward": (_dual_cross_attention.dual_cross_attention_backward_op,
                                       _dual_cross_attention.backward_sample_inputs),
     "reference_attention": (_reference_attention.reference_attention_op, _reference_attention.sample_inputs),
+    "reference_attention_backward": (_reference_attention.reference_attention_backward_op,
+                                     _reference_attention.backward_sample_inputs),
 }
 
 __all__ = [

@@ -18,6 +18,17 @@ from lightmotion_fast.ops._common import Backend
 from lightmotion_fast.reference.dual_cross_attention import dual_cross_attention_reference
 
 MAX_HEAD_DIM = 256
+# What the custom ops take. float64 runs the PyTorch path (the Triton kernels are fp32/fp16/bf16).
+ATTENTION_DTYPES = (*_common.FLOAT_DTYPES, torch.float64)
+
+
+def triton_path(q: torch.Tensor) -> bool:
+    """True when the attention ops run their Triton kernels for q (float64 always takes PyTorch)."""
+    return _common.select_backend(q.device) is Backend.TRITON and q.dtype != torch.float64
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def heads_last_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -30,10 +41,11 @@ def heads_last_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 def scores_lse(q, k, softmax_scale, mask=None):
     """Natural log-sum-exp of the scaled, masked scores over the keys, float32 [b h n] (-inf for a
     fully masked row)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * softmax_scale
+    c = _compute_dtype(q)
+    scores = (q.to(c) @ k.to(c).transpose(-1, -2)) * softmax_scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    return torch.logsumexp(scores, dim=-1)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(c)
+    return torch.logsumexp(scores, dim=-1).float()
 
 
 @torch.library.custom_op("lightmotion::dual_cross_attention", mutates_args=())
@@ -46,7 +58,7 @@ def dual_cross_attention_op(q: torch.Tensor, keys: list[torch.Tensor], values: l
     out = heads_last_empty(q)
     lse = torch.empty((len(keys), b * h, n), dtype=torch.float32, device=q.device)
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
-    if _common.select_backend(q.device) is Backend.TRITON:
+    if triton_path(q):
         _common.kernel_module("dual_cross_attention").dual_cross_attention_launch(
             q, keys, values, scales, full_mask, softmax_scale, out, lse)
     else:
@@ -77,12 +89,12 @@ def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, ke
     """Gradients (dq, dks, dvs) of dual_cross_attention_op's (out, lse) for incoming (grad_out, grad_lse)."""
     b, h, n, _ = q.shape
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
-    if _common.select_backend(q.device) is Backend.TRITON:
+    if triton_path(q):
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dks, dvs = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
         _common.kernel_module("dual_cross_attention").dual_cross_attention_backward_launch(
             grad_out, q, keys, values, scales, full_mask, softmax_scale, lse.contiguous(),
-            grad_lse.float().contiguous(), dq, dks, dvs)
+            grad_lse.float().contiguous(), dq, dks, dvs, sm_count=_common.device_sm_count(q.device))
         return dq.to(q.dtype), dks, dvs
     return _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse)
 
@@ -93,24 +105,26 @@ def _(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
 
 
 def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
-    """The same gradients with PyTorch matmuls (CPU without the interpreter, reference backend)."""
+    """The same gradients with PyTorch matmuls (CPU without the interpreter, reference backend, float64),
+    in float32 (float64 for float64 inputs)."""
     b, h, n, _ = q.shape
     s = softmax_scale
-    qf, dout = q.float(), grad_out.float()
+    c = _compute_dtype(q)
+    qf, dout = q.to(c), grad_out.to(c)
     dq = torch.zeros_like(qf)
     dks, dvs = [], []
     for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
-        kf, vf = k.float(), v.float()
+        kf, vf = k.to(c), v.to(c)
         scores = (qf @ kf.transpose(-1, -2)) * s
         if j == 0 and mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        lse_j = lse[j].reshape(b, h, n, 1)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(c)
+        lse_j = lse[j].reshape(b, h, n, 1).to(c)
         dead = torch.isinf(lse_j)
         p = torch.where(dead, torch.zeros_like(scores), torch.exp(scores - torch.where(dead, 0.0, lse_j)))
         do_j = lam * dout
         dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype))
         dp = do_j @ vf.transpose(-1, -2)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True) + grad_lse[j].float().reshape(b, h, n, 1))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True) + grad_lse[j].to(c).reshape(b, h, n, 1))
         dq += (ds @ kf) * s
         dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype))
     return dq.to(q.dtype), dks, dvs
@@ -131,7 +145,7 @@ dual_cross_attention_op.register_autograd(_backward, setup_context=_setup_contex
 
 def check_attention_inputs(q, keys, values, mask=None) -> None:
     """Shapes, dtypes and devices of q [b h n d], keys/values [b h mⱼ d] and the mask (first condition)."""
-    _common.check_tensor("q", q, ndim=4, dims="b h n d")
+    _common.check_tensor("q", q, ndim=4, dims="b h n d", dtypes=ATTENTION_DTYPES)
     b, h, n, d = q.shape
     if d > MAX_HEAD_DIM or d < 1:
         raise ValueError(f"q's head dim must be 1..{MAX_HEAD_DIM}, got {d} (q shape {tuple(q.shape)})")
@@ -142,8 +156,8 @@ def check_attention_inputs(q, keys, values, mask=None) -> None:
     if len(keys) == 0 or len(keys) != len(values):
         raise ValueError(f"keys and values must be non-empty sequences of equal length, got {len(keys)} and {len(values)}")
     for j, (k, v) in enumerate(zip(keys, values)):
-        _common.check_tensor(f"keys[{j}]", k, ndim=4, dims="b h m d")
-        _common.check_tensor(f"values[{j}]", v, ndim=4, dims="b h m d")
+        _common.check_tensor(f"keys[{j}]", k, ndim=4, dims="b h m d", dtypes=ATTENTION_DTYPES)
+        _common.check_tensor(f"values[{j}]", v, ndim=4, dims="b h m d", dtypes=ATTENTION_DTYPES)
         if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d or k.shape[2] < 1:
             raise ValueError(f"keys[{j}] must have shape [{b}, {h}, m, {d}] with m >= 1 (q is {tuple(q.shape)}), "
                              f"got {tuple(k.shape)}")
@@ -153,7 +167,7 @@ def check_attention_inputs(q, keys, values, mask=None) -> None:
             raise TypeError(f"keys[{j}] and values[{j}] must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
         _common.check_same_device(q=q, **{f"keys[{j}]": k, f"values[{j}]": v})
     if mask is not None:
-        _common.check_tensor("mask", mask, dtypes=(*_common.FLOAT_DTYPES, torch.bool))
+        _common.check_tensor("mask", mask, dtypes=(*ATTENTION_DTYPES, torch.bool))
         m0 = keys[0].shape[2]
         try:
             torch.broadcast_shapes(mask.shape, (b, h, n, m0))
@@ -173,7 +187,9 @@ def dual_cross_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: 
     a diffusers processor makes); scales: one λ per condition (default 1 each); mask: float (added)
     or bool (True keeps), broadcastable to [b h n m₀], for the first condition only;
     softmax_scale: default d^-½. Returns [b h n d] in q's dtype (stored as [b n h d]). Differentiable
-    in q, keys and values. Head dims up to 256; fp32/fp16/bf16.
+    in q, keys and values. Head dims up to 256; fp16/bf16/fp32 run the Triton kernels (fp32 dots are
+    IEEE unless torch.backends.cuda.matmul.allow_tf32 is set), float64 runs PyTorch. NaN in the
+    inputs propagates to the rows it touches on every backend.
 
     >>> q = torch.randn(2, 8, 4096, 40, device="cuda", dtype=torch.float16)
     >>> text_k, text_v, img_k, img_v = (torch.randn(2, 8, m, 40, device="cuda", dtype=torch.float16) for m in (77, 77, 4, 4))

@@ -22,11 +22,13 @@ import torch
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, softmax_scale: float,
                             mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · s + mask) over the keys, with rows that are fully masked set to 0.
-    q: [b h n d], k: [b h m d] -> [b h n m] in q's dtype."""
+    q: [b h n d], k: [b h m d] -> [b h n m] in q's dtype. NaN in q or k stays NaN in the rows it
+    reaches (as in the kernels): only the fully masked rows are zeroed, not every NaN."""
     scores = (q @ k.transpose(-1, -2)) * softmax_scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def dual_cross_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
