@@ -26,9 +26,11 @@ Method, and why. Two stages, because neither alone is both robust and precise:
    what makes it sub-pixel (≈0.01 px on smooth synthetic warps, see tests/test_motion_estimate.py).
 
 Every frame is fitted against frame 0 directly (no drift accumulates), starting from the best of:
-the previous frame's estimate, that estimate composed with the frame-to-frame Fourier–Mellin step,
-and the direct Fourier–Mellin estimate against frame 0 (best = lowest robust residual after the
-coarsest level), so slow and fast motions both start inside the fit's convergence basin.
+the previous frame's estimate, its constant-velocity extrapolation, that estimate composed with the
+frame-to-frame Fourier–Mellin step, and the direct Fourier–Mellin estimate against frame 0 (best =
+lowest robust residual after a few iterations at the coarsest level), so smooth and abrupt motions
+both start inside the fit's convergence basin, and a failed spectral estimate (e.g. exposed
+borders filled with unrelated texture) costs nothing.
 
 It is pure PyTorch (torch.fft, grid_sample) in float64 on the video's device; it is a metric, not a
 hot path. It assumes the frames share content (overlap), |rotation| < 90° and a textured scene;
@@ -47,6 +49,7 @@ from lightmotion_fast.camera.motion import CameraMotion
 COMPONENTS = ("pan_x", "pan_y", "zoom", "rotate")
 _MIN_SIZE = 8          # smaller frames carry too little texture to register
 _PYRAMID_MIN = 24      # coarsest pyramid level keeps at least this many pixels per side
+_SELECT_ITERATIONS = 6  # Gauss–Newton iterations spent on each starting point before choosing one
 
 
 # --------------------------------------------------------------------------------------------- input
@@ -273,9 +276,10 @@ def _gauss_newton(ref, mov, q, iterations: int, tol_px: float = 1e-4) -> tuple[t
         if int(valid.sum()) < 16:
             break
         weights = _robust_weights(r, valid, tukey=it >= min(3, iterations // 2))
-        wj = jac * weights[None, :, None]
-        hess = torch.einsum("cni,cnj->ij", wj, jac)
-        rhs = -torch.einsum("cni,cn->i", wj, r)
+        jac_flat = jac.reshape(-1, 4)                                   # [(c n) 4]
+        wj = (jac * weights[None, :, None]).reshape(-1, 4)
+        hess = wj.T @ jac_flat
+        rhs = -(wj.T @ r.reshape(-1))
         # Tiny Levenberg damping keeps a nearly textureless frame from producing a wild step.
         hess = hess + 1e-9 * torch.diagonal(hess).mean() * torch.eye(4, dtype=q.dtype, device=q.device)
         step = torch.linalg.solve(hess, rhs)
@@ -301,7 +305,7 @@ class EstimatedMotion:
 
     pan [F, 2]: (x, y) as fractions of width and height (x > 0: content moved left, as CameraMotion).
     zoom [F]: scale − 1 (> 0: content magnified). rotate [F]: degrees (> 0: content turned clockwise).
-    affines [F, 2, 3]: forward transforms in pixels (frame-0 position -> frame-f position), as
+    All tensors are float64 on the CPU. affines [F, 2, 3]: forward transforms in pixels (frame-0 position -> frame-f position), as
     CameraMotion.affines. inlier_fraction [F]: share of frame 0's pixels that the fit used (weight
     > 0.5). residual [F]: rms intensity residual of those pixels, in units of frame 0's std.
     """
@@ -340,37 +344,42 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
     mats = [eye]
     inliers = [1.0]
     residuals = [0.0]
-    prev = eye
     for f in range(1, frames):
-        candidates = [prev, fourier_mellin(x[f - 1], x[f]) @ prev, fourier_mellin(x[0], x[f])]
+        prev = mats[-1]
+        # Constant velocity: the last frame-to-frame step repeated (exact for CameraMotion's linear schedule).
+        velocity = prev @ torch.linalg.inv(mats[-2]) @ prev if f >= 2 else prev
+        candidates = [prev, velocity, fourier_mellin(x[f - 1], x[f]) @ prev, fourier_mellin(x[0], x[f])]
         grad = _gradients(coarse[f])
         best, best_cost = None, math.inf
         for m in candidates:
+            # A few iterations suffice to tell a start inside the convergence basin from one outside.
             q = _rescale_params(matrix_to_params(m, height, width), (height, width), (ch, cw))
-            q, _ = _gauss_newton(coarse[0], coarse[f], q, iterations)
+            q, _ = _gauss_newton(coarse[0], coarse[f], q, min(iterations, _SELECT_ITERATIONS))
             cost = _robust_cost(coarse[0], coarse[f], grad, q)
             if cost < best_cost:
                 best, best_cost = q, cost
-        q, size = best, (ch, cw)
+        q, _ = _gauss_newton(coarse[0], coarse[f], best, iterations)
+        size = (ch, cw)
         for level in reversed(levels[:-1]):
             lh, lw = level.shape[-2:]
             q = _rescale_params(q, size, (lh, lw))
             q, weights = _gauss_newton(level[0], level[f], q, iterations)
             size = (lh, lw)
-        if len(levels) == 1:
+        if len(levels) == 1:  # the coarsest level was the only one: its weights are the final ones
             q, weights = _gauss_newton(x[0], x[f], q, iterations)
         r, _, _ = _residuals(x[0], x[f], _gradients(x[f]), q)
         used = weights > 0.5
         inliers.append(float(used.double().mean()))
         residuals.append(float(r.pow(2).mean(dim=0)[used].mean().sqrt()) if bool(used.any()) else math.nan)
-        prev = params_to_matrix(q, height, width)
-        mats.append(prev)
+        mats.append(params_to_matrix(q, height, width))
     affines = torch.stack(mats)[:, :2, :]
     q_all = torch.stack([matrix_to_params(m, height, width) for m in mats])
     scale = torch.sqrt(q_all[:, 0] ** 2 + q_all[:, 1] ** 2)
     rotate = torch.rad2deg(torch.atan2(q_all[:, 1], q_all[:, 0]))
     # CameraMotion: target = c + sR(src - c) - pan, so the fitted translation is minus the pan.
     pan = torch.stack([-q_all[:, 2] / width, -q_all[:, 3] / height], dim=1)
+    # A metric's few numbers: hand them back on the CPU whatever device the video was on.
+    pan, scale, rotate, affines = pan.cpu(), scale.cpu(), rotate.cpu(), affines.cpu()
     return EstimatedMotion(pan=pan, zoom=scale - 1, rotate=rotate, affines=affines,
                            inlier_fraction=torch.tensor(inliers, dtype=torch.float64),
                            residual=torch.tensor(residuals, dtype=torch.float64), height=height, width=width)
