@@ -329,9 +329,11 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
     video: [F, C, H, W] or [F, H, W] float (or uint8), CPU or CUDA; channels are used jointly.
     iterations: Gauss–Newton iterations per pyramid level (stops earlier once converged).
 
-    >>> cam = CameraMotion(pan=(0.1, 0.0))
-    >>> frames = torch.randn(1, 1, 1, 64, 64).expand(1, 1, 5, 64, 64)       # doctest: +SKIP
-    >>> estimate_camera_motion(frames[0].transpose(0, 1)).pan[-1]           # doctest: +SKIP
+    Example (the demo's "requested vs achieved"; `video` [F, 3, H, W] decoded frames):
+
+        errors = camera_motion_errors(video, camera)      # estimates, then compares
+        print(errors.table())                             # per-frame table + mean/max errors, EPE
+        errors.estimate.pan, errors.estimate.zoom, errors.estimate.rotate   # [F, 2], [F], [F]
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
@@ -458,8 +460,12 @@ def motion_report(errors: CameraMotionErrors) -> str:
     sub = f"{'':>5} | " + " | ".join(f"{'req':>7} {'got':>7}" for _ in COMPONENTS) + f" | {'':>6} | {'':>7}"
     lines = [head, sub, "-" * len(head)]
     req, got = errors.requested * units, errors.estimated * units
+
+    def cell(value) -> str:
+        return f"{round(float(value), 2) + 0.0:7.2f}"   # + 0.0: no "-0.00" for values that round to zero
+
     for f in range(req.shape[0]):
-        cells = " | ".join(f"{float(req[f, k]):7.2f} {float(got[f, k]):7.2f}" for k in range(4))
+        cells = " | ".join(f"{cell(req[f, k])} {cell(got[f, k])}" for k in range(4))
         lines.append(f"{f:>5} | {cells} | {float(errors.endpoint_px[f]):6.2f} | "
                      f"{float(errors.estimate.inlier_fraction[f]):7.2f}")
     lines.append("-" * len(head))
