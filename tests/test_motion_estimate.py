@@ -26,6 +26,16 @@ H = W = 64
 FRAMES = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The fit is thousands of tiny ops; on a shared, busy CPU intra-op threads only wait for each
+    other (measured 3-6 s vs 0.4 s per 4-frame video with 2 threads vs 1), so run this file on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_texture(channels=1, height=H, width=W, seed=0):
     """[c h w] float64 low-pass filtered noise, zero mean, unit-ish std."""
     g = torch.Generator().manual_seed(seed)
