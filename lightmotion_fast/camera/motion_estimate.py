@@ -27,10 +27,11 @@ Method, and why. Two stages, because neither alone is both robust and precise:
 
 Every frame is fitted against frame 0 directly (no drift accumulates), starting from the best of:
 the previous frame's estimate, its constant-velocity extrapolation, that estimate composed with the
-frame-to-frame Fourier–Mellin step, and the direct Fourier–Mellin estimate against frame 0 (best =
-lowest robust residual after a few iterations at the coarsest level), so smooth and abrupt motions
-both start inside the fit's convergence basin, and a failed spectral estimate (e.g. exposed
-borders filled with unrelated texture) costs nothing.
+frame-to-frame Fourier–Mellin step, the direct Fourier–Mellin estimate against frame 0, and the
+same two with a translation-only phase correlation (best = lowest robust residual after a few
+iterations at the coarsest level). So smooth and abrupt motions both start inside the fit's
+convergence basin, and a failed spectral estimate (exposed borders filled with unrelated texture,
+or their straight edges dominating a small frame's log-polar spectrum) costs nothing.
 
 It is pure PyTorch (torch.fft, grid_sample) in float64 on the video's device; it is a metric, not a
 hot path. It assumes the frames share content (overlap), |rotation| < 90° and a textured scene;
@@ -343,6 +344,23 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
     coarse = levels[-1]
     ch, cw = coarse.shape[-2:]
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    # Fourier–Mellin only initialises the fit: run it on the smallest level that still has 64 pixels
+    # a side (its log-polar grid needs them), which bounds its cost on large decoded frames.
+    spectral_level = next((lv for lv in reversed(levels) if min(lv.shape[-2:]) >= 64), x)
+
+    def spectral(i: int, j: int) -> torch.Tensor:
+        sh, sw = spectral_level.shape[-2:]
+        q = matrix_to_params(fourier_mellin(spectral_level[i], spectral_level[j]), sh, sw)
+        return params_to_matrix(_rescale_params(q, (sh, sw), (height, width)), height, width)
+
+    def shift(i: int, j: int) -> torch.Tensor:
+        # Translation alone: when exposed borders put straight edges into one spectrum only, the
+        # log-polar step can lock onto them, while a plain phase correlation still finds the shift.
+        sh, sw = spectral_level.shape[-2:]
+        dx, dy = phase_correlation(spectral_level[i], spectral_level[j])
+        q = torch.tensor([1.0, 0.0, dx * width / sw, dy * height / sh], dtype=x.dtype, device=x.device)
+        return params_to_matrix(q, height, width)
+
     mats = [eye]
     inliers = [1.0]
     residuals = [0.0]
@@ -350,7 +368,8 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
         prev = mats[-1]
         # Constant velocity: the last frame-to-frame step repeated (exact for CameraMotion's linear schedule).
         velocity = prev @ torch.linalg.inv(mats[-2]) @ prev if f >= 2 else prev
-        candidates = [prev, velocity, fourier_mellin(x[f - 1], x[f]) @ prev, fourier_mellin(x[0], x[f])]
+        candidates = [prev, velocity, spectral(f - 1, f) @ prev, spectral(0, f),
+                      shift(f - 1, f) @ prev, shift(0, f)]
         grad = _gradients(coarse[f])
         best, best_cost = None, math.inf
         for m in candidates:
