@@ -281,8 +281,11 @@ def _gauss_newton(ref, mov, q, iterations: int, tol_px: float = 1e-4) -> tuple[t
         wj = (jac * weights[None, :, None]).reshape(-1, 4)
         hess = wj.T @ jac_flat
         rhs = -(wj.T @ r.reshape(-1))
+        scale = float(torch.diagonal(hess).mean())
+        if not scale > 0:  # no weighted pixel has any gradient: nothing to fit
+            break
         # Tiny Levenberg damping keeps a nearly textureless frame from producing a wild step.
-        hess = hess + 1e-9 * torch.diagonal(hess).mean() * torch.eye(4, dtype=q.dtype, device=q.device)
+        hess = hess + 1e-9 * scale * torch.eye(4, dtype=q.dtype, device=q.device)
         step = torch.linalg.solve(hess, rhs)
         q = q + step
         # Largest displacement the step causes inside the frame, in pixels.
