@@ -309,9 +309,11 @@ class EstimatedMotion:
 
     pan [F, 2]: (x, y) as fractions of width and height (x > 0: content moved left, as CameraMotion).
     zoom [F]: scale − 1 (> 0: content magnified). rotate [F]: degrees (> 0: content turned clockwise).
-    All tensors are float64 on the CPU. affines [F, 2, 3]: forward transforms in pixels (frame-0 position -> frame-f position), as
-    CameraMotion.affines. inlier_fraction [F]: share of frame 0's pixels that the fit used (weight
-    > 0.5). residual [F]: rms intensity residual of those pixels, in units of frame 0's std.
+    All tensors are float64 on the CPU. affines [F, 2, 3]: forward transforms in pixels (frame-0
+    position -> frame-f position), as CameraMotion.affines. inlier_fraction [F]: share of frame 0's
+    pixels that the fit used (weight > 0.5). residual [F]: rms intensity residual of those pixels,
+    in units of frame 0's std per channel (a low inlier share or a high residual flags a frame whose
+    estimate should not be trusted: little overlap, a scene change, no texture).
     """
     pan: torch.Tensor
     zoom: torch.Tensor
