@@ -111,6 +111,17 @@ def test_abrupt_motion_in_one_step(cam):
     assert_motion(errors, pan_px=0.05, zoom=0.0025, rotate_deg=0.1, epe_px=0.05)
 
 
+def test_brightness_changes_between_frames():
+    """Generated videos flicker: a per-frame, per-channel gain (up to 1.6x) and offset is fitted
+    alongside the motion, so it does not bias the geometry."""
+    cam = CAMERAS["combined"]
+    video = camera_video(cam, image=smooth_texture(channels=3, seed=6))
+    f = torch.arange(FRAMES, dtype=torch.float64)[:, None, None, None]
+    gain = 1 + f * torch.tensor([0.2, -0.1, 0.1], dtype=torch.float64)[:, None, None]
+    video = video * gain + 0.3 * f
+    assert_motion(camera_motion_errors(video, cam), pan_px=0.05, zoom=0.0025, rotate_deg=0.1, epe_px=0.05)
+
+
 def test_requested_values_follow_camera_motion():
     cam = lm.CameraMotion(pan=(0.2, -0.1), zoom=0.3, rotate=12)
     req = requested_camera_motion(cam, 5)

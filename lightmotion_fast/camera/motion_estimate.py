@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -258,42 +259,86 @@ def _robust_weights(r: torch.Tensor, valid: torch.Tensor, tukey: bool) -> torch.
     return w * valid
 
 
-def _robust_cost(ref, mov, grad, q) -> float:
-    """Comparable fit quality for different starting points: truncated mean squared residual, with
-    pixels that leave frame f counted at the truncation (so a fit cannot win by sliding off frame)."""
-    r, _, valid = _residuals(ref, mov, grad, q)
-    per_pixel = r.pow(2).mean(dim=0).clamp_max(1.0)
-    return float(torch.where(valid, per_pixel, torch.ones_like(per_pixel)).mean())
+class _Fit(NamedTuple):
+    q: torch.Tensor            # [4] (a, b, tx, ty)
+    weights: torch.Tensor      # [n] final IRLS weights
+    residual: torch.Tensor     # [c n] at q, after the fitted gain and offset
+    valid: torch.Tensor        # [n] frame-0 pixels whose warped position stays inside frame f
+    contrast: torch.Tensor     # [c 1] fitted 1 + gain
+
+    def cost(self) -> float:
+        """Comparable fit quality for different starting points: truncated mean squared residual in
+        units of frame 0's std, with pixels that leave frame f counted at the truncation (so a fit
+        cannot win by sliding off the frame). Dividing by the fitted contrast stops a misaligned
+        start from looking good by fading the reference out (contrast → 0 leaves only frame f's own
+        variance as residual)."""
+        contrast = self.contrast.clamp_min(1e-3)
+        per_pixel = (self.residual / contrast).pow(2).mean(dim=0).clamp_max(1.0)
+        return float(torch.where(self.valid, per_pixel, torch.ones_like(per_pixel)).mean())
+
+    def inliers(self) -> tuple[float, float]:
+        """(share of pixels with weight > 0.5, rms residual over them; NaN if none)."""
+        used = self.weights > 0.5
+        if not bool(used.any()):
+            return float(used.double().mean()), math.nan
+        return float(used.double().mean()), float(self.residual.pow(2).mean(dim=0)[used].mean().sqrt())
 
 
-def _gauss_newton(ref, mov, q, iterations: int, tol_px: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refine q for mov(A_q p) ≈ ref(p); returns (q, final weights [n])."""
+def _normal_equations(jac, ref, r, weights):
+    """Weighted normal equations of the motion (4) and a gain and offset per channel (2c).
+
+    The model is mov(A p) ≈ (1 + g_c)·ref_c(p) + o_c, so the photometric Jacobian of channel c is
+    (−ref_c, −1) on that channel only; the system is assembled block by block rather than from a
+    [c n 4+2c] Jacobian, which would be mostly zeros. Returns (H [k k], rhs [k]) with k = 4 + 2c."""
+    channels = ref.shape[0]
+    wjac = jac * weights[None, :, None]                                  # [c n 4]
+    photo = torch.stack([-ref, -torch.ones_like(ref)], dim=-1)           # [c n 2]
+    wphoto = photo * weights[None, :, None]
+    k = 4 + 2 * channels
+    hess = r.new_zeros(k, k)
+    rhs = r.new_zeros(k)
+    hess[:4, :4] = wjac.reshape(-1, 4).T @ jac.reshape(-1, 4)
+    rhs[:4] = -(wjac.reshape(-1, 4).T @ r.reshape(-1))
+    cross = wjac.transpose(1, 2) @ photo                                 # [c 4 2]
+    hess[:4, 4:] = cross.permute(1, 0, 2).reshape(4, 2 * channels)
+    hess[4:, :4] = hess[:4, 4:].T
+    hess[4:, 4:] = torch.block_diag(*(wphoto.transpose(1, 2) @ photo).unbind())
+    rhs[4:] = -(wphoto.transpose(1, 2) @ r[..., None]).reshape(-1)
+    return hess, rhs
+
+
+def _gauss_newton(ref, mov, q, iterations: int, tol_px: float = 1e-4) -> _Fit:
+    """Refine q for mov(A_q p) ≈ (1 + g)·ref(p) + o (gain g and offset o per channel, fitted too:
+    generated videos flicker); ref, mov [c h w]."""
     grad = _gradients(mov)
-    _, height, width = ref.shape
+    channels, height, width = ref.shape
     half = max(height, width) / 2.0
-    weights = None
+    gain = ref.new_zeros(channels, 1)
+    offset = ref.new_zeros(channels, 1)
+    weights = torch.zeros(height * width, dtype=q.dtype, device=q.device)
     for it in range(iterations):
         r, jac, valid = _residuals(ref, mov, grad, q)
         if int(valid.sum()) < 16:
             break
+        r = r - gain * ref.flatten(1) - offset
         weights = _robust_weights(r, valid, tukey=it >= min(3, iterations // 2))
-        jac_flat = jac.reshape(-1, 4)                                   # [(c n) 4]
-        wj = (jac * weights[None, :, None]).reshape(-1, 4)
-        hess = wj.T @ jac_flat
-        rhs = -(wj.T @ r.reshape(-1))
-        scale = float(torch.diagonal(hess).mean())
+        hess, rhs = _normal_equations(jac, ref.flatten(1), r, weights)
+        scale = float(torch.diagonal(hess)[:4].mean())
         if not scale > 0:  # no weighted pixel has any gradient: nothing to fit
             break
-        # Tiny Levenberg damping keeps a nearly textureless frame from producing a wild step.
-        hess = hess + 1e-9 * scale * torch.eye(4, dtype=q.dtype, device=q.device)
+        # Tiny Levenberg damping keeps a nearly textureless frame (or a blank channel) from
+        # producing a wild step.
+        diag = torch.diagonal(hess).clamp_min(0)
+        hess = hess + 1e-9 * torch.diag(diag + diag.mean())
         step = torch.linalg.solve(hess, rhs)
-        q = q + step
+        q = q + step[:4]
+        gain = gain + step[4::2, None]
+        offset = offset + step[5::2, None]
         # Largest displacement the step causes inside the frame, in pixels.
-        if float(step[:2].abs().sum() * half + step[2:].abs().max()) < tol_px:
+        if float(step[:2].abs().sum() * half + step[2:4].abs().max()) < tol_px:
             break
-    if weights is None:
-        weights = torch.zeros(height * width, dtype=q.dtype, device=q.device)
-    return q, weights
+    r, _, valid = _residuals(ref, mov, grad, q)
+    return _Fit(q, weights, r - gain * ref.flatten(1) - offset, valid, 1 + gain)
 
 
 def _gradients(image: torch.Tensor) -> torch.Tensor:
@@ -375,29 +420,19 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
         velocity = prev @ torch.linalg.inv(mats[-2]) @ prev if f >= 2 else prev
         candidates = [prev, velocity, spectral(f - 1, f) @ prev, spectral(0, f),
                       shift(f - 1, f) @ prev, shift(0, f)]
-        grad = _gradients(coarse[f])
-        best, best_cost = None, math.inf
-        for m in candidates:
-            # A few iterations suffice to tell a start inside the convergence basin from one outside.
-            q = _rescale_params(matrix_to_params(m, height, width), (height, width), (ch, cw))
-            q, _ = _gauss_newton(coarse[0], coarse[f], q, min(iterations, _SELECT_ITERATIONS))
-            cost = _robust_cost(coarse[0], coarse[f], grad, q)
-            if cost < best_cost:
-                best, best_cost = q, cost
-        q, _ = _gauss_newton(coarse[0], coarse[f], best, iterations)
+        # A few iterations suffice to tell a start inside the convergence basin from one outside.
+        starts = [_rescale_params(matrix_to_params(m, height, width), (height, width), (ch, cw)) for m in candidates]
+        trials = [_gauss_newton(coarse[0], coarse[f], q, min(iterations, _SELECT_ITERATIONS)) for q in starts]
+        fit = _gauss_newton(coarse[0], coarse[f], min(trials, key=_Fit.cost).q, iterations)
         size = (ch, cw)
         for level in reversed(levels[:-1]):
             lh, lw = level.shape[-2:]
-            q = _rescale_params(q, size, (lh, lw))
-            q, weights = _gauss_newton(level[0], level[f], q, iterations)
+            fit = _gauss_newton(level[0], level[f], _rescale_params(fit.q, size, (lh, lw)), iterations)
             size = (lh, lw)
-        if len(levels) == 1:  # the coarsest level was the only one: its weights are the final ones
-            q, weights = _gauss_newton(x[0], x[f], q, iterations)
-        r, _, _ = _residuals(x[0], x[f], _gradients(x[f]), q)
-        used = weights > 0.5
-        inliers.append(float(used.double().mean()))
-        residuals.append(float(r.pow(2).mean(dim=0)[used].mean().sqrt()) if bool(used.any()) else math.nan)
-        mats.append(params_to_matrix(q, height, width))
+        share, rms = fit.inliers()
+        inliers.append(share)
+        residuals.append(rms)
+        mats.append(params_to_matrix(fit.q, height, width))
     affines = torch.stack(mats)[:, :2, :]
     q_all = torch.stack([matrix_to_params(m, height, width) for m in mats])
     scale = torch.sqrt(q_all[:, 0] ** 2 + q_all[:, 1] ** 2)
