@@ -248,12 +248,21 @@ def _residuals(ref, mov, grad, q):
     return (warped - ref).flatten(1), jac.flatten(1, 2), inside.flatten()
 
 
-def _robust_weights(r: torch.Tensor, valid: torch.Tensor, tukey: bool) -> torch.Tensor:
-    """Per-pixel IRLS weights [n] from the residual norm over channels; scale from the MAD of the valid pixels."""
+def _robust_weights(r: torch.Tensor, jac: torch.Tensor, valid: torch.Tensor, tukey: bool) -> torch.Tensor:
+    """Per-pixel IRLS weights [n] from the residual norm over channels (r [c n], jac [c n 4]).
+
+    The residual scale is the MAD over the valid pixels that carry motion information (squared
+    image gradient at least a quarter of its 90th percentile): on piecewise-flat content
+    (graphics, sky, gentle ramps) most residuals are near zero whatever the motion, and a MAD over
+    all pixels would collapse and reject every edge pixel, i.e. all the evidence."""
     norm = r.pow(2).mean(dim=0).sqrt()
-    if int(valid.sum()) == 0:
+    count = int(valid.sum())
+    if count == 0:
         return torch.zeros_like(norm)
-    sigma = 1.4826 * norm[valid].median().clamp_min(1e-6)
+    energy = jac[..., 2:].pow(2).sum(dim=(0, 2))                          # [n] |∇|² over channels
+    high = energy[valid].kthvalue(max(1, math.ceil(0.9 * count))).values
+    informative = valid & (energy >= 0.25 * high) & (energy > 0)
+    sigma = 1.4826 * norm[informative if bool(informative.any()) else valid].median().clamp_min(1e-6)
     u = norm / sigma
     if tukey:
         w = (1 - (u / 4.685) ** 2).clamp_min(0) ** 2
@@ -324,7 +333,7 @@ def _gauss_newton(ref, mov, q, iterations: int, tol_px: float = 1e-4) -> _Fit:
         if int(valid.sum()) < 16:
             break
         r = r - gain * ref.flatten(1) - offset
-        weights = _robust_weights(r, valid, tukey=it >= min(3, iterations // 2))
+        weights = _robust_weights(r, jac, valid, tukey=it >= min(3, iterations // 2))
         hess, rhs = _normal_equations(jac, ref.flatten(1), r, weights)
         scale = float(torch.diagonal(hess)[:4].mean())
         if not scale > 0:  # no weighted pixel has any gradient: nothing to fit
