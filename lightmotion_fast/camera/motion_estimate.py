@@ -24,9 +24,11 @@ Method, and why. Two stages, because neither alone is both robust and precise:
    offset per channel (generated videos flicker; unmodelled, a 1.6x gain change cost 0.16 px).
    Pixels whose warped position leaves frame f (exposed borders) are masked out, and Huber then
    Tukey weights give a pixel of an independently moving object no say in the fit. It uses every
-   pixel of the overlap, which is what makes it sub-pixel (≤ 0.015 px of endpoint error on smooth
+   pixel of the overlap, which is what makes it sub-pixel (≤ 0.03 px of endpoint error on smooth
    synthetic warps, see tests/test_motion_estimate.py), but it only converges from a start within a
-   few pixels and degrees (a 60° roll from the identity ends 23 px off), hence stage 1.
+   few pixels and degrees (a 60° roll from the identity ends 30 px off), hence stage 1. It works on
+   frames blurred by a 1 px Gaussian, so that hard edges (graphics, nearest-neighbour resampling)
+   obey the linearisation it relies on.
 
 Every frame is fitted against frame 0 directly (no drift accumulates), starting from the best of:
 the previous frame's estimate, its constant-velocity extrapolation, that estimate composed with the
