@@ -426,7 +426,7 @@ def estimate_camera_motion(video: torch.Tensor, iterations: int = 30) -> Estimat
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
     # Fourier–Mellin only initialises the fit: run it on the smallest level that still has 64 pixels
     # a side (its log-polar grid needs them), which bounds its cost on large decoded frames.
-    spectral_level = next((lv for lv in reversed(levels) if min(lv.shape[-2:]) >= 64), x)
+    spectral_level = next((lv for lv in reversed(levels) if min(lv.shape[-2:]) >= 64), levels[0])
 
     def spectral(i: int, j: int) -> torch.Tensor:
         sh, sw = spectral_level.shape[-2:]
