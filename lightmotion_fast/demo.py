@@ -148,7 +148,22 @@ def camera_preview(out_dir: Path, camera: lm.CameraMotion, frames: int = 16,
     write_gif(moved[0], paths["gif"])
     write_index_map(camera, frames, img.shape[1], img.shape[2], paths["index_map"])
     print(f"camera-path preview: {paths['gif']}\nsource-index map:    {paths['index_map']}")
+    print_achieved_motion(moved[0], camera)
     return paths
+
+
+def print_achieved_motion(video: torch.Tensor, camera: lm.CameraMotion, max_side: int = 128) -> None:
+    """Print requested vs achieved camera motion, estimated back from the frames themselves.
+    video: [c, f, h, w]. Frames are shrunk to `max_side` first (the estimate is in fractions of the frame,
+    so the units do not change; it costs seconds instead of tens of seconds at full size)."""
+    from lightmotion_fast.camera import camera_motion_errors
+
+    frames = video.transpose(0, 1).float()                      # f c h w
+    scale = max_side / max(frames.shape[-2:])
+    if scale < 1:
+        frames = torch.nn.functional.interpolate(frames, scale_factor=scale, mode="area")
+    print("camera motion, requested vs achieved (estimated from the preview frames):")
+    print(camera_motion_errors(frames, camera).table())
 
 
 @contextlib.contextmanager
