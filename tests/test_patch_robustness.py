@@ -60,7 +60,7 @@ def test_video_to_video_strength_below_one_identity_camera_changes_nothing(sched
 
 def test_renoise_with_a_partial_schedule_is_a_clear_error():
     v2v = tiny.tiny_animatediff_v2v_pipeline()
-    with lm.patched(v2v, camera=CAM, correction="renoise", correction_steps=1, edit_step=1):
+    with lm.patched(v2v, camera=CAM, correction="renoise", edit_step=1):
         with pytest.raises(ValueError, match="renoise.*stochastic"):
             v2v(**tiny.animatediff_v2v_inputs(strength=0.5))
 

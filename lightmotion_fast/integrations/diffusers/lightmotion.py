@@ -127,6 +127,7 @@ class LightMotionConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self._check_order()
         if self.mask is not None:
             if not isinstance(self.mask, torch.Tensor) or self.mask.ndim != 3 or self.mask.dtype != torch.bool:
                 raise ValueError("mask must be a bool tensor [f, h, w] at latent size (True: background), got "
@@ -137,6 +138,17 @@ class LightMotionConfig:
             self.subject_tokens = _token_positions(self.subject_tokens)
         if isinstance(self.motion_seed, bool) or not isinstance(self.motion_seed, int) or not 0 <= self.motion_seed < 2**62:
             raise ValueError(f"motion_seed must be an int in [0, 2**62), got {self.motion_seed!r}")
+
+    def _check_order(self) -> None:
+        """T0 < T1 and T2 < T1 where both sides are given in the same unit (steps or fractions); mixed units
+        are checked when the call's number of steps is known."""
+        pairs = (("edit_step", "denoise_until", "denoise_until (T1) must come after edit_step (T0)"),
+                 ("renoise_to", "denoise_until", "renoise_to (T2) must be a noisier level than denoise_until (T1), "
+                                                 "i.e. fewer steps"))
+        for early, late, what in pairs:
+            a, b = getattr(self, early), getattr(self, late)
+            if type(a) is type(b) and a >= b:
+                raise ValueError(f"{what}: got {early}={a!r}, {late}={b!r}")
 
     def steps(self, value, total: int) -> int:
         return int(value) if isinstance(value, int) else int(round(value * total))
@@ -532,7 +544,7 @@ class LightMotionSampler:
             a_to = float(sch.alphas_cumprod[int(self.full[target])])
             coeffs = renoise_coefficients(a_from, a_to)
         out = snr_reinject(latents, None, coeffs, cfg.motion_seed, offset, None, self.layout)
-        self.state.record.update(renoised=out, rewind_to=target)
+        self.state.record.update(pre_renoise=latents, renoised=out, renoise_index=index, rewind_to=target)
         return out
 
 
@@ -562,6 +574,7 @@ def _install(ctx: PatchContext) -> None:
             raise ValueError(f"patch() got LightMotion option(s) {extra} without camera=")
         return
     config = LightMotionConfig(**given)
+    _check_options_apply(config, given)
     pipe = ctx.pipe
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
@@ -619,6 +632,18 @@ def _warn_when_scheduler_replaced(ctx: PatchContext, sampler: LightMotionSampler
         return check(*args, **kwargs)
 
     ctx.set_attr(pipe, "check_inputs", check_inputs)
+
+
+def _check_options_apply(config: LightMotionConfig, given: dict) -> None:
+    """A schedule option the chosen correction does not read is an error, not silently ignored."""
+    if config.correction != "renoise":
+        for name in ("denoise_until", "renoise_to"):
+            if name in given:
+                raise ValueError(f"{name} applies to correction='renoise' (the paper's schedule), but correction "
+                                 f"is {config.correction!r}")
+    elif "correction_steps" in given:
+        raise ValueError("correction_steps applies to correction='stochastic' or 'renoise_immediate'; "
+                         "correction='renoise' re-noises from denoise_until (T1) to renoise_to (T2)")
 
 
 def _check_tokens_fit(tokens, tokenizer) -> None:
