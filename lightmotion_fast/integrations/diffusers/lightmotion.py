@@ -8,19 +8,30 @@
 What the patch does (only when `camera` is given; camera=None installs nothing):
 - gives the pipeline's own scheduler object a `LightMotionSampler` (instance attributes
   `set_timesteps`, `scale_model_input`, `step`; `pipe.scheduler` stays the same diffusers object, so
-  save_pretrained and from_pipe see a plain scheduler). At the edit step it permutes + resamples the
-  latent (`latent_resample`, one gather with a fill map built once per call), then runs the
-  correction: `stochastic` (default) replaces the scheduler step by the fused `snr_reinject` step
-  with η for `correction_steps` steps, optionally only on the exposed region; `renoise` jumps the
-  latent back `correction_steps` levels and rewinds the schedule (the pipeline then runs that many
-  extra UNet steps; `timesteps` already lists them; it needs a pipeline that runs the whole schedule).
-  Steps count from where the pipeline starts (video-to-video with strength < 1 starts part-way);
-  coefficients come from the timestep the pipeline passes.
+  save_pretrained and from_pipe see a plain scheduler). It runs the paper's timeline (the framework
+  figure: Z_T -> Z_T0 -> edit -> ordinary denoising to Z_T1 -> noise re-introduced to Z*_T2 ->
+  denoising to the end):
+    T0 `edit_step`      after T0 steps, permute + resample the latent (`latent_resample`, one gather
+                        with a fill map built once per call);
+    T1 `denoise_until`  ordinary scheduler steps T0 .. T1-1;
+    T2 `renoise_to`     the closed-form jump x_T1 -> x_T2 = √(ᾱ_T2/ᾱ_T1)·x_T1 + √(1-ᾱ_T2/ᾱ_T1)·ε
+                        (σ form on Euler) with fresh noise (`snr_reinject` without a model output),
+                        then steps T2 .. end: the pipeline runs T1 - T2 extra UNet steps, which
+                        `timesteps` lists right after set_timesteps.
+  Each is an int number of steps run before that point, or a fraction of the run. Defaults 0.2,
+  0.4, 0.3: the figure fixes the order of the events, not the values (README, "LightMotion").
+  Other corrections: `renoise_immediate` (T1 = T0, T2 = T0 - `correction_steps`), `stochastic`
+  (the `correction_steps` steps after the edit become fused η-steps, optionally only on the exposed
+  region), None. Steps count from where the pipeline starts (video-to-video with strength < 1
+  starts part-way, which the re-noise corrections refuse); coefficients come from the timestep the
+  pipeline passes.
 - AnimateDiff: gives every text cross-attention (attn2 of the spatial transformer blocks) a
   capturing processor that, during the steps up to the edit, records the subject tokens' attention
   probabilities next to the unchanged output of the original processor; at the edit they are
   averaged over heads, layers and steps, resized to the latent size and thresholded per frame
-  (foreground: above mean + `mask_threshold`·std); background = the rest. A user `mask` overrides it.
+  (foreground: above mean + `mask_threshold`·std); background = the rest. The subject tokens are
+  `subject_tokens`, else the `subject` words found in each call's prompt through pipe.tokenizer
+  (`subject_token_positions`), else every prompt token. A user `mask` overrides it.
 - SVD: its cross-attention sees a single image token, so there is nothing to capture: the
   background mask is the user's `mask`, or everything is background.
 
@@ -304,7 +315,10 @@ class LightMotionSampler:
     starts part-way into the schedule (found from the first timestep the pipeline passes, or the
     scheduler's begin index), `edit_step` and `correction_steps` count steps of that run, and the
     correction's coefficients come from the `timestep` argument (DDIM) or the scheduler's own step
-    index (Euler), never from a call counter."""
+    index (Euler), never from a call counter.
+
+    The re-noise corrections are planned in set_timesteps: `plan` maps run positions to schedule
+    indices, [0 .. T1-1] + [T2 .. n-1], and `timesteps` is replaced by the planned list."""
 
     def __init__(self, scheduler, config: LightMotionConfig, layout: str, state: SamplerState):
         self.scheduler = scheduler
