@@ -86,7 +86,7 @@ def test_zero_camera_without_correction_is_exact_and_capture_changes_nothing(ani
     assert torch.equal(out, base)
 
 
-@pytest.mark.parametrize("correction,region", [("stochastic", "exposed"), ("renoise", "all")])
+@pytest.mark.parametrize("correction,region", [("stochastic", "exposed"), ("renoise_immediate", "all")])
 def test_reference_and_fused_give_the_same_video_animatediff(animatediff, correction, region, monkeypatch):
     pipe, base = animatediff
     with lm.patched(pipe, camera=CAM, edit_step=2, correction=correction, correction_steps=1, correction_region=region):
@@ -99,7 +99,7 @@ def test_reference_and_fused_give_the_same_video_animatediff(animatediff, correc
     assert calls["resample"] == 1 and calls["reinject"] == 1  # the fused path really ran, once each
     torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(fused, base, atol=1e-3)
-    if correction == "renoise":
+    if correction == "renoise_immediate":
         assert state.record["rewind_to"] == 1
 
 
@@ -179,7 +179,7 @@ def test_svd_renoise_rewinds_the_sigma_schedule(svd):
     sigmas_seen = []
     unet_forward = pipe.unet.forward
 
-    with lm.patched(pipe, camera=CAM, edit_step=2, correction="renoise", correction_steps=1):
+    with lm.patched(pipe, camera=CAM, edit_step=2, correction="renoise_immediate", correction_steps=1):
         real_scale = pipe.scheduler.scale_model_input
 
         def scale(sample, t):

@@ -51,7 +51,7 @@ def test_video_to_video_strength_below_one_identity_camera_changes_nothing(sched
         sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1)
     v2v = tiny.tiny_animatediff_v2v_pipeline(sched)
     base = v2v(**tiny.animatediff_v2v_inputs(strength=0.5)).frames
-    with lm.patched(v2v, camera=IDENTITY, eta=0.0, edit_step=1, correction_steps=1):
+    with lm.patched(v2v, camera=IDENTITY, eta=0.0, edit_step=1, correction="stochastic", correction_steps=1):
         out = v2v(**tiny.animatediff_v2v_inputs(strength=0.5)).frames
         record = lmi.sampler_state(v2v).record
     assert record["edit_index"] == 2           # 4 steps at strength 0.5: the run is steps 2, 3
@@ -60,7 +60,7 @@ def test_video_to_video_strength_below_one_identity_camera_changes_nothing(sched
 
 def test_renoise_with_a_partial_schedule_is_a_clear_error():
     v2v = tiny.tiny_animatediff_v2v_pipeline()
-    with lm.patched(v2v, camera=CAM, correction="renoise", correction_steps=1, edit_step=1):
+    with lm.patched(v2v, camera=CAM, correction="renoise", edit_step=1):
         with pytest.raises(ValueError, match="renoise.*stochastic"):
             v2v(**tiny.animatediff_v2v_inputs(strength=0.5))
 

@@ -8,19 +8,30 @@
 What the patch does (only when `camera` is given; camera=None installs nothing):
 - gives the pipeline's own scheduler object a `LightMotionSampler` (instance attributes
   `set_timesteps`, `scale_model_input`, `step`; `pipe.scheduler` stays the same diffusers object, so
-  save_pretrained and from_pipe see a plain scheduler). At the edit step it permutes + resamples the
-  latent (`latent_resample`, one gather with a fill map built once per call), then runs the
-  correction: `stochastic` (default) replaces the scheduler step by the fused `snr_reinject` step
-  with η for `correction_steps` steps, optionally only on the exposed region; `renoise` jumps the
-  latent back `correction_steps` levels and rewinds the schedule (the pipeline then runs that many
-  extra UNet steps; `timesteps` already lists them; it needs a pipeline that runs the whole schedule).
-  Steps count from where the pipeline starts (video-to-video with strength < 1 starts part-way);
-  coefficients come from the timestep the pipeline passes.
+  save_pretrained and from_pipe see a plain scheduler). It runs the paper's timeline (the framework
+  figure: Z_T -> Z_T0 -> edit -> ordinary denoising to Z_T1 -> noise re-introduced to Z*_T2 ->
+  denoising to the end):
+    T0 `edit_step`      after T0 steps, permute + resample the latent (`latent_resample`, one gather
+                        with a fill map built once per call);
+    T1 `denoise_until`  ordinary scheduler steps T0 .. T1-1;
+    T2 `renoise_to`     the closed-form jump x_T1 -> x_T2 = √(ᾱ_T2/ᾱ_T1)·x_T1 + √(1-ᾱ_T2/ᾱ_T1)·ε
+                        (σ form on Euler) with fresh noise (`snr_reinject` without a model output),
+                        then steps T2 .. end: the pipeline runs T1 - T2 extra UNet steps, which
+                        `timesteps` lists right after set_timesteps.
+  Each is an int number of steps run before that point, or a fraction of the run. Defaults 0.2,
+  0.4, 0.3: the figure fixes the order of the events, not the values (README, "LightMotion").
+  Other corrections: `renoise_immediate` (T1 = T0, T2 = T0 - `correction_steps`), `stochastic`
+  (the `correction_steps` steps after the edit become fused η-steps, optionally only on the exposed
+  region), None. Steps count from where the pipeline starts (video-to-video with strength < 1
+  starts part-way, which the re-noise corrections refuse); coefficients come from the timestep the
+  pipeline passes.
 - AnimateDiff: gives every text cross-attention (attn2 of the spatial transformer blocks) a
   capturing processor that, during the steps up to the edit, records the subject tokens' attention
   probabilities next to the unchanged output of the original processor; at the edit they are
   averaged over heads, layers and steps, resized to the latent size and thresholded per frame
-  (foreground: above mean + `mask_threshold`·std); background = the rest. A user `mask` overrides it.
+  (foreground: above mean + `mask_threshold`·std); background = the rest. The subject tokens are
+  `subject_tokens`, else the `subject` words found in each call's prompt through pipe.tokenizer
+  (`subject_token_positions`), else every prompt token. A user `mask` overrides it.
 - SVD: its cross-attention sees a single image token, so there is nothing to capture: the
   background mask is the user's `mask`, or everything is background.
 
@@ -63,32 +74,48 @@ from lightmotion_fast.reference.latent_permute import source_positions
 
 OPTION_DOCS = (
     Option("camera", "CameraMotion", "None", "the camera motion; without it this feature installs nothing"),
-    Option("edit_step", "int | float", "0.2", "steps run before the edit: an int, or a fraction of the steps the "
-           "call runs (rounded, at least 1); an int past the schedule is an error"),
-    Option("correction", "'stochastic' | 'renoise' | None", "'stochastic'", "the correction after the edit"),
-    Option("correction_steps", "int | float", "0.1", "correction window: an int or a fraction of the steps, >= 1"),
-    Option("eta", "float", "1.0", "correction strength η >= 0"),
+    Option("edit_step", "int | float", "0.2", "T0, the edit: steps run before the edit, an int or a fraction of "
+           "the steps the call runs (rounded, at least 1); an int past the schedule is an error"),
+    Option("correction", "'renoise' | 'renoise_immediate' | 'stochastic' | None", "'renoise'",
+           "the correction after the edit: 'renoise' is the paper's (denoise T0 -> T1, re-noise to T2, denoise "
+           "to the end); 'renoise_immediate' re-noises right at the edit, `correction_steps` levels back; "
+           "'stochastic' runs η-steps for `correction_steps` steps after the edit"),
+    Option("denoise_until", "int | float", "0.4", "T1 ('renoise'): steps run before the re-noise (ordinary "
+           "denoising from T0 to T1), an int or a fraction of the run; must be after edit_step"),
+    Option("renoise_to", "int | float", "0.3", "T2 ('renoise'): the level re-noised to, as the number of steps "
+           "before it (an int or a fraction of the run): noisier than T1 (< denoise_until), >= 0 (the start); "
+           "the pipeline runs T1 - T2 extra UNet steps"),
+    Option("correction_steps", "int | float", "0.1", "window of 'stochastic' and 'renoise_immediate': an int or a "
+           "fraction of the steps, >= 1"),
+    Option("eta", "float", "1.0", "correction strength η >= 0 ('stochastic')"),
     Option("correction_region", "'all' | 'exposed'", "'all'", "where the stochastic correction adds noise"),
     Option("mask", "bool Tensor [f, h, w]", "None", "background mask at latent size (True: background); "
            "default: captured from the subject tokens' cross-attention (AnimateDiff) or all background (SVD)"),
+    Option("subject", "str | Sequence[str]", "None", "the subject as word(s) of the prompt (AnimateDiff): "
+           "resolved at call time through pipe.tokenizer to every token position of each word (sub-word pieces "
+           "included, case-insensitive); subject_tokens or mask win over it"),
     Option("subject_tokens", "Sequence[int]", "None", "token positions in the prompt that mark the subject "
-           "(default: every prompt token but the start token); words are not accepted"),
+           "(default: `subject`'s tokens, else every prompt token but the start token)"),
     Option("mask_threshold", "float", "0.5", "std multiplier of the per-frame foreground threshold"),
     Option("motion_seed", "int", "0", "seed of the fill draws and the correction noise, in [0, 2**62)"),
 )
 OPTIONS = tuple(o.name for o in OPTION_DOCS)
-CORRECTIONS = ("stochastic", "renoise", None)
+CORRECTIONS = ("renoise", "renoise_immediate", "stochastic", None)
+RENOISE = ("renoise", "renoise_immediate")
 
 
 @dataclass
 class LightMotionConfig:
     camera: CameraMotion
     edit_step: float | int = 0.2
-    correction: str | None = "stochastic"
+    correction: str | None = "renoise"
+    denoise_until: float | int = 0.4
+    renoise_to: float | int = 0.3
     correction_steps: float | int = 0.1
     eta: float = 1.0
     correction_region: str = "all"
     mask: torch.Tensor | None = None
+    subject: tuple[str, ...] | None = None
     subject_tokens: tuple[int, ...] | None = None
     mask_threshold: float = 0.5
     motion_seed: int = 0
@@ -99,10 +126,10 @@ class LightMotionConfig:
         if self.correction == "off":
             self.correction = None
         if self.correction not in CORRECTIONS:
-            raise ValueError(f"correction must be 'stochastic', 'renoise' or None, got {self.correction!r}")
+            raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")
         if self.correction_region not in ("all", "exposed"):
             raise ValueError(f"correction_region must be 'all' or 'exposed', got {self.correction_region!r}")
-        for name in ("edit_step", "correction_steps"):
+        for name in ("edit_step", "denoise_until", "renoise_to", "correction_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                     isinstance(value, float) and value > 1):
@@ -111,17 +138,68 @@ class LightMotionConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self._check_order()
         if self.mask is not None:
             if not isinstance(self.mask, torch.Tensor) or self.mask.ndim != 3 or self.mask.dtype != torch.bool:
                 raise ValueError("mask must be a bool tensor [f, h, w] at latent size (True: background), got "
                                  f"{getattr(self.mask, 'shape', type(self.mask).__name__)}")
+        if self.subject is not None:
+            self.subject = _subject_words(self.subject)
         if self.subject_tokens is not None:
             self.subject_tokens = _token_positions(self.subject_tokens)
         if isinstance(self.motion_seed, bool) or not isinstance(self.motion_seed, int) or not 0 <= self.motion_seed < 2**62:
             raise ValueError(f"motion_seed must be an int in [0, 2**62), got {self.motion_seed!r}")
 
+    def _check_order(self) -> None:
+        """T0 < T1 and T2 < T1 where both sides are given in the same unit (steps or fractions); mixed units
+        are checked when the call's number of steps is known."""
+        pairs = (("edit_step", "denoise_until", "denoise_until (T1) must come after edit_step (T0)"),
+                 ("renoise_to", "denoise_until", "renoise_to (T2) must be a noisier level than denoise_until (T1), "
+                                                 "i.e. fewer steps"))
+        for early, late, what in pairs:
+            a, b = getattr(self, early), getattr(self, late)
+            if type(a) is type(b) and a >= b:
+                raise ValueError(f"{what}: got {early}={a!r}, {late}={b!r}")
+
     def steps(self, value, total: int) -> int:
         return int(value) if isinstance(value, int) else int(round(value * total))
+
+
+def _subject_words(subject) -> tuple[str, ...]:
+    """subject as a tuple of non-empty words."""
+    words = (subject,) if isinstance(subject, str) else subject
+    if not hasattr(words, "__iter__") or isinstance(words, bytes):
+        raise TypeError(f"subject must be a word or a sequence of words (str), got {subject!r}")
+    words = tuple(words)
+    if not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"subject must be a non-empty word or a non-empty sequence of non-empty words, got {subject!r}")
+    return tuple(w.strip() for w in words)
+
+
+def subject_token_positions(tokenizer, prompt: str, subject) -> tuple[int, ...]:
+    """Token positions of the subject word(s) in the prompt, as the pipeline's text encoder sees them.
+
+    Each word is tokenized alone (no special tokens; as written, lower case, capitalised and upper case,
+    each with and without a leading space, so case and BPE word-start markers do not matter) and every
+    occurrence of its piece sequence in the prompt's token ids is taken: a word split into sub-word
+    pieces gives all its pieces. A word not found is a ValueError naming it and the prompt's tokens."""
+    ids = list(tokenizer(prompt, truncation=True).input_ids)
+    positions = set()
+    for word in _subject_words(subject):
+        found = set()
+        for variant in {word, word.lower(), word.capitalize(), word.upper()}:
+            for text in (variant, " " + variant):
+                pieces = list(tokenizer(text, add_special_tokens=False).input_ids)
+                n = len(pieces)
+                if n == 0:
+                    continue
+                found.update(p for i in range(len(ids) - n + 1) if ids[i:i + n] == pieces
+                             for p in range(i, i + n))
+        if not found:
+            raise ValueError(f"subject word {word!r} is not in the prompt {prompt!r}; its tokens are "
+                             f"{tokenizer.convert_ids_to_tokens(ids)}")
+        positions |= found
+    return tuple(sorted(positions))
 
 
 def _token_positions(tokens) -> tuple[int, ...]:
@@ -131,8 +209,8 @@ def _token_positions(tokens) -> tuple[int, ...]:
     out = []
     for t in tokens:
         if isinstance(t, (str, bytes)):
-            raise TypeError(f"subject_tokens must hold token positions (ints), got the word {t!r}; mapping words "
-                            f"to tokens is not supported yet: pass the positions of the word's tokens in the prompt")
+            raise TypeError(f"subject_tokens must hold token positions (ints), got the word {t!r}; give words "
+                            f"as subject={t!r}")
         if isinstance(t, bool) or not hasattr(t, "__index__"):
             raise TypeError(f"subject_tokens must hold token positions (ints), got {t!r}")
         out.append(operator.index(t))
@@ -148,6 +226,7 @@ class SamplerState:
     capturing: bool = False
     maps: dict = field(default_factory=dict)     # hw -> [sum of (B, hw) maps, count]
     prompt_tokens: int | None = None              # non-padding tokens of the last prompt, if known
+    subject_positions: tuple | None = None        # `subject` resolved in the last prompt
     record: dict = field(default_factory=dict)
 
     def reset(self):
@@ -181,7 +260,7 @@ class _CrossAttentionCapture:
         if self.subject_tokens and max(self.subject_tokens) >= probs.shape[-1]:
             raise ValueError(f"subject_tokens must be token positions < {probs.shape[-1]} (the prompt's length in "
                              f"tokens), got {list(self.subject_tokens)}")
-        tokens = list(self.subject_tokens or self._default_tokens(probs.shape[-1]))
+        tokens = list(self.subject_tokens or self.state.subject_positions or self._default_tokens(probs.shape[-1]))
         subject = probs[..., tokens].mean(-1)                                  # (B, hw)
         entry = self.state.maps.setdefault(subject.shape[1], [torch.zeros_like(subject), 0])
         if entry[0].shape == subject.shape:
@@ -236,7 +315,10 @@ class LightMotionSampler:
     starts part-way into the schedule (found from the first timestep the pipeline passes, or the
     scheduler's begin index), `edit_step` and `correction_steps` count steps of that run, and the
     correction's coefficients come from the `timestep` argument (DDIM) or the scheduler's own step
-    index (Euler), never from a call counter."""
+    index (Euler), never from a call counter.
+
+    The re-noise corrections are planned in set_timesteps: `plan` maps run positions to schedule
+    indices, [0 .. T1-1] + [T2 .. n-1], and `timesteps` is replaced by the planned list."""
 
     def __init__(self, scheduler, config: LightMotionConfig, layout: str, state: SamplerState):
         self.scheduler = scheduler
@@ -253,6 +335,7 @@ class LightMotionSampler:
         self.plan = None        # run position -> schedule index, once the run has begun
         self.position = 0
         self.edit = self.window = self.start = 0
+        self.t1 = self.t2 = None   # renoise: steps before the re-noise, level re-noised to (run indices)
         self._begun = False
         name = type(scheduler).__name__
         if "Inverse" in name:
@@ -276,29 +359,55 @@ class LightMotionSampler:
         self.plan, self.position, self._begun = None, 0, False
         self.state.reset()
         self.state.capturing = True
-        if cfg.correction == "renoise":
+        if cfg.correction in RENOISE:
             # the rewind needs extra UNet steps: the pipeline reads them from `timesteps` right after
             # set_timesteps. The scheduler's own step bookkeeping stays on the full schedule.
             n = len(self.full)
-            edit, window = self._window(n)
-            plan = list(range(edit)) + list(range(edit - window, n))
+            self.edit, self.window = self._window(n)
+            self.t1, self.t2 = self._renoise_times(n, self.edit, self.window)
+            plan = list(range(self.t1)) + list(range(self.t2, n))
             sch.timesteps = self.full[torch.as_tensor(plan, device=self.full.device)]
             if hasattr(sch, "set_begin_index"):
                 sch.set_begin_index(0)   # Euler: find step 0 by index, not by a timestep that now repeats
-            self.plan, self.edit, self.window, self.start = plan, edit, window, 0
+            self.plan, self.start = plan, 0
         return out
 
     def _window(self, n_run: int) -> tuple[int, int]:
-        """(steps before the edit, correction window) for a run of n_run steps."""
+        """(T0 = steps before the edit, correction window) for a run of n_run steps."""
         cfg = self.lm_config
         if isinstance(cfg.edit_step, int) and cfg.edit_step >= n_run:
             raise ValueError(f"edit_step={cfg.edit_step} is past the schedule: this call runs {n_run} steps; "
                              f"give an int < {n_run} or a fraction of the steps")
         edit = min(max(cfg.steps(cfg.edit_step, n_run), 1), max(n_run - 1, 1))
         window = max(cfg.steps(cfg.correction_steps, n_run), 1) if cfg.correction else 0
-        if cfg.correction == "renoise":
+        if cfg.correction == "renoise_immediate":
             window = min(window, edit)
         return edit, window
+
+    def _renoise_times(self, n_run: int, edit: int, window: int) -> tuple[int, int]:
+        """(T1, T2) as run step indices: the latent after T1 steps is re-noised to the level the run
+        had after T2 steps, and the run continues with step T2. 'renoise_immediate': T1 = T0,
+        T2 = T0 - window. 'renoise': from denoise_until / renoise_to; fractions are rounded and then
+        kept in order (T0 < T1, T2 < T1), explicit ints are checked as given."""
+        cfg = self.lm_config
+        if cfg.correction == "renoise_immediate":
+            return edit, edit - window
+        t1 = cfg.steps(cfg.denoise_until, n_run)
+        t2 = cfg.steps(cfg.renoise_to, n_run)
+        if isinstance(cfg.denoise_until, float):
+            t1 = min(max(t1, edit + 1), n_run)   # T1 = n_run: re-noise the finished latent (very short runs)
+        if isinstance(cfg.renoise_to, float):
+            t2 = min(t2, t1 - 1)
+        if t1 <= edit:
+            raise ValueError(f"denoise_until (T1) must come after edit_step (T0): got T1 = {t1} steps, T0 = {edit} "
+                             f"steps of the {n_run} this call runs")
+        if t1 > n_run:
+            raise ValueError(f"denoise_until (T1) is past the schedule: got {t1} steps, this call runs {n_run}; "
+                             f"give an int <= {n_run} or a fraction of the steps")
+        if not 0 <= t2 < t1:
+            raise ValueError(f"renoise_to (T2) must be a noisier level than denoise_until (T1) and not beyond the "
+                             f"start: 0 <= T2 < T1 = {t1} steps, got T2 = {t2}")
+        return t1, t2
 
     def _begin(self, timestep, sample) -> None:
         """First call of a run: where in the schedule the pipeline starts, and the user mask's shape."""
@@ -309,9 +418,10 @@ class LightMotionSampler:
             self.edit, self.window = self._window(len(self.full) - start)
             self.plan, self.start = list(range(start, len(self.full))), start
         elif timestep is not None and float(timestep) != float(self.full[0]):
-            raise ValueError(f"correction='renoise' rewinds the whole schedule, but this pipeline starts part-way "
-                             f"(at timestep {float(timestep)}, e.g. video-to-video with strength < 1); "
-                             f"use correction='stochastic'")
+            raise ValueError(f"correction={self.lm_config.correction!r} (the re-noise jump) plans its extra steps "
+                             f"on the whole schedule, but this pipeline starts part-way (at timestep "
+                             f"{float(timestep)}, e.g. video-to-video with strength < 1); use "
+                             f"correction='stochastic' there")
         mask = self.lm_config.mask
         if mask is not None:
             want = self._frames_hw(sample)
@@ -362,6 +472,8 @@ class LightMotionSampler:
             prev = self._step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
         if j == self.edit - 1:
             prev = self._edit(prev, index, timestep, offset=j * sample.numel())
+        if cfg.correction in RENOISE and j == self.t1 - 1 and self.t1 > self.t2:
+            prev = self._renoise(prev, index, timestep, offset=j * sample.numel())
         self.position = j + 1
         return _Output(prev) if return_dict else (prev,)
 
@@ -431,14 +543,13 @@ class LightMotionSampler:
         state.record.update(pre_edit=latents, post_edit=edited, fill_map=fill, background=background,
                             background_source=source, exposed=~kept, edit_index=index)
         state.maps.clear()
-        if cfg.correction == "renoise" and self.window > 0:
-            edited = self._renoise(edited, index, timestep, offset)
         return edited
 
     def _renoise(self, latents, index, timestep, offset):
-        """Jump from the level after step `index` back to the level before step index+1-window."""
+        """Jump x_T1 -> x_T2 with fresh noise: from the level after step `index` (= T1 - 1) back to the
+        level before step T2 (closed form, `snr_reinject` with no model output)."""
         sch, cfg = self.scheduler, self.lm_config
-        target = index + 1 - self.window
+        target = self.t2
         if self.kind == "euler":
             coeffs = renoise_sigma_coefficients(float(sch.sigmas[index + 1]), float(sch.sigmas[target]))
             sch._step_index = target
@@ -447,7 +558,7 @@ class LightMotionSampler:
             a_to = float(sch.alphas_cumprod[int(self.full[target])])
             coeffs = renoise_coefficients(a_from, a_to)
         out = snr_reinject(latents, None, coeffs, cfg.motion_seed, offset, None, self.layout)
-        self.state.record.update(renoised=out, rewind_to=target)
+        self.state.record.update(pre_renoise=latents, renoised=out, renoise_index=index, rewind_to=target)
         return out
 
 
@@ -477,12 +588,16 @@ def _install(ctx: PatchContext) -> None:
             raise ValueError(f"patch() got LightMotion option(s) {extra} without camera=")
         return
     config = LightMotionConfig(**given)
+    _check_options_apply(config, given)
     pipe = ctx.pipe
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError(f"LightMotion needs a pipeline with a scheduler (AnimateDiffPipeline, "
                          f"StableVideoDiffusionPipeline), got {type(pipe).__name__}")
     _check_tokens_fit(config.subject_tokens, getattr(pipe, "tokenizer", None))
+    if config.subject is not None and ctx.adapter.name != "animatediff":
+        raise ValueError(f"subject= names words of a text prompt; it applies to the animatediff family, not "
+                         f"{ctx.adapter.name} (give mask= instead)")
     state = SamplerState()
     sampler = LightMotionSampler(scheduler, config, ctx.adapter.latent_layout, state)
     ctx.data["lightmotion"] = sampler
@@ -492,11 +607,21 @@ def _install(ctx: PatchContext) -> None:
                 ctx.set_processor(module, _CrossAttentionCapture(module.processor, state, config.subject_tokens))
         encode = getattr(pipe, "encode_prompt", None)
         tokenizer = getattr(pipe, "tokenizer", None)
+        if config.subject is not None and config.subject_tokens is None and (encode is None or tokenizer is None):
+            raise ValueError(f"subject={list(config.subject)} needs the pipeline's tokenizer and text encoder to find "
+                             f"the words in the prompt; {type(pipe).__name__} has none: give subject_tokens= or mask=")
         if encode is not None and tokenizer is not None:
             def encode_prompt(prompt, *args, **kwargs):
-                if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-                    first = prompt if isinstance(prompt, str) else prompt[0]
+                state.subject_positions = None
+                first = prompt if isinstance(prompt, str) else (
+                    prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else None)
+                if first is not None:
                     state.prompt_tokens = len(tokenizer(first, truncation=True).input_ids) - 1  # without the end token
+                if config.subject is not None and config.subject_tokens is None:
+                    if first is None:
+                        raise ValueError(f"subject={list(config.subject)} needs the prompt as text (prompt=...), "
+                                         f"not prompt_embeds; or give subject_tokens=")
+                    state.subject_positions = subject_token_positions(tokenizer, first, config.subject)
                 return encode(prompt, *args, **kwargs)
 
             ctx.set_attr(pipe, "encode_prompt", encode_prompt)
@@ -521,6 +646,18 @@ def _warn_when_scheduler_replaced(ctx: PatchContext, sampler: LightMotionSampler
         return check(*args, **kwargs)
 
     ctx.set_attr(pipe, "check_inputs", check_inputs)
+
+
+def _check_options_apply(config: LightMotionConfig, given: dict) -> None:
+    """A schedule option the chosen correction does not read is an error, not silently ignored."""
+    if config.correction != "renoise":
+        for name in ("denoise_until", "renoise_to"):
+            if name in given:
+                raise ValueError(f"{name} applies to correction='renoise' (the paper's schedule), but correction "
+                                 f"is {config.correction!r}")
+    elif "correction_steps" in given:
+        raise ValueError("correction_steps applies to correction='stochastic' or 'renoise_immediate'; "
+                         "correction='renoise' re-noises from denoise_until (T1) to renoise_to (T2)")
 
 
 def _check_tokens_fit(tokens, tokenizer) -> None:
