@@ -148,7 +148,7 @@ INVARIANTS = [
     I("_reference_attention_fwd_kernel", _REF_ALIGNED, "128-bit loads"),
     I("_reference_attention_fwd_kernel", _REF_ALIGNED, "async loads"),
     # d=160 runs 32-query tiles for two resident blocks per SM: below wgmma's 64 rows, so mma.sync there is
-    # the design (that level is memory bound: 126 MB against 0.17 GFLOP per head-pair, sm90 review 3.7).
+    # the design (that level is memory bound: 126 MB, a 42 µs floor on H100; sm90 review 3.7).
     I("_reference_attention_fwd_kernel", _REF_WGMMA, "wgmma"),
     I("_reference_attention_fwd_kernel", _REF_ALIGNED, ">=2 blocks/SM"),
     # --- trajectory attention, SVD-xt L0 (both modes)
