@@ -92,7 +92,8 @@ def test_per_level_camera_tokens_reach_their_levels_only():
             s.clear()
         out = unet(**inputs, cross_attention_kwargs={"camera_tokens": {1: tok1}}).sample
         assert {n for n, s in seen.items() if s} == {n for n, p in procs.items() if p.level == 1}
-        first, mid = "down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2"
+        first = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+        mid = "mid_block.attentions.0.transformer_blocks.0.attn2"
         torch.testing.assert_close(outs[first], plain_outs[first], rtol=0, atol=0)
         assert (outs[mid] - plain_outs[mid]).abs().max() > 1e-4
         assert (out - plain).abs().max() > 1e-5
@@ -162,3 +163,8 @@ def test_camera_encoder_training_step_on_tiny_animatediff():
     changed = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
     assert {"to_tokens.0.weight", "to_tokens.1.weight", "stem.1.weight", "blocks.1.0.body.2.weight"} <= changed
     assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
+
+
+def test_installer_rejects_a_model_without_unet_levels():
+    with pytest.raises(TypeError, match="down_blocks"):
+        install_camera_token_processors(torch.nn.Linear(2, 2), camera_dim=4)

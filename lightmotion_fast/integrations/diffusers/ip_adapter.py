@@ -328,6 +328,9 @@ def unet_level(name: str, num_levels: int) -> int:
 
 
 def _num_levels(model: torch.nn.Module) -> int:
+    if not isinstance(getattr(model, "down_blocks", None), torch.nn.ModuleList):
+        raise TypeError(f"expected a diffusers U-Net with down_blocks (UNet2DConditionModel, UNetMotionModel), "
+                        f"got {type(model).__name__}")
     return len(model.down_blocks)
 
 
