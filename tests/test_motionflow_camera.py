@@ -168,3 +168,17 @@ def test_camera_encoder_training_step_on_tiny_animatediff():
 def test_installer_rejects_a_model_without_unet_levels():
     with pytest.raises(TypeError, match="down_blocks"):
         install_camera_token_processors(torch.nn.Linear(2, 2), camera_dim=4)
+
+
+def test_per_level_tokens_through_the_kernel_equal_the_reference():
+    unet = tiny_unet_motion()
+    install_camera_token_processors(unet, camera_dim=(6, 10), scale=0.7, zero_init=False)
+    g = torch.Generator().manual_seed(6)
+    tokens = [torch.randn(FRAMES, 3, 6, generator=g), torch.randn(FRAMES, 5, 10, generator=g)]
+    inputs = unet_motion_inputs(FRAMES)
+    with torch.no_grad():
+        with lm.backend("reference"):
+            want = unet(**inputs, cross_attention_kwargs={"camera_tokens": tokens}).sample
+        with lm.backend("triton"):
+            got = unet(**inputs, cross_attention_kwargs={"camera_tokens": tokens}).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
