@@ -17,9 +17,14 @@
   [own tokens; bank tokens] through `reference_attention` without building the concatenation.
 
 `install_camera_token_processors` / `install_reference_processors` put the MotionFlow processors
-into a U-Net (they add weights or change what the model computes, so they are not patch features).
+into a U-Net's spatial attention layers only (never AnimateDiff's motion modules), where the method
+has them; they add weights or change what the model computes, so they are not patch features.
+Camera tokens may be per level (`camera_encoder.CameraEncoder` makes them from Plücker maps).
 """
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import torch
 
@@ -181,25 +186,55 @@ class FusedIPAdapterAttnProcessor(_Base):
         return ip_adapter_masks
 
 
+CameraTokens = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[Union[int, str], torch.Tensor]]
+
+
 class CameraTokenAttnProcessor(torch.nn.Module):
     """Cross-attention with an extra set of camera tokens (MotionFlow-style camera conditioning):
 
         O = softmax(Q K_ctxᵀ · s + mask) V_ctx + λ_c · softmax(Q K_camᵀ · s) V_cam
 
     K_cam, V_cam come from the camera tokens through this processor's own `to_k_cam`/`to_v_cam`.
-    Camera tokens are given per call: `cross_attention_kwargs={"camera_tokens": c}` with c of shape
-    [b n_cam camera_dim] (b the attention batch, e.g. batch·frames in AnimateDiff; a batch of 1
-    broadcasts). Without camera tokens the layer is plain attention.
+    Camera tokens are given per call, `cross_attention_kwargs={"camera_tokens": c}`, as
+    - one tensor [b n_cam camera_dim] used by every layer;
+    - a list/tuple with one tensor per U-Net resolution level (level 0 = the full latent resolution:
+      down_blocks.0, the last up block; the mid block is the deepest level), as a multi-scale camera
+      encoder produces them (`CameraEncoder`);
+    - a dict keyed by level (int) or by layer name (str, the attention module's name in the U-Net; a
+      name entry wins over a level entry). A layer without an entry runs plain attention.
+    b is the attention batch, e.g. batch·frames in AnimateDiff; a batch of 1 broadcasts.
     """
 
-    def __init__(self, hidden_size: int, camera_dim: int, scale: float = 1.0):
+    def __init__(self, hidden_size: int, camera_dim: int, scale: float = 1.0, name: str = "",
+                 level: int | None = None):
         super().__init__()
         self.hidden_size, self.camera_dim, self.scale = hidden_size, camera_dim, scale
+        self.name, self.level = name, level
         self.to_k_cam = torch.nn.Linear(camera_dim, hidden_size, bias=False)
         self.to_v_cam = torch.nn.Linear(camera_dim, hidden_size, bias=False)
 
+    def select_tokens(self, camera_tokens: CameraTokens | None) -> torch.Tensor | None:
+        """This layer's camera tokens out of the per-call argument (see the class docstring)."""
+        if camera_tokens is None or isinstance(camera_tokens, torch.Tensor):
+            return camera_tokens
+        if isinstance(camera_tokens, Mapping):
+            if self.name in camera_tokens:
+                return camera_tokens[self.name]
+            return camera_tokens.get(self.level) if self.level is not None else None
+        if isinstance(camera_tokens, Sequence):
+            if self.level is None:
+                raise ValueError(f"camera_tokens given per level, but layer {self.name!r} has no level "
+                                 "(install it with install_camera_token_processors)")
+            if self.level >= len(camera_tokens):
+                raise ValueError(f"camera_tokens has {len(camera_tokens)} levels, layer {self.name!r} is at "
+                                 f"level {self.level}")
+            return camera_tokens[self.level]
+        raise TypeError(f"camera_tokens must be a tensor, a list of tensors per level or a dict, "
+                        f"got {type(camera_tokens).__name__}")
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 camera_tokens: torch.Tensor | None = None):
+                 camera_tokens: CameraTokens | None = None):
+        camera_tokens = self.select_tokens(camera_tokens)
         residual, hidden_states, query, attention_mask, batch, shape4 = _prologue(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -213,8 +248,8 @@ class CameraTokenAttnProcessor(torch.nn.Module):
         if camera_tokens is not None and self.scale != 0:
             if camera_tokens.ndim != 3 or camera_tokens.shape[0] not in (1, batch) or \
                     camera_tokens.shape[-1] != self.camera_dim:
-                raise ValueError(f"camera_tokens must have shape [{batch} (or 1), n_cam, {self.camera_dim}], "
-                                 f"got {tuple(camera_tokens.shape)}")
+                raise ValueError(f"camera_tokens for layer {self.name!r} (level {self.level}) must have shape "
+                                 f"[{batch} (or 1), n_cam, {self.camera_dim}], got {tuple(camera_tokens.shape)}")
             camera_tokens = camera_tokens.to(query.dtype).expand(batch, -1, -1)
             keys.append(_split_heads(self.to_k_cam(camera_tokens), batch, heads))
             values.append(_split_heads(self.to_v_cam(camera_tokens), batch, heads))
@@ -257,30 +292,82 @@ class ReferenceAttnProcessor:
         return _epilogue(attn, _merge_heads(out).to(query.dtype), residual, shape4)
 
 
-def _attention_modules(model: torch.nn.Module, suffix: str):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, Attention) and name.endswith(suffix)]
+# Modules whose attention runs along time (AnimateDiff's motion modules, SVD's temporal blocks): the
+# MotionFlow processors do not belong there (they would sit inert, or change temporal attention).
+_TEMPORAL_MODULES = ("AnimateDiffTransformer3D", "TransformerTemporalModel", "TemporalBasicTransformerBlock")
 
 
-def install_camera_token_processors(model: torch.nn.Module, camera_dim: int, scale: float = 1.0) -> dict:
-    """Give every cross-attention (attn2) of a U-Net a CameraTokenAttnProcessor (new, zero-initialised
-    camera projections, so the model is unchanged until they are trained or loaded). Returns
-    {module name: processor}."""
+def _temporal_prefixes(model: torch.nn.Module) -> list[str]:
+    return [name + "." for name, m in model.named_modules() if type(m).__name__ in _TEMPORAL_MODULES]
+
+
+def spatial_attention_modules(model: torch.nn.Module, cross: bool) -> list:
+    """[(name, Attention)] of the U-Net's spatial transformers: cross-attention (attn2 with a context)
+    when `cross`, else self-attention (attn1); never an attention inside a temporal module."""
+    temporal = _temporal_prefixes(model)
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, Attention) or any(name.startswith(p) for p in temporal):
+            continue
+        if cross and m.is_cross_attention or not cross and name.endswith("attn1") and not m.is_cross_attention:
+            found.append((name, m))
+    return found
+
+
+def unet_level(name: str, num_levels: int) -> int:
+    """Resolution level of a U-Net module from its name: 0 is the full latent resolution
+    (down_blocks.0, up_blocks.{num_levels-1}), num_levels-1 the deepest (and the mid block)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return num_levels - 1 - int(parts[1])
+    if parts[0] == "mid_block":
+        return num_levels - 1
+    raise ValueError(f"cannot tell the U-Net level of module {name!r}")
+
+
+def _num_levels(model: torch.nn.Module) -> int:
+    if not isinstance(getattr(model, "down_blocks", None), torch.nn.ModuleList):
+        raise TypeError(f"expected a diffusers U-Net with down_blocks (UNet2DConditionModel, UNetMotionModel), "
+                        f"got {type(model).__name__}")
+    return len(model.down_blocks)
+
+
+def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Sequence[int], scale: float = 1.0,
+                                    zero_init: bool = True) -> dict:
+    """Give every spatial cross-attention of a U-Net (SD1.5 UNet2DConditionModel, AnimateDiff's
+    UNetMotionModel; not the motion modules) a CameraTokenAttnProcessor knowing its name and level.
+
+    camera_dim: one width for every layer, or one per level (a multi-scale encoder's token widths,
+    `CameraEncoder.token_dims`). zero_init: zero camera projections, so the model is unchanged until
+    they are trained or loaded. With a `CameraEncoder` pass zero_init=False: the encoder's output
+    projections are the zero-initialised join (zero tokens give zero camera attention whatever
+    these weights are), and zero weights on both sides would leave every gradient zero.
+    Returns {module name: processor}."""
+    levels = _num_levels(model)
+    dims = [camera_dim] * levels if isinstance(camera_dim, int) else list(camera_dim)
+    if len(dims) != levels:
+        raise ValueError(f"camera_dim has {len(dims)} entries, the U-Net has {levels} levels")
     installed = {}
-    for name, attn in _attention_modules(model, "attn2"):
-        proc = CameraTokenAttnProcessor(attn.inner_dim, camera_dim, scale).to(attn.to_q.weight.device,
-                                                                              attn.to_q.weight.dtype)
-        torch.nn.init.zeros_(proc.to_k_cam.weight)
-        torch.nn.init.zeros_(proc.to_v_cam.weight)
+    for name, attn in spatial_attention_modules(model, cross=True):
+        level = unet_level(name, levels)
+        proc = CameraTokenAttnProcessor(attn.inner_dim, dims[level], scale, name=name, level=level)
+        proc = proc.to(attn.to_q.weight.device, attn.to_q.weight.dtype)
+        if zero_init:
+            torch.nn.init.zeros_(proc.to_k_cam.weight)
+            torch.nn.init.zeros_(proc.to_v_cam.weight)
         attn.set_processor(proc)
         installed[name] = proc
     return installed
 
 
 def install_reference_processors(model: torch.nn.Module) -> dict:
-    """Give every self-attention (attn1) of a U-Net a ReferenceAttnProcessor named after its module.
-    Returns {module name: processor}; the names are the keys of the per-call `reference_bank`."""
+    """Give every spatial self-attention (attn1, not the motion modules') of a U-Net a
+    ReferenceAttnProcessor named after its module. Returns {module name: processor}; the names are
+    the keys of the per-call `reference_bank`."""
     installed = {}
-    for name, attn in _attention_modules(model, "attn1"):
+    for name, attn in spatial_attention_modules(model, cross=False):
         proc = ReferenceAttnProcessor(name)
         attn.set_processor(proc)
         installed[name] = proc
