@@ -65,8 +65,14 @@ class RankLayout:
         return [(o, o + r) for o, r in zip(self.offsets, self.ranks)]
 
 
-@functools.lru_cache(maxsize=256)
 def rank_layout(ranks: tuple[int, ...]) -> RankLayout:
+    # Under torch.compile with dynamic shapes the ranks may be SymInts: int() specialises them (the
+    # layout, like the kernels' tiles, depends on their exact values).
+    return _rank_layout(tuple(int(r) for r in ranks))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_layout(ranks: tuple[int, ...]) -> RankLayout:
     tile = min(64, max(16, _common.next_power_of_2(max(ranks))))
     padded = tuple(-(-r // tile) * tile for r in ranks)
     offsets = (0, *itertools.accumulate(padded))
