@@ -228,20 +228,20 @@ def _multi_lora_expand_kernel(
 # Interpreter: one small config (timing it would be noise).
 _INTERPRETER_EXPAND = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                                     num_warps=4, num_stages=1)
+def _cfg(m, n, k, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+# Candidates per (dtype family, SEPARATE); the first is the one used untuned (inside a graph capture).
+# SEPARATE keeps the base tile besides the running one (two accumulators), so its tiles hold at most
+# 64 fp32 accumulator values per thread: 128×256 and 128×128 at 4 warps spill ~700 B there on sm_90.
+# fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB).
 _EXPAND_CONFIGS = {
-    # 16-bit: wgmma tiles. The first config is the one used untuned (inside a graph capture).
-    "16bit": [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ],
-    # fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile, which spill on sm_90.
-    "fp32": [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    ],
+    ("16bit", False): [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
+                       _cfg(64, 128, 64, 4, 4)],
+    ("16bit", True): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3)],
+    ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3)],
+    ("fp32", True): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
 }
 EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
@@ -254,19 +254,19 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (int(m) - 1).bit_length())
 
 
-def _family(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+def _family(dtype: torch.dtype, separate: bool) -> tuple[str, bool]:
+    return ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def expand_launcher(dtype: torch.dtype, key: tuple, capturing: bool):
+def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool):
     """(kernel, fixed config or None). The autotuner for this dtype family, which tunes on the first
     call per key; but inside a CUDA-graph capture a key not tuned yet must not be benchmarked (the
     timing launches and synchronisations are illegal there): it runs the family's first config."""
-    family = _family(dtype)
+    family = _family(dtype, separate)
     if capturing and (family, key) not in _TUNED:
         return _multi_lora_expand_kernel, _EXPAND_CONFIGS[family][0]
     _TUNED.add((family, key))
@@ -278,15 +278,18 @@ def _dot_flags(dtype: torch.dtype) -> dict:
             "UPCAST": _INTERPRET and dtype == torch.bfloat16}
 
 
-def _shrink_tiles(dtype: torch.dtype, block_r: int) -> tuple[int, int, int, int]:
+def _shrink_tiles(dtype: torch.dtype, block_r: int, norms: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) for a shrink tile of block_r ranks. 16-bit: 128 rows
-    even at 256 ranks, so each A_cat slice is streamed through L2 once per 128 tokens; fp32 (FMA
-    dots) takes smaller tiles that fit the register file."""
+    even at 256 ranks, so each A_cat slice is streamed through L2 once per 128 tokens (the `output`
+    kernel, whose norm epilogue holds z as a dot operand besides the accumulator, spills there on
+    sm_90 and takes 64 rows at 256 ranks); fp32 (FMA dots) takes smaller tiles that fit the
+    register file."""
     if _INTERPRET:
         return 16, 32, 4, 1
     if dtype == torch.float32:
         return (64 if block_r <= 64 else 32), 32, 4, 3
-    return 128, 64, 8 if block_r >= 128 else 4, 3
+    block_m = 64 if norms and block_r >= 256 else 128
+    return block_m, 64, 8 if block_r >= 128 else 4, 3
 
 
 def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, z: torch.Tensor, rank_tile: int) -> None:
@@ -317,7 +320,7 @@ def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets:
     M, K = x.shape
     n_lora = offsets.numel() - 1
     block_r = factor_t.shape[-1]
-    block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r)
+    block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r, norms=True)
     _multi_lora_shrink_norm_kernel[(triton.cdiv(M, block_m),)](
         x, a_cat, offsets, factor_t, z, zs, norms,
         M, K, n_lora, float(eps),
@@ -346,12 +349,15 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), zs.stride(0), b_cat.stride(0),
         y.stride(0) if separate else 0, y2.stride(0), y2.stride(1),
     )
-    flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), BLOCK_R=rank_tile, **_dot_flags(x.dtype))
+    # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
+    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, 32-deep do not.
+    chunk = min(rank_tile, 32 if x.dtype == torch.float32 else 64)
+    flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), BLOCK_R=chunk, **_dot_flags(x.dtype))
     if _INTERPRET:
         kernel, cfg = _multi_lora_expand_kernel, _INTERPRETER_EXPAND
     else:
         key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate))
-        kernel, cfg = expand_launcher(x.dtype, key, _capturing(x.device))
+        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device))
     if cfg is not None:
         grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

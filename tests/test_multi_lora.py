@@ -286,16 +286,21 @@ def test_autotune_key_buckets_m_and_capture_does_not_tune():
     assert [kernel.m_bucket(m) for m in (1, 2, 3, 64, 65, 35552)] == [1, 2, 4, 64, 128, 65536]
     for family, configs in kernel._EXPAND_CONFIGS.items():
         assert kernel._EXPAND_TUNERS[family].keys == kernel.EXPAND_TUNING_KEY
-    # fp32 tiles that spill on sm_90 (128x256 spilled 70 KB per thread) are not candidates.
-    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 for c in kernel._EXPAND_CONFIGS["fp32"])
+        # No candidate that spills on sm_90: fp32 128x256 spilled 70 KB per thread; SEPARATE (two
+        # accumulators) more than 64 accumulator values per thread.
+        for c in configs:
+            acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+            assert family[0] == "16bit" or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
+            assert not family[1] or acc_per_thread <= 64
     key = ("test", 4096, 64, 64, 64, 2, True, False)
-    fn, cfg = kernel.expand_launcher(torch.bfloat16, key, capturing=True)  # first call inside a capture
-    assert fn is kernel._multi_lora_expand_kernel and cfg is kernel._EXPAND_CONFIGS["16bit"][0]
-    assert ("16bit", key) not in kernel._TUNED
-    fn, cfg = kernel.expand_launcher(torch.bfloat16, key, capturing=False)  # tunes outside a capture
-    assert fn is kernel._EXPAND_TUNERS["16bit"] and cfg is None
-    fn, cfg = kernel.expand_launcher(torch.bfloat16, key, capturing=True)  # then the tuned config
-    assert fn is kernel._EXPAND_TUNERS["16bit"] and cfg is None
+    family = ("16bit", False)
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # first call inside a capture
+    assert fn is kernel._multi_lora_expand_kernel and cfg is kernel._EXPAND_CONFIGS[family][0]
+    assert (family, key) not in kernel._TUNED
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=False)  # tunes outside a capture
+    assert fn is kernel._EXPAND_TUNERS[family] and cfg is None
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # then the tuned config
+    assert fn is kernel._EXPAND_TUNERS[family] and cfg is None
 
 
 requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: CUDA-graph capture and host-sync checks")
