@@ -458,8 +458,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
             zq = zf[:, lo:hi] * q[:, i:i + 1]
             dz_terms.append((lo, hi, zq @ (bf.T @ bf)))
             d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
-        dz = dz.clone()
-        for lo, hi, term in dz_terms:
+        for lo, hi, term in dz_terms:  # dz = hb * rho is a fresh tensor here
             dz[:, lo:hi] += term
     elif norm == "weight":
         # fᵢ = sᵢ α/Nᵢ, α = mean Nⱼ: with dcᵢ = sᵢ Σ_t gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩,
