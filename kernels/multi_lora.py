@@ -286,8 +286,8 @@ def _shrink_tiles(dtype: torch.dtype, block_r: int, norms: bool = False) -> tupl
     register file."""
     if _INTERPRET:
         return 16, 32, 4, 1
-    if dtype == torch.float32:
-        return (64 if block_r <= 64 else 32), 32, 4, 3
+    if dtype == torch.float32:  # (the ops send fp32 `output` above 64 ranks to cuBLAS)
+        return (64 if block_r <= 64 and not norms else 32), 32, 8 if norms else 4, 3
     block_m = 64 if norms and block_r >= 256 else 128
     return block_m, 64, 8 if block_r >= 128 else 4, 3
 
@@ -326,7 +326,7 @@ def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets:
         M, K, n_lora, float(eps),
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0), norms.stride(0),
         RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        NORM_CHUNK=min(block_r, 32), **_dot_flags(x.dtype),
+        NORM_CHUNK=min(block_r, 16 if x.dtype == torch.float32 else 32), **_dot_flags(x.dtype),
         num_warps=warps, num_stages=stages,
     )
 

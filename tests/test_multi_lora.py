@@ -176,6 +176,12 @@ def test_rank_layout_pads_each_rank_to_the_tile(device):
     assert layout.rank_tile == 64 and layout.padded == (64, 64, 64) and layout.offsets == (0, 64, 128, 192)
     assert layout.spans() == [(0, 4), (64, 96), (128, 192)] and layout.norm_block == 64
     assert ml.rank_layout((8, 8)).padded == (16, 16) and ml.rank_layout((256, 16)).offsets == (0, 256, 320)
+    # fp32 `output` above 64 ranks goes to cuBLAS (the IEEE FMA norm kernel would spill on sm_90).
+    assert not ml._kernel_handles(torch.float32, "output", ml.rank_layout((256, 16)))
+    assert ml._kernel_handles(torch.float32, "output", ml.rank_layout((64, 16)))
+    assert ml._kernel_handles(torch.bfloat16, "output", ml.rank_layout((256, 16)))
+    assert ml._kernel_handles(torch.float32, "none", ml.rank_layout((256,)))
+    assert not ml._kernel_handles(torch.float64, "none", ml.rank_layout((4,)))
     x, w, b, a, bb, scales = make(7, 20, 18, [4, 8], torch.float32, device)
     with lightmotion_fast.backend("triton"):
         _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False)

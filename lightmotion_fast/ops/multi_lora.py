@@ -373,6 +373,15 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate
     return y, z, norms
 
 
+def _kernel_handles(dtype: torch.dtype, norm: str, layout: RankLayout) -> bool:
+    """Whether the Triton kernels take this call. Not for float64 (gradcheck), ranks above
+    MAX_KERNEL_RANK, or fp32 `output` above 64 ranks: the kernel's IEEE FMA dots over a whole
+    LoRA's rank spill tens of KB of registers on sm_90 there, and cuBLAS's SGEMM is faster anyway."""
+    if dtype == torch.float64 or max(layout.ranks) > MAX_KERNEL_RANK:
+        return False
+    return not (dtype == torch.float32 and norm == "output" and layout.norm_block > 64)
+
+
 @torch.library.custom_op("lightmotion::multi_lora_linear", mutates_args=())
 def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float],
@@ -383,7 +392,7 @@ def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     layout = rank_layout(tuple(a.shape[0] for a in lora_a))
     pack = _CACHE.get(lora_a, lora_b)
     impl = _common.select_backend(x.device)
-    if impl is Backend.TRITON and max(layout.ranks) <= MAX_KERNEL_RANK and x.dtype != torch.float64:
+    if impl is Backend.TRITON and _kernel_handles(x.dtype, norm, layout):
         return _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
     return _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
 
