@@ -282,14 +282,14 @@ def _shrink_tiles(dtype: torch.dtype, block_r: int, norms: bool = False) -> tupl
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) for a shrink tile of block_r ranks. 16-bit: 128 rows
     even at 256 ranks, so each A_cat slice is streamed through L2 once per 128 tokens (the `output`
     kernel, whose norm epilogue holds z as a dot operand besides the accumulator, spills there on
-    sm_90 and takes 64 rows at 256 ranks); fp32 (FMA dots) takes smaller tiles that fit the
-    register file."""
+    sm_90 and takes 64 rows at 256 ranks), always 8 warps (4 spill at 32 ranks with unaligned
+    d_in); fp32 (FMA dots) takes smaller tiles that fit the register file."""
     if _INTERPRET:
         return 16, 32, 4, 1
     if dtype == torch.float32:  # (the ops send fp32 `output` above 64 ranks to cuBLAS)
         return (64 if block_r <= 64 and not norms else 32), 32, 8 if norms else 4, 3
     block_m = 64 if norms and block_r >= 256 else 128
-    return block_m, 64, 8 if block_r >= 128 else 4, 3
+    return block_m, 64, 8, 3
 
 
 def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, z: torch.Tensor, rank_tile: int) -> None:
