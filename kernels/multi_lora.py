@@ -1,22 +1,29 @@
 """Triton kernels for the normalized multi-LoRA linear layer (specs/multi_lora.md, LiON-LoRA).
 
-Two launches per call, for any number k of LoRAs:
+The weights come from the op's weight cache (ops/multi_lora.py), laid out once per LoRA set:
+A_cat [R, d_in] and B_cat [d_out, R] hold the k LoRAs side by side along the rank, each LoRA's rank
+zero-padded to a multiple of the rank tile RT (16, 32 or 64), so every rank chunk starts aligned and
+none needs a mask; R = Σ padded ranks. The static per-LoRA factor sᵢ (times cᵢ for `weight`) is
+already folded into B_cat. Two launches per call, for any number k of LoRAs:
 
-shrink  z = x A_catᵀ over the rank-concatenated A ([R, d_in], R = Σ rᵢ). Program (i, m) owns BLOCK_M
-        tokens and all rᵢ ranks of LoRA i, so its epilogue holds a whole zᵢ row and writes the
-        per-token norm nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ) with Gᵢ = BᵢᵀBᵢ = FᵢᵀFᵢ (Fᵢ an r×r factor computed
-        once on the host): nᵢ² = ‖zᵢ Fᵢᵀ‖², one small dot per rank chunk, no pass over d_out.
-        The LoRA index is the fastest grid axis, so the k programs reading the same x tile run
-        side by side and x comes from HBM once.
-expand  y = x Wᵀ + b + Σᵢ coefᵢ(t) zᵢ Bᵢᵀ: one accumulator, K loop over d_in for the base weight,
-        then over each LoRA's rank chunk of B_cat ([d_out, R]) with zᵢ scaled by sᵢcᵢ(t) as it is
-        loaded; bias in the epilogue. With SEPARATE, the base tile is kept and the k outputs
-        yᵢ = x Wᵀ + b + coefᵢ zᵢ Bᵢᵀ are written from the same launch ([k, M, d_out]).
-        `output` normalisation computes cᵢ(t) = α_t/(nᵢ(t)+ε) from the shrink's norms on load.
+shrink        z = x A_catᵀ: a plain GEMM over [M, R] in BLOCK_M × BLOCK_R tiles (`none`, `weight`).
+shrink_norm   `output` only. Program m owns BLOCK_M tokens and loops over the k LoRAs: it writes
+              zᵢ = x Aᵢᵀ, and the per-token norm nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ) with Gᵢ = BᵢᵀBᵢ = FᵢᵀFᵢ (Fᵢ an
+              r×r factor computed once on the host): nᵢ² = ‖zᵢ Fᵢᵀ‖², one small dot per chunk, no
+              pass over d_out. Its epilogue, once all k norms of its rows are known, writes
+              zsᵢ = cᵢ(t) zᵢ with cᵢ(t) = α_t/(nᵢ(t)+ε), α_t = meanᵢ nᵢ(t) (reading back its own z rows,
+              which are still in L2).
+expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K = d_in + R, a K loop over
+              d_in for the base weight and then over R for the LoRAs, both unmasked along K where the
+              shapes allow and software-pipelined (cp.async); bias in the epilogue. With SEPARATE,
+              the base tile is kept and the k outputs yᵢ = x Wᵀ + b + zsᵢ Bᵢᵀ are written from the
+              same launch ([k, M, d_out]).
 
-Everything accumulates in fp32; z and y are stored in the input dtype. fp32 inputs use IEEE dots
-(no TF32), so fp32 results match an fp32 reference. Launch configurations: one small config under
-the interpreter (TRITON_INTERPRET=1); on a GPU, 128-wide tiles for Hopper, autotuned on the expand.
+Everything accumulates in fp32; z, zs and y are stored in the input dtype. fp32 inputs use IEEE dots
+(no TF32), so fp32 results match an fp32 reference; their tiles are smaller (no register spills on
+sm_90). Launch configurations: one small config under the interpreter (TRITON_INTERPRET=1); on a
+GPU, 128-row tiles, the expand autotuned per power-of-two bucket of M (never inside a CUDA-graph
+capture: a key not tuned yet takes the first config there).
 """
 import os
 
@@ -38,28 +45,16 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _multi_lora_shrink_kernel(
-    x_ptr, a_ptr, offsets_ptr, factor_t_ptr, z_ptr, norms_ptr,
-    M, K,
-    sxm, sxk, sar, sak, szm, szr, snm, snl,
-    COMPUTE_NORMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, NORM_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    lora = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    r_start = tl.load(offsets_ptr + lora)
-    r_end = tl.load(offsets_ptr + lora + 1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _shrink_tile(x_ptr, a_ptr, rows, mask_m, r0, n_rows, K, sxm, sxk, sar, sak,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] fp32: x[rows] @ A_cat[r0 : r0 + BLOCK_R]ᵀ; A rows from n_rows on read as 0.
+    n_rows is a multiple of the rank tile, so the rank mask is constant over aligned groups."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    rows_a = r_start + offs_r
-    mask_m = offs_m < M
-    mask_r = rows_a < r_end
-
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * sxm + offs_k[None, :] * sxk
-    a_ptrs = a_ptr + rows_a.to(tl.int64)[None, :] * sar + offs_k[:, None] * sak  # [BLOCK_K, BLOCK_R]
+    mask_r = offs_r < n_rows
+    x_ptrs = x_ptr + rows[:, None] * sxm + offs_k[None, :] * sxk
+    a_ptrs = a_ptr + (r0 + offs_r).to(tl.int64)[None, :] * sar + offs_k[:, None] * sak  # A_catᵀ [BLOCK_K, BLOCK_R]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -68,34 +63,114 @@ def _multi_lora_shrink_kernel(
         acc = _dot(xt, at, acc, DOT_PRECISION, UPCAST)
         x_ptrs += BLOCK_K * sxk
         a_ptrs += BLOCK_K * sak
+    return acc
 
-    z_ptrs = z_ptr + offs_m.to(tl.int64)[:, None] * szm + rows_a[None, :] * szr
-    tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
-    if COMPUTE_NORMS:
-        # nᵢ(t)² = zᵢ Gᵢ zᵢᵀ = ‖zᵢ Fᵢᵀ‖². Fᵢᵀ is zero-padded to BLOCK_R × BLOCK_R, and so are the
-        # columns of acc past rᵢ (masked A rows), so padding adds nothing.
-        zc = acc.to(x_ptr.dtype.element_ty)
-        offs_c = tl.arange(0, NORM_CHUNK)
-        f_base = factor_t_ptr + lora.to(tl.int64) * BLOCK_R * BLOCK_R
+@triton.jit
+def _multi_lora_shrink_kernel(
+    x_ptr, a_ptr, z_ptr,
+    M, K, R,
+    sxm, sxk, sar, sak, szm,
+    RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # The rank tile is the fastest grid axis: the programs reading the same x rows run side by side,
+    # so x comes from HBM once.
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    r0 = pid_r * BLOCK_R
+    n_rows = tl.multiple_of(R - r0, RANK_TILE)
+    acc = _shrink_tile(x_ptr, a_ptr, rows, mask_m, r0, n_rows, K, sxm, sxk, sar, sak,
+                       BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION, UPCAST)
+    offs_r = tl.arange(0, BLOCK_R)
+    tl.store(z_ptr + rows[:, None] * szm + (r0 + offs_r)[None, :], acc.to(z_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_r < n_rows)[None, :])
+
+
+@triton.jit
+def _multi_lora_shrink_norm_kernel(
+    x_ptr, a_ptr, offsets_ptr, factor_t_ptr, z_ptr, zs_ptr, norms_ptr,
+    M, K, n_lora, eps,
+    sxm, sxk, sar, sak, szm, snm,
+    RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    NORM_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, NORM_CHUNK)
+    f_base = factor_t_ptr
+
+    # Pass 1, per LoRA: zᵢ (unscaled, kept for the backward) and nᵢ(t)² = ‖zᵢ Fᵢᵀ‖². Fᵢᵀ is
+    # zero-padded to BLOCK_R × BLOCK_R, and so are the columns of acc past rᵢ, so padding adds nothing.
+    for i in range(n_lora):
+        r_start = tl.multiple_of(tl.load(offsets_ptr + i), RANK_TILE)
+        n_rows = tl.multiple_of(tl.load(offsets_ptr + i + 1) - r_start, RANK_TILE)
+        acc = _shrink_tile(x_ptr, a_ptr, rows, mask_m, r_start, n_rows, K, sxm, sxk, sar, sak,
+                           BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION, UPCAST)
+        tl.store(z_ptr + rows[:, None] * szm + (r_start + offs_r)[None, :], acc.to(dtype),
+                 mask=mask_m[:, None] & (offs_r < n_rows)[None, :])
+        zc = acc.to(dtype)
         sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in tl.static_range(0, BLOCK_R, NORM_CHUNK):
             ft = tl.load(f_base + offs_r[:, None] * BLOCK_R + (c0 + offs_c)[None, :])
-            w = _dot(zc, ft.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, NORM_CHUNK), dtype=tl.float32),
-                     DOT_PRECISION, UPCAST)
+            w = _dot(zc, ft.to(dtype), tl.zeros((BLOCK_M, NORM_CHUNK), dtype=tl.float32), DOT_PRECISION, UPCAST)
             sq += tl.sum(w * w, axis=1)
-        tl.store(norms_ptr + offs_m.to(tl.int64) * snm + lora * snl, tl.sqrt(sq), mask=mask_m)
+        tl.store(norms_ptr + rows * snm + i, tl.sqrt(sq), mask=mask_m)
+        f_base += BLOCK_R * BLOCK_R
+
+    # Pass 2 (the epilogue): every norm of these rows is written; the barrier makes this program's
+    # global writes visible to all its threads. zsᵢ = α_t/(nᵢ(t)+ε) · zᵢ, read back from L2.
+    tl.debug_barrier()
+    alpha = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in range(n_lora):
+        alpha += tl.load(norms_ptr + rows * snm + j, mask=mask_m, other=0.0)
+    alpha = alpha / n_lora
+    offs_t = tl.arange(0, RANK_TILE)
+    for i in range(n_lora):
+        r_start = tl.multiple_of(tl.load(offsets_ptr + i), RANK_TILE)
+        chunks = (tl.load(offsets_ptr + i + 1) - r_start) // RANK_TILE
+        coef = alpha / (tl.load(norms_ptr + rows * snm + i, mask=mask_m, other=0.0) + eps)
+        for c in range(chunks):
+            cols = r_start + c * RANK_TILE + offs_t
+            zt = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask_m[:, None], other=0.0)
+            tl.store(zs_ptr + rows[:, None] * szm + cols[None, :], (zt.to(tl.float32) * coef[:, None]).to(dtype),
+                     mask=mask_m[:, None])
+
+
+@triton.jit
+def _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
+               BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + zs[rows, r_start : r_start + n_chunks·BLOCK_R] @ B_cat[cols, same]ᵀ. r_start is a multiple
+    of BLOCK_R and the ranks are padded, so no rank mask: aligned, vectorised, pipelined loads."""
+    offs_r = tl.arange(0, BLOCK_R)
+    z_ptrs = zs_ptr + rows[:, None] * szm + (r_start + offs_r)[None, :]
+    b_ptrs = b_ptr + cols[None, :] * sbn + (r_start + offs_r)[:, None]  # B_catᵀ tile [BLOCK_R, BLOCK_N]
+    for _ in range(n_chunks):
+        zt = tl.load(z_ptrs, mask=mask_m[:, None], other=0.0)
+        bt = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        acc = _dot(zt, bt, acc, DOT_PRECISION, UPCAST)
+        z_ptrs += BLOCK_R
+        b_ptrs += BLOCK_R
+    return acc
 
 
 @triton.jit
 def _multi_lora_expand_kernel(
-    x_ptr, w_ptr, bias_ptr, z_ptr, b_ptr, offsets_ptr, scale_ptr, norms_ptr, y_ptr,
-    M, N, K, n_lora, eps,
-    sxm, sxk, swn, swk, szm, szr, sbn, sbr, snm, snl, syl, sym, syn,
-    HAS_BIAS: tl.constexpr, NORM_OUTPUT: tl.constexpr, SEPARATE: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, zs_ptr, b_ptr, offsets_ptr, y_ptr,
+    M, N, K, R, M_BUCKET, n_lora,
+    sxm, sxk, swn, swk, szm, sbn, syl, sym, syn,
+    HAS_BIAS: tl.constexpr, SEPARATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # M_BUCKET (the power of two ≥ M) is only the autotuning key.
     # Grouped program order: GROUP_M row tiles share each column tile of W and B_cat in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -129,60 +204,73 @@ def _multi_lora_expand_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    if NORM_OUTPUT:
-        alpha = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in range(n_lora):
-            alpha += tl.load(norms_ptr + rows * snm + j * snl, mask=mask_m, other=0.0)
-        alpha = alpha / n_lora
-
-    offs_r = tl.arange(0, BLOCK_R)
-    out = acc
-    for i in range(n_lora):
-        r_start = tl.load(offsets_ptr + i)
-        r_end = tl.load(offsets_ptr + i + 1)
-        scale = tl.load(scale_ptr + i)
-        if NORM_OUTPUT:
-            n_i = tl.load(norms_ptr + rows * snm + i * snl, mask=mask_m, other=0.0)
-            coef = scale * alpha / (n_i + eps)
-        else:
-            coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
-        for r0 in range(r_start, r_end, BLOCK_R):
-            ranks = r0 + offs_r
-            mask_r = ranks < r_end
-            zt = tl.load(z_ptr + rows[:, None] * szm + ranks[None, :] * szr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            zt = (zt.to(tl.float32) * coef[:, None]).to(dtype)
-            bt = tl.load(b_ptr + cols[None, :] * sbn + ranks[:, None] * sbr,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # B_catᵀ tile [BLOCK_R, BLOCK_N]
-            out = _dot(zt, bt, out, DOT_PRECISION, UPCAST)
-        if SEPARATE:
-            tl.store(y_ptr + i * syl + rows[:, None] * sym + cols[None, :] * syn, out.to(dtype),
-                     mask=mask_m[:, None] & mask_n[None, :])
-            out = acc
-    if not SEPARATE:
-        tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, out.to(dtype),
-                 mask=mask_m[:, None] & mask_n[None, :])
+    out_ptrs = y_ptr + rows[:, None] * sym + cols[None, :] * syn
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SEPARATE:
+        for i in range(n_lora):
+            r_start = tl.multiple_of(tl.load(offsets_ptr + i), BLOCK_R)
+            n_chunks = (tl.load(offsets_ptr + i + 1) - r_start) // BLOCK_R
+            out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
+                             BLOCK_R, DOT_PRECISION, UPCAST)
+            tl.store(out_ptrs, out.to(dtype), mask=out_mask)
+            # Advance the pointers rather than index with i·syl, which overflows int32 once
+            # k·M·d_out ≥ 2³¹ (350 K tokens at d = 3072, k = 3).
+            out_ptrs += syl
+    else:
+        out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, 0, R // BLOCK_R, szm, sbn,
+                         BLOCK_R, DOT_PRECISION, UPCAST)
+        tl.store(out_ptrs, out.to(dtype), mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch configurations.
 
-def _expand_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
+# Interpreter: one small config (timing it would be noise).
+_INTERPRETER_EXPAND = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                                    num_warps=4, num_stages=1)
+def _cfg(m, n, k, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# Autotuned on the GPU only: under the interpreter there is one config, and timing it would be noise.
-_expand = None if _INTERPRET else triton.autotune(
-    configs=_expand_configs(), key=["M", "N", "K", "n_lora", "HAS_BIAS", "NORM_OUTPUT", "SEPARATE"],
-)(_multi_lora_expand_kernel)
+# Candidates per (dtype family, SEPARATE); the first is the one used untuned (inside a graph capture).
+# SEPARATE keeps the base tile besides the running one (two accumulators), so its tiles hold at most
+# 64 fp32 accumulator values per thread: 128×256 and 128×128 at 4 warps spill ~700 B there on sm_90.
+# fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB).
+_EXPAND_CONFIGS = {
+    ("16bit", False): [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
+                       _cfg(64, 128, 64, 4, 4)],
+    ("16bit", True): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3)],
+    ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3)],
+    ("fp32", True): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
+}
+EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE"]
+_EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
+                  for family, configs in _EXPAND_CONFIGS.items()}
+_TUNED: set = set()  # (family, key values) the autotuner has benchmarked, outside any graph capture
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of a token count: the next power of two (a new M in a bucket reuses it)."""
+    return 1 << max(0, (int(m) - 1).bit_length())
+
+
+def _family(dtype: torch.dtype, separate: bool) -> tuple[str, bool]:
+    return ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool):
+    """(kernel, fixed config or None). The autotuner for this dtype family, which tunes on the first
+    call per key; but inside a CUDA-graph capture a key not tuned yet must not be benchmarked (the
+    timing launches and synchronisations are illegal there): it runs the family's first config."""
+    family = _family(dtype, separate)
+    if capturing and (family, key) not in _TUNED:
+        return _multi_lora_expand_kernel, _EXPAND_CONFIGS[family][0]
+    _TUNED.add((family, key))
+    return _EXPAND_TUNERS[family], None
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -190,77 +278,92 @@ def _dot_flags(dtype: torch.dtype) -> dict:
             "UPCAST": _INTERPRET and dtype == torch.bfloat16}
 
 
-def rank_block(max_rank: int) -> int:
-    """The rank tile of the shrink: every rank of one LoRA in one program (≥ 16 for tl.dot)."""
-    return max(16, triton.next_power_of_2(int(max_rank)))
+def _shrink_tiles(dtype: torch.dtype, block_r: int, norms: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for a shrink tile of block_r ranks. 16-bit: 128 rows
+    even at 256 ranks, so each A_cat slice is streamed through L2 once per 128 tokens (the `output`
+    kernel, whose norm epilogue holds z as a dot operand besides the accumulator, spills there on
+    sm_90 and takes 64 rows at 256 ranks), always 8 warps (4 spill at 32 ranks with unaligned
+    d_in); fp32 (FMA dots) takes smaller tiles that fit the register file."""
+    if _INTERPRET:
+        return 16, 32, 4, 1
+    if dtype == torch.float32:  # (the ops send fp32 `output` above 64 ranks to cuBLAS)
+        return (64 if block_r <= 64 and not norms else 32), 32, 8 if norms else 4, 3
+    block_m = 64 if norms and block_r >= 256 else 128
+    return block_m, 64, 8, 3
 
 
-def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets: torch.Tensor,
-                             factor_t: torch.Tensor | None, z: torch.Tensor, norms: torch.Tensor | None,
-                             max_rank: int) -> None:
-    """x: [M, d_in] (any strides); a_cat: [R, d_in]; offsets: [k+1] int32 rank offsets;
-    factor_t: [k, BR, BR] float32 zero-padded Fᵢᵀ with FᵢᵀFᵢ = BᵢᵀBᵢ, BR = rank_block(max_rank),
-    or None; z: [M, R] (written); norms: [M, k] float32 (written when factor_t is given)."""
+def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, z: torch.Tensor, rank_tile: int) -> None:
+    """z = x A_catᵀ. x: [M, d_in] (any strides); a_cat: [R, d_in], R a multiple of rank_tile;
+    z: [M, R] contiguous (written)."""
+    M, K = x.shape
+    R = a_cat.shape[0]
+    block_r = min(triton.next_power_of_2(R), 64 if x.dtype == torch.float32 else 256)
+    block_r = min(block_r, 32) if _INTERPRET else block_r
+    block_r = max(block_r, rank_tile)
+    block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(M, block_m))
+    _multi_lora_shrink_kernel[grid](
+        x, a_cat, z, M, K, R,
+        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0),
+        RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **_dot_flags(x.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets: torch.Tensor,
+                                  factor_t: torch.Tensor, z: torch.Tensor, zs: torch.Tensor,
+                                  norms: torch.Tensor, eps: float, rank_tile: int) -> None:
+    """`output` normalisation. x: [M, d_in]; a_cat: [R, d_in]; offsets: [k+1] int32 padded rank
+    offsets (multiples of rank_tile); factor_t: [k, BR, BR] float32 zero-padded Fᵢᵀ (BR ≥ every
+    padded rank, a power of two); z, zs: [M, R] contiguous (written: x A_catᵀ, and scaled by cᵢ(t));
+    norms: [M, k] float32 contiguous (written: nᵢ(t))."""
     M, K = x.shape
     n_lora = offsets.numel() - 1
-    block_r = rank_block(max_rank)
-    if _INTERPRET:
-        block_m, block_k, warps, stages = 16, 32, 4, 1
-    else:
-        block_m = 64 if block_r >= 256 else 128
-        block_k = 64
-        warps = 8 if block_m * block_r >= 128 * 128 else 4
-        stages = 3
-    compute_norms = factor_t is not None
-    if not compute_norms:
-        factor_t, norms = z, z  # never read
-    grid = (n_lora, triton.cdiv(M, block_m))
-    _multi_lora_shrink_kernel[grid](
-        x, a_cat, offsets, factor_t, z, norms,
-        M, K,
-        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0), z.stride(1),
-        norms.stride(0) if compute_norms else 0, norms.stride(1) if compute_norms else 0,
-        COMPUTE_NORMS=compute_norms, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        NORM_CHUNK=min(block_r, 64), **_dot_flags(x.dtype),
+    block_r = factor_t.shape[-1]
+    block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r, norms=True)
+    _multi_lora_shrink_norm_kernel[(triton.cdiv(M, block_m),)](
+        x, a_cat, offsets, factor_t, z, zs, norms,
+        M, K, n_lora, float(eps),
+        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0), norms.stride(0),
+        RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        NORM_CHUNK=min(block_r, 16 if x.dtype == torch.float32 else 32), **_dot_flags(x.dtype),
         num_warps=warps, num_stages=stages,
     )
 
 
 def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             z: torch.Tensor, b_cat: torch.Tensor, offsets: torch.Tensor,
-                             scale: torch.Tensor, norms: torch.Tensor | None, eps: float,
-                             y: torch.Tensor, separate: bool, min_rank: int = 64) -> None:
-    """x: [M, d_in]; weight: [d_out, d_in]; bias: [d_out] or None; z: [M, R]; b_cat: [d_out, R];
-    offsets: [k+1] int32; scale: [k] float32 (sᵢ, times cᵢ for `weight`); norms: [M, k] float32 for
-    `output` normalisation, else None; y: [M, d_out], or [k, M, d_out] with separate (written);
-    min_rank: the smallest rᵢ (picks the rank tile)."""
+                             zs: torch.Tensor, b_cat: torch.Tensor, offsets: torch.Tensor,
+                             y: torch.Tensor, separate: bool, rank_tile: int) -> None:
+    """y = x Wᵀ + b + zs B_catᵀ (or per LoRA with separate). x: [M, d_in]; weight: [d_out, d_in];
+    bias: [d_out] or None; zs: [M, R] contiguous (z with its per-token coefficient applied);
+    b_cat: [d_out, R] contiguous, scales folded in; offsets: [k+1] int32 padded rank offsets;
+    y: [M, d_out], or [k, M, d_out] with separate (written)."""
     M, K = x.shape
     N = weight.shape[0]
+    R = zs.shape[1]
     n_lora = offsets.numel() - 1
-    norm_output = norms is not None
-    y_lora_stride = y.stride(0) if separate else 0
     y2 = y[0] if separate else y
     args = (
-        x, weight, bias if bias is not None else weight, z, b_cat, offsets, scale,
-        norms if norm_output else scale, y,
-        M, N, K, n_lora, float(eps),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
-        b_cat.stride(0), b_cat.stride(1),
-        norms.stride(0) if norm_output else 0, norms.stride(1) if norm_output else 0,
-        y_lora_stride, y2.stride(0), y2.stride(1),
+        x, weight, bias if bias is not None else weight, zs, b_cat, offsets, y,
+        M, N, K, R, m_bucket(M), n_lora,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), zs.stride(0), b_cat.stride(0),
+        y.stride(0) if separate else 0, y2.stride(0), y2.stride(1),
     )
-    flags = dict(HAS_BIAS=bias is not None, NORM_OUTPUT=norm_output, SEPARATE=bool(separate),
-                 **_dot_flags(x.dtype))
-    # The rank chunk of the expand's second K loop: small ranks don't pay for a 64-wide tile.
-    block_r = min(32 if _INTERPRET else 64, rank_block(min_rank))
+    # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
+    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, 32-deep do not.
+    chunk = min(rank_tile, 32 if x.dtype == torch.float32 else 64)
+    flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), BLOCK_R=chunk, **_dot_flags(x.dtype))
     if _INTERPRET:
-        cfg = _expand_configs()[0]
+        kernel, cfg = _multi_lora_expand_kernel, _INTERPRETER_EXPAND
+    else:
+        key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate))
+        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device))
+    if cfg is not None:
         grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        _multi_lora_expand_kernel[grid](*args, **flags, BLOCK_R=block_r, **cfg.kwargs,
-                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _expand[grid](*args, **flags, BLOCK_R=block_r)
+    kernel[grid](*args, **flags)

@@ -26,7 +26,7 @@ EXPECTED = {
     "latent_resample": ["_latent_resample_kernel"],
     "snr_reinject": ["_snr_noise_kernel", "_snr_reinject_kernel"],
     "trajectory_attention": ["_csr_reduce_kernel", "_traj_attn_bwd_kernel", "_traj_attn_fwd_kernel"],
-    "multi_lora": ["_multi_lora_expand_kernel", "_multi_lora_shrink_kernel"],
+    "multi_lora": ["_multi_lora_expand_kernel", "_multi_lora_shrink_kernel", "_multi_lora_shrink_norm_kernel"],
     "plucker": ["_plucker_kernel"],
     "dual_cross_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_dual_cross_attention_fwd_kernel"],
     "reference_attention": ["_reference_attention_fwd_kernel"],

@@ -1,14 +1,20 @@
 """multi_lora_linear (specs/multi_lora.md): kernels against the float64 reference, forward and
 backward, all three normalisations, separate outputs; the norms against their explicit definitions;
-the weight-norm cache; gradcheck of the reference and of the op's hand-written backward; bad inputs.
+the weight cache (reuse, invalidation by in-place updates and by peft's hotswap, the byte bound);
+the autotuning key and its behaviour under graph capture; CUDA-graph capture and replay (GPU);
+gradcheck of the reference and of the op's hand-written backward; bad inputs.
 
 Shapes are small and odd (M, d_in, d_out not multiples of any block) because on a CPU the kernels
 run through Triton's interpreter.
 """
+import warnings
+
 import pytest
 import torch
+from lm_testing import ON_GPU
 
 import lightmotion_fast
+from lightmotion_fast.ops import _common
 from lightmotion_fast.ops import multi_lora as ml
 from lightmotion_fast.ops.multi_lora import multi_lora_linear, multi_lora_linear_op
 from lightmotion_fast.reference.multi_lora import (
@@ -156,6 +162,181 @@ def test_zero_lora_b_gives_base_plus_others(device):
         ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
         assert torch.isfinite(y).all()
         assert_close_rel(y, ref, torch.float32, norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight cache
+
+def _fresh_pack(a, bb):
+    return ml._CACHE.entries[ml._CACHE._key([*a, *bb])]
+
+
+def test_rank_layout_pads_each_rank_to_the_tile(device):
+    layout = ml.rank_layout((4, 32, 64))
+    assert layout.rank_tile == 64 and layout.padded == (64, 64, 64) and layout.offsets == (0, 64, 128, 192)
+    assert layout.spans() == [(0, 4), (64, 96), (128, 192)] and layout.norm_block == 64
+    assert ml.rank_layout((8, 8)).padded == (16, 16) and ml.rank_layout((256, 16)).offsets == (0, 256, 320)
+    # fp32 `output` above 64 ranks goes to cuBLAS (the IEEE FMA norm kernel would spill on sm_90).
+    assert not ml._kernel_handles(torch.float32, "output", ml.rank_layout((256, 16)))
+    assert ml._kernel_handles(torch.float32, "output", ml.rank_layout((64, 16)))
+    assert ml._kernel_handles(torch.bfloat16, "output", ml.rank_layout((256, 16)))
+    assert ml._kernel_handles(torch.float32, "none", ml.rank_layout((256,)))
+    assert not ml._kernel_handles(torch.float64, "none", ml.rank_layout((4,)))
+    x, w, b, a, bb, scales = make(7, 20, 18, [4, 8], torch.float32, device)
+    with lightmotion_fast.backend("triton"):
+        _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False)
+    assert z.shape == (7, 32)  # two LoRAs of rank 4 and 8, each padded to 16
+    torch.testing.assert_close(z[:, 4:16], torch.zeros(7, 12, device=device))
+    torch.testing.assert_close(z[:, :4], x @ a[0].T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_cache_is_built_once_and_reused(norm, device):
+    """A_cat and the folded B_cat are built on the first call and reused: no per-call concatenation."""
+    x, w, b, a, bb, scales = make(9, 20, 18, [4, 8], torch.float32, device)
+    with lightmotion_fast.backend("triton"):
+        multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        pack = _fresh_pack(a, bb)
+        a_cat, b_cat = pack.data["a_cat"], pack.data["b_cat"][1]
+        hits = ml._CACHE.hits
+        multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        assert ml._CACHE.hits == hits + 1
+        assert pack.data["a_cat"] is a_cat and pack.data["b_cat"][1] is b_cat
+        y = multi_lora_linear(x, w, b, a, bb, [0.25, 3.0], norm=norm)  # new scales: B_cat re-folded
+    assert pack.data["b_cat"][1] is not b_cat and pack.data["a_cat"] is a_cat
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), [0.25, 3.0], norm=norm)
+    assert_close_rel(y, ref, torch.float32, f"new scales norm={norm}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_cache_sees_in_place_updates(norm, device, poisoned):
+    x, w, b, a, bb, scales = make(9, 20, 18, [4, 8], torch.float32, device)
+    with lightmotion_fast.backend("triton"):
+        multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        with torch.no_grad():  # an optimizer step: in place, bumps the version counters
+            a[1].mul_(-2.0)
+            bb[0].add_(0.5)
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+    assert_close_rel(y, ref, torch.float32, f"after in-place update norm={norm}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_peft_hotswap_invalidates_weight_cache(norm, device):
+    """Issue 14 item 5: peft's hotswap (`load_lora_weights(..., hotswap=True)` in diffusers) writes the
+    new adapter through `.data.copy_`, which leaves `_version` and the storage unchanged."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import hotswap  # diffusers looks the function up on this module at call time
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).to(device)
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multiple adapters in the model": intended
+        for name in ("first", "second"):
+            inject_adapter_in_model(cfg, model, adapter_name=name)
+    layer = model[0]
+
+    def run():
+        a = [layer.lora_A[n].weight.detach() for n in ("first", "second")]
+        b = [layer.lora_B[n].weight.detach() for n in ("first", "second")]
+        w, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+        y = multi_lora_linear(x, w, bias, a, b, [1.0, 0.5], norm=norm)
+        return y, multi_lora_linear_reference(f64(x), f64(w), f64(bias), f64(a), f64(b), [1.0, 0.5], norm=norm)
+
+    x = torch.randn(11, 24, device=device)
+    run()  # fills the cache with the first adapter's weights
+    version = layer.lora_A["first"].weight._version
+    new = {"0.lora_A.first.weight": torch.randn(8, 24, device=device),
+           "0.lora_B.first.weight": 4 * torch.randn(20, 8, device=device)}
+    hotswap.hotswap_adapter_from_state_dict(model, new, "first", cfg)
+    assert torch.equal(layer.lora_A["first"].weight, new["0.lora_A.first.weight"])
+    assert layer.lora_A["first"].weight._version == version  # what made the cache stale
+    y, ref = run()
+    assert_close_rel(y, ref, torch.float32, f"after hotswap norm={norm}")
+
+
+def test_weight_cache_is_bounded_in_bytes_and_drops_freed_weights(device):
+    old_limit = ml._CACHE.max_bytes
+    try:
+        ml.clear_weight_cache()
+        x, w, b, a, bb, scales = make(5, 64, 48, [16, 16], torch.float32, device)
+        multi_lora_linear(x, w, b, a, bb, scales)
+        per_set = ml._CACHE.nbytes
+        assert per_set >= (32 * 64 + 48 * 32) * 4  # A_cat and B_cat at least
+        ml.set_weight_cache_limit(int(2.5 * per_set))
+        sets = [make(5, 64, 48, [16, 16], torch.float32, device)[3:5] for _ in range(4)]
+        for a_i, b_i in sets:
+            multi_lora_linear(x, w, b, a_i, b_i, scales)
+        assert ml._CACHE.nbytes <= 2.5 * per_set and len(ml._CACHE.entries) == 2
+        assert ml._CACHE._key([*sets[-1][0], *sets[-1][1]]) in ml._CACHE.entries  # most recent kept
+        del sets[-1], a_i, b_i  # freed weights: their entry goes at the next miss
+        fresh = make(5, 64, 48, [16, 16], torch.float32, device)[3:5]
+        multi_lora_linear(x, w, b, *fresh, scales)
+        assert len(ml._CACHE.entries) == 2 and all(not p.expired() for p in ml._CACHE.entries.values())
+        assert ml._CACHE._key([*sets[-1][0], *sets[-1][1]]) in ml._CACHE.entries  # evicted the freed, not it
+        with pytest.raises(ValueError, match="max_bytes must be an int"):
+            ml.set_weight_cache_limit(-1)
+        ml.clear_weight_cache()
+        assert ml._CACHE.nbytes == 0 and not ml._CACHE.entries
+    finally:
+        ml.set_weight_cache_limit(old_limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning and graph capture
+
+def test_autotune_key_buckets_m_and_capture_does_not_tune():
+    kernel = _common.kernel_module("multi_lora")
+    assert "M_BUCKET" in kernel.EXPAND_TUNING_KEY and "M" not in kernel.EXPAND_TUNING_KEY
+    assert [kernel.m_bucket(m) for m in (1, 2, 3, 64, 65, 35552)] == [1, 2, 4, 64, 128, 65536]
+    for family, configs in kernel._EXPAND_CONFIGS.items():
+        assert kernel._EXPAND_TUNERS[family].keys == kernel.EXPAND_TUNING_KEY
+        # No candidate that spills on sm_90: fp32 128x256 spilled 70 KB per thread; SEPARATE (two
+        # accumulators) more than 64 accumulator values per thread.
+        for c in configs:
+            acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+            assert family[0] == "16bit" or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
+            assert not family[1] or acc_per_thread <= 64
+    key = ("test", 4096, 64, 64, 64, 2, True, False)
+    family = ("16bit", False)
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # first call inside a capture
+    assert fn is kernel._multi_lora_expand_kernel and cfg is kernel._EXPAND_CONFIGS[family][0]
+    assert (family, key) not in kernel._TUNED
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=False)  # tunes outside a capture
+    assert fn is kernel._EXPAND_TUNERS[family] and cfg is None
+    fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # then the tuned config
+    assert fn is kernel._EXPAND_TUNERS[family] and cfg is None
+
+
+requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: CUDA-graph capture and host-sync checks")
+
+
+@requires_cuda
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("separate", [False, True])
+def test_cuda_graph_capture_replay_and_no_host_sync(norm, separate):
+    x, w, b, a, bb, scales = make(300, 128, 96, [16, 64], torch.bfloat16, "cuda")
+    multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)  # builds the cache, tunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
+    try:
+        multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    x_new = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)  # M bucket 1024: not tuned yet
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y_static = multi_lora_linear(x_new, w, b, a, bb, scales, norm=norm, separate=separate)
+    torch.cuda.current_stream().wait_stream(stream)
+    x_new.copy_(torch.randn_like(x_new))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = multi_lora_linear_reference(f64(x_new), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm,
+                                      separate=separate)
+    assert_close_rel(y_static, ref, torch.bfloat16, f"graph replay norm={norm}")
 
 
 # ---------------------------------------------------------------------------------------------

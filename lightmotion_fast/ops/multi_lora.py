@@ -1,18 +1,40 @@
 """multi_lora_linear: LiON-LoRA's normalized multi-LoRA linear layer (specs/multi_lora.md).
 
-Checks, the custom op `lightmotion::multi_lora_linear` with its autograd, the weight-norm cache and
-the choice of implementation. The meaning is in reference/multi_lora.py, the speed in
+Checks, the custom op `lightmotion::multi_lora_linear` with its autograd, the weight cache and the
+choice of implementation. The meaning is in reference/multi_lora.py, the speed in
 kernels/multi_lora.py.
 
-The op returns (y, z, norms): z = x A_catᵀ ([M, R], the shrunk activations) and the per-token norms
-nᵢ(t) ([M, k] for `output`, else [0, k]) are saved for the backward and are not differentiable.
+Weight cache. Per set of LoRA weights (A₁..A_k, B₁..B_k) the op keeps, built on first use and
+reused by every later call: A_cat [R, d_in] and B_cat [d_out, R] with each LoRA's rank zero-padded
+to the rank tile (`rank_layout`), the static per-LoRA factor (sᵢ, times cᵢ = α/‖BᵢAᵢ‖ for `weight`)
+folded into B_cat, the rank offsets on the device, the weight norms and the norm factors Fᵢ. So a
+call concatenates nothing, copies nothing host-to-device and never synchronises: after a first
+(warm-up) call it can be captured in a CUDA graph.
+- Valid while every weight's storage is alive and its `_version` is unchanged: in-place updates
+  (optimizer steps, `load_state_dict`, `copy_` under no_grad) rebuild the entry. Writes through
+  `.data` do not bump `_version`; peft's LoRA hotswap (`load_lora_weights(..., hotswap=True)`,
+  `peft.utils.hotswap`) writes that way, so once peft is loaded its hotswap function is wrapped to
+  clear this cache afterwards. After any other `.data` write, call `clear_weight_cache()`.
+- Bounded: least-recently-used entries are dropped once the cache holds more than
+  `set_weight_cache_limit(max_bytes)` (default 4 GiB; a CogVideoX-5B layer with three rank-256
+  LoRAs takes about 10 MB) or 4096 entries; entries whose weights were freed go first.
+
+The op returns (y, z, norms): z = x A_catᵀ ([M, R], R the padded total rank, unscaled) and the
+per-token norms nᵢ(t) ([M, k] for `output`, else [0, k]) are saved for the backward and are not
+differentiable.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
+import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightmotion_fast.ops import _common
@@ -23,60 +45,196 @@ MAX_KERNEL_RANK = 256  # one LoRA's ranks live in one shrink tile; larger ranks 
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-layer constants computed in r×r space, cached until a LoRA weight changes.
+# Rank layout: each LoRA's rank padded to the rank tile, so every rank chunk the kernels touch is
+# aligned and unmasked. A pure function of the ranks (the fake implementation needs R too).
+
+@dataclass(frozen=True)
+class RankLayout:
+    ranks: tuple[int, ...]
+    rank_tile: int               # 16, 32 or 64: the padding granule and the expand's rank chunk
+    padded: tuple[int, ...]      # each rank rounded up to rank_tile
+    offsets: tuple[int, ...]     # k+1 starts of the padded ranks
+    norm_block: int              # power of two ≥ every padded rank (the `output` shrink tile)
+
+    @property
+    def total(self) -> int:
+        return self.offsets[-1]
+
+    def spans(self):
+        """(start, start + rᵢ) of each LoRA's real ranks inside the padded layout."""
+        return [(o, o + r) for o, r in zip(self.offsets, self.ranks)]
+
+
+def rank_layout(ranks: tuple[int, ...]) -> RankLayout:
+    # Under torch.compile with dynamic shapes the ranks may be SymInts: int() specialises them (the
+    # layout, like the kernels' tiles, depends on their exact values).
+    return _rank_layout(tuple(int(r) for r in ranks))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_layout(ranks: tuple[int, ...]) -> RankLayout:
+    tile = min(64, max(16, _common.next_power_of_2(max(ranks))))
+    padded = tuple(-(-r // tile) * tile for r in ranks)
+    offsets = (0, *itertools.accumulate(padded))
+    return RankLayout(tuple(ranks), tile, padded, offsets, _common.next_power_of_2(max(padded)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight cache (see the module docstring).
+
+_DEFAULT_MAX_BYTES = 4 << 30
+
+
+class _Pack:
+    """One cache entry: the stamps it is valid for and the tensors built from the weights."""
+    __slots__ = ("stamps", "data", "nbytes")
+
+    def __init__(self, stamps):
+        self.stamps = stamps
+        self.data: dict = {}
+        self.nbytes = 0
+
+    def valid_for(self, tensors) -> bool:
+        return all(not ref.expired() and t._version == v for (ref, v), t in zip(self.stamps, tensors))
+
+    def expired(self) -> bool:
+        return any(ref.expired() for ref, _ in self.stamps)
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _cacheable(tensors) -> bool:
+    # Under torch.compile's tracing (fake tensors) or on meta tensors there is nothing to reuse.
+    return not any(t.device.type == "meta" or is_fake(t) for t in tensors)
+
 
 class _WeightCache:
-    """Per set of (Aᵢ, Bᵢ): rank offsets, weight norms ‖BᵢAᵢ‖_F and the zero-padded factors Fᵢᵀ
-    (FᵢᵀFᵢ = BᵢᵀBᵢ, from a QR of Bᵢ) used by the shrink epilogue.
+    """LRU map from a LoRA weight set to its _Pack, bounded in bytes and entries."""
 
-    An entry is valid while every weight's storage is alive and its `_version` is unchanged, so
-    in-place updates (optimizer steps, `load_state_dict`, `copy_` under no_grad) invalidate it.
-    Writes through `.data` bypass the version counter: call `clear_weight_cache()` after those.
-    """
-
-    def __init__(self, max_entries: int = 2048):
+    def __init__(self, max_bytes: int = _DEFAULT_MAX_BYTES, max_entries: int = 4096):
+        self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self.entries: dict[tuple, tuple[list, dict]] = {}
+        self.entries: collections.OrderedDict[tuple, _Pack] = collections.OrderedDict()
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(tensors):
         return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in tensors)
 
-    def get(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> dict:
+    def get(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> _Pack:
         tensors = [*lora_a, *lora_b]
+        if not _cacheable(tensors):
+            return _Pack(None)  # used for this call only
         key = self._key(tensors)
-        entry = self.entries.get(key)
-        if entry is not None:
-            stamps, pack = entry
-            if all(not ref.expired() and t._version == v for (ref, v), t in zip(stamps, tensors)):
+        with self._lock:
+            pack = self.entries.get(key)
+            if pack is not None and pack.valid_for(tensors):
+                self.entries.move_to_end(key)
                 self.hits += 1
                 return pack
-        self.misses += 1
-        if len(self.entries) >= self.max_entries:
-            self.entries.pop(next(iter(self.entries)))
-        pack = {}
-        self.entries[key] = ([(StorageWeakRef(t.untyped_storage()), t._version) for t in tensors], pack)
+            self.misses += 1
+            if pack is not None:
+                self._drop(key)
+            for stale in [k for k, p in self.entries.items() if p.expired()]:
+                self._drop(stale)
+            pack = _Pack([(StorageWeakRef(t.untyped_storage()), t._version) for t in tensors])
+            self.entries[key] = pack
+            self._evict(keep=pack)
+        _watch_peft_hotswap()
         return pack
 
+    def store(self, pack: _Pack, name: str, value):
+        """pack.data[name] = value, counted against the byte budget (other entries may be evicted)."""
+        with self._lock:
+            added = _tensor_bytes(value) - _tensor_bytes(pack.data.get(name))
+            pack.data[name] = value
+            if pack.stamps is not None and any(p is pack for p in self.entries.values()):
+                pack.nbytes += added
+                self.nbytes += added
+                self._evict(keep=pack)
+        return value
+
+    def _drop(self, key) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    def _evict(self, keep: _Pack) -> None:
+        for key in list(self.entries):
+            if self.nbytes <= self.max_bytes and len(self.entries) <= self.max_entries:
+                return
+            if self.entries[key] is not keep:
+                self._drop(key)
+
     def clear(self) -> None:
-        self.entries.clear()
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
 
 
 _CACHE = _WeightCache()
 
 
 def clear_weight_cache() -> None:
-    """Forget every cached weight norm and factor (needed only after writes through `.data`)."""
+    """Forget every cached LoRA layout, folded weight and norm. Needed only after writing LoRA
+    weights through `.data` (which bypasses the version counters the cache checks); peft's hotswap
+    does this by itself."""
     _CACHE.clear()
 
 
-def _offsets(pack, lora_a, device):
-    if "offsets" not in pack:
-        ranks = [a.shape[0] for a in lora_a]
-        pack["offsets"] = torch.tensor([0, *itertools.accumulate(ranks)], dtype=torch.int32, device=device)
-    return pack["offsets"]
+def set_weight_cache_limit(max_bytes: int) -> None:
+    """Bound the weight cache to max_bytes (least-recently-used entries are dropped beyond it)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an int ≥ 0, got {max_bytes!r}")
+    with _CACHE._lock:
+        _CACHE.max_bytes = max_bytes
+        _CACHE._evict(keep=None)
+
+
+_PEFT_WATCHED = False
+
+
+def _watch_peft_hotswap() -> None:
+    """Once peft is imported, wrap `peft.utils.hotswap.hotswap_adapter_from_state_dict` (which
+    diffusers' `load_lora_weights(..., hotswap=True)` and peft's `hotswap_adapter` call) so that it
+    clears the weight cache: it writes the new adapter through `.data.copy_`, which leaves the
+    weights' version counters (and so every cache stamp) unchanged."""
+    global _PEFT_WATCHED
+    if _PEFT_WATCHED or "peft" not in sys.modules:
+        return
+    try:
+        import peft.utils.hotswap as hotswap
+    except ImportError:
+        return
+    _PEFT_WATCHED = True
+    original = hotswap.hotswap_adapter_from_state_dict
+    if getattr(original, "_clears_lightmotion_cache", False):
+        return
+
+    @functools.wraps(original)
+    def hotswap_adapter_from_state_dict(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            clear_weight_cache()
+
+    hotswap_adapter_from_state_dict._clears_lightmotion_cache = True
+    hotswap.hotswap_adapter_from_state_dict = hotswap_adapter_from_state_dict
+
+
+def _cached(pack: _Pack, name: str, build):
+    value = pack.data.get(name)
+    if value is None:
+        with torch.no_grad():
+            value = _CACHE.store(pack, name, build())
+    return value
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -85,26 +243,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def weight_norms(lora_a, lora_b, pack=None) -> torch.Tensor:
-    """[k] float32: ‖BᵢAᵢ‖_F = sqrt(tr((AᵢAᵢᵀ)(BᵢᵀBᵢ))), cached."""
+    """[k] float32 (float64 for float64 weights): ‖BᵢAᵢ‖_F = sqrt(tr((AᵢAᵢᵀ)(BᵢᵀBᵢ))), cached."""
     pack = _CACHE.get(lora_a, lora_b) if pack is None else pack
-    if "weight_norms" not in pack:
+
+    def build():
         norms = []
         for a, b in zip(lora_a, lora_b):
             a32, b32 = a.detach().to(_acc_dtype(a)), b.detach().to(_acc_dtype(b))
             norms.append(((a32 @ a32.T) * (b32.T @ b32)).sum().clamp_min(0).sqrt())
-        pack["weight_norms"] = torch.stack(norms)
-    return pack["weight_norms"]
-
-
-def _factors_t(lora_b, block_r, pack) -> torch.Tensor:
-    """[k, BR, BR] float32: Fᵢᵀ zero-padded, Fᵢ = R of the QR of Bᵢ, so FᵢᵀFᵢ = BᵢᵀBᵢ."""
-    if "factors_t" not in pack:
-        out = torch.zeros((len(lora_b), block_r, block_r), dtype=torch.float32, device=lora_b[0].device)
-        for i, b in enumerate(lora_b):
-            r = torch.linalg.qr(b.detach().float(), mode="r").R  # [min(d_out, r), r]
-            out[i, : r.shape[1], : r.shape[0]] = r.T
-        pack["factors_t"] = out
-    return pack["factors_t"]
+        return torch.stack(norms)
+    return _cached(pack, "weight_norms", build)
 
 
 def _weight_coefficients(n: torch.Tensor) -> torch.Tensor:
@@ -113,57 +261,125 @@ def _weight_coefficients(n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, alpha / torch.where(n > 0, n, 1), 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Implementations.
+def _offsets(pack, layout: RankLayout, device) -> torch.Tensor:
+    """[k+1] int32 padded rank offsets on the device (one host-to-device copy, when cached)."""
+    return _cached(pack, "offsets", lambda: torch.tensor(layout.offsets, dtype=torch.int32, device=device))
 
-def _forward_torch(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack):
-    """Composite torch path (CPU without the interpreter, or ranks above MAX_KERNEL_RANK): the same
-    two-GEMM structure as the kernels, norms in Gram form, no [M, d_out] tensor per LoRA."""
-    ranks = [a.shape[0] for a in lora_a]
+
+def _a_cat(pack, lora_a, layout: RankLayout) -> torch.Tensor:
+    """[R, d_in]: the Aᵢ stacked along the padded rank, zero rows in the padding."""
+    def build():
+        out = lora_a[0].new_zeros((layout.total, lora_a[0].shape[1]))
+        for a, (lo, hi) in zip(lora_a, layout.spans()):
+            out[lo:hi] = a
+        return out
+    return _cached(pack, "a_cat", build)
+
+
+def _lora_factors(lora_a, lora_b, scales, norm, pack) -> list:
+    """The static factor folded into each Bᵢ: sᵢ, times cᵢ = α/‖BᵢAᵢ‖ for `weight` (a device
+    scalar: no synchronisation)."""
+    if norm != "weight":
+        return list(scales)
+    coef = _weight_coefficients(weight_norms(lora_a, lora_b, pack))
+    return [s * coef[i] for i, s in enumerate(scales)]
+
+
+def _b_cat(pack, lora_a, lora_b, layout: RankLayout, scales, norm) -> torch.Tensor:
+    """[d_out, R] contiguous: fᵢ Bᵢ side by side along the padded rank (fᵢ from _lora_factors), zero
+    columns in the padding. One variant per pack: new scales rebuild it (no host sync either)."""
+    variant = ("b_cat", norm == "weight", tuple(scales))
+    cached = pack.data.get("b_cat")
+    if cached is not None and cached[0] == variant:
+        return cached[1]
+    with torch.no_grad():
+        factors = _lora_factors(lora_a, lora_b, scales, norm, pack)
+        acc = _acc_dtype(lora_b[0])
+        out = lora_b[0].new_zeros((lora_b[0].shape[0], layout.total))
+        for b, f, (lo, hi) in zip(lora_b, factors, layout.spans()):
+            out[:, lo:hi] = b.to(acc) * f
+        _CACHE.store(pack, "b_cat", (variant, out))
+    return out
+
+
+def _factors_t(pack, lora_b, layout: RankLayout) -> torch.Tensor:
+    """[k, BR, BR] float32: Fᵢᵀ zero-padded, Fᵢ = R of the QR of Bᵢ, so FᵢᵀFᵢ = BᵢᵀBᵢ."""
+    def build():
+        br = layout.norm_block
+        out = torch.zeros((len(lora_b), br, br), dtype=torch.float32, device=lora_b[0].device)
+        for i, b in enumerate(lora_b):
+            r = torch.linalg.qr(b.float(), mode="r").R  # [min(d_out, r), r]
+            out[i, : r.shape[1], : r.shape[0]] = r.T
+        return out
+    return _cached(pack, "factors_t", build)
+
+
+def _column_expand(per_lora: torch.Tensor, layout: RankLayout) -> torch.Tensor:
+    """[M, k] -> [M, R]: each LoRA's value repeated over its padded ranks (no host sync)."""
+    return torch.cat([per_lora[:, i:i + 1].expand(-1, p) for i, p in enumerate(layout.padded)], dim=1)
+
+
+def _output_norms(z: torch.Tensor, lora_b, layout: RankLayout) -> torch.Tensor:
+    """[M, k]: nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ), Gᵢ = BᵢᵀBᵢ, from z's real rank columns (in z's dtype)."""
+    cols = []
+    for b, (lo, hi) in zip(lora_b, layout.spans()):
+        zi, bf = z[:, lo:hi], b.to(z.dtype)
+        cols.append(((zi @ (bf.T @ bf)) * zi).sum(-1).clamp_min(0).sqrt())
+    return torch.stack(cols, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: the same structure (padded cached weights, z, zs = cᵢ(t) z, one expand).
+
+def _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout):
+    """Composite torch path (CPU without the interpreter, float64, or ranks above MAX_KERNEL_RANK)."""
     acc = _acc_dtype(x)
-    a_cat, b_cat = torch.cat(list(lora_a)), torch.cat(list(lora_b), dim=1)
+    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
     z = x @ a_cat.T
-    zf = z.to(acc)
     base = x.to(acc) @ weight.to(acc).T
     if bias is not None:
         base = base + bias.to(acc)
-    coef = scale.to(acc)[None, :]
-    norms = x.new_empty((0, len(ranks)), dtype=acc)
+    zs = z.to(acc)
+    norms = x.new_empty((0, len(lora_a)), dtype=acc)
     if norm == "output":
-        chunks = zf.split(ranks, dim=1)
-        norms = torch.stack([((c @ (b.to(acc).T @ b.to(acc))) * c).sum(-1).clamp_min(0).sqrt()
-                             for c, b in zip(chunks, lora_b)], dim=1)
-        coef = scale * norms.mean(1, keepdim=True) / (norms + eps)
-    scaled = zf * coef.repeat_interleave(torch.tensor(ranks, device=x.device), dim=1)
+        norms = _output_norms(zs, lora_b, layout)
+        zs = zs * _column_expand(norms.mean(1, keepdim=True) / (norms + eps), layout)
+    b_acc = b_cat.to(acc)
     if separate:
-        parts = [base + s @ b.to(acc).T for s, b in zip(scaled.split(ranks, dim=1), lora_b)]
-        y = torch.stack(parts).to(x.dtype)
+        pad = zip(layout.offsets, layout.offsets[1:])
+        y = torch.stack([base + zs[:, lo:hi] @ b_acc[:, lo:hi].T for lo, hi in pad]).to(x.dtype)
     else:
-        y = (base + scaled @ b_cat.to(acc).T).to(x.dtype)
+        y = (base + zs @ b_acc.T).to(x.dtype)
     return y, z, norms
 
 
-def _forward_triton(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack):
+def _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout):
     kernel = _common.kernel_module("multi_lora")
-    k = len(lora_a)
-    ranks = [a.shape[0] for a in lora_a]
-    a_cat, b_cat = torch.cat(list(lora_a)), torch.cat(list(lora_b), dim=1)
-    offsets = _offsets(pack, lora_a, x.device)
-    m = x.shape[0]
-    z = torch.empty((m, a_cat.shape[0]), dtype=x.dtype, device=x.device)
+    k, m = len(lora_a), x.shape[0]
+    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
+    offsets = _offsets(pack, layout, x.device)
+    z = torch.empty((m, layout.total), dtype=x.dtype, device=x.device)
+    y = torch.empty((k, m, weight.shape[0]) if separate else (m, weight.shape[0]), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y, z, x.new_empty((0, k), dtype=torch.float32)
     if norm == "output":
-        norms = torch.empty((m, k), dtype=torch.float32, device=x.device)
-        factors = _factors_t(lora_b, kernel.rank_block(max(ranks)), pack)
+        zs, norms = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=x.device)
+        kernel.multi_lora_shrink_norm_launch(x, a_cat, offsets, _factors_t(pack, lora_b, layout), z, zs, norms,
+                                             eps, layout.rank_tile)
     else:
-        norms, factors = x.new_empty((0, k), dtype=torch.float32), None
-    kernel.multi_lora_shrink_launch(x, a_cat, offsets, factors, z, norms if factors is not None else None,
-                                    max(ranks))
-    shape = (k, m, weight.shape[0]) if separate else (m, weight.shape[0])
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    kernel.multi_lora_expand_launch(x, weight, bias, z, b_cat, offsets, scale,
-                                    norms if norm == "output" else None, eps, y, separate,
-                                    min_rank=min(ranks))
+        zs, norms = z, x.new_empty((0, k), dtype=torch.float32)
+        kernel.multi_lora_shrink_launch(x, a_cat, z, layout.rank_tile)
+    kernel.multi_lora_expand_launch(x, weight, bias, zs, b_cat, offsets, y, separate, layout.rank_tile)
     return y, z, norms
+
+
+def _kernel_handles(dtype: torch.dtype, norm: str, layout: RankLayout) -> bool:
+    """Whether the Triton kernels take this call. Not for float64 (gradcheck), ranks above
+    MAX_KERNEL_RANK, or fp32 `output` above 64 ranks: the kernel's IEEE FMA dots over a whole
+    LoRA's rank spill tens of KB of registers on sm_90 there, and cuBLAS's SGEMM is faster anyway."""
+    if dtype == torch.float64 or max(layout.ranks) > MAX_KERNEL_RANK:
+        return False
+    return not (dtype == torch.float32 and norm == "output" and layout.norm_block > 64)
 
 
 @torch.library.custom_op("lightmotion::multi_lora_linear", mutates_args=())
@@ -171,31 +387,29 @@ def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float],
                          norm: str, eps: float, separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [M, d_in] (any strides). Returns y [M, d_out] (or [k, M, d_out] with separate),
-    z [M, R] and norms [M, k] float32 (`output`) or [0, k]. float64 inputs (gradcheck) take the
-    torch path and keep float64 throughout."""
+    z [M, R] (R = rank_layout(ranks).total) and norms [M, k] float32 (`output`) or [0, k].
+    float64 inputs (gradcheck) take the torch path and keep float64 throughout."""
+    layout = rank_layout(tuple(a.shape[0] for a in lora_a))
     pack = _CACHE.get(lora_a, lora_b)
-    scale = torch.tensor(scales, dtype=torch.float32, device=x.device)
-    if norm == "weight":
-        scale = scale * _weight_coefficients(weight_norms(lora_a, lora_b, pack))
     impl = _common.select_backend(x.device)
-    if (impl is Backend.TRITON and max(a.shape[0] for a in lora_a) <= MAX_KERNEL_RANK
-            and x.dtype != torch.float64):
-        return _forward_triton(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack)
-    return _forward_torch(x, weight, bias, lora_a, lora_b, scale, norm, eps, separate, pack)
+    if impl is Backend.TRITON and _kernel_handles(x.dtype, norm, layout):
+        return _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
+    return _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
 
 
 @multi_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate):
     k, m, d_out = len(lora_a), x.shape[0], weight.shape[0]
-    rank = sum(a.shape[0] for a in lora_a)
+    rank = rank_layout(tuple(a.shape[0] for a in lora_a)).total
     y = x.new_empty((k, m, d_out) if separate else (m, d_out))
     norms_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return y, x.new_empty((m, rank)), x.new_empty((m if norm == "output" else 0, k), dtype=norms_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: torch matmuls on the shrunk tensors (z, and h = g B_cat), everything else in r×r or
-# [M, k] space. No [M, d_out] tensor per LoRA is formed (except g itself with separate=True).
+# Backward: torch matmuls over the cached padded A_cat/B_cat, so each LoRA GEMM is one launch for
+# all k LoRAs (h = g B_cat, dB_cat = gᵀ zs, dx = g W + dz A_cat, dA_cat = dzᵀ x); everything else
+# in r×r or [M, k] space. No [M, d_out] tensor per LoRA is formed (except g itself with separate).
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scales, norm, eps, separate = inputs
@@ -209,73 +423,82 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_z, grad_norms):
     x, weight, z, norms, *ab = ctx.saved_tensors
-    k = ctx.k
+    k, scales, norm = ctx.k, ctx.scales, ctx.norm
     lora_a, lora_b = ab[:k], ab[k:]
-    ranks = [a.shape[0] for a in lora_a]
+    layout = rank_layout(tuple(a.shape[0] for a in lora_a))
+    pack = _CACHE.get(lora_a, lora_b)
+    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
+    factors = _lora_factors(lora_a, lora_b, scales, norm, pack)  # fᵢ, folded into b_cat
     dtype, acc = x.dtype, _acc_dtype(x)
-    scale = torch.tensor(ctx.scales, dtype=acc, device=x.device)
-    zf = z.to(acc)
-    z_chunks = zf.split(ranks, dim=1)
     g = grad_y
+    zf = z.to(acc)
+    padded = list(zip(layout.offsets, layout.offsets[1:]))
 
-    # The coefficients the forward used: [1, k] or [M, k].
-    if ctx.norm == "weight":
-        n_w = weight_norms(lora_a, lora_b)
-        coef = (scale * _weight_coefficients(n_w).to(acc))[None, :]
-    elif ctx.norm == "output":
+    # y = base + Σᵢ ρᵢ zᵢ (fᵢ Bᵢ)ᵀ with ρᵢ(t) = α_t/(nᵢ(t)+ε) for `output`, else 1.
+    if norm == "output":
         alpha = norms.mean(1, keepdim=True)
-        coef = scale * alpha / (norms + ctx.eps)
+        inv = 1.0 / (norms + ctx.eps)
+        rho = _column_expand(alpha * inv, layout)
+        zs = zf * rho
     else:
-        coef = scale[None, :]
-
-    # h = g B (per LoRA: gᵢ with separate outputs), dBᵢ = gᵢᵀ (coefᵢ zᵢ), pᵢ(t) = gᵢ(t)·uᵢ(t) = hᵢ·zᵢ.
-    h_chunks, d_b = [], []
-    for i, b in enumerate(lora_b):
-        gi = g[i] if ctx.separate else g
-        h_chunks.append((gi @ b).to(acc))
-        d_b.append((gi.T @ (z_chunks[i] * coef[:, i:i + 1]).to(dtype)).to(acc))
-    p = torch.stack([(h * zc).sum(1) for h, zc in zip(h_chunks, z_chunks)], dim=1)  # [M, k]
-    dz = [coef[:, i:i + 1] * h_chunks[i] for i in range(k)]
+        zs = zf
+    # hb = g (f B)_cat: hbᵢ = fᵢ gᵢ Bᵢ;  dB_cat' = gᵀ zs: dL/dBᵢ = fᵢ dB_cat'ᵢ.
+    if ctx.separate:
+        hb = torch.cat([g[i] @ b_cat[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
+        db = torch.cat([g[i].T @ zs[:, lo:hi].to(dtype) for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
+        g_sum = g.sum(0)
+    else:
+        hb = (g @ b_cat).to(acc)
+        db = (g.T @ zs.to(dtype)).to(acc)
+        g_sum = g
+    dz = hb * rho if norm == "output" else hb
+    d_b = [f * db[:, lo:hi] for f, (lo, hi) in zip(factors, layout.spans())]
     d_a = [None] * k
 
-    if ctx.norm == "output":
-        # coefᵢ = sᵢ α/(nᵢ+ε), α = mean nⱼ  =>  ∂L/∂nⱼ = Σᵢ pᵢ sᵢ/(k(nᵢ+ε)) − pⱼ sⱼ α/(nⱼ+ε)².
-        inv = 1.0 / (norms + ctx.eps)
-        d_n = (p * scale * inv).sum(1, keepdim=True) / k - p * scale * alpha * inv * inv
+    if norm == "output":
+        # ρᵢ = α/(nᵢ+ε), α = mean nⱼ, and fᵢ = sᵢ: with psᵢ(t) = hbᵢ·zᵢ = sᵢ gᵢ·(zᵢBᵢᵀ),
+        # ∂L/∂nⱼ = Σᵢ psᵢ/(k(nᵢ+ε)) − psⱼ α/(nⱼ+ε)², and ∂nⱼ/∂zⱼ = Gⱼzⱼ/nⱼ, ∂nⱼ/∂Gⱼ = zⱼᵀzⱼ/(2nⱼ).
+        ps = torch.stack([(hb[:, lo:hi] * zf[:, lo:hi]).sum(1) for lo, hi in layout.spans()], dim=1)
+        d_n = (ps * inv).sum(1, keepdim=True) / k - ps * alpha * inv * inv
         q = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)  # ∂L/∂nⱼ / nⱼ
-        for i, b in enumerate(lora_b):
+        dz_terms = []
+        for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
             bf = b.to(acc)
-            gram = bf.T @ bf
-            zq = z_chunks[i] * q[:, i:i + 1]
-            dz[i] = dz[i] + zq @ gram                    # ∂nⱼ/∂zⱼ = Gⱼ zⱼ / nⱼ
-            d_b[i] = d_b[i] + bf @ (z_chunks[i].T @ zq)  # ∂nⱼ/∂Gⱼ = zⱼᵀzⱼ/(2nⱼ), G = BᵀB
-    elif ctx.norm == "weight":
-        # coefᵢ = sᵢ α/Nᵢ, α = mean Nⱼ  =>  ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ²   (over Nᵢ > 0),
-        # with dcᵢ = sᵢ Σ_t pᵢ(t); N² = tr(AAᵀ BᵀB) gives ∂N/∂A = G A/N, ∂N/∂B = B (AAᵀ)/N.
+            zq = zf[:, lo:hi] * q[:, i:i + 1]
+            dz_terms.append((lo, hi, zq @ (bf.T @ bf)))
+            d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
+        for lo, hi, term in dz_terms:  # dz = hb * rho is a fresh tensor here
+            dz[:, lo:hi] += term
+    elif norm == "weight":
+        # fᵢ = sᵢ α/Nᵢ, α = mean Nⱼ: with dcᵢ = sᵢ Σ_t gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩,
+        # ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² (over Nᵢ > 0); N² = tr(AAᵀ BᵀB) gives
+        # ∂N/∂A = G A/N, ∂N/∂B = B (AAᵀ)/N. No host branch on which Nᵢ vanish (no sync).
+        n_w = weight_norms(lora_a, lora_b, pack).to(acc)
         alive = n_w > 0
         safe = torch.where(alive, n_w, 1)
-        dc = scale * p.sum(0)
+        dc = torch.stack([s * (b.to(acc) * db[:, lo:hi]).sum()
+                          for s, b, (lo, hi) in zip(scales, lora_b, layout.spans())])
         d_n = torch.where(alive, dc / safe, 0).sum() / k - torch.where(alive, dc * n_w.mean() / safe**2, 0)
+        w_n = torch.where(alive, d_n / safe, 0)
         for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-            if alive[i]:
-                af, bf = a.to(acc), b.to(acc)
-                d_a[i] = (d_n[i] / n_w[i]) * ((bf.T @ bf) @ af)
-                d_b[i] = d_b[i] + (d_n[i] / n_w[i]) * (bf @ (af @ af.T))
+            af, bf = a.to(acc), b.to(acc)
+            d_a[i] = w_n[i] * ((bf.T @ bf) @ af)
+            d_b[i] = d_b[i] + w_n[i] * (bf @ (af @ af.T))
 
-    dz_cat = torch.cat(dz, dim=1).to(dtype)
+    dz_d = dz.to(dtype)
     grad_x = grad_w = grad_bias = None
-    g_sum = g.sum(0) if ctx.separate else g
     if ctx.needs_input_grad[0]:
-        grad_x = torch.addmm((g_sum @ weight).to(acc), dz_cat.to(acc), torch.cat(list(lora_a)).to(acc)).to(dtype)
+        grad_x = torch.addmm(g_sum @ weight, dz_d, a_cat)  # base and all LoRAs accumulated in one
     if ctx.needs_input_grad[1]:
         grad_w = g_sum.T @ x
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = g_sum.sum(0)
+    da_cat = (dz_d.T @ x).to(acc)  # all k LoRAs in one GEMM
     grad_a = []
-    for i, dzi in enumerate(dz_cat.split(ranks, dim=1)):
-        da = (dzi.T @ x).to(acc)
+    for i, (lo, hi) in enumerate(layout.spans()):
+        da = da_cat[lo:hi]
         grad_a.append((da if d_a[i] is None else da + d_a[i]).to(lora_a[i].dtype))
-    grad_b = [db.to(b.dtype) for db, b in zip(d_b, lora_b)]
+    grad_b = [db_i.to(b.dtype) for db_i, b in zip(d_b, lora_b)]
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
