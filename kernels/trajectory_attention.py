@@ -16,8 +16,11 @@ and landing counts are read once for all heads):
                         launch sums, for every pixel, its CSR list in ascending n in fp32 and writes
                         the output once, 0 where nothing lands. Two launches, bitwise repeatable.
 Backward, the same structure: the program recomputes P from the gathered rows (F ≤ 64 fits on chip,
-so nothing from the forward is saved besides the inputs), reads dO at the token's pixel divided by
-the count, and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO with dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
+so nothing from the forward is saved besides the inputs), reads dO at the token's pixel (its 1/count
+is applied to the fp32 products), and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO/count with
+dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO/count Vᵀ (rowsum(P ∘ dP) = rowsum(dO/count ∘ O): O is not
+recomputed). It works on Pᵀ (keys on rows) so that k, v and dO are prefetched with cp.async (see the
+kernel); dQ and dV come out transposed and are written through transposed addresses.
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
 
