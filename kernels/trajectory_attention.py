@@ -16,8 +16,11 @@ and landing counts are read once for all heads):
                         launch sums, for every pixel, its CSR list in ascending n in fp32 and writes
                         the output once, 0 where nothing lands. Two launches, bitwise repeatable.
 Backward, the same structure: the program recomputes P from the gathered rows (F ≤ 64 fits on chip,
-so nothing from the forward is saved besides the inputs), reads dO at the token's pixel divided by
-the count, and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO with dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
+so nothing from the forward is saved besides the inputs), reads dO at the token's pixel (its 1/count
+is applied to the fp32 products), and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO/count with
+dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO/count Vᵀ (rowsum(P ∘ dP) = rowsum(dO/count ∘ O): O is not
+recomputed). It works on Pᵀ (keys on rows) so that k, v and dO are prefetched with cp.async (see the
+kernel); dQ and dV come out transposed and are written through transposed addresses.
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
 
@@ -53,16 +56,27 @@ def _gather_rows(ptr, base, pix, frame, ok, dd, s_s, s_f, s_d, D: tl.constexpr, 
 
 
 @triton.jit
-def _probs(q, k, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Row-normalised attention probabilities (fp32) of one trajectory: [BLOCK_F, BLOCK_F]."""
-    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # log2 domain
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all (mask_invalid, all invalid)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, axis=1)
+def _softmax(s, key_ok, KEY_AXIS: tl.constexpr):
+    """Scores s (log2 domain) normalised over the keys, which run along KEY_AXIS (fp32)."""
+    s = tl.where(tl.expand_dims(key_ok, 1 - KEY_AXIS), s, float("-inf"))
+    m = tl.max(s, axis=KEY_AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)  # queries with no key at all (mask_invalid, all invalid)
+    p = tl.exp2(s - tl.expand_dims(m, KEY_AXIS))
+    l = tl.sum(p, axis=KEY_AXIS)
     l = tl.where(l == 0.0, 1.0, l)
-    return p / l[:, None]
+    return p / tl.expand_dims(l, KEY_AXIS)
+
+
+@triton.jit
+def _probs(q, k, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Row-normalised attention probabilities (fp32) of one trajectory: P [BLOCK_F queries, BLOCK_F keys]."""
+    return _softmax(_mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale, key_ok, 1)
+
+
+@triton.jit
+def _probs_t(k, q, key_ok, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The same transposed, keys on rows: Pᵀ [BLOCK_F keys, BLOCK_F queries], k the A operand."""
+    return _softmax(_mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale, key_ok, 0)
 
 
 @triton.jit
@@ -148,7 +162,7 @@ def _traj_attn_bwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    WRITE_EARLY: tl.constexpr, ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
     fr = tl.arange(0, BLOCK_F)
@@ -167,24 +181,25 @@ def _traj_attn_bwd_kernel(
                 k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
                 v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
                 do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D, ALIGN)
-                do = do.to(tl.float32) * inv_count[:, None]
-                p = _probs(q, k, key_ok, qk_scale, PRECISION, UPCAST)
-                do_c = do.to(v.dtype)
                 off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
-                if WRITE_EARLY:  # fewer [F, D] tiles live at once (see _bwd_write_early)
-                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
-                o = _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-                delta = tl.sum(do * o, axis=1)
-                dp = _mm(do_c, tl.trans(v), PRECISION, UPCAST)
-                ds_c = (p * (dp - delta[:, None])).to(q.dtype)
-                dq = _mm(ds_c, k, PRECISION, UPCAST) * sm_scale
-                if WRITE_EARLY:
-                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
-                dk = _mm(tl.trans(ds_c), q, PRECISION, UPCAST) * sm_scale
-                if not WRITE_EARLY:
-                    _write_grad(dq_ptr + off, dq, mask, ATOMIC)
-                    _write_grad(dv_ptr + off, _mm(tl.trans(p.to(do_c.dtype)), do_c, PRECISION, UPCAST), mask, ATOMIC)
+                # Transposed form (keys on rows). The pipeliner (Triton 3.9, sm_90) loads a gathered tile
+                # with cp.async, prefetching the next head, only when all its products read it in the same
+                # operand role (A, or A transposed); a tile read as B both ways is loaded synchronously.
+                # Here k and dO are read as A only (dQ and dV come out transposed and are written through
+                # transposed addresses), v by one product, and only q as B both ways: 3 of 4 tiles are
+                # prefetched (sm_90 AOT at 25 frames x 64: 9 LDGSTS, 1 LDG.E.128 per head loop).
+                pt = _probs_t(k, q, key_ok, qk_scale, PRECISION, UPCAST)         # [keys, queries]
+                dpt = tl.trans(_mm(do, tl.trans(v), PRECISION, UPCAST)) * inv_count[None, :]  # (dO/count Vᵀ)ᵀ
+                # rowsum(dO/count ∘ O) with O = P V is rowsum(P ∘ dP): no O to recompute.
+                delta = tl.sum(pt * dpt, axis=0)
+                dst_c = (pt * (dpt - delta[None, :])).to(q.dtype)                 # dSᵀ
+                dk = _mm(dst_c, q, PRECISION, UPCAST) * sm_scale
                 _write_grad(dk_ptr + off, dk, mask, ATOMIC)
+                p_c = tl.trans((pt * inv_count[None, :]).to(do.dtype))           # P / count
+                dvt = _mm(tl.trans(do), p_c, PRECISION, UPCAST)                   # (Pᵀ dO/count)ᵀ
+                _write_grad(dv_ptr + tl.trans(off), dvt, tl.trans(mask), ATOMIC)
+                dqt = _mm(tl.trans(k), dst_c, PRECISION, UPCAST) * sm_scale  # (dS K)ᵀ
+                _write_grad(dq_ptr + tl.trans(off), dqt, tl.trans(mask), ATOMIC)
 
 
 @triton.jit
@@ -288,14 +303,6 @@ def _strides(align: int, *tensors: torch.Tensor) -> list[int]:
     return out
 
 
-def _bwd_write_early(dtype: torch.dtype, deterministic: bool) -> bool:
-    # 2026-11-22, ptxas -v for sm_90 at SVD-xt L0 (25 frames, 5 x 64), 8 warps: writing dv and dq as
-    # soon as they exist takes the 16-bit atomic backward from 142 to 128 registers (1 -> 2 blocks
-    # per SM); the deterministic one is at 100 registers (2 blocks) writing at the end but 128 early,
-    # and fp32 spills 532 bytes early. Untimed on a GPU.
-    return (not deterministic) and dtype != torch.float32
-
-
 def _traj_per_prog(n_traj: int, interpreting: bool) -> int:
     # On a GPU one trajectory per program keeps enough programs in flight to hide the gather latency;
     # the interpreter pays per program, so there it walks several.
@@ -385,7 +392,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
-        WRITE_EARLY=_bwd_write_early(q.dtype, deterministic), ALIGN=align,
+        ALIGN=align,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:

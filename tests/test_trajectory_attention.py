@@ -81,6 +81,29 @@ def test_backward_matches_reference(shape, dtype, deterministic, mask_invalid, d
         close(g, w, dtype, f"d{name}")
 
 
+# The backward works on Pᵀ (keys on rows) and writes dQ, dV through transposed addresses; every head of
+# a token is gathered from its [h d] row. Heads 1-5 at head dims 40 and 64 (the 16-byte-aligned path at
+# 40, the stride-specialised one at 64), odd frames, one trajectory with no valid frame.
+@pytest.mark.parametrize("heads, dim", [(1, 40), (2, 64), (3, 40), (4, 64), (5, 40), (5, 64)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_heads_forward_and_backward_match_float64(heads, dim, dtype, device, poisoned):
+    (q, k, v), idx, valid = make_case(1, 3, 3, 7, heads, dim, 6, device=device, seed=10 + heads)
+    valid[:, 0] = False
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    qd, kd, vd = (t.detach().double() for t in (q, k, v))
+    for mask_invalid, deterministic in ((heads % 2 == 0, True), (heads % 2 == 1, False)):
+        with lightmotion_fast.backend("triton"):
+            out = trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid, deterministic=deterministic)
+        what = f"(mask_invalid={mask_invalid}, deterministic={deterministic})"
+        close(out, trajectory_attention_reference(qd, kd, vd, idx, valid, mask_invalid), dtype, "out " + what)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want = trajectory_attention_backward_reference(dout.double(), qd, kd, vd, idx, valid, mask_invalid)
+        for name, g, w in zip("qkv", grads, want):
+            close(g, w, dtype, f"d{name} " + what)
+
+
 def test_permuted_views_need_no_copy(device, poisoned):
     # The processor hands [(b s), f, (h d)] projections; a transposed view must give the same result.
     (q, k, v), idx, valid = make_case(2, 3, 4, 6, 2, 48, 20, device=device, seed=2)
