@@ -417,6 +417,27 @@ def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_sc
 
 
 @triton.jit
+def _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
+                  sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the dq pass: its K tile, the probabilities P = exp2(S - lse) (0 on dead rows) and
+    dP = dO Vᵀ. Shared by the Δ pass and the dq pass, so both see the same P."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+    k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
+                     HAS_MASK, MASK_BOOL, PRECISION)
+    p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return k, p, dp
+
+
+@triton.jit
 def _dual_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, mask_ptr,
     n_q, heads, kv_len, qk_scale, softmax_scale, lam,
@@ -455,17 +476,9 @@ def _dual_bwd_dq_kernel(
     else:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, kv_len, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-            k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-            v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                             HAS_MASK, MASK_BOOL, PRECISION)
-            p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            _, p, dp = _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
+                                     sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
+                                     HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
             delta += tl.sum(p * dp, 1)
         # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
         delta -= tl.load(glse_ptr + row_base + offs_m, mask=row_ok, other=0.0)
@@ -473,17 +486,9 @@ def _dual_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start in range(0, kv_len, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-        k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                         HAS_MASK, MASK_BOOL, PRECISION)
-        p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        k, p, dp = _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
+                                 sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
+                                 HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * softmax_scale

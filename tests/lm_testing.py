@@ -31,3 +31,32 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
+
+
+def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
+    """Run tests/gpu_compile_check.py (default subset) in a subprocess with Triton out of interpreter mode and
+    a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier run's cache); `pythonpath`
+    goes first on PYTHONPATH (another Triton). Returns its JSON report plus "returncode" and "log"."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    script = Path(__file__).with_name("gpu_compile_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath] + [p for p in [env.get("PYTHONPATH", "")] if p])
+    env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = Path(tmp) / "report.json"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if not out.exists():
+        pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
+                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    data = json.loads(out.read_text())
+    data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
+    return data

@@ -10,15 +10,11 @@ By default a representative subset is compiled (per kernel and dtype the launch 
 tiles, plus every combination of the kernel's flags); LIGHTMOTION_COMPILE_ALL=1 compiles every
 distinct launch (several minutes on 2 cores).
 """
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from lm_testing import run_compile_check
 
-SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
 
 # op -> the kernels its Triton path launches (forward and backward).
 EXPECTED = {
@@ -38,19 +34,8 @@ DTYPE_FOLLOWING = [k for k in KERNELS if k != "_snr_noise_kernel"]
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp / "cache")   # compile for real, not from an earlier run's cache
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = tmp / "report.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], env=env, capture_output=True,
-                          text=True, timeout=7200 if os.environ.get("LIGHTMOTION_COMPILE_ALL") == "1" else 1800)
-    if not out.exists():
-        pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    data = json.loads(out.read_text())
-    data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
-    return data
+    timeout = 7200 if os.environ.get("LIGHTMOTION_COMPILE_ALL") == "1" else 1800
+    return run_compile_check(tmp_path_factory.mktemp("gpu_compile"), timeout=timeout)
 
 
 def test_the_check_can_fail(report):

@@ -6,17 +6,15 @@ Triton 3.6 comes from a `pip install --target` copy that `./dev.sh setup` puts i
 TRITON_CACHE_DIR, so this process's Triton is untouched. Where the running Triton already is 3.6
 (the GPU machines), the check runs with it as it is.
 """
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lm_testing import run_compile_check
 import triton
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "gpu_compile_check.py"
 VERSION = "3.6"
 
 
@@ -36,21 +34,7 @@ def report(tmp_path_factory):
     if path is None:
         pytest.fail("no Triton 3.6 copy: run ./dev.sh setup (installs it into .venv/triton-3.6.0) or set "
                     "LIGHTMOTION_TRITON36 to a `pip install --no-deps --target DIR triton==3.6.0` folder")
-    tmp = tmp_path_factory.mktemp("triton36")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([path] + [p for p in [env.get("PYTHONPATH", "")] if p])
-    env["TRITON_CACHE_DIR"] = str(tmp / "cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = tmp / "report.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], env=env, capture_output=True,
-                          text=True, timeout=1500)
-    if not out.exists():
-        pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    data = json.loads(out.read_text())
-    data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
-    return data
+    return run_compile_check(tmp_path_factory.mktemp("triton36"), pythonpath=path, timeout=1500)
 
 
 def test_the_check_ran_with_triton_36(report):
