@@ -162,8 +162,13 @@ def print_achieved_motion(video: torch.Tensor, camera: lm.CameraMotion, max_side
     scale = max_side / max(frames.shape[-2:])
     if scale < 1:
         frames = torch.nn.functional.interpolate(frames, scale_factor=scale, mode="area")
+    try:
+        table = camera_motion_errors(frames, camera).table()
+    except ValueError as exc:  # an image with no texture (a flat colour) gives nothing to estimate from
+        print(f"camera motion: not estimated from the preview frames ({exc})")
+        return
     print("camera motion, requested vs achieved (estimated from the preview frames):")
-    print(camera_motion_errors(frames, camera).table())
+    print(table)
 
 
 @contextlib.contextmanager

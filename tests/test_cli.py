@@ -1,5 +1,6 @@
 """The command line: demo (the main job) and preview write what they promise."""
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,10 @@ def test_demo_writes_preview_and_checks_kernels(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all paths agree with the reference" in result.stdout
     assert "Triton kernel" in result.stdout and "matches the reference" in result.stdout
+    # the preview's camera motion, estimated back from its frames, is what was asked for (issue 13 item 6)
+    assert "camera motion, requested vs achieved" in result.stdout
+    epe_max = float(re.search(r"EPE: mean [0-9.]+ px, max ([0-9.]+) px", result.stdout).group(1))
+    assert epe_max < 0.5, result.stdout
     gif = Image.open(tmp_path / "camera_path.gif")
     assert gif.n_frames == 6
     assert Image.open(tmp_path / "source_index_map.png").size[0] > 100
