@@ -105,6 +105,8 @@ def kernel_module(name: str):
 # expected, so a user sees the problem at the call, not deep inside a kernel.
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Ops whose PyTorch path keeps float64 throughout (gradcheck) take it through the public function too.
+FLOAT_DTYPES_AND_64 = (*FLOAT_DTYPES, torch.float64)
 
 
 def check_tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, dims: str | None = None,

@@ -509,8 +509,8 @@ multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function.
 
 def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps):
-    _common.check_tensor("x", x, ndim=range(1, 9), dims="... d_in")
-    _common.check_tensor("weight", weight, ndim=2, dims="d_out d_in")
+    _common.check_tensor("x", x, ndim=range(1, 9), dims="... d_in", dtypes=_common.FLOAT_DTYPES_AND_64)
+    _common.check_tensor("weight", weight, ndim=2, dims="d_out d_in", dtypes=_common.FLOAT_DTYPES_AND_64)
     d_out, d_in = weight.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x must have shape [..., {d_in}] (d_in of weight {tuple(weight.shape)}), "
@@ -518,7 +518,7 @@ def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps):
     if weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
-        _common.check_tensor("bias", bias, ndim=1, dims="d_out")
+        _common.check_tensor("bias", bias, ndim=1, dims="d_out", dtypes=_common.FLOAT_DTYPES_AND_64)
         if bias.shape[0] != d_out or bias.dtype != x.dtype:
             raise ValueError(f"bias must have shape [{d_out}] and dtype {x.dtype}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
@@ -529,8 +529,8 @@ def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps):
         raise ValueError(f"lora_a and lora_b must hold the same number k ≥ 1 of LoRAs, "
                          f"got {len(lora_a)} and {len(lora_b)}")
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-        _common.check_tensor(f"lora_a[{i}]", a, ndim=2, dims="r d_in")
-        _common.check_tensor(f"lora_b[{i}]", b, ndim=2, dims="d_out r")
+        _common.check_tensor(f"lora_a[{i}]", a, ndim=2, dims="r d_in", dtypes=_common.FLOAT_DTYPES_AND_64)
+        _common.check_tensor(f"lora_b[{i}]", b, ndim=2, dims="d_out r", dtypes=_common.FLOAT_DTYPES_AND_64)
         if a.shape[1] != d_in or a.shape[0] < 1:
             raise ValueError(f"lora_a[{i}] must have shape [r, {d_in}] with r ≥ 1, got {tuple(a.shape)}")
         if tuple(b.shape) != (d_out, a.shape[0]):
