@@ -13,7 +13,8 @@
 # Set-up: a virtualenv in .venv (LIGHTMOTION_VENV to move it), torch (LIGHTMOTION_TORCH, default
 # torch==2.13.0: the CPU wheel on this project's machines; an unpinned torch pulls GBs of CUDA wheels),
 # then `pip install --no-build-isolation -e .[test]`, which also builds the C++ extension
-# (LIGHTMOTION_NO_EXT=1 skips it). It is redone only when setup.py, pyproject.toml or csrc/ change.
+# (LIGHTMOTION_NO_EXT=1 skips it). It is redone only when setup.py, pyproject.toml, build_backend/ or csrc/
+# change.
 # Set-up also puts a copy of Triton 3.6 (the GPU machines' version) in $VENV/triton-3.6, once, for
 # tests/test_triton36_compile.py, which compiles every kernel for sm_90 with it.
 set -euo pipefail
