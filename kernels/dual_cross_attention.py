@@ -65,6 +65,18 @@ def _head_base(ptr, b, h, s_b8, s_h8):
 
 
 @triton.jit
+def _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST: tl.constexpr):
+    """The K and V rows offs_n (zero past kv_len and past the head dim), widened to fp32 under UPCAST."""
+    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
+    k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _online_softmax_pass(q, acc, m_i, l_i, k_base, v_base, kv_len, sk_n8, sv_n8,
                          mask_base, sm_n, sm_m, offs_m, n_q, offs_d, qk_scale,
                          HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -74,13 +86,7 @@ def _online_softmax_pass(q, acc, m_i, l_i, k_base, v_base, kv_len, sk_n8, sv_n8,
     d_ok = offs_d < HEAD_DIM
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_len
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST)
         s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
                          HAS_MASK, MASK_BOOL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -424,12 +430,7 @@ def _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok,
     """One key tile of the dq pass: its K tile, the probabilities P = exp2(S - lse) (0 on dead rows) and
     dP = dO Vᵀ. Shared by the Δ pass and the dq pass, so both see the same P."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-    k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST)
     s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
                      HAS_MASK, MASK_BOOL, PRECISION)
     p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))

@@ -226,6 +226,19 @@ def _layouts(b, h, n, d, device):
     return {"contiguous": base.clone(), "head_dim_not_innermost": not_innermost, "odd_offset": odd[..., 1:]}
 
 
+def _assert_fp32_triton_matches_float64(q, keys, values, grad):
+    """Forward and backward through the Triton path (scales 1.0, 0.5) against the float64 reference."""
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
+        out.backward(grad)
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5])
+    want.backward(grad.double().cpu())
+    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=4e-5, rtol=1e-4)
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "head_dim_not_innermost", "odd_offset"])
 def test_unaligned_layouts_forward_backward(device, poisoned, layout):
     b, h, n, d, lengths = 2, 2, 19, 40, (9, 5)
@@ -233,30 +246,14 @@ def test_unaligned_layouts_forward_backward(device, poisoned, layout):
     keys = [_layouts(b, h, m, d, device)[layout].requires_grad_() for m in lengths]
     values = [_layouts(b, h, m, d, device)[layout].requires_grad_() for m in lengths]
     grad = _layouts(b, h, n, d, device)[layout]
-    with lightmotion_fast.backend("triton"):
-        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
-        out.backward(grad)
-    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
-    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5])
-    want.backward(grad.double().cpu())
-    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=4e-5, rtol=1e-4)
-    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
-        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+    _assert_fp32_triton_matches_float64(q, keys, values, grad)
 
 
 def test_head_dim_not_a_multiple_of_8(device, poisoned):
     # d = 20: rows are padded to 24 in an aligned copy; output written through an aligned scratch.
     q, keys, values = make_inputs(1, 2, 13, 20, (7, 3), torch.float32, device, requires_grad=True)
     grad = torch.randn(1, 2, 13, 20, device=device)
-    with lightmotion_fast.backend("triton"):
-        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
-        out.backward(grad)
-    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
-    want = dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5])
-    want.backward(grad.double().cpu())
-    torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=4e-5, rtol=1e-4)
-    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
-        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
+    _assert_fp32_triton_matches_float64(q, keys, values, grad)
 
 
 def test_dkdv_query_split_matches_reference(device, poisoned):

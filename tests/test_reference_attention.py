@@ -81,6 +81,18 @@ def _heads_view(b, m, h, d, dtype, device):
     return torch.randn(b, m, h * d, device=device, dtype=dtype).view(b, m, h, d).transpose(1, 2).requires_grad_()
 
 
+def _triton_and_float64(grad, *inputs):
+    """Forward and backward of reference_attention through the Triton path, and of SDPA over the
+    concatenation in float64 on copies of the inputs: (out, reference out, float64 leaves with grads)."""
+    with lightmotion_fast.backend("triton"):
+        out = reference_attention(*inputs)
+        out.backward(grad)
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    want = sdpa_concat(*leaves)
+    want.backward(grad.double().cpu())
+    return out, want, leaves
+
+
 @pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_model_head_dims_forward_backward(device, poisoned, d, dtype):
@@ -88,12 +100,7 @@ def test_model_head_dims_forward_backward(device, poisoned, d, dtype):
     q, k, v = (_heads_view(b, n, h, d, dtype, device) for _ in range(3))
     kr, vr = (_heads_view(b, n_ref, h, d, dtype, device) for _ in range(2))
     grad = torch.randn(b, h, n, d, device=device, dtype=dtype)
-    with lightmotion_fast.backend("triton"):
-        out = reference_attention(q, k, v, kr, vr)
-        out.backward(grad)
-    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, kr, vr)]
-    want = sdpa_concat(*leaves)
-    want.backward(grad.double().cpu())
+    out, want, leaves = _triton_and_float64(grad, q, k, v, kr, vr)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=atol, rtol=rtol)
     atol, rtol = BWD_TOL[dtype]
@@ -129,12 +136,7 @@ def test_unaligned_layouts_forward_backward(device, poisoned, layout):
 
     q, k, v, kr, vr = (make(m) for m in (n, n, n, n_ref, n_ref))
     grad = torch.randn(b, h, n, d, device=device)
-    with lightmotion_fast.backend("triton"):
-        out = reference_attention(q, k, v, kr, vr)
-        out.backward(grad)
-    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, kr, vr)]
-    want = sdpa_concat(*leaves)
-    want.backward(grad.double().cpu())
+    out, want, leaves = _triton_and_float64(grad, q, k, v, kr, vr)
     torch.testing.assert_close(out.detach().double().cpu(), want.detach(), atol=2e-5, rtol=1e-4)
     for got, ref in zip((q, k, v, kr, vr), leaves):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
