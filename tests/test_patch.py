@@ -12,6 +12,7 @@ MODELS = {
     "animatediff": (tiny.tiny_unet_motion, tiny.unet_motion_inputs),
     "svd": (tiny.tiny_svd_unet, tiny.svd_unet_inputs),
     "cogvideox": (tiny.tiny_cogvideox, tiny.cogvideox_inputs),
+    "wan": (tiny.tiny_wan, tiny.wan_inputs),
     "unet2d": (tiny.tiny_unet2d, tiny.unet2d_inputs),
 }
 
@@ -23,11 +24,12 @@ class _Marker(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, temb=None,
                  image_rotary_emb=None):
-        # diffusers passes only the keyword arguments a processor's signature names.
+        # diffusers' Attention passes only the keyword arguments a processor's signature names;
+        # WanAttention passes its rotary embedding positionally (it lands in args).
         extra = {k: v for k, v in dict(temb=temb, image_rotary_emb=image_rotary_emb).items() if v is not None}
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra)
         return tuple(2 * o for o in out) if isinstance(out, tuple) else 2 * out
 
 

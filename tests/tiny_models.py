@@ -95,6 +95,24 @@ def cogvideox_inputs():
                 timestep=torch.tensor([5]))
 
 
+def tiny_wan():
+    """A two-block WanTransformer3DModel (2 heads x 8, text width 16) with random weights."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(5)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+
+
+def wan_inputs(frames: int = 3):
+    """Latent "b c f h w" (Wan's layout), 8 text tokens."""
+    g = torch.Generator().manual_seed(10)
+    return dict(hidden_states=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor([5]),
+                encoder_hidden_states=torch.randn(1, 8, 16, generator=g))
+
+
 def unet2d_inputs():
     g = torch.Generator().manual_seed(11)
     return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(10),

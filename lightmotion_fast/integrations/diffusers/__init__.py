@@ -5,7 +5,7 @@ lives in its own module and is listed in FEATURE_MODULES (order is the install o
 """
 import importlib
 
-from lightmotion_fast.integrations.diffusers import animatediff, cogvideox, svd, unet2d  # noqa: F401  (adapters)
+from lightmotion_fast.integrations.diffusers import animatediff, cogvideox, svd, unet2d, wan  # noqa: F401  (adapters)
 from lightmotion_fast.integrations.diffusers.registry import (
     ADAPTERS,
     FEATURES,
