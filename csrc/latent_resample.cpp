@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -39,8 +40,23 @@ inline void round_affine(const float* m, int64_t x, int64_t y, int64_t& oy, int6
   oy = static_cast<int64_t>(std::floor(sy + 0.5f));
 }
 
+// Which line an exposed pixel draws its fill from (reference/latent_resample.py, "The line").
+enum FillAxis : int64_t { kStrip = 0, kRow = 1, kColumn = 2 };
+
+int64_t overshoot(int64_t s, int64_t size) {
+  return std::max<int64_t>({int64_t{0}, -s, s - (size - 1)});
+}
+
+bool fill_along_column(int64_t axis, int64_t sy, int64_t sx, int64_t height, int64_t width) {
+  if (axis == kRow) return false;
+  if (axis == kColumn) return true;
+  return overshoot(sy, height) * width > overshoot(sx, width) * height;
+}
+
 at::Tensor build_fill_map(const at::Tensor& inv_affine, const at::Tensor& align_affine,
-                          const at::Tensor& background, int64_t seed, bool by_column) {
+                          const at::Tensor& background, int64_t seed, int64_t axis) {
+  TORCH_CHECK(axis == kStrip || axis == kRow || axis == kColumn,
+              "build_fill_map: axis must be 0 (strip), 1 (row) or 2 (column), got ", axis);
   TORCH_CHECK(background.dim() == 3 && background.scalar_type() == at::kBool,
               "build_fill_map: background must be a bool [f, h, w] tensor, got ", background.sizes());
   const int64_t frames = background.size(0), height = background.size(1), width = background.size(2);
@@ -61,21 +77,22 @@ at::Tensor build_fill_map(const at::Tensor& inv_affine, const at::Tensor& align_
   std::vector<uint8_t> exposed(static_cast<size_t>(frames * hw));
   const uint64_t key = mix64(static_cast<uint64_t>(seed));
 
-  // Candidate lists per frame: background positions of every row (or column), and of the frame.
+  // Candidate lists per frame: background positions of every row, of every column, and of the frame.
   std::vector<int32_t> frame_bg;
-  std::vector<std::vector<int32_t>> lines(by_column ? width : height);
+  std::vector<std::vector<int32_t>> rows(height), columns(width);
   frame_bg.reserve(hw);
 
   for (int64_t f = 0; f < frames; ++f) {
     const bool* bgf = bg + f * hw;
     frame_bg.clear();
-    for (auto& line : lines) line.clear();
+    for (auto& line : rows) line.clear();
+    for (auto& line : columns) line.clear();
     for (int64_t y = 0; y < height; ++y) {
       for (int64_t x = 0; x < width; ++x) {
         if (!bgf[y * width + x]) continue;
         frame_bg.push_back(static_cast<int32_t>(y * width + x));
-        if (by_column) lines[x].push_back(static_cast<int32_t>(y));
-        else lines[y].push_back(static_cast<int32_t>(x));
+        rows[y].push_back(static_cast<int32_t>(x));
+        columns[x].push_back(static_cast<int32_t>(y));
       }
     }
     const float* a = inv + f * 6;
@@ -107,7 +124,8 @@ at::Tensor build_fill_map(const at::Tensor& inv_affine, const at::Tensor& align_
             }
           }
           const uint64_t h = mix64(key + (static_cast<uint64_t>(base + p) + 1ULL) * kGolden);
-          const auto& line = by_column ? lines[x] : lines[y];
+          const bool by_column = fill_along_column(axis, sy, sx, height, width);
+          const auto& line = by_column ? columns[x] : rows[y];
           int64_t py, px;
           if (!line.empty()) {
             const int64_t pick = line[h % line.size()];
@@ -134,8 +152,9 @@ at::Tensor build_fill_map(const at::Tensor& inv_affine, const at::Tensor& align_
 
 TORCH_LIBRARY_FRAGMENT(lightmotion_cpp, m) {
   // Fill map for latent_resample: int32 [f, h, w], entry (src_frame * h + y) * w + x of the original
-  // latent. inv_affine / align_affine float32 [f, 2, 3]; background bool [f, h, w] (True: background).
-  m.def("build_fill_map(Tensor inv_affine, Tensor align_affine, Tensor background, int seed, bool by_column) -> Tensor");
+  // latent. inv_affine / align_affine float32 [f, 2, 3]; background bool [f, h, w] (True: background);
+  // axis 0: per exposed strip, 1: rows, 2: columns (reference/latent_resample.py, "The line").
+  m.def("build_fill_map(Tensor inv_affine, Tensor align_affine, Tensor background, int seed, int axis) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightmotion_cpp, CPU, m) {

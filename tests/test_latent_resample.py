@@ -9,6 +9,7 @@ from lightmotion_fast.ops.latent_resample import SOURCE_OFFSETS, build_fill_map_
 from lightmotion_fast.ops.snr_reinject import StepCoefficients, renoise_coefficients, renoise_sigma_coefficients
 from lightmotion_fast.reference.latent_resample import (
     alignment_affines,
+    FILL_AXES,
     build_fill_map_reference,
     decode_fill_map,
     latent_resample_reference,
@@ -72,14 +73,28 @@ def test_cpu_paths_match(impl, poisoned):
     assert torch.equal(out, latent_resample_reference(z, fill))
 
 
-def _check_semantics(cam, frames, height, width, bg, fill, by_column):
+def _along_column(inv_f, height, width, axis):
+    """bool [h, w]: the test's own statement of which axis each exposed pixel is filled along: its source
+    left the frame by dx columns / dy rows; per strip, the column wins iff dy/h > dx/w."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    sx = torch.floor(inv_f[0, 0] * x.float() + inv_f[0, 1] * y.float() + inv_f[0, 2] + 0.5).long()
+    sy = torch.floor(inv_f[1, 0] * x.float() + inv_f[1, 1] * y.float() + inv_f[1, 2] + 0.5).long()
+    dx = torch.where(sx < 0, -sx, torch.where(sx >= width, sx - width + 1, 0))
+    dy = torch.where(sy < 0, -sy, torch.where(sy >= height, sy - height + 1, 0))
+    if axis != "strip":
+        return torch.full((height, width), axis == "column")
+    return dy.double() / height > dx.double() / width
+
+
+def _check_semantics(cam, frames, height, width, bg, fill, axis):
     inv = cam.inverse_affines(frames, height, width)
     align = alignment_affines(inv)
     src_f, src_y, src_x = decode_fill_map(fill, height, width)
     _, exposed = lm.latent_permute(torch.zeros(1, 1, frames, height, width), cam)
     y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    counts = {"aligned": 0, "fresh": 0}
+    counts = {"aligned": 0, "fresh": 0, "row": 0, "column": 0}
     for f in range(frames):
+        along_column = _along_column(inv[f], height, width, axis)
         qx = torch.floor(align[f, 0, 0] * x.float() + align[f, 0, 1] * y.float() + align[f, 0, 2] + 0.5).long()
         qy = torch.floor(align[f, 1, 0] * x.float() + align[f, 1, 1] * y.float() + align[f, 1, 2] + 0.5).long()
         for yy, xx in torch.nonzero(exposed[f]).tolist():
@@ -91,6 +106,8 @@ def _check_semantics(cam, frames, height, width, bg, fill, by_column):
             counts["fresh"] += 1
             sf, sy, sx = int(src_f[f, yy, xx]), int(src_y[f, yy, xx]), int(src_x[f, yy, xx])
             assert sf == f, "a fresh fill comes from the same frame's original latent"
+            by_column = bool(along_column[yy, xx])
+            counts["column" if by_column else "row"] += 1
             line = bg[f, :, xx] if by_column else bg[f, yy]
             if line.any():
                 assert (sx == xx) if by_column else (sy == yy), "fill must come from the same row/column"
@@ -100,17 +117,48 @@ def _check_semantics(cam, frames, height, width, bg, fill, by_column):
     return counts
 
 
+@pytest.mark.parametrize("axis", FILL_AXES)
 @pytest.mark.parametrize("cam", ["combo", "pan", "tilt"])
-def test_fill_semantics(cam):
+def test_fill_semantics(cam, axis):
     frames, height, width = 6, 12, 14
     camera = CAMERAS[cam]
     bg = _background(frames, height, width, p=0.5, seed=3)
     bg[2, 4] = False          # a row with no background at all
     bg[3, :, 0] = False       # a column with no background
-    fill = lm.build_fill_map(camera, frames, height, width, background=bg, seed=11)
-    by_column = cam == "tilt"
-    counts = _check_semantics(camera, frames, height, width, bg, fill, by_column)
+    fill = lm.build_fill_map(camera, frames, height, width, background=bg, seed=11, axis=axis)
+    counts = _check_semantics(camera, frames, height, width, bg, fill, axis)
     assert counts["fresh"] > 0 and counts["aligned"] > 0  # both branches were exercised
+    if axis == "strip" and cam == "pan":
+        assert counts["column"] == 0, "a horizontal pan exposes columns only: every fill runs along its row"
+
+
+def test_diagonal_pan_fills_each_strip_along_its_own_axis():
+    """The paper's resampling figure: in one diagonal pan the exposed columns are filled from their rows and
+    the exposed rows from their columns (issue 13 item 2); one axis for the whole clip cannot do both."""
+    camera = lm.CameraMotion(pan=(0.4, 0.3))   # content moves left and up: right columns, bottom rows exposed
+    frames, height, width = 4, 10, 12
+    bg = _background(frames, height, width, p=0.5, seed=2)
+    for impl in ("reference", "cpp"):
+        if impl == "cpp":
+            _require_cpp()
+        with lm.backend(impl):
+            fill = lm.build_fill_map(camera, frames, height, width, background=bg, seed=5)
+        counts = _check_semantics(camera, frames, height, width, bg, fill, "strip")
+        assert counts["row"] > 0 and counts["column"] > 0, counts
+        src_f, src_y, src_x = decode_fill_map(fill, height, width)
+        inv = camera.inverse_affines(frames, height, width)
+        f = 1   # first moved frame: everything exposed is fresh
+        along_column = _along_column(inv[f], height, width, "strip")
+        _, exposed = lm.latent_permute(torch.zeros(1, 1, frames, height, width), camera)
+        y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        right_strip = exposed[f] & ~along_column          # exposed columns at the right edge
+        bottom_strip = exposed[f] & along_column          # exposed rows at the bottom
+        assert (x[right_strip] >= width - 3).all() and (y[bottom_strip] >= height - 3).all()
+        with_row_bg = right_strip & bg[f].any(dim=1)[:, None]
+        with_col_bg = bottom_strip & bg[f].any(dim=0)[None, :]
+        assert with_row_bg.any() and with_col_bg.any()
+        assert torch.equal(src_y[f][with_row_bg], y[with_row_bg]), "exposed columns take their fill from their row"
+        assert torch.equal(src_x[f][with_col_bg], x[with_col_bg]), "exposed rows take their fill from their column"
 
 
 def test_alignment_carries_the_same_token(device):
@@ -128,9 +176,9 @@ def test_alignment_carries_the_same_token(device):
                 assert torch.equal(out[:, :, f, :, col - shift], out[:, :, f - 1, :, col])
 
 
-@pytest.mark.parametrize("by_column", [False, True])
+@pytest.mark.parametrize("axis", FILL_AXES)
 @pytest.mark.parametrize("cam", ["combo", "zoom_out", "tilt"])
-def test_cpp_builder_equals_reference(cam, by_column):
+def test_cpp_builder_equals_reference(cam, axis):
     _require_cpp()
     frames, height, width = 5, 11, 13
     inv = CAMERAS[cam].inverse_affines(frames, height, width)
@@ -138,12 +186,12 @@ def test_cpp_builder_equals_reference(cam, by_column):
     bg[1] = False          # a frame with no background
     bg[2, 3] = False
     for seed in (0, 7, 2**40 + 3):
-        ref = build_fill_map_reference(inv, bg, seed, by_column)
+        ref = build_fill_map_reference(inv, bg, seed, axis)
         with lm.backend("cpp"):
-            cpp = build_fill_map_affine(inv, bg, height, width, seed, by_column)
+            cpp = build_fill_map_affine(inv, bg, height, width, seed, axis)
         assert cpp.dtype == torch.int32 and torch.equal(cpp, ref)
     with lm.backend("cpp"):
-        other = build_fill_map_affine(inv, bg, height, width, 8, by_column)
+        other = build_fill_map_affine(inv, bg, height, width, 8, axis)
     assert not torch.equal(other, ref), "a different seed draws different fills"
 
 

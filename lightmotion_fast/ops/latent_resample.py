@@ -20,6 +20,7 @@ from lightmotion_fast.ops._common import Backend
 from lightmotion_fast.ops.latent_permute import LATENT_DTYPES, check_latent
 from lightmotion_fast.ops.snr_reinject import StepCoefficients, _check_seed, _noise_reference
 from lightmotion_fast.reference.latent_resample import (
+    FILL_AXES,
     alignment_affines,
     build_fill_map_reference,
     latent_resample_reference,
@@ -156,15 +157,16 @@ def resolve_seed(seed: int | None = None, generator: torch.Generator | None = No
     return _check_seed("seed", seed)
 
 
-def mainly_vertical(camera: CameraMotion, height: int, width: int) -> bool:
-    """True when the camera's pan moves more latent pixels vertically than horizontally."""
-    return abs(camera.pan[1] * height) > abs(camera.pan[0] * width)
+def _check_axis(axis) -> None:
+    if axis not in FILL_AXES:
+        raise ValueError(f"axis must be one of {', '.join(map(repr, FILL_AXES))}, got {axis!r}")
 
 
 def build_fill_map_affine(inv_affine: torch.Tensor, background: torch.Tensor | None, height: int,
-                          width: int, seed: int = 0, by_column: bool = False) -> torch.Tensor:
+                          width: int, seed: int = 0, axis: str = "strip") -> torch.Tensor:
     """As `build_fill_map`, from [f, 2, 3] float32 inverse transforms (target -> source)."""
     _common.check_tensor("inv_affine", inv_affine, ndim=3, dims="f 2 3", dtypes=(torch.float32,))
+    _check_axis(axis)
     frames = inv_affine.shape[0]
     if tuple(inv_affine.shape) != (frames, 2, 3):
         raise ValueError(f"inv_affine must have shape [f, 2, 3], got {tuple(inv_affine.shape)}")
@@ -179,20 +181,21 @@ def build_fill_map_affine(inv_affine: torch.Tensor, background: torch.Tensor | N
     background = background.detach().to("cpu")
     impl = _common.select_backend(torch.device("cpu"), cpp_op="build_fill_map")
     if impl is Backend.REFERENCE or (impl is Backend.TRITON and not _common._ext.has_op("build_fill_map")):
-        return build_fill_map_reference(inv, background, seed, by_column)
+        return build_fill_map_reference(inv, background, seed, axis)
     return torch.ops.lightmotion_cpp.build_fill_map(inv.contiguous(), alignment_affines(inv), background.contiguous(),
-                                                    seed, bool(by_column))
+                                                    seed, FILL_AXES.index(axis))
 
 
 def build_fill_map(camera: CameraMotion, frames: int, height: int, width: int,
                    background: torch.Tensor | None = None, seed: int | None = None,
-                   generator: torch.Generator | None = None, axis: str = "auto",
+                   generator: torch.Generator | None = None, axis: str = "strip",
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The fill map for a camera, latent size, background mask and seed: int32 [f, h, w] on `device`.
 
     background: [f, h, w] bool, True where the *original* latent shows background (fills are drawn
-    only there); None: everything is background. axis: "row", "column", or "auto" (column for a
-    mainly vertical pan). Randomness: `seed` or `generator` (the same seed gives the same map from
+    only there); None: everything is background. axis: "strip" (the paper's per-strip fill: an
+    exposed column strip is filled along its rows, an exposed row strip along its columns; see
+    reference/latent_resample.py), or "row" / "column" for one axis over the whole clip. Randomness: `seed` or `generator` (the same seed gives the same map from
     the C++ builder and the reference).
 
     >>> fill = build_fill_map(CameraMotion(pan=(0.25, 0)), 16, 64, 64, seed=0)
@@ -202,11 +205,9 @@ def build_fill_map(camera: CameraMotion, frames: int, height: int, width: int,
         raise TypeError(f"camera must be a lightmotion_fast.CameraMotion, got {type(camera).__name__}")
     frames, height, width = (as_int(name, value, minimum=1) for name, value in
                              (("frames", frames), ("height", height), ("width", width)))
-    if axis not in ("auto", "row", "column"):
-        raise ValueError(f"axis must be 'auto', 'row' or 'column', got {axis!r}")
-    by_column = mainly_vertical(camera, height, width) if axis == "auto" else axis == "column"
+    _check_axis(axis)
     inv = camera.cached_inverse_affines(frames, height, width)
-    fill = build_fill_map_affine(inv, background, height, width, resolve_seed(seed, generator), by_column)
+    fill = build_fill_map_affine(inv, background, height, width, resolve_seed(seed, generator), axis)
     return fill.to(device)
 
 
@@ -250,7 +251,7 @@ def latent_resample(z: torch.Tensor, fill_map: torch.Tensor, layout: str = "b c 
 
 def latent_edit(z: torch.Tensor, camera: CameraMotion, background: torch.Tensor | None = None,
                 seed: int | None = None, generator: torch.Generator | None = None,
-                layout: str = "b c f h w", axis: str = "auto"):
+                layout: str = "b c f h w", axis: str = "strip"):
     """LightMotion's whole latent edit: build the fill map, then permute + resample in one pass.
 
     Returns (out, fill_map).

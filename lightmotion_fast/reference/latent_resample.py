@@ -14,9 +14,17 @@ and the edited latent is the plain gather  out[b, c, f, y, x] = z[b, c, src_fram
 - exposed p whose one-frame preimage q = round(A_{f-1} A_f⁻¹ p) was exposed in frame f-1 (cross-frame
   alignment): fill_map[f-1, q], the token that filled that place a frame earlier;
 - every other exposed p draws a fresh sample: a background pixel (background[f] True) of the same
-  frame's original latent in the same row y (column x when `by_column`), chosen uniformly by the
-  counter-based hash below; a row (column) with no background falls back to any background pixel of
-  the frame (raster order), a frame with no background to any pixel of the frame.
+  frame's original latent on p's *line*, chosen uniformly by the counter-based hash below; a line with
+  no background falls back to any background pixel of the frame (raster order), a frame with no
+  background to any pixel of the frame.
+
+The line (`axis`): with "strip" (the default, the paper's per-strip resampling) each exposed pixel is
+filled along the axis of the strip it lies in. Its source s = round(A_f⁻¹ p) left the frame by
+dx columns and dy rows (dx = max(0, -s_x, s_x - (w-1)), likewise dy): a pixel of an exposed *column*
+strip (s_x out of range) takes its row y, a pixel of an exposed *row* strip (s_y out of range) its
+column x; where both are out (the corner of a diagonal pan), the larger overshoot relative to the
+frame's size decides (column iff dy·w > dx·h, integer arithmetic). "row" and "column" force one axis
+for every pixel of the clip.
 
 Randomness is a counter-based hash, `choice_hash(seed, index)` with index = (f * h + y) * w + x of
 the output position: splitmix64 finalisers, defined bit for bit the same in csrc/latent_resample.cpp,
@@ -76,12 +84,32 @@ def _round_affine(m: torch.Tensor, height: int, width: int):
     return torch.floor(sy + 0.5).to(torch.int64), torch.floor(sx + 0.5).to(torch.int64)
 
 
+FILL_AXES = ("strip", "row", "column")
+
+
+def _overshoot(s: torch.Tensor, size: int) -> torch.Tensor:
+    """How far an integer source coordinate lies outside [0, size - 1] (0 inside)."""
+    return torch.clamp(torch.maximum(-s, s - (size - 1)), min=0)
+
+
+def fill_along_column(src_y: torch.Tensor, src_x: torch.Tensor, height: int, width: int, axis: str) -> torch.Tensor:
+    """bool [h, w]: True where an exposed pixel is filled along its column (format above, `axis`)."""
+    if axis == "row":
+        return torch.zeros_like(src_y, dtype=torch.bool)
+    if axis == "column":
+        return torch.ones_like(src_y, dtype=torch.bool)
+    return _overshoot(src_y, height) * width > _overshoot(src_x, width) * height
+
+
 def build_fill_map_reference(inv_affine: torch.Tensor, background: torch.Tensor | None,
-                             seed: int, by_column: bool = False) -> torch.Tensor:
+                             seed: int, axis: str = "strip") -> torch.Tensor:
     """inv_affine: [f, 2, 3] float32 (target -> source); background: [f, h, w] bool (True: background)
-    or None (everything is background). Returns fill_map [f, h, w] int32 (format above)."""
+    or None (everything is background); axis: one of FILL_AXES. Returns fill_map [f, h, w] int32
+    (format above)."""
     if background is None:
         raise ValueError("background must be given to the reference builder ([f, h, w] bool)")
+    if axis not in FILL_AXES:
+        raise ValueError(f"axis must be one of {FILL_AXES}, got {axis!r}")
     background = background.detach().to("cpu", torch.bool)
     frames, height, width = background.shape
     inv = inv_affine.detach().to("cpu", torch.float32)
@@ -91,6 +119,7 @@ def build_fill_map_reference(inv_affine: torch.Tensor, background: torch.Tensor 
     for f in range(frames):
         src_y, src_x = _round_affine(inv[f], height, width)
         kept = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
+        by_column = fill_along_column(src_y, src_x, height, width, axis)
         fill[f] = (f * height + src_y.clamp(0, height - 1)) * width + src_x.clamp(0, width - 1)
         exposed = ~kept
         fresh = exposed.clone()
@@ -110,11 +139,12 @@ def build_fill_map_reference(inv_affine: torch.Tensor, background: torch.Tensor 
             continue
         draws = choice_hash(seed, ((f * height + ys) * width + xs).numpy())
         for y, x, h in zip(ys.tolist(), xs.tolist(), draws.tolist()):
-            line = bg[:, x] if by_column else bg[y]
+            column = bool(by_column[y, x])
+            line = bg[:, x] if column else bg[y]
             candidates = torch.nonzero(line).flatten()
             if len(candidates) > 0:
                 pick = int(candidates[h % len(candidates)])
-                sy, sx = (pick, x) if by_column else (y, pick)
+                sy, sx = (pick, x) if column else (y, pick)
             elif len(frame_bg) > 0:
                 sy, sx = divmod(int(frame_bg[h % len(frame_bg)]), width)
             else:
