@@ -310,7 +310,8 @@ def test_out_of_frame_clamp_keeps_points_at_the_border():
     assert out.sum() == 10 * 24 and not valid[1][out].any()
     assert kept[1].all()                                        # official: kept, at the border
     assert torch.equal(clamped[1][out][:, 0], torch.full((240,), 31.0))
-    assert torch.equal(clamped[1][~out], coords[1][~out]) and torch.equal(clamped[1][out][:, 1], coords[1][out][:, 1].clamp(0, 23))
+    assert torch.equal(clamped[1][~out], coords[1][~out])
+    assert torch.equal(clamped[1][out][:, 1], coords[1][out][:, 1].clamp(0, 23))
     assert not kept[2].any()                                    # behind the camera: invalid in both modes
     with pytest.raises(ValueError, match="out_of_frame must be one of"):
         trajectories_from_depth(depth, K, poses, out_of_frame="keep")

@@ -75,7 +75,7 @@ def inside(points, height=H, width=W):
 def test_depth_from_disparity_follows_the_official_convention():
     disparity = torch.tensor([[50.0, 100.0, 0.0], [-3.0, 1e-9, 2e9]])
     depth = depth_from_disparity(disparity)
-    want = torch.tensor([[200.0, 100.0, 1e4], [1e4, 1e4, 1e-4]])   # 10⁴ / max(d, 10⁻⁵), clipped to [10⁻⁴, 10⁴]
+    want = torch.tensor([[200.0, 100.0, 1e4], [1e4, 1e4, 1e-4]])   # 10⁴ / max(d, 10⁻⁵) in [10⁻⁴, 10⁴]
     torch.testing.assert_close(depth, want, rtol=1e-6, atol=0)
     assert depth.dtype == torch.float32 and disparity[1, 0] == -3.0     # input untouched
     assert depth_from_disparity(disparity.double()).dtype == torch.float64
@@ -104,7 +104,8 @@ def test_camera_preset_defaults_are_the_official_ones():
     for mode in ("orbit_horizontal", "orbit_vertical", "zoom_in", "zoom_out", "horizontal", "zoomout"):
         _, poses = camera_preset(mode, 6, degrees_per_frame=3.0)
         rotation = poses[:, :3, :3]
-        torch.testing.assert_close(rotation @ rotation.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(6, 3, 3))
+        eye = torch.eye(3, dtype=torch.float64).expand(6, 3, 3)
+        torch.testing.assert_close(rotation @ rotation.transpose(1, 2), eye)
         torch.testing.assert_close(torch.linalg.det(rotation), torch.ones(6, dtype=torch.float64))
         # camera 0 looks at the pivot, 200 ahead on its optical axis
         torch.testing.assert_close(poses[0] @ torch.tensor([0.0, 0, 0, 1], dtype=torch.float64),
@@ -189,7 +190,10 @@ def flows_of(scene):
 @pytest.mark.parametrize("scene", sorted(SCENES))
 def test_chained_flow_on_known_scenes(scene):
     forward, backward = flows_of(scene)
+    forward, backward = forward.double(), backward.double()     # float64 inputs are not copied: still untouched
+    before = forward.clone(), backward.clone()
     coords, valid = trajectories_from_flow(forward, backward)
+    assert torch.equal(before[0], forward) and torch.equal(before[1], backward)
     want = expected(scene, pixel_grid())
     assert coords.shape == (F, H * W, 2)
     torch.testing.assert_close(coords.double()[valid], want[valid], atol=1e-4, rtol=0)
@@ -268,7 +272,9 @@ def test_merged_tracks_use_each_frames_depth_and_its_occlusion():
     hidden = torch.tensor([[25.0, 20.0]] * F)                              # never visible in the input
     tracks = torch.stack([square, wall, free, hidden], 1)
     visibility = torch.tensor([[True, True, True, False]] * F)
+    before = tracks.clone(), visibility.clone(), depths.clone()
     coords, valid = merge_tracks_with_camera(tracks, visibility, depths, K, pose)
+    assert all(torch.equal(a, b) for a, b in zip(before, (tracks, visibility, depths)))   # inputs untouched
     torch.testing.assert_close(coords[:, 0], square - torch.tensor([2.0, 0]) * torch.arange(F)[:, None])
     torch.testing.assert_close(coords[:, 2], free - torch.tensor([0.5, 0]) * torch.arange(F)[:, None])
     assert valid[:, 0].all() and valid[:, 2].all() and not valid[:, 3].any()
