@@ -1,4 +1,6 @@
 """Trajectories from depth + camera and from tracks; per-level tables (C++ against the Python references)."""
+import math
+
 import pytest
 import torch
 
@@ -253,6 +255,31 @@ def test_a_quad_covers_its_pixels_at_its_farthest_corner_unless_it_spans_a_depth
     assert edge[0, probes].tolist() == [False, True, True, True]     # the left quad hides p0; the edge quad is out
     assert smear[0, probes].tolist() == [False, False, True, True]   # splatted at its farthest corner (4): p1 only
     assert torch.equal(edge[0, :12], ok[0, :12]) and torch.equal(smear[0, :12], ok[0, :12])
+
+
+@pytest.mark.parametrize("zbuffer", list(zbuffers()), ids=["reference", "cpp"][:len(list(zbuffers()))])
+def test_quads_leave_no_hole_in_a_rotated_magnified_surface(zbuffer):
+    # A 10×10 patch at depth 1, magnified 2.5× and turned 0.5 rad, over a 30×30 frame; every pixel
+    # centre holds a probe at depth 5 (source grid rows 11.., after an invalid row). The probes inside
+    # the patch's outline are hidden, the ones outside stay valid; single points leave most of the
+    # inside visible.
+    c, s = math.cos(0.5), math.sin(0.5)
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    patch = torch.stack([xs - 4.5, ys - 4.5], -1).reshape(-1, 2) @ (2.5 * torch.tensor([[c, s], [-s, c]])) + 15.0
+    py, px = torch.meshgrid(torch.arange(30.0), torch.arange(30.0), indexing="ij")
+    probes = torch.stack([px, py], -1).reshape(-1, 2)
+    uv = torch.cat([patch, torch.zeros(10, 2), probes])[None]
+    z = torch.cat([torch.ones(100), torch.ones(10), torch.full((900,), 5.0)])[None]
+    ok = torch.ones(1, 1010, dtype=torch.bool)
+    ok[0, 100:110] = False
+    # how far inside the outline each probe lies, in the patch's own frame (float64), away from its boundary
+    local = (probes.double() - 15.0) @ torch.tensor([[c, -s], [s, c]], dtype=torch.float64) / 2.5
+    inside_by = (4.5 - local.abs()).amin(1) * 2.5          # distance inside the outline, in pixels
+    quads = zbuffer(uv, z, ok, 30, 30, 1.03, (101, 10), 0.1)[0, 110:]
+    points = zbuffer(uv, z, ok, 30, 30, 1.03)[0, 110:]
+    # (outside: beyond half a pixel's diagonal, where the patch's own single-point splats reach)
+    assert not quads[inside_by > 1e-3].any() and quads[inside_by < -0.75].all()
+    assert points[inside_by > 1e-3].float().mean() > 0.75
 
 
 @pytest.mark.parametrize("seed", range(3))

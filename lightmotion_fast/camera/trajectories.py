@@ -2,6 +2,7 @@
 
     coords, valid = trajectories_from_depth(depth, K, poses)        # a depth map and a camera path
     coords, valid = trajectories_from_tracks(tracks, visibility)     # a point tracker's output
+    # disparity -> depth, camera presets, optical flow, tracks + camera: camera/trajectory_sources.py
     tables = TrajectoryTables(coords, valid, frame_size=(576, 1024), latent_size=(72, 128), seed=0)
     level = tables.level(72 * 128, device="cuda")                    # idx, valid, rowptr, col, landed
 
