@@ -170,8 +170,17 @@ def zbuffer_reference(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor
     return out
 
 
+def _cpp_zbuffer_splats_quads() -> bool:
+    """The extension's trajectory_zbuffer takes the source grid (an extension built before quad splatting
+    does not: the reference runs instead)."""
+    if not _ext.has_op("trajectory_zbuffer"):
+        return False
+    schema = torch.ops.lightmotion_cpp.trajectory_zbuffer.default._schema
+    return any(argument.name == "grid_height" for argument in schema.arguments)
+
+
 def _zbuffer(uv, depth, valid, height, width, scale, grid=None, edge=0.1):
-    if _ext.has_op("trajectory_zbuffer"):
+    if _cpp_zbuffer_splats_quads():
         gh, gw = grid if grid is not None else (0, 0)
         return torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, height, width, scale, gh, gw, edge)
     return zbuffer_reference(uv, depth, valid, height, width, scale, grid, edge)
