@@ -1,4 +1,6 @@
 """Trajectories from depth + camera and from tracks; per-level tables (C++ against the Python references)."""
+import math
+
 import pytest
 import torch
 
@@ -189,3 +191,158 @@ def test_numpy_integers_are_accepted():
     plain = TrajectoryTables(coords, valid, (32, 32), (4, 4), levels=2)
     assert tables.sizes == plain.sizes == [(4, 4), (2, 2)]
     assert torch.equal(tables.level(16).idx, plain.level(16).idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quad splatting and out-of-frame handling (issue 12 item 2)
+
+
+def dolly_over_a_near_square():
+    """A wall at depth 4 and a 16×16 square at depth 1; the camera moves 0.5 forward, so the square is
+    magnified 2× (about the principal point) and the wall 8/7×: the square hides 473 wall points."""
+    K = torch.tensor([[40.0, 0, 32], [0, 40.0, 24], [0, 0, 1]])
+    depth = torch.full((48, 64), 4.0)
+    depth[16:32, 24:40] = 1.0
+    return depth, K, torch.stack([torch.eye(4), translation(z=-0.5)])
+
+
+def test_quads_hide_what_a_magnified_surface_covers(monkeypatch):
+    depth, K, poses = dolly_over_a_near_square()
+    near = depth.reshape(-1) == 1.0
+    kept = {}
+    for splat in ("points", "quads"):
+        coords, valid = trajectories_from_depth(depth, K, poses, splat=splat)
+        c, lo, hi = coords[1], coords[1][near].amin(0), coords[1][near].amax(0)
+        hidden = ~near & (c >= lo).all(1) & (c <= hi).all(1)          # wall points landing under the square
+        around = ~near & ((c < lo - 1.5) | (c > hi + 1.5)).any(1)      # wall points clear of it
+        assert int(hidden.sum()) == 473 and valid[1][near].all()
+        kept[splat] = (valid[1][hidden].float().mean().item(), valid[1][around])
+    # single points leave 3 of every 4 pixels of the 2× magnified square empty: ~80 % of the hidden wall
+    # points stay valid; quads fill those holes: none does, and nothing clear of the square changes.
+    assert 0.75 < kept["points"][0] < 0.85
+    assert kept["quads"][0] == 0.0
+    assert torch.equal(kept["points"][1], kept["quads"][1])
+    if HAS_CPP:   # the Python fallback gives the same
+        monkeypatch.setattr(traj._ext, "has_op", lambda name: False)
+        assert torch.equal(trajectories_from_depth(depth, K, poses)[1], valid)
+
+
+def zbuffers():
+    yield zbuffer_reference
+    if HAS_CPP:
+        yield lambda uv, z, ok, h, w, scale, grid=None, edge=0.1: torch.ops.lightmotion_cpp.trajectory_zbuffer(
+            uv, z, ok, h, w, scale, *(grid or (0, 0)), edge)
+
+
+@pytest.mark.parametrize("zbuffer", list(zbuffers()), ids=["reference", "cpp"][:len(list(zbuffers()))])
+def test_a_quad_covers_its_pixels_at_its_farthest_corner_unless_it_spans_a_depth_edge(zbuffer):
+    # A 2×3 source grid spread 4× over a 9×13 frame: the left quad's corners are at depth 1, the right
+    # quad spans a depth edge (1 and 4). Probes: p0 at depth 2 in the left quad, p1 at depth 6 and p2
+    # at depth 3 in the right quad, p3 at depth 2 outside both.
+    # A 4×4 source grid: rows 0-1 hold the 2×3 quads (column 3 and row 2 invalid, so no other quad is
+    # complete), row 3 the probes.
+    nan = float("nan")
+    uv = torch.tensor([[0.0, 0.0], [4.0, 0.0], [8.0, 0.0], [nan, nan], [0.0, 4.0], [4.0, 4.0], [8.0, 4.0], [nan, nan]]
+                      + [[nan, nan]] * 4 + [[2.0, 2.0], [6.0, 3.0], [5.0, 1.0], [11.0, 7.0]])[None]
+    z = torch.tensor([[1.0, 1.0, 4.0, 1.0, 1.0, 1.0, 4.0, 1.0] + [1.0] * 4 + [2.0, 6.0, 3.0, 2.0]])
+    ok = torch.ones(1, 16, dtype=torch.bool)
+    ok[0, [3, 7, 8, 9, 10, 11]] = False
+    probes = slice(12, 16)
+    points = zbuffer(uv, z, ok, 9, 13, 1.03)
+    edge = zbuffer(uv, z, ok, 9, 13, 1.03, (4, 4), 0.1)
+    smear = zbuffer(uv, z, ok, 9, 13, 1.03, (4, 4), 10.0)
+    assert points[0, probes].tolist() == [True, True, True, True]    # single points hide none of the probes
+    assert edge[0, probes].tolist() == [False, True, True, True]     # the left quad hides p0; the edge quad is out
+    assert smear[0, probes].tolist() == [False, False, True, True]   # splatted at its farthest corner (4): p1 only
+    assert torch.equal(edge[0, :12], ok[0, :12]) and torch.equal(smear[0, :12], ok[0, :12])
+
+
+@pytest.mark.parametrize("zbuffer", list(zbuffers()), ids=["reference", "cpp"][:len(list(zbuffers()))])
+def test_quads_leave_no_hole_in_a_rotated_magnified_surface(zbuffer):
+    # A 10×10 patch at depth 1, magnified 2.5× and turned 0.5 rad, over a 30×30 frame; every pixel
+    # centre holds a probe at depth 5 (source grid rows 11.., after an invalid row). The probes inside
+    # the patch's outline are hidden, the ones outside stay valid; single points leave most of the
+    # inside visible.
+    c, s = math.cos(0.5), math.sin(0.5)
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    patch = torch.stack([xs - 4.5, ys - 4.5], -1).reshape(-1, 2) @ (2.5 * torch.tensor([[c, s], [-s, c]])) + 15.0
+    py, px = torch.meshgrid(torch.arange(30.0), torch.arange(30.0), indexing="ij")
+    probes = torch.stack([px, py], -1).reshape(-1, 2)
+    uv = torch.cat([patch, torch.zeros(10, 2), probes])[None]
+    z = torch.cat([torch.ones(100), torch.ones(10), torch.full((900,), 5.0)])[None]
+    ok = torch.ones(1, 1010, dtype=torch.bool)
+    ok[0, 100:110] = False
+    # how far inside the outline each probe lies, in the patch's own frame (float64), away from its boundary
+    local = (probes.double() - 15.0) @ torch.tensor([[c, -s], [s, c]], dtype=torch.float64) / 2.5
+    inside_by = (4.5 - local.abs()).amin(1) * 2.5          # distance inside the outline, in pixels
+    quads = zbuffer(uv, z, ok, 30, 30, 1.03, (101, 10), 0.1)[0, 110:]
+    points = zbuffer(uv, z, ok, 30, 30, 1.03)[0, 110:]
+    # (outside: beyond half a pixel's diagonal, where the patch's own single-point splats reach)
+    assert not quads[inside_by > 1e-3].any() and quads[inside_by < -0.75].all()
+    assert points[inside_by > 1e-3].float().mean() > 0.75
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_cpp_quad_zbuffer_matches_reference_on_every_splat(seed):
+    g = torch.Generator().manual_seed(seed)
+    gh, gw, frames = 13, 17, 4
+    ys, xs = torch.meshgrid(torch.arange(gh * 1.0), torch.arange(gw * 1.0), indexing="ij")
+    grid = torch.stack([xs, ys], -1).reshape(-1, 2)
+    # warped grids: magnified, rotated, folded (random jitter), partly out of frame
+    scale = torch.tensor([2.0, 1.0, 0.7, 1.3])[:, None, None]
+    angle = torch.tensor([0.0, 0.5, -1.0, 3.0])
+    rot = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -2)
+    uv = (grid - 8.0) @ rot.transpose(1, 2) * scale + 8.0 + torch.randn(frames, gh * gw, 2, generator=g) * 0.6
+    uv[1, :5] = torch.tensor([[3.5, 4.5], [3.5, 4.5], [3.5, 4.5], [1e7, 2.0], [-3e6, 1.0]])   # degenerate, huge
+    uv = uv.to(torch.float32)
+    depth = (torch.rand(frames, gh * gw, generator=g) * 0.3 + 1.0)
+    depth[:, 40:60] += 3.0                                                      # depth edges
+    valid = torch.rand(frames, gh * gw, generator=g) > 0.05
+    uv[~valid] = float("nan")                                                   # never read
+    for height, width in ((12, 16), (30, 21)):
+        for grid_size, edge in (((0, 0), 0.1), ((gh, gw), 0.1), ((gh, gw), 0.0), ((gh, gw), 5.0)):
+            got = torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, height, width, 1.03, *grid_size, edge)
+            want = zbuffer_reference(uv, depth, valid, height, width, 1.03, None if grid_size == (0, 0) else grid_size,
+                                     edge)
+            assert torch.equal(got, want), (height, width, grid_size, edge)
+            assert (valid & ~want).any()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ extension is not built")
+def test_cpp_and_python_trajectories_agree_for_every_splat_and_camera(monkeypatch):
+    depth = torch.rand(24, 32, generator=torch.Generator().manual_seed(4)) + 1.0
+    depth[6:14, 10:20] = 0.6
+    roll = torch.eye(4)
+    roll[:2, :2] = torch.tensor([[0.96, -0.28], [0.28, 0.96]])
+    cameras = torch.stack([torch.eye(4), translation(x=0.2), translation(z=-0.4), translation(y=0.1, z=0.3), roll])
+    results = {}
+    for use_cpp in (True, False):
+        monkeypatch.setattr(traj._ext, "has_op", (lambda name: HAS_CPP) if use_cpp else (lambda name: False))
+        for splat in ("quads", "points"):
+            for out_of_frame in ("invalidate", "clamp"):
+                results[use_cpp, splat, out_of_frame] = trajectories_from_depth(
+                    depth, K, cameras, splat=splat, out_of_frame=out_of_frame)
+    for key, (coords, valid) in results.items():
+        other = results[(not key[0],) + key[1:]]
+        assert torch.equal(coords, other[0]) and torch.equal(valid, other[1]), key
+
+
+def test_out_of_frame_clamp_keeps_points_at_the_border():
+    depth = torch.full((24, 32), 2.0)
+    poses = torch.stack([torch.eye(4), translation(x=0.5), translation(z=-3.0)])
+    coords, valid = trajectories_from_depth(depth, K, poses)
+    clamped, kept = trajectories_from_depth(depth, K, poses, out_of_frame="clamp")
+    out = (coords[1, :, 0] < -0.5) | (coords[1, :, 0] >= 31.5)   # content moved 10 px right: 10 columns left
+    assert out.sum() == 10 * 24 and not valid[1][out].any()
+    assert kept[1].all()                                        # official: kept, at the border
+    assert torch.equal(clamped[1][out][:, 0], torch.full((240,), 31.0))
+    assert torch.equal(clamped[1][~out], coords[1][~out])
+    assert torch.equal(clamped[1][out][:, 1], coords[1][out][:, 1].clamp(0, 23))
+    assert not kept[2].any()                                    # behind the camera: invalid in both modes
+    with pytest.raises(ValueError, match="out_of_frame must be one of"):
+        trajectories_from_depth(depth, K, poses, out_of_frame="keep")
+    with pytest.raises(ValueError, match="splat must be one of"):
+        trajectories_from_depth(depth, K, poses, splat="quad")
+    with pytest.raises(ValueError, match="edge must be"):
+        trajectories_from_depth(depth, K, poses, edge=-1.0)

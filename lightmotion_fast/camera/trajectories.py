@@ -2,6 +2,7 @@
 
     coords, valid = trajectories_from_depth(depth, K, poses)        # a depth map and a camera path
     coords, valid = trajectories_from_tracks(tracks, visibility)     # a point tracker's output
+    # disparity -> depth, camera presets, optical flow, tracks + camera: camera/trajectory_sources.py
     tables = TrajectoryTables(coords, valid, frame_size=(576, 1024), latent_size=(72, 128), seed=0)
     level = tables.level(72 * 128, device="cuda")                    # idx, valid, rowptr, col, landed
 
@@ -76,11 +77,83 @@ def _check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None)
 # Occlusion test
 
 
+_SUB = 256                 # fixed-point vertex coordinates: 1/256 pixel
+_MAX_COORD = 2.0 ** 20     # quads with a corner farther out than this (pixels) are not splatted
+
+
+def _grid_quads(grid_height: int, grid_width: int) -> torch.Tensor:
+    """[q, 4] int64: the corners a b c d of every quad of a row-major grid, pixel (i, j) with its right,
+    diagonal and bottom neighbours, in that order around the quad."""
+    n = torch.arange(grid_height * grid_width).reshape(grid_height, grid_width)
+    return torch.stack([n[:-1, :-1], n[:-1, 1:], n[1:, 1:], n[1:, :-1]], dim=-1).reshape(-1, 4)
+
+
+def _edge(v0: torch.Tensor, v1: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Twice the signed area of (v0, v1, p), int64 [..., 2] fixed point: exact."""
+    return (v1[..., 0] - v0[..., 0]) * (p[..., 1] - v0[..., 1]) - (v1[..., 1] - v0[..., 1]) * (p[..., 0] - v0[..., 0])
+
+
+def _in_triangle(v0, v1, v2, p) -> torch.Tensor:
+    """Pixel centres p inside triangle v0 v1 v2 or on its boundary; zero-area triangles cover nothing."""
+    e0, e1, e2 = _edge(v0, v1, p), _edge(v1, v2, p), _edge(v2, v0, p)
+    inside = ((e0 >= 0) & (e1 >= 0) & (e2 >= 0)) | ((e0 <= 0) & (e1 <= 0) & (e2 <= 0))
+    return inside & (_edge(v0, v1, v2) != 0)
+
+
+def _quad_splats(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int],
+                 height: int, width: int, edge: float, chunk: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frame's quads rasterised: (flat pixel [m] int64, depth [m] float32), one entry per covered pixel.
+
+    uv [n, 2] / depth [n] / valid [n] for the n = gh·gw source pixels. A quad (triangles a b c and a c d)
+    is splatted with its largest corner depth when its four corners are valid and within 2^20 px, and its
+    corner depths are within a factor 1 + edge (a larger jump is a depth edge, whose gap is disoccluded).
+    A pixel is covered when its centre lies in a triangle or on its boundary, tested with exact integer
+    edge functions on 1/256-px fixed-point vertices (so the C++ extension agrees bit for bit)."""
+    corners = _grid_quads(*grid)
+    z = depth[corners]                                                         # [q, 4]
+    zmin, zmax = z.amin(1), z.amax(1)
+    xy = uv[corners]                                                           # [q, 4, 2] float32
+    use = valid[corners].all(1) & (xy.abs() <= _MAX_COORD).all(2).all(1)
+    use &= zmax <= zmin * torch.tensor(1.0 + edge, dtype=torch.float32)
+    corners, zmax, xy = corners[use], zmax[use], xy[use]
+    fixed = torch.floor(xy.to(torch.float64) * _SUB + 0.5).to(torch.int64)      # [q, 4, 2]
+    lo = -torch.div(-fixed.amin(1), _SUB, rounding_mode="floor")               # first pixel centre >= min
+    hi = torch.div(fixed.amax(1), _SUB, rounding_mode="floor")                  # last pixel centre <= max
+    limit = torch.tensor([width - 1, height - 1])
+    lo, hi = lo.clamp(min=0), torch.minimum(hi, limit)
+    span = (hi - lo + 1).clamp(min=0)                                           # [q, 2] pixels in x, y
+    count = span[:, 0] * span[:, 1]
+    pixels, depths = [], []
+    start = 0
+    while start < count.numel():   # chunks of quads, so the candidate pixels stay within `chunk` entries
+        total = torch.cumsum(count[start:], 0)
+        stop = start + max(1, int(torch.searchsorted(total, torch.tensor(chunk), right=True)))
+        q = torch.repeat_interleave(torch.arange(start, stop), count[start:stop])
+        local = torch.arange(q.numel()) - torch.repeat_interleave(torch.cumsum(count[start:stop], 0)
+                                                                  - count[start:stop], count[start:stop])
+        px = lo[q, 0] + local % span[q, 0]
+        py = lo[q, 1] + torch.div(local, span[q, 0], rounding_mode="floor")
+        p = torch.stack([px, py], -1) * _SUB
+        v = fixed[q]
+        hit = _in_triangle(v[:, 0], v[:, 1], v[:, 2], p) | _in_triangle(v[:, 0], v[:, 2], v[:, 3], p)
+        pixels.append((py * width + px)[hit])
+        depths.append(zmax[q][hit])
+        start = stop
+    if not pixels:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+    return torch.cat(pixels), torch.cat(depths)
+
+
 def zbuffer_reference(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, height: int, width: int,
-                      scale: float) -> torch.Tensor:
-    """Per frame, splat each valid point to its nearest pixel (round half up); a point deeper than
-    `scale` × the smallest depth at that pixel is occluded. uv [f, n, 2], depth [f, n] float32;
-    returns the new valid [f, n]."""
+                      scale: float, grid: tuple[int, int] | None = None, edge: float = 0.1) -> torch.Tensor:
+    """The occlusion test. uv [f, n, 2], depth [f, n] float32, valid [f, n] bool; returns the new valid [f, n].
+
+    Per frame, every valid point is splatted to its nearest pixel (round half up), and with `grid` =
+    (gh, gw) (the n points are that row-major source grid) every quad between neighbouring source pixels
+    is rasterised too (see `_quad_splats`), filling the holes a magnified surface leaves between its
+    points. Each pixel keeps its smallest depth; a valid point inside the frame deeper than `scale` × that
+    at its pixel is occluded. Points outside the frame are returned as given. The C++ op
+    trajectory_zbuffer computes exactly this."""
     x = torch.floor(uv[..., 0] + 0.5).to(torch.int64)
     y = torch.floor(uv[..., 1] + 0.5).to(torch.int64)
     on = valid & (x >= 0) & (x < width) & (y >= 0) & (y < height)
@@ -88,33 +161,85 @@ def zbuffer_reference(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor
     for f in range(uv.shape[0]):
         target = (y[f] * width + x[f])[on[f]]
         nearest = torch.full((height * width,), float("inf"), dtype=torch.float32)
+        if grid is not None:
+            pixels, depths = _quad_splats(uv[f], depth[f], valid[f], grid, height, width, edge)
+            nearest.scatter_reduce_(0, pixels, depths, reduce="amin")
         nearest.scatter_reduce_(0, target, depth[f][on[f]], reduce="amin")
         behind = depth[f][on[f]] > nearest[target] * torch.tensor(scale, dtype=torch.float32)
         out[f, on[f].nonzero().squeeze(1)[behind]] = False
     return out
 
 
-def _zbuffer(uv, depth, valid, height, width, scale):
-    if _ext.has_op("trajectory_zbuffer"):
-        return torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, height, width, scale)
-    return zbuffer_reference(uv, depth, valid, height, width, scale)
+def _cpp_zbuffer_splats_quads() -> bool:
+    """The extension's trajectory_zbuffer takes the source grid (an extension built before quad splatting
+    does not: the reference runs instead)."""
+    if not _ext.has_op("trajectory_zbuffer"):
+        return False
+    schema = torch.ops.lightmotion_cpp.trajectory_zbuffer.default._schema
+    return any(argument.name == "grid_height" for argument in schema.arguments)
+
+
+def _zbuffer(uv, depth, valid, height, width, scale, grid=None, edge=0.1):
+    if _cpp_zbuffer_splats_quads():
+        gh, gw = grid if grid is not None else (0, 0)
+        return torch.ops.lightmotion_cpp.trajectory_zbuffer(uv, depth, valid, height, width, scale, gh, gw, edge)
+    return zbuffer_reference(uv, depth, valid, height, width, scale, grid, edge)
+
+
+SPLATS = ("quads", "points")
+OUT_OF_FRAME = ("invalidate", "clamp")
+
+
+def _choice(name: str, value, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
 
 
 def trajectories_from_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.Tensor, *,
-                            tolerance: float = 0.03, near: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+                            tolerance: float = 0.03, near: float = 1e-4, splat: str = "quads", edge: float = 0.1,
+                            out_of_frame: str = "invalidate") -> tuple[torch.Tensor, torch.Tensor]:
     """Trajectories of frame 0's pixels under a camera path.
 
     depth: [H0, W0] depth of frame 0 (positive, along the optical axis); K: [3, 3] intrinsics;
     poses: [f, 4, 4] world-to-camera matrices (frame 0's included). Every pixel (u, v) of frame 0 is
     unprojected with its depth, moved into frame f's camera by poses[f] @ poses[0]⁻¹ and projected.
-    A point is invalid at frame f when it is behind the camera (z ≤ near), outside the frame, or
-    more than `tolerance` (relative) behind the nearest point splatted to the same pixel (z-buffer).
+    A point is invalid at frame f when it is behind the camera (z ≤ near), or more than `tolerance`
+    (relative) behind the nearest surface at its pixel (z-buffer). splat="quads" (default, as the
+    official depth path) rasterises the quad between each pixel and its right / bottom / diagonal
+    neighbours into the z-buffer, so a magnified surface hides what is behind it; quads whose corner
+    depths differ by more than a factor 1 + `edge` span a depth edge and are left out. splat="points"
+    splats single points only (what this library did before: behind a 2× magnified surface most
+    background points stay valid). Out of the frame: out_of_frame="invalidate" (default) marks the point
+    invalid; "clamp" (the official behaviour) clamps its coordinates to the border and keeps it valid
+    (it is not occlusion-tested).
     Returns coords [f, H0·W0, 2] float32 (x, y) and valid [f, H0·W0] bool, on the CPU; trajectory
-    n starts at pixel (n mod W0, n div W0).
+    n starts at pixel (n mod W0, n div W0); points behind the camera have coordinates (0, 0).
 
     >>> K = torch.tensor([[100.0, 0, 32], [0, 100.0, 24], [0, 0, 1]])
     >>> coords, valid = trajectories_from_depth(torch.full((48, 64), 2.0), K, torch.eye(4).repeat(5, 1, 1))
     """
+    _check_depth_camera(depth, K, poses)
+    for name, value in (("tolerance", tolerance), ("near", near), ("edge", edge)):
+        if check_finite_number(name, value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    _choice("splat", splat, SPLATS)
+    _choice("out_of_frame", out_of_frame, OUT_OF_FRAME)
+    height0, width0 = depth.shape
+    uv, z, front = project_depth(depth, K, poses, near)
+    rx = torch.floor(uv[..., 0] + 0.5)
+    ry = torch.floor(uv[..., 1] + 0.5)
+    inside = (rx >= 0) & (rx < width0) & (ry >= 0) & (ry < height0)
+    grid = (height0, width0) if splat == "quads" else None
+    valid = _zbuffer(uv, z.to(torch.float32), front, height0, width0, 1.0 + float(tolerance), grid, float(edge))
+    if out_of_frame == "invalidate":
+        return uv, valid & inside
+    border = torch.stack([uv[..., 0].clamp(0, width0 - 1), uv[..., 1].clamp(0, height0 - 1)], dim=-1)
+    return torch.where((front & ~inside)[..., None], border, uv), valid
+
+
+def _check_depth_camera(depth, K, poses) -> None:
+    """depth [H0, W0] positive, K [3, 3] invertible, poses [f ≥ 1, 4, 4] invertible; all real and finite."""
     _check("depth", depth, 2, "H0 W0")
     _check("K", K, 2, "3 3")
     if tuple(K.shape) != (3, 3):
@@ -132,11 +257,15 @@ def trajectories_from_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.T
         raise ValueError("poses must hold at least one frame (frame 0's pose), got shape [0, 4, 4]")
     if bool((depth <= 0).any()):
         raise ValueError("depth must be positive everywhere")
-    for name, value in (("tolerance", tolerance), ("near", near)):
-        if check_finite_number(name, value) < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
     _check_invertible("K", K.detach().cpu().to(torch.float64))
     _check_invertible("poses", poses.detach().cpu().to(torch.float64))
+
+
+def project_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.Tensor,
+                  near: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where frame 0's pixels land under a camera path, without any visibility test (inputs as
+    `trajectories_from_depth`, unchecked). Returns uv [f, H0·W0, 2] float32 (zeros where behind the
+    camera), camera depth z [f, H0·W0] float64 and front = z > near [f, H0·W0] bool."""
     height0, width0 = depth.shape
     d = depth.detach().cpu().to(torch.float64)
     k64 = K.detach().cpu().to(torch.float64)
@@ -152,12 +281,7 @@ def trajectories_from_depth(depth: torch.Tensor, K: torch.Tensor, poses: torch.T
     proj = cam @ k64.T
     uv = proj[..., :2] / torch.where(front, z, torch.ones_like(z))[..., None]
     uv = torch.where(front[..., None], uv, torch.zeros_like(uv)).to(torch.float32)
-    rx = torch.floor(uv[..., 0] + 0.5)
-    ry = torch.floor(uv[..., 1] + 0.5)
-    inside = (rx >= 0) & (rx < width0) & (ry >= 0) & (ry < height0)
-    valid = front & inside
-    valid = _zbuffer(uv, z.to(torch.float32), valid, height0, width0, 1.0 + float(tolerance))
-    return uv, valid
+    return uv, z, front
 
 
 def trajectories_from_tracks(tracks: torch.Tensor, visibility: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
