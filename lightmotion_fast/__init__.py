@@ -9,6 +9,12 @@
 from lightmotion_fast import _ext
 from lightmotion_fast.camera import CameraMotion
 from lightmotion_fast.camera.trajectories import TrajectoryTables, trajectories_from_depth, trajectories_from_tracks
+from lightmotion_fast.camera.trajectory_sources import (
+    camera_preset,
+    depth_from_disparity,
+    merge_tracks_with_camera,
+    trajectories_from_flow,
+)
 from lightmotion_fast.ops import (
     Backend,
     backend,
@@ -60,6 +66,7 @@ __all__ = [
     "latent_resample", "snr_noise", "snr_reinject",
     # Trajectory Attention
     "TrajectoryIndex", "TrajectoryTables", "trajectories_from_depth", "trajectories_from_tracks", "trajectory_attention",
+    "camera_preset", "depth_from_disparity", "merge_tracks_with_camera", "trajectories_from_flow",
     # LiON-LoRA
     "multi_lora_linear",
     # MotionFlow
