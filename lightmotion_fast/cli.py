@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_camera_parser(sub) -> None:
-    ev = sub.add_parser("eval-camera", help="camera-control errors of a generated video's poses against the ground truth",
+    ev = sub.add_parser("eval-camera",
+                        help="camera-control errors of a generated video's poses against the ground truth",
                         description="RotErr, TransErr, CamMC (CamI2V's relative and absolute protocols), ATE and RPE "
                                     "of GEN's camera poses against GT's, and a PNG of both trajectories. Pose files: "
                                     "RealEstate10K text (.txt: timestamp fx fy cx cy 0 0 and the 3x4 w2c matrix per "
@@ -201,8 +202,8 @@ def run_eval_camera(args) -> int:
     if not args.no_plot:
         try:
             args.plot.parent.mkdir(parents=True, exist_ok=True)
-            path = metrics.plot_trajectories(gen, gt, args.plot, title=f"{args.generated.name} vs {args.ground_truth.name}",
-                                             align=args.align)
+            title = f"{args.generated.name} vs {args.ground_truth.name}"
+            path = metrics.plot_trajectories(gen, gt, args.plot, title=title, align=args.align)
         except OSError as exc:
             raise UsageError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
         print(f"trajectory plot: {path}")

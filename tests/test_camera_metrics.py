@@ -209,7 +209,8 @@ def cami2v_metric(c2w_gt, c2w_gen):
         return out
 
     def trans_cammc(a, b):
-        return (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1).sum(), (a[:, :3, :4] - b[:, :3, :4]).reshape(-1, 12).norm(dim=-1).sum()
+        trans = (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1).sum()
+        return trans, (a[:, :3, :4] - b[:, :3, :4]).reshape(-1, 12).norm(dim=-1).sum()
 
     t_rel, mc_rel = trans_cammc(scaled(gt, gt), scaled(gen, gen))
     t_abs, mc_abs = trans_cammc(scaled(gt, gt), scaled(gen, gt))

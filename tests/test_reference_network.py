@@ -198,8 +198,40 @@ def test_mismatched_networks_are_a_clear_error():
 def test_a_reader_without_its_entry_in_an_active_bank_raises():
     net = ReferenceNet(tiny_unet2d(), tiny_unet_motion())
     net.bank.features = {}
-    with torch.no_grad(), lm.backend("reference"), pytest.raises(ValueError, match="wrote no features for layer 'down_blocks.0"):
+    with torch.no_grad(), lm.backend("reference"), \
+            pytest.raises(ValueError, match="wrote no features for layer 'down_blocks.0"):
         net.video_unet(**video_inputs(frames=2))
     net.bank.clear()
     with torch.no_grad(), lm.backend("reference"):  # inactive bank: the video U-Net alone runs plain self-attention
         net.video_unet(**video_inputs(frames=2))
+
+
+def test_motionflow_end_to_end_camera_encoder_reference_net_and_video_unet():
+    """The README's MotionFlow example on tiny models: Plücker maps -> camera encoder -> per-level
+    tokens in the reference U-Net's cross-attention -> bank -> the video U-Net's reference attention.
+    At initialisation the camera changes nothing (zero-initialised join); one training step's
+    gradient reaches the encoder's output projections through the bank."""
+    from lightmotion_fast.integrations.diffusers.camera_encoder import CameraEncoder
+    from lightmotion_fast.integrations.diffusers.ip_adapter import install_camera_token_processors
+
+    frames = 2
+    reference_unet, video_unet = tiny_unet2d(), tiny_unet_motion()
+    install_camera_token_processors(reference_unet, camera_dim=(6, 10), zero_init=False)
+    encoder = CameraEncoder(channels=(8, 16), token_dims=(6, 10), downscale=2, groups=4, heads=2)
+    net = ReferenceNet(reference_unet, video_unet)
+    c2w = torch.eye(4).repeat(1, frames, 1, 1)
+    c2w[0, :, 0, 3] = torch.linspace(0, 0.3, frames)
+    k = torch.tensor([20.0, 20.0, 8.0, 8.0]).expand(1, frames, 4)
+    rays = lm.plucker_embedding(k, c2w, 16, 16, relative=True)       # [1, f, 6, 16, 16]
+    vid = video_inputs(frames=frames)
+    ref = {k: v.repeat_interleave(frames, 0) for k, v in reference_inputs().items()}  # per-frame maps
+    with lm.backend("reference"):
+        with torch.no_grad():
+            no_camera = net(**vid, **ref).sample
+        tokens = encoder(rays)
+        assert [tuple(t.shape) for t in tokens] == [(frames, 64, 6), (frames, 16, 10)]
+        out = net(**vid, **ref, reference_cross_attention_kwargs={"camera_tokens": tokens}).sample
+        torch.testing.assert_close(out, no_camera, rtol=0, atol=1e-6)
+        out.square().mean().backward()
+    assert all(encoder.to_tokens[i].weight.grad.abs().max() > 0 for i in range(2))
+    net.remove()

@@ -305,4 +305,5 @@ def plot_trajectories(generated, ground_truth, path: str | os.PathLike, *, relat
 
 
 __all__ = ["UNITS", "TrajectoryErrors", "ate", "cam_mc", "normalize_translation", "plot_trajectories", "prepare",
-           "prepare_pair", "relative_to_first", "rot_err", "rotation_angle", "rpe", "trajectory_errors", "trans_err", "umeyama"]
+           "prepare_pair", "relative_to_first", "rot_err", "rotation_angle", "rpe", "trajectory_errors", "trans_err",
+           "umeyama"]

@@ -111,8 +111,8 @@ def save_realestate10k(path: str | os.PathLike, c2w: torch.Tensor, intrinsics: t
     the frame index × 33333 µs (30 fps)."""
     c2w = _c2w_array(c2w, "c2w")
     frames = c2w.shape[0]
-    k = torch.full((4,), 0.5, dtype=torch.float64) if intrinsics is None else torch.as_tensor(intrinsics, dtype=torch.float64)
-    k = k.expand(frames, 4)
+    k = torch.full((4,), 0.5) if intrinsics is None else torch.as_tensor(intrinsics)
+    k = k.to(torch.float64).expand(frames, 4)
     stamps = torch.arange(frames, dtype=torch.float64) * 33333 if timestamps is None else \
         torch.as_tensor(timestamps, dtype=torch.float64)
     w2c = torch.linalg.inv(c2w)[:, :3, :].reshape(frames, 12)
