@@ -3,10 +3,13 @@
 Poses are camera-to-world matrices, [f 4 4] for one video or [n f 4 4] for a batch, estimated from
 the generated video (e.g. by COLMAP/GLOMAP) and given as ground truth. Following the CamI2V
 evaluation (Zheng et al., "CamI2V: Camera-Controlled Image-to-Video Diffusion Model", arXiv
-2410.15957, camera-controllability metrics; the definitions below are those of its public
-evaluation code, `evaluation/glomap_evaluation.py: metric` and `utils/common.py: normalize_t`),
-both trajectories are first made relative to their frame 0 (c2w_0⁻¹ · c2w_f), then their
-translations are scaled by one of CamI2V's two protocols (`normalize=`):
+2410.15957, camera-controllability metrics RotErr, TransErr, CamMC). The paper's text is not in
+this project's papers folder, so the definitions below are taken from CamI2V's public evaluation
+code (github.com/ZGCTroy/CamI2V, `evaluation/glomap_evaluation.py: metric`, `evaluation/utils/
+common.py: normalize_t`); its absolute protocol arrived there with the same group's RealCam-I2V
+(Li et al., arXiv 2502.10059), which makes both SfM trajectories metric with a monocular
+metric-depth scale. Both trajectories are first made relative to their frame 0
+(c2w_0⁻¹ · c2w_f), then their translations are scaled by one of the two protocols (`normalize=`):
 
 - "relative" (or True, the default): each trajectory divided by its own extent, the distance of
   its camera farthest from frame 0. The scale of the generated camera path does not count (SfM
