@@ -235,3 +235,35 @@ def test_motionflow_end_to_end_camera_encoder_reference_net_and_video_unet():
         out.square().mean().backward()
     assert all(encoder.to_tokens[i].weight.grad.abs().max() > 0 for i in range(2))
     net.remove()
+
+
+def test_attached_runs_the_reference_network_at_every_step_of_a_pipeline():
+    """`with net.attached(...)`: AnimateDiffPipeline's loop calls the video U-Net as usual; before each
+    call the reference U-Net runs at that step's timestep, and what the U-Net returns equals a direct
+    `net(...)` call on the same inputs. Outside the block (and after remove()) the pipeline is plain."""
+    from tiny_models import animatediff_inputs, tiny_animatediff_pipeline
+
+    pipe = tiny_animatediff_pipeline()
+    frames, steps = 2, 2
+    with torch.no_grad(), lm.backend("reference"):
+        plain = pipe(**animatediff_inputs(frames=frames, steps=steps)).frames
+        net = ReferenceNet(tiny_unet2d(), pipe.unet)
+        g = torch.Generator().manual_seed(4)
+        ref_latents = torch.randn(1, 4, 16, 16, generator=g)
+        ref_tokens = torch.randn(1, 7, 32, generator=g)
+        doubled = torch.cat([ref_latents, ref_latents]), torch.cat([ref_tokens, ref_tokens])  # CFG batch
+        timesteps, calls = [], []
+        net.reference_unet.register_forward_pre_hook(lambda m, args: timesteps.append(int(args[1])))
+        pipe.unet.register_forward_hook(
+            lambda m, args, kwargs, out: calls.append((args, kwargs, out.sample)), with_kwargs=True)
+        with net.attached(*doubled):
+            guided = pipe(**animatediff_inputs(frames=frames, steps=steps)).frames
+        assert net.bank.features is None
+        assert timesteps == [int(t) for t in pipe.scheduler.timesteps] and len(calls) == steps
+        args, kwargs, out = calls[0]
+        direct = net(*args, **kwargs, reference_latents=doubled[0], reference_encoder_hidden_states=doubled[1]).sample
+        torch.testing.assert_close(direct, out, rtol=0, atol=0)
+        assert (guided - plain).abs().max() > 1e-4
+        net.remove()
+        again = pipe(**animatediff_inputs(frames=frames, steps=steps)).frames
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)

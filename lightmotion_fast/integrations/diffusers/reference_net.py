@@ -16,6 +16,9 @@ kept; here queries from m, keys/values from [m; p], through the fused `reference
 - `ReferenceNet(reference_unet, video_unet)(sample, t, text, reference_latents=..., ...)` runs the
   reference U-Net (writers fill the bank), then the video U-Net (readers consume it), and clears the
   bank, also when the video forward raises. `remove()` takes both sides off and restores exactly.
+- Inside a pipeline: `with net.attached(reference_latents, image_tokens): pipe(...)` runs the
+  reference U-Net before every forward of the video U-Net (each denoising step, at that step's
+  timestep) and clears the bank after it.
 
 Layers are paired by module name (SD1.5 and AnimateDiff share them: `down_blocks.0.attentions.0.
 transformer_blocks.0.attn1`, ...); a U-Net pair whose spatial self-attentions differ in names or
@@ -23,7 +26,8 @@ widths is a ValueError listing the differences. `layer_map` pairs other architec
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -124,15 +128,51 @@ class ReferenceNet(torch.nn.Module):
         `timestep`; `reference_cross_attention_kwargs`, e.g. camera tokens for its cross-attention),
         then the video U-Net on (sample, timestep, encoder_hidden_states, **video_kwargs) with every
         spatial self-attention reading its layer's bank. Returns the video U-Net's output."""
-        if not isinstance(reference_latents, torch.Tensor):
-            raise TypeError(f"reference_latents must be a tensor [r, c, h, w], got {type(reference_latents).__name__}")
-        ref_t = timestep if reference_timestep is None else reference_timestep
-        bank = self.capture(reference_latents, ref_t, reference_encoder_hidden_states,
-                            cross_attention_kwargs=reference_cross_attention_kwargs)
-        self.bank.features = bank
+        self._fill(timestep, reference_latents, reference_encoder_hidden_states, reference_timestep,
+                   reference_cross_attention_kwargs)
         try:
             return self.video_unet(sample, timestep, encoder_hidden_states, **video_kwargs)
         finally:
+            self.bank.clear()
+
+    def _fill(self, timestep, reference_latents, reference_encoder_hidden_states, reference_timestep,
+              reference_cross_attention_kwargs) -> None:
+        """Run the reference U-Net (at `reference_timestep`, default the video's) into the bank."""
+        if not isinstance(reference_latents, torch.Tensor):
+            raise TypeError(f"reference_latents must be a tensor [r, c, h, w], got {type(reference_latents).__name__}")
+        ref_t = timestep if reference_timestep is None else reference_timestep
+        self.bank.features = self.capture(reference_latents, ref_t, reference_encoder_hidden_states,
+                                          cross_attention_kwargs=reference_cross_attention_kwargs)
+
+    @contextlib.contextmanager
+    def attached(self, reference_latents: torch.Tensor, reference_encoder_hidden_states: torch.Tensor, *,
+                 reference_timestep=None,
+                 reference_cross_attention_kwargs: dict | None = None) -> Iterator[ReferenceNet]:
+        """Inside the block every call of `video_unet` (a pipeline's denoising loop calls it once per
+        step) first runs the reference U-Net at the same timestep, and clears the bank after it,
+        also when it raises. Give the reference inputs at the batch the video U-Net sees: with
+        classifier-free guidance the pipeline doubles it, so pass e.g. `torch.cat([ref, ref])`.
+
+        >>> with net.attached(ref_latents, image_tokens):
+        ...     frames = pipe(prompt, num_frames=16).frames
+        """
+        def before(module, args, kwargs):
+            if self.bank.active:  # a call of `self(...)` inside the block: its own inputs filled the bank
+                return
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            self._fill(timestep, reference_latents, reference_encoder_hidden_states, reference_timestep,
+                       reference_cross_attention_kwargs)
+
+        def after(module, args, kwargs, output):
+            self.bank.clear()
+
+        handles = [self.video_unet.register_forward_pre_hook(before, with_kwargs=True),
+                   self.video_unet.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
             self.bank.clear()
 
     def remove(self) -> None:
