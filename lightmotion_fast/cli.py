@@ -1,4 +1,4 @@
-"""Command line: `python -m lightmotion_fast demo|bench|preview`.
+"""Command line: `python -m lightmotion_fast demo|bench|preview|eval-camera`.
 
 A user's mistake (a bad flag or value, a missing or unreadable image, an output folder that cannot be
 made, a missing optional dependency) ends in one line on stderr and exit status 2, like argparse's own
@@ -76,7 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--static", action="store_true",
                        help="no timing: compile every launch at the benchmark shapes for sm_90 and write "
                             "sm90-static.{csv,md} (registers, spills, occupancy, SASS counts, roofline floors)")
+    _eval_camera_parser(sub)
     return parser
+
+
+def _eval_camera_parser(sub) -> None:
+    ev = sub.add_parser("eval-camera",
+                        help="camera-control errors of a generated video's poses against the ground truth",
+                        description="RotErr, TransErr, CamMC (CamI2V's relative and absolute protocols), ATE and RPE "
+                                    "of GEN's camera poses against GT's, and a PNG of both trajectories. Pose files: "
+                                    "RealEstate10K text (.txt: timestamp fx fy cx cy 0 0 and the 3x4 w2c matrix per "
+                                    "line) or c2w arrays [f, 4, 4] (.npy, .pt).")
+    ev.add_argument("generated", type=Path, metavar="GEN", help="poses estimated from the generated video")
+    ev.add_argument("ground_truth", type=Path, metavar="GT", help="ground-truth poses (same number of frames)")
+    ev.add_argument("--plot", type=Path, default=Path("trajectory.png"), metavar="PNG",
+                    help="where to write the trajectory plot (default trajectory.png)")
+    ev.add_argument("--no-plot", action="store_true", help="only print the table")
+    ev.add_argument("--align", action="store_true",
+                    help="draw GEN after the Sim(3) alignment onto GT that ATE uses")
 
 
 # --- the checks that need more than one flag's text, done before any work starts ---
@@ -147,7 +164,53 @@ def run_demo(args) -> int:
     return demo.main(args, camera=camera)
 
 
-COMMANDS = {"demo": run_demo, "preview": run_preview, "bench": run_bench}
+# What each metric sums or averages, printed beside its unit.
+_EVAL_NOTES = {"RotErr": "sum over frames", "TransErr": "sum over frames", "CamMC": "sum over frames",
+               "ATE": "RMSE after Sim(3) alignment", "RPE_trans": "RMSE over steps", "RPE_rot": "mean over steps"}
+
+
+def _load_pose_file(path: Path, label: str):
+    from lightmotion_fast.camera import pose_io
+
+    if not path.is_file():
+        raise UsageError(f"{label} {path}: no such file")
+    try:
+        return pose_io.load_poses(path)
+    except (OSError, ValueError, RuntimeError) as exc:  # unreadable, malformed, or not a tensor file
+        raise UsageError(f"{label}: {exc}") from None
+
+
+def run_eval_camera(args) -> int:
+    from lightmotion_fast.camera import metrics
+
+    gen = _load_pose_file(args.generated, "GEN").c2w
+    gt = _load_pose_file(args.ground_truth, "GT").c2w
+    if gen.shape != gt.shape:
+        raise UsageError(f"GEN has {gen.shape[0]} frames and GT {gt.shape[0]}: the poses must be frame for frame")
+    if not args.no_plot:
+        require("matplotlib", extra="demo")
+    try:
+        columns = {p: metrics.trajectory_errors(gen, gt, normalize=p).as_dict() for p in ("relative", "absolute")}
+    except ValueError as exc:  # a singular pose or NaN in a file
+        raise UsageError(str(exc)) from None
+    print(f"camera errors of {args.generated} against {args.ground_truth} ({gt.shape[0]} frames, poses relative "
+          "to frame 0; relative: each path scaled by its own extent, absolute: both by GT's)")
+    print(f"{'metric':<10} {'relative':>12} {'absolute':>12}  unit")
+    for name in columns["relative"]:
+        unit = ", ".join(u for u in (metrics.UNITS[name], _EVAL_NOTES[name]) if u)
+        print(f"{name:<10} {columns['relative'][name].item():>12.6f} {columns['absolute'][name].item():>12.6f}  {unit}")
+    if not args.no_plot:
+        try:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            title = f"{args.generated.name} vs {args.ground_truth.name}"
+            path = metrics.plot_trajectories(gen, gt, args.plot, title=title, align=args.align)
+        except OSError as exc:
+            raise UsageError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from None
+        print(f"trajectory plot: {path}")
+    return 0
+
+
+COMMANDS = {"demo": run_demo, "preview": run_preview, "bench": run_bench, "eval-camera": run_eval_camera}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,8 @@ def test_identical_trajectories_give_zero(batch):
     errs = metrics.trajectory_errors(gt.float(), gt)
     for name, value in errs.as_dict().items():
         assert value.shape == (() if batch is None else (batch,)), name
-        assert value.abs().max() < 2e-3, (name, value)  # float32 input rounding only
+        # float32 input rounding only: 2e-3 rad (or its equivalent for an angle in degrees)
+        assert value.abs().max() < 2e-3 * (180 / math.pi if metrics.UNITS[name] == "deg" else 1), (name, value)
     exact = metrics.trajectory_errors(gt, gt.clone())
     for name, value in exact.as_dict().items():
         assert value.abs().max() < 1e-6, (name, value)
@@ -84,7 +85,8 @@ def test_rpe_known_answers():
     still = torch.eye(4, dtype=torch.float64).repeat(frames, 1, 1)
     rpe_t, rpe_r = metrics.rpe(traj, still, normalize=False)
     assert rpe_t.item() == pytest.approx(1.0, abs=1e-9)
-    assert rpe_r.item() == pytest.approx(0.1, abs=1e-9)
+    assert rpe_r.item() == pytest.approx(math.degrees(0.1), abs=1e-9)  # degrees, as Trajectory Attention reports it
+    assert metrics.rpe(traj, still, normalize=False, degrees=False)[1].item() == pytest.approx(0.1, abs=1e-9)
 
 
 def test_translation_normalised_by_farthest_camera():
@@ -188,3 +190,112 @@ def test_scaled_poses_still_count_as_invertible_and_bad_inputs_are_named():
         metrics.trajectory_errors(gt[:0], gt[:0])
     with pytest.raises(TypeError, match="generated must hold real numbers"):
         metrics.trajectory_errors(gt.to(torch.complex128), gt)
+
+
+# --- CamI2V's two protocols, degrees, pose files (issue 15 item 9) ---------------------------------------
+
+def cami2v_metric(c2w_gt, c2w_gen):
+    """CamI2V's evaluation (its public `glomap_evaluation.py: metric`), written out independently:
+    relative poses, RotErr, then TransErr/CamMC with each path scaled by its own largest translation
+    (relative) and with both scaled by the ground truth's (absolute)."""
+    rel = lambda p: torch.linalg.inv(p[:1]) @ p  # noqa: E731
+    gt, gen = rel(c2w_gt), rel(c2w_gen)
+    trace = (gt[:, :3, :3].transpose(-1, -2) @ gen[:, :3, :3]).diagonal(dim1=-1, dim2=-2).sum(-1)
+    rot = ((trace - 1) / 2).clamp(-1, 1).acos().sum()
+
+    def scaled(p, ref):
+        out = p.clone()
+        out[:, :3, 3] = p[:, :3, 3] / ref[:, :3, 3].norm(dim=-1).amax()
+        return out
+
+    def trans_cammc(a, b):
+        trans = (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1).sum()
+        return trans, (a[:, :3, :4] - b[:, :3, :4]).reshape(-1, 12).norm(dim=-1).sum()
+
+    t_rel, mc_rel = trans_cammc(scaled(gt, gt), scaled(gen, gen))
+    t_abs, mc_abs = trans_cammc(scaled(gt, gt), scaled(gen, gt))
+    return rot, t_rel, mc_rel, t_abs, mc_abs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_protocols_equal_cami2v_definitions(seed):
+    gt = random_trajectory(9, seed=seed)
+    gen = random_trajectory(9, seed=seed + 10)
+    rot, t_rel, mc_rel, t_abs, mc_abs = cami2v_metric(gt, gen)
+    rel = metrics.trajectory_errors(gen, gt)
+    ab = metrics.trajectory_errors(gen, gt, normalize="absolute")
+    for got, want in ((rel.rot_err, rot), (ab.rot_err, rot), (rel.trans_err, t_rel), (rel.cam_mc, mc_rel),
+                      (ab.trans_err, t_abs), (ab.cam_mc, mc_abs)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
+    assert abs(t_abs - t_rel) > 1e-3  # the two protocols do differ on these paths
+
+
+def test_absolute_protocol_counts_a_wrong_path_length():
+    gt = random_trajectory(7)
+    rel_t = metrics.relative_to_first(gt)[:, :3, 3]
+    gen = gt.clone()
+    gen[:, :3, 3] = gt[:1, :3, 3] + 3.0 * (gt[:, :3, 3] - gt[:1, :3, 3])  # the same path, 3x as long
+    assert metrics.trans_err(gen, gt).item() == pytest.approx(0, abs=1e-9)
+    want = (2.0 * rel_t.norm(dim=-1)).sum() / rel_t.norm(dim=-1).max()
+    assert metrics.trans_err(gen, gt, normalize="absolute").item() == pytest.approx(want.item(), rel=1e-12)
+    # ATE aligns by a similarity: the protocol does not change it.
+    assert metrics.ate(gen, gt, normalize="absolute").item() == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="normalize must be"):
+        metrics.trans_err(gen, gt, normalize="metric")
+    with pytest.raises(ValueError, match="prepare_pair"):
+        metrics.prepare(gt, normalize="absolute")
+
+
+def test_angles_in_degrees_on_request_and_by_default_for_rpe():
+    frames, step = 6, math.radians(2.5)
+    gt = random_trajectory(frames)
+    gen = gt.clone()
+    for f in range(frames):  # each camera turned f·step about its own z axis: steps differ by `step`
+        gen[f, :3, :3] = gt[f, :3, :3] @ rotation([0, 0, 1], f * step)
+    # Consecutive steps: Δ_gen = Q_fᵀ Δ_gt Q_{f+1}; E's rotation angle is not simply `step` for a
+    # general Δ, so compare the two units against each other and RotErr against its closed form.
+    assert metrics.rot_err(gen, gt).item() == pytest.approx(step * sum(range(frames)), abs=1e-9)
+    assert metrics.rot_err(gen, gt, degrees=True).item() == pytest.approx(2.5 * sum(range(frames)), abs=1e-7)
+    rad = metrics.rpe(gen, gt, degrees=False)[1].item()
+    assert metrics.rpe(gen, gt)[1].item() == pytest.approx(math.degrees(rad), rel=1e-12)
+    assert metrics.trajectory_errors(gen, gt).rpe_rot.item() == pytest.approx(math.degrees(rad), rel=1e-12)
+    assert metrics.UNITS["RotErr"] == "rad" and metrics.UNITS["RPE_rot"] == "deg"
+
+
+def test_pose_files_round_trip(tmp_path):
+    import numpy as np
+
+    from lightmotion_fast.camera import pose_io
+
+    gt = random_trajectory(5)
+    k = torch.tensor([0.6, 0.9, 0.5, 0.45], dtype=torch.float64)
+    pose_io.save_realestate10k(tmp_path / "a.txt", gt, k)
+    text = (tmp_path / "a.txt").read_text().splitlines()
+    assert len(text) == 5 and all(len(line.split()) == 19 for line in text)
+    # The dataset's URL line, comments and blank lines are skipped.
+    (tmp_path / "b.txt").write_text("https://www.youtube.com/watch?v=x\n# comment\n\n" + "\n".join(text) + "\n")
+    for name in ("a.txt", "b.txt"):
+        poses = pose_io.load_poses(tmp_path / name)
+        torch.testing.assert_close(poses.c2w, gt, rtol=0, atol=1e-12)
+        torch.testing.assert_close(poses.intrinsics, k.expand(5, 4))
+        assert poses.timestamps.tolist() == [0, 33333, 66666, 99999, 133332]
+    # Row 1 of the text holds the w2c matrix, the inverse of the c2w pose.
+    w2c = torch.tensor([float(x) for x in text[1].split()[7:]], dtype=torch.float64).reshape(3, 4)
+    torch.testing.assert_close(w2c, torch.linalg.inv(gt[1])[:3], rtol=0, atol=1e-12)
+    np.save(tmp_path / "c.npy", gt[:, :3, :].numpy())  # [f, 3, 4]: bottom row implied
+    torch.save(gt.float(), tmp_path / "d.pt")
+    torch.testing.assert_close(pose_io.load_poses(tmp_path / "c.npy").c2w, gt, rtol=0, atol=0)
+    assert pose_io.load_poses(tmp_path / "d.pt").c2w.dtype == torch.float64
+    torch.save({"c2w": gt}, tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="one tensor"):
+        pose_io.load_poses(tmp_path / "e.pt")
+    singular = text[2].split()
+    singular[7:] = ["0"] * 12
+    (tmp_path / "f.txt").write_text(" ".join(singular) + "\n")
+    with pytest.raises(ValueError, match="frame 0 is singular"):
+        pose_io.load_poses(tmp_path / "f.txt")
+    (tmp_path / "g.txt").write_text(text[0] + "\n" + "not numbers here\n")
+    with pytest.raises(ValueError, match="line 2: expected 19 numbers"):
+        pose_io.load_poses(tmp_path / "g.txt")
+    with pytest.raises(ValueError, match="unknown pose file type"):
+        pose_io.load_poses(tmp_path / "h.json")

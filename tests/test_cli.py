@@ -144,3 +144,98 @@ def test_load_image_palette_and_transparency(tmp_path):
     img = load_image(tmp_path / "rgba.png")
     torch.testing.assert_close(img[:, 1, 1], torch.ones(3))
     torch.testing.assert_close(img[:, 0, 0], torch.tensor([10.0, 20.0, 30.0]) / 255)
+
+
+# --- eval-camera: pose files in, the metrics table and the trajectory plot out ------------------------
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _eval_camera(capsys, *argv):
+    """Run `eval-camera` in this process: (exit status, {metric: (relative, absolute)}, stdout, stderr)."""
+    from lightmotion_fast.cli import main
+
+    try:
+        code = main(["eval-camera", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    table = {}
+    for line in captured.out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"-?[0-9.]+", parts[1]) and re.fullmatch(r"-?[0-9.]+", parts[2]):
+            table[parts[0]] = (float(parts[1]), float(parts[2]))
+    return code, table, captured.out, captured.err
+
+
+def test_eval_camera_end_to_end_on_identical_files(tmp_path):
+    """The real `python -m lightmotion_fast eval-camera`: a file against itself, and the same poses
+    in two formats (RealEstate10K text, a torch c2w tensor), give zero errors; the PNG is written."""
+    for gen in ("orbit_gt.txt", "orbit_gt.pt"):
+        plot = tmp_path / f"{gen}.png"
+        result = subprocess.run([sys.executable, "-m", "lightmotion_fast", "eval-camera", os.path.join(DATA, gen),
+                                 os.path.join(DATA, "orbit_gt.txt"), "--plot", str(plot)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [line.split() for line in result.stdout.splitlines()]
+        values = {r[0]: (float(r[1]), float(r[2])) for r in rows if r and r[0] in
+                  ("RotErr", "TransErr", "CamMC", "ATE", "RPE_trans", "RPE_rot")}
+        assert len(values) == 6, result.stdout
+        assert all(abs(v) < 1e-5 for pair in values.values() for v in pair), result.stdout
+        with open(plot, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_camera_known_rotation_drift_in_degrees(capsys, tmp_path):
+    """orbit_gen_drift2deg.txt turns 2° per frame further than the ground truth, centres equal:
+    RPE rotation 2°, RotErr Σ_f 2°·f in radians, no translation error, under both protocols."""
+    import math
+
+    code, table, out, err = _eval_camera(capsys, os.path.join(DATA, "orbit_gen_drift2deg.txt"),
+                                         os.path.join(DATA, "orbit_gt.txt"), "--plot", str(tmp_path / "t.png"))
+    assert code == 0, err
+    for column in (0, 1):
+        assert table["RPE_rot"][column] == pytest.approx(2.0, abs=1e-6)
+        assert table["RotErr"][column] == pytest.approx(math.radians(2.0) * sum(range(16)), abs=1e-6)
+        assert table["TransErr"][column] == pytest.approx(0.0, abs=1e-6)
+        assert table["ATE"][column] == pytest.approx(0.0, abs=1e-6)
+    assert "rad" in out and "deg" in out and (tmp_path / "t.png").stat().st_size > 5000
+
+
+def test_eval_camera_absolute_protocol_sees_the_scale(capsys):
+    """orbit_gen_scale2x.npy is the ground-truth path at twice the size: no error when each path is
+    scaled by its own extent (relative), Σ_f chord_f / chord_max under the absolute protocol."""
+    import math
+
+    code, table, out, err = _eval_camera(capsys, os.path.join(DATA, "orbit_gen_scale2x.npy"),
+                                         os.path.join(DATA, "orbit_gt.pt"), "--no-plot")
+    assert code == 0, err
+    assert all(abs(rel) < 1e-6 for rel, _ in table.values()), out
+    # Camera f sits 2R·sin(φ_f / 2) from camera 0 (φ_f = 3°·f); GT's extent is that of frame 15.
+    chords = [math.sin(math.radians(1.5 * f)) for f in range(16)]
+    assert table["TransErr"][1] == pytest.approx(sum(chords) / chords[-1], abs=1e-5)
+    assert table["RotErr"][1] == pytest.approx(0.0, abs=1e-6)
+    assert "trajectory plot" not in out
+
+
+def test_eval_camera_user_mistakes_are_one_line_errors(capsys, tmp_path):
+    gt = os.path.join(DATA, "orbit_gt.txt")
+    short = tmp_path / "short.txt"
+    short.write_text("".join(open(gt).readlines()[:5]))
+    bad_line = tmp_path / "bad.txt"
+    bad_line.write_text("0 0.5 0.5 0.5 0.5 0 0 1 0 0 0\n")
+    wrong_shape = tmp_path / "poses.npy"
+    import numpy as np
+
+    np.save(wrong_shape, np.zeros((4, 4)))
+    for argv, names in [((str(tmp_path / "missing.txt"), gt), "GEN"),
+                        ((gt, str(short)), "frames"),
+                        ((str(bad_line), gt), "line 1: expected 19 numbers"),
+                        ((str(wrong_shape), gt), "[f, 4, 4]"),
+                        ((str(tmp_path / "poses.csv"), gt), "GEN")]:
+        if argv[0].endswith(".csv"):
+            (tmp_path / "poses.csv").write_text("1,2")
+        code, _, _, err = _eval_camera(capsys, *argv, "--no-plot")
+        assert code == 2 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert "eval-camera: error:" in last and names in last, err

@@ -1,21 +1,39 @@
 """Camera-trajectory metrics for generated videos (specs/motionflow.md, "Camera-trajectory metrics").
 
 Poses are camera-to-world matrices, [f 4 4] for one video or [n f 4 4] for a batch, estimated from
-the generated video (e.g. by COLMAP/GLOMAP) and given as ground truth. Following the public CamI2V
-evaluation, both trajectories are first made relative to their frame 0 (c2w_0⁻¹ · c2w_f) and their
-translations divided by the distance of the camera farthest from frame 0 (a trajectory that never
-moves is left as it is). On those poses:
+the generated video (e.g. by COLMAP/GLOMAP) and given as ground truth. Following the CamI2V
+evaluation (Zheng et al., "CamI2V: Camera-Controlled Image-to-Video Diffusion Model", arXiv
+2410.15957, camera-controllability metrics RotErr, TransErr, CamMC). The paper's text is not in
+this project's papers folder, so the definitions below are taken from CamI2V's public evaluation
+code (github.com/ZGCTroy/CamI2V, `evaluation/glomap_evaluation.py: metric`, `evaluation/utils/
+common.py: normalize_t`); its absolute protocol arrived there with the same group's RealCam-I2V
+(Li et al., arXiv 2502.10059), which makes both SfM trajectories metric with a monocular
+metric-depth scale. Both trajectories are first made relative to their frame 0
+(c2w_0⁻¹ · c2w_f), then their translations are scaled by one of the two protocols (`normalize=`):
 
-    RotErr   = Σ_f arccos(clamp((tr(R_genᵀ R_gt) − 1) / 2, −1, 1))          radians
-    TransErr = Σ_f ‖t_gen − t_gt‖₂
+- "relative" (or True, the default): each trajectory divided by its own extent, the distance of
+  its camera farthest from frame 0. The scale of the generated camera path does not count (SfM
+  poses are up to scale); CamI2V's TransErr_rel / CamMC_rel.
+- "absolute": both divided by the ground truth's extent, so a generated path twice as long as the
+  ground truth's is an error. Meaningful only when both trajectories share a metric scale (CamI2V
+  makes the GLOMAP poses of both videos metric with a monocular metric-depth scale before this
+  step); CamI2V's TransErr_abs / CamMC_abs.
+- False: translations as given.
+
+A trajectory that never moves is left unscaled. On those poses:
+
+    RotErr   = Σ_f arccos(clamp((tr(R_genᵀ R_gt) − 1) / 2, −1, 1))          radians (CamI2V, and
+               MotionFlow Appendix A, eq. 5); scale-free, so equal under both protocols
+    TransErr = Σ_f ‖t_gen − t_gt‖₂                                          (MotionFlow eq. 6)
     CamMC    = Σ_f ‖[R|t]_gen − [R|t]_gt‖_F
     ATE      = RMSE_f ‖s·R·c_gen + t − c_gt‖ after Umeyama Sim(3) alignment of the camera centres
     RPE      = between consecutive frames, E = Δ_gt⁻¹ Δ_gen with Δ = P_f⁻¹ P_{f+1}:
-               RPE-trans = RMSE ‖t_E‖, RPE-rot = mean angle(R_E) (radians)
+               RPE-trans = RMSE ‖t_E‖, RPE-rot = mean angle(R_E) in degrees (Trajectory Attention,
+               Table 1: "ATE (m), RPE trans (m), RPE Rot (deg)")
 
-Everything is computed in float64 (arccos near 1 needs it) and returned as float64 tensors with
-the batch shape ([] for one video, [n] for a batch). `plot_trajectories` draws both trajectories
-from above and from the side as a PNG.
+`degrees=` switches any angle metric's unit. Everything is computed in float64 (arccos near 1
+needs it) and returned as float64 tensors with the batch shape ([] for one video, [n] for a batch).
+`plot_trajectories` draws both trajectories from above and from the side as a PNG.
 """
 from __future__ import annotations
 
@@ -38,6 +56,12 @@ class TrajectoryErrors:
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"RotErr": self.rot_err, "TransErr": self.trans_err, "CamMC": self.cam_mc,
                 "ATE": self.ate, "RPE_trans": self.rpe_trans, "RPE_rot": self.rpe_rot}
+
+
+# Units of `TrajectoryErrors.as_dict()` with trajectory_errors' defaults (translations in units of
+# the normalising extent, or as given with normalize=False).
+UNITS = {"RotErr": "rad", "TransErr": "", "CamMC": "", "ATE": "", "RPE_trans": "", "RPE_rot": "deg"}
+NORMALIZE_CHOICES = (True, False, "relative", "absolute")
 
 
 def _check_poses(name: str, poses) -> torch.Tensor:
@@ -81,51 +105,90 @@ def relative_to_first(c2w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(c2w[..., :1, :, :]) @ c2w
 
 
-def normalize_translation(c2w: torch.Tensor) -> torch.Tensor:
-    """Divide translations by the distance of the camera farthest from frame 0's camera
-    (CamI2V's scale normalisation; a trajectory that never moves is returned as it is)."""
+def _check_normalize(normalize) -> str | None:
+    """normalize= as one of "relative", "absolute" or None (no scaling)."""
+    if isinstance(normalize, bool):
+        return "relative" if normalize else None
+    if normalize in ("relative", "absolute"):
+        return normalize
+    raise ValueError(f"normalize must be True/\"relative\", \"absolute\" or False, got {normalize!r}")
+
+
+def _extent(c2w: torch.Tensor) -> torch.Tensor:
+    """Distance of the camera farthest from frame 0's camera, [...]; 1 for a camera that never moves."""
     t = c2w[..., :3, 3]
     extent = (t - t[..., :1, :]).norm(dim=-1).amax(dim=-1)
-    scale = torch.where(extent > 0, extent, torch.ones_like(extent))
+    return torch.where(extent > 0, extent, torch.ones_like(extent))
+
+
+def _scale_translation(c2w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = c2w.clone()
-    out[..., :3, 3] = t / scale[..., None, None]
+    out[..., :3, 3] = c2w[..., :3, 3] / scale[..., None, None]
     return out
 
 
-def prepare(c2w: torch.Tensor, relative: bool = True, normalize: bool = True) -> torch.Tensor:
-    """The poses the metrics compare: relative to frame 0 and scale-normalised (both on by default)."""
+def normalize_translation(c2w: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Divide translations by the extent (distance of the camera farthest from frame 0's camera) of
+    `reference`, by default of `c2w` itself (CamI2V's `normalize_t(rt, ref)`; a reference that
+    never moves leaves the poses as they are)."""
+    return _scale_translation(c2w, _extent(c2w if reference is None else reference))
+
+
+def prepare(c2w: torch.Tensor, relative: bool = True, normalize: bool | str = True) -> torch.Tensor:
+    """One trajectory as the relative protocol compares it: relative to frame 0 and divided by its
+    own extent (both on by default). normalize="absolute" needs the ground truth: see
+    `prepare_pair`."""
+    mode = _check_normalize(normalize)
+    if mode == "absolute":
+        raise ValueError('normalize="absolute" scales by the ground truth: use prepare_pair(generated, ground_truth)')
     poses = _check_poses("c2w", c2w)
     if relative:
         poses = relative_to_first(poses)
-    if normalize:
-        poses = normalize_translation(poses)
-    return poses
+    return normalize_translation(poses) if mode == "relative" else poses
 
 
-def rotation_angle(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
-    """Geodesic angle (radians) between rotations [..., 3, 3]: arccos((tr(R_aᵀ R_b) − 1) / 2)."""
+def prepare_pair(generated, ground_truth, relative: bool = True,
+                 normalize: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both trajectories as the metrics compare them (float64, checked): relative to their frame 0,
+    then scaled by CamI2V's relative protocol (each by its own extent), its absolute protocol
+    (both by the ground truth's extent) or not at all (see the module docstring)."""
+    mode = _check_normalize(normalize)
+    gen, gt = _pair(generated, ground_truth)
+    if relative:
+        gen, gt = relative_to_first(gen), relative_to_first(gt)
+    if mode == "relative":
+        gen, gt = normalize_translation(gen), normalize_translation(gt)
+    elif mode == "absolute":
+        scale = _extent(gt)
+        gen, gt = _scale_translation(gen, scale), _scale_translation(gt, scale)
+    return gen, gt
+
+
+def rotation_angle(r_a: torch.Tensor, r_b: torch.Tensor, degrees: bool = False) -> torch.Tensor:
+    """Geodesic angle between rotations [..., 3, 3]: arccos((tr(R_aᵀ R_b) − 1) / 2), in radians
+    (degrees with degrees=True)."""
     trace = (r_a.transpose(-1, -2) @ r_b).diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0))
+    angle = torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0))
+    return torch.rad2deg(angle) if degrees else angle
 
 
-def rot_err(generated, ground_truth, *, relative: bool = True, normalize: bool = True) -> torch.Tensor:
-    """RotErr: per-frame rotation angle between generated and ground truth, summed over frames."""
-    gen, gt = _pair(generated, ground_truth)
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
-    return rotation_angle(gen[..., :3, :3], gt[..., :3, :3]).sum(-1)
+def rot_err(generated, ground_truth, *, relative: bool = True, normalize: bool | str = True,
+            degrees: bool = False) -> torch.Tensor:
+    """RotErr: per-frame rotation angle between generated and ground truth, summed over frames;
+    radians as CamI2V and MotionFlow (Appendix A) report it, degrees with degrees=True."""
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
+    return rotation_angle(gen[..., :3, :3], gt[..., :3, :3], degrees).sum(-1)
 
 
-def trans_err(generated, ground_truth, *, relative: bool = True, normalize: bool = True) -> torch.Tensor:
+def trans_err(generated, ground_truth, *, relative: bool = True, normalize: bool | str = True) -> torch.Tensor:
     """TransErr: per-frame distance of the camera translations, summed over frames."""
-    gen, gt = _pair(generated, ground_truth)
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
     return (gen[..., :3, 3] - gt[..., :3, 3]).norm(dim=-1).sum(-1)
 
 
-def cam_mc(generated, ground_truth, *, relative: bool = True, normalize: bool = True) -> torch.Tensor:
+def cam_mc(generated, ground_truth, *, relative: bool = True, normalize: bool | str = True) -> torch.Tensor:
     """CamMC: per-frame Frobenius norm of the difference of the [R|t] matrices, summed over frames."""
-    gen, gt = _pair(generated, ground_truth)
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
     return torch.linalg.matrix_norm(gen[..., :3, :] - gt[..., :3, :]).sum(-1)
 
 
@@ -151,12 +214,12 @@ def umeyama(source: torch.Tensor, target: torch.Tensor, with_scale: bool = True)
     return scale, rot, trans
 
 
-def ate(generated, ground_truth, *, relative: bool = True, normalize: bool = True) -> torch.Tensor:
+def ate(generated, ground_truth, *, relative: bool = True, normalize: bool | str = True) -> torch.Tensor:
     """Absolute trajectory error: RMSE of camera centres after Umeyama Sim(3) alignment of the
     generated centres onto the ground truth (so any similarity transform of `generated` leaves it
-    unchanged). In units of the (normalised) ground truth."""
-    gen, gt = _pair(generated, ground_truth)
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
+    unchanged, and both protocols give the same value). In units of the (normalised) ground truth:
+    metres for metric poses with normalize=False, as Trajectory Attention reports it."""
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
     src, dst = gen[..., :3, 3], gt[..., :3, 3]
     scale, rot, trans = umeyama(src, dst)
     aligned = scale[..., None, None] * (src @ rot.transpose(-1, -2)) + trans[..., None, :]
@@ -167,25 +230,29 @@ def _steps(poses: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(poses[..., :-1, :, :]) @ poses[..., 1:, :, :]
 
 
-def rpe(generated, ground_truth, *, relative: bool = True, normalize: bool = True):
+def rpe(generated, ground_truth, *, relative: bool = True, normalize: bool | str = True, degrees: bool = True):
     """Relative pose error between consecutive frames: (RMSE of the translation error, mean rotation
-    error in radians). Both 0 for a single frame."""
-    gen, gt = _pair(generated, ground_truth)
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
+    error), the rotation in degrees as Trajectory Attention reports it (Table 1, "RPE Rot (deg)";
+    radians with degrees=False). Both 0 for a single frame."""
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
     if gen.shape[-3] < 2:
         zero = gen.new_zeros(gen.shape[:-3])
         return zero, zero.clone()
     err = torch.linalg.inv(_steps(gt)) @ _steps(gen)
     rpe_t = err[..., :3, 3].pow(2).sum(-1).mean(-1).sqrt()
-    rpe_r = rotation_angle(err[..., :3, :3], torch.eye(3, dtype=err.dtype, device=err.device)).mean(-1)
+    rpe_r = rotation_angle(err[..., :3, :3], torch.eye(3, dtype=err.dtype, device=err.device), degrees).mean(-1)
     return rpe_t, rpe_r
 
 
-def trajectory_errors(generated, ground_truth, *, relative: bool = True, normalize: bool = True) -> TrajectoryErrors:
-    """Every metric at once for c2w poses [f 4 4] or [n f 4 4].
+def trajectory_errors(generated, ground_truth, *, relative: bool = True,
+                      normalize: bool | str = True) -> TrajectoryErrors:
+    """Every metric at once for c2w poses [f 4 4] or [n f 4 4], in the papers' units (`UNITS`:
+    RotErr in radians, RPE rotation in degrees). normalize: "relative"/True (CamI2V's relative
+    protocol), "absolute" (CamI2V's absolute protocol: scaled by the ground truth's extent), False.
 
     >>> errs = trajectory_errors(estimated_c2w, ground_truth_c2w)
     >>> errs.rot_err, errs.trans_err, errs.cam_mc, errs.ate
+    >>> absolute = trajectory_errors(metric_estimate, metric_ground_truth, normalize="absolute")
     """
     kw = {"relative": relative, "normalize": normalize}
     rpe_t, rpe_r = rpe(generated, ground_truth, **kw)
@@ -196,16 +263,15 @@ def trajectory_errors(generated, ground_truth, *, relative: bool = True, normali
 
 
 def plot_trajectories(generated, ground_truth, path: str | os.PathLike, *, relative: bool = True,
-                      normalize: bool = True, title: str | None = None, align: bool = False) -> str:
+                      normalize: bool | str = True, title: str | None = None, align: bool = False) -> str:
     """Draw the camera centres of both trajectories from above (x–z) and from the side (z–y, y down as
     in OpenCV) into a PNG at `path`. For a batch, the first video is drawn. align=True first maps the
     generated centres onto the ground truth with the Umeyama Sim(3) used by ATE. Returns the path."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
-    gen, gt = _pair(generated, ground_truth)
+    gen, gt = prepare_pair(generated, ground_truth, relative, normalize)
     if gen.ndim == 4:
         gen, gt = gen[0], gt[0]
-    gen, gt = prepare(gen, relative, normalize), prepare(gt, relative, normalize)
     c_gen, c_gt = gen[:, :3, 3], gt[:, :3, 3]
     if align:
         scale, rot, trans = umeyama(c_gen, c_gt)
@@ -241,5 +307,6 @@ def plot_trajectories(generated, ground_truth, path: str | os.PathLike, *, relat
     return path
 
 
-__all__ = ["TrajectoryErrors", "ate", "cam_mc", "normalize_translation", "plot_trajectories", "prepare",
-           "relative_to_first", "rot_err", "rotation_angle", "rpe", "trajectory_errors", "trans_err", "umeyama"]
+__all__ = ["UNITS", "TrajectoryErrors", "ate", "cam_mc", "normalize_translation", "plot_trajectories", "prepare",
+           "prepare_pair", "relative_to_first", "rot_err", "rotation_angle", "rpe", "trajectory_errors", "trans_err",
+           "umeyama"]

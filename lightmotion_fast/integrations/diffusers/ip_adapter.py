@@ -12,9 +12,10 @@
 - `CameraTokenAttnProcessor`: MotionFlow-style camera conditioning on cross-attention: text (or
   image) tokens plus camera tokens, O = softmax(QK_textᵀ)V_text + λ_c softmax(QK_camᵀ)V_cam; the
   camera tokens are passed per call (`cross_attention_kwargs={"camera_tokens": ...}`).
-- `ReferenceAttnProcessor`: for self-attention (attn1); the reference bank is passed per call
-  (`cross_attention_kwargs={"reference_bank": {layer_name: features}}`), and the layer attends to
-  [own tokens; bank tokens] through `reference_attention` without building the concatenation.
+- `ReferenceAttnProcessor`: for self-attention (attn1); the layer attends to [own tokens; bank
+  tokens] through `reference_attention` without building the concatenation. The bank comes from a
+  `ReferenceBank` shared with a writer on a reference U-Net (`reference_net.ReferenceNet` runs both
+  networks in one call), or per call (`cross_attention_kwargs={"reference_bank": {name: features}}`).
 
 `install_camera_token_processors` / `install_reference_processors` put the MotionFlow processors
 into a U-Net's spatial attention layers only (never AnimateDiff's motion modules), where the method
@@ -258,22 +259,79 @@ class CameraTokenAttnProcessor(torch.nn.Module):
         return _epilogue(attn, _merge_heads(out).to(query.dtype), residual, shape4)
 
 
-class ReferenceAttnProcessor:
-    """Self-attention (attn1) that also attends to a reference bank of features:
-    out = softmax(Q_m [K_m; K_p]ᵀ s) [V_m; V_p] with K_p, V_p = attn.to_k/to_v(bank). The bank is given
-    per call: `cross_attention_kwargs={"reference_bank": {name: features}}` with features
-    [b n_p c] (or [b c h w]) for the layer called `name` (its module name in the U-Net), or a single
-    tensor used by every layer. A layer with no bank entry runs plain self-attention."""
+class ReferenceBank:
+    """The features a reference network wrote for one call, shared by the writer and every reader.
 
-    def __init__(self, name: str = ""):
-        self.name = name
+    `features` is {video layer name: [r n_p c] hidden states} while a call is running (filled by the
+    writer hooks of `reference_net.ReferenceNet`), None otherwise; readers that share the bank read
+    their entry from it. Cleared after each call, so no features outlive the call they belong to."""
+
+    def __init__(self):
+        self.features: dict[str, torch.Tensor] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.features is not None
+
+    def clear(self) -> None:
+        self.features = None
+
+
+def _bank_rows(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Bank rows [r ...] -> [batch ...]: r == batch as is; r == 1 broadcast (a view); batch = r·k
+    repeats each row k times in a row, i.e. one reference per video for AnimateDiff's "(b f)" frame
+    batch, every frame of video i attending to reference i."""
+    r = t.shape[0]
+    if r == batch:
+        return t
+    if r == 1:
+        return t.expand(batch, *t.shape[1:])
+    if r > 0 and batch % r == 0:
+        return t.repeat_interleave(batch // r, dim=0)
+    raise ValueError(f"reference bank for layer {name!r} has batch {r}; the layer's attention batch is {batch} "
+                     f"(expected {batch}, 1, or a divisor of {batch}: one reference per video of consecutive frames)")
+
+
+class ReferenceAttnProcessor:
+    """Self-attention (attn1) that also attends to a reference bank of features (MotionFlow's
+    reference attention, specs/motionflow.md):
+
+        out = softmax(Q_m [K_m; K_p]ᵀ s) [V_m; V_p],   K_p, V_p = attn.to_k/to_v(bank)
+
+    computed by the fused `reference_attention` without building the concatenation. The bank holds
+    the reference network's hidden states entering its matching attn1, [r n_p c] (or [r c h w]);
+    r is the attention batch, 1, or the number of videos (each video's frames share its row).
+
+    Where the bank comes from, first match wins:
+    - `bank`, a `ReferenceBank` shared with a writer (`reference_net.ReferenceNet` sets this up):
+      while it is active this layer's entry must be there (a missing one is a ValueError: the
+      writer did not reach the matching layer);
+    - per call, `cross_attention_kwargs={"reference_bank": {name: features}}` keyed by this layer's
+      module name, or one tensor used by every layer.
+    With neither, or no entry for this layer, it runs plain self-attention."""
+
+    def __init__(self, name: str = "", bank: ReferenceBank | None = None):
+        self.name, self.bank = name, bank
+
+    def select_bank(self, reference_bank) -> torch.Tensor | None:
+        if self.bank is not None and self.bank.active:
+            if self.name not in self.bank.features:
+                raise ValueError(f"the reference network wrote no features for layer {self.name!r} in this call "
+                                 f"(it wrote {sorted(self.bank.features)})")
+            return self.bank.features[self.name]
+        if isinstance(reference_bank, Mapping):
+            return reference_bank.get(self.name)
+        if reference_bank is None or isinstance(reference_bank, torch.Tensor):
+            return reference_bank
+        raise TypeError(f"reference_bank must be a dict {{layer name: tensor}} or a tensor, "
+                        f"got {type(reference_bank).__name__}")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  reference_bank=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("ReferenceAttnProcessor is for self-attention (attn1) without a mask")
+        bank = self.select_bank(reference_bank)
         residual, hidden_states, query, _, batch, shape4 = _prologue(attn, hidden_states, None, None, temb)
-        bank = reference_bank.get(self.name) if isinstance(reference_bank, dict) else reference_bank
         heads = attn.heads
         q = _split_heads(query, batch, heads)
         k = _split_heads(attn.to_k(hidden_states), batch, heads)
@@ -283,12 +341,17 @@ class ReferenceAttnProcessor:
         else:
             if bank.ndim == 4:
                 bank = bank.flatten(2).transpose(1, 2)
-            bank = bank.to(query.dtype).expand(batch, -1, -1)
+            if bank.ndim != 3 or bank.shape[-1] != hidden_states.shape[-1]:
+                raise ValueError(f"reference bank for layer {self.name!r} must be [r, n_p, {hidden_states.shape[-1]}] "
+                                 f"(or [r, {hidden_states.shape[-1]}, h, w]), got {tuple(bank.shape)}")
+            bank = bank.to(query.dtype)
             if attn.group_norm is not None:
                 bank = attn.group_norm(bank.transpose(1, 2)).transpose(1, 2)
-            k_ref = _split_heads(attn.to_k(bank), batch, heads)
-            v_ref = _split_heads(attn.to_v(bank), batch, heads)
-            out = reference_attention(q, k, v, k_ref, v_ref, softmax_scale=attn.scale)
+            # Project the r bank rows, then spread them over the batch: r·n_p·c work, not batch·n_p·c.
+            k_ref = _bank_rows(attn.to_k(bank), batch, self.name)
+            v_ref = _bank_rows(attn.to_v(bank), batch, self.name)
+            out = reference_attention(q, k, v, _split_heads(k_ref, batch, heads), _split_heads(v_ref, batch, heads),
+                                      softmax_scale=attn.scale)
         return _epilogue(attn, _merge_heads(out).to(query.dtype), residual, shape4)
 
 
@@ -362,13 +425,14 @@ def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Se
     return installed
 
 
-def install_reference_processors(model: torch.nn.Module) -> dict:
+def install_reference_processors(model: torch.nn.Module, bank: ReferenceBank | None = None) -> dict:
     """Give every spatial self-attention (attn1, not the motion modules') of a U-Net a
     ReferenceAttnProcessor named after its module. Returns {module name: processor}; the names are
-    the keys of the per-call `reference_bank`."""
+    the keys of the per-call `reference_bank`. `bank`: a `ReferenceBank` shared with a writer
+    (`reference_net.ReferenceNet` installs both sides and runs them in one call)."""
     installed = {}
     for name, attn in spatial_attention_modules(model, cross=False):
-        proc = ReferenceAttnProcessor(name)
+        proc = ReferenceAttnProcessor(name, bank)
         attn.set_processor(proc)
         installed[name] = proc
     return installed
