@@ -76,7 +76,7 @@ def test_zero_init_patch_is_exact_and_unpatch_restores(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_branch_equals_reference(family):
+def test_fused_branch_equals_reference(family, poisoned):
     model, inputs = make(family)
     base = run(model, inputs)
     coords, valid = random_coords()
@@ -185,7 +185,7 @@ def test_dit_processor_has_no_official_implementation():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_step_changes_only_the_branch_and_fused_gradients_equal_reference(family):
+def test_training_step_changes_only_the_branch_and_fused_gradients_equal_reference(family, poisoned):
     model, inputs = make(family)
     coords, valid = random_coords()
     lightmotion_fast.patch(model, trajectories=coords, valid=valid,

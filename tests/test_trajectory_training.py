@@ -60,7 +60,7 @@ def grads_of_loss(trainer, latents, coords, valid):
     return grads
 
 
-def test_loss_falls_and_fused_gradients_equal_reference_and_official():
+def test_loss_falls_and_fused_gradients_equal_reference_and_official(poisoned):
     unet = tiny_svd_unet()
     latents, coords, valid = clip()
     lightmotion_fast.patch(unet, trajectories=coords, valid=valid, traj_weights=random_weights(unet))
