@@ -214,3 +214,17 @@ def test_training_step_changes_only_the_branch_and_fused_gradients_equal_referen
     assert all(torch.equal(after[k], before[k]) for k in after if k not in branch_keys)
     assert set(branch_state_dict(model)) == {k.replace(".processor.", ".") for k in branch_keys}
     lightmotion_fast.unpatch(model)
+
+
+def test_patched_wan_compiles_fullgraph_after_one_eager_call():
+    # The tables for a token grid are built by the first (eager) call; later calls read nothing back on
+    # the host, so the whole patched transformer is one graph.
+    model, inputs = make("wan")
+    coords, valid = random_coords()
+    lightmotion_fast.patch(model, trajectories=coords, valid=valid, traj_weights=random_branch_weights(model, "wan"))
+    torch._dynamo.reset()
+    with lightmotion_fast.backend("reference"):
+        eager = run(model, inputs)
+        compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"), inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    lightmotion_fast.unpatch(model)
