@@ -233,7 +233,10 @@ def _install(ctx: PatchContext) -> None:
             if ctx.options.get(name) is not None:
                 raise ValueError(f"patch() got {name}= without trajectories=")
         return
-    install_trajectory_processors(ctx, trajectories, ctx.options.get("valid"), ctx.options.get("traj_weights"))
+    install = install_trajectory_processors
+    if ctx.adapter.name != "svd":   # CogVideoX, Wan: the branch in the DiT's 3D attention
+        from lightmotion_fast.integrations.diffusers.trajectory_dit import install_dit_trajectory_processors as install
+    install(ctx, trajectories, ctx.options.get("valid"), ctx.options.get("traj_weights"))
 
 
 FEATURE = register_feature(Feature(
@@ -247,5 +250,5 @@ FEATURE = register_feature(Feature(
         Option("traj_weights", "state dict | official list | None", "None",
                "branch weights; None initialises from the temporal attention (output projection zero)"),
     ),
-    families=("svd",),
+    families=("svd", "cogvideox", "wan"),
 ))

@@ -1,0 +1,1 @@
+"""Training loops for the parts of a method that learn (trajectory.py: the trajectory branch)."""
