@@ -1,0 +1,379 @@
+"""LiON-LoRA scaling tokens inside the model's forward: patch(pipe, lion={...}) on CogVideoX (with and
+without RoPE) and Wan (issue 15, items 1 and 5; specs/multi_lora.md, corrections of 2026-11-22).
+
+The reference for a whole forward is built from diffusers' and peft's own pieces, not from this
+library's processors: each block's self-attention runs diffusers' processor once per branch with only
+that branch's adapter active in peft, on [H; Eᵢ], with the RoPE tables extended by the identity
+rotation for the token (so RoPE turns the video tokens only); the branches' H are averaged. The tokens
+enter through a pre-hook on the first block and leave through a pre-hook on the output norm.
+"""
+import pytest
+import torch
+
+import lightmotion_fast
+import tiny_models as tiny
+from lightmotion_fast.integrations.diffusers import is_patched, lion_state, set_lion_scales
+from lightmotion_fast.integrations.diffusers.lion_lora import (
+    LionLoraFusionProcessor,
+    LionLoraWanProcessor,
+    ScalingTokenEmbedding,
+    append_scaling_tokens,
+)
+
+pytest.importorskip("peft")
+
+RANKS = {"pan": 4, "orbit": 8}
+WEIGHTS = {"pan": 1.0, "orbit": 0.7}
+SCALES = {"pan": 0.5, "orbit": 1.0}
+PROJECTIONS = ("to_q", "to_k", "to_v")
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+def cogvideox(rope: bool):
+    """tiny_models.tiny_cogvideox's config; rope=True is the CogVideoX-5B kind (RoPE, no sin-cos
+    positions added in the patch embedding), rope=False the CogVideoX-2B kind."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(4)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=rope,
+    ).eval()
+
+
+def cogvideox_call(rope: bool):
+    inputs = tiny.cogvideox_inputs()
+    if rope:
+        f, _, h, w = inputs["hidden_states"].shape[1:]
+        n = f * (h // 2) * (w // 2)
+        angles = torch.randn(n, 8, generator=torch.Generator().manual_seed(2))
+        inputs["image_rotary_emb"] = (angles.cos(), angles.sin())
+    return inputs
+
+
+def with_adapters(model, names=tuple(RANKS)):
+    for seed, name in enumerate(names):
+        tiny.add_random_lora(model, RANKS[name], seed, name)
+    model.set_adapters(list(names), weights=[WEIGHTS[n] for n in names])
+    return model
+
+
+def embeddings(dim=16, names=tuple(RANKS)):
+    torch.manual_seed(7)
+    return {name: ScalingTokenEmbedding(1, dim, num_frequencies=4, s_min=0.1) for name in names}
+
+
+# -- the reference -------------------------------------------------------------------------------------
+
+def _extend_rope(rope, k_extra: int, wan: bool):
+    """RoPE tables for n tokens -> n + k_extra, the extra rows the identity rotation (cos 1, sin 0)."""
+    if rope is None:
+        return None
+    cos, sin = rope
+    dim = 1 if wan else 0
+    shape = list(cos.shape)
+    shape[dim] = k_extra
+    return (torch.cat([cos, cos.new_ones(shape)], dim), torch.cat([sin, sin.new_zeros(shape)], dim))
+
+
+class BranchLoop:
+    """Reference processor: diffusers' own processor once per branch, peft with only adapter i active."""
+
+    def __init__(self, adapters, wan: bool):
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.adapters, self.wan = list(adapters), wan
+        self.inner = WanAttnProcessor() if wan else CogVideoXAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        k = len(self.adapters)
+        n = hidden_states.shape[1] - k
+        layers = [getattr(attn, p) for p in PROJECTIONS] + [attn.to_out[0]]
+        active = [list(layer.active_adapters) for layer in layers]
+        rope = _extend_rope(image_rotary_emb, 1, self.wan)
+        hs, enc = [], []
+        try:
+            for i, name in enumerate(self.adapters):
+                for layer in layers:
+                    layer.set_adapter(name)
+                x = torch.cat([hidden_states[:, :n], hidden_states[:, n + i:n + i + 1]], dim=1)
+                if self.wan:
+                    hs.append(self.inner(attn, x, None, None, rope))
+                else:
+                    h, e = self.inner(attn, x, encoder_hidden_states, image_rotary_emb=rope)
+                    hs.append(h)
+                    enc.append(e)
+        finally:
+            for layer, names in zip(layers, active):
+                layer.set_adapter(names)
+        out = torch.cat([torch.stack([h[:, :n] for h in hs]).mean(0), torch.stack([h[:, n] for h in hs], dim=1)], 1)
+        return out if self.wan else (out, torch.stack(enc).mean(0))
+
+
+def reference_forward(model, inputs, scales, embs, wan: bool):
+    """The model with BranchLoop processors, tokens added by hooks (no lightmotion_fast code but the
+    embeddings)."""
+    adapters = list(scales)
+    with torch.no_grad():
+        tokens = torch.stack([embs[a](torch.tensor([float(scales[a])]))[0] for a in adapters])  # [k d]
+    blocks = model.blocks if wan else model.transformer_blocks
+    leave = model.norm_out if wan else model.norm_final
+    n_video = []
+
+    def enter(module, args, kwargs):
+        if wan:
+            (h, *rest) = args
+        else:
+            h = kwargs["hidden_states"]
+        n_video.append(h.shape[1])
+        h = torch.cat([h, tokens.expand(h.shape[0], -1, -1)], dim=1)
+        if wan:
+            return (h, *rest), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    def strip(module, args):
+        return (args[0][:, :n_video[-1]], *args[1:])
+
+    saved = {name: proc for name, proc in model.attn_processors.items()}
+    hooks = [blocks[0].register_forward_pre_hook(enter, with_kwargs=True), leave.register_forward_pre_hook(strip)]
+    try:
+        for block in blocks:
+            block.attn1.set_processor(BranchLoop(adapters, wan))
+        with torch.no_grad():
+            return model(**inputs)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_processor(saved)
+
+
+def run(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs)[0]
+
+
+# -- CogVideoX -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapters", [("pan",), ("pan", "orbit")])
+@pytest.mark.parametrize("rope", [False, True])
+def test_cogvideox_forward_appends_routes_and_strips(rope, adapters):
+    model = with_adapters(cogvideox(rope), adapters)
+    embs, scales = embeddings(names=adapters), {a: SCALES[a] for a in adapters}
+    inputs = cogvideox_call(rope)
+    plain = run(model, inputs)
+    want = reference_forward(model, inputs, scales, embs, wan=False)
+    lightmotion_fast.patch(model, lion=scales, lion_embeddings=embs)
+    got = run(model, inputs)
+    assert got.shape == plain.shape
+    torch.testing.assert_close(got, want, **TOL)
+    assert (got - plain).abs().max() > 1e-3  # the tokens and the fusion change the output
+    assert lion_state(model).layout is None  # nothing left behind after the forward
+
+
+def test_cogvideox_scales_change_between_calls_without_repatching():
+    model = with_adapters(cogvideox(False))
+    embs = embeddings()
+    inputs = cogvideox_call(False)
+    new = {"pan": 0.2, "orbit": 1.0}
+    want = reference_forward(model, inputs, new, embs, wan=False)
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embs)
+    first = run(model, inputs)
+    processors = dict(model.attn_processors)
+    set_lion_scales(model, {"pan": 0.2})
+    second = run(model, inputs)
+    assert all(model.attn_processors[k] is v for k, v in processors.items())  # same patch, same processors
+    torch.testing.assert_close(second, want, **TOL)
+    assert (first - second).abs().max() > 1e-4
+    # patch() with the scales now in force changes nothing; the old ones re-patch
+    lightmotion_fast.patch(model, lion=new, lion_embeddings=embs)
+    assert all(model.attn_processors[k] is v for k, v in processors.items())
+
+
+def test_cogvideox_scales_per_call_through_attention_kwargs():
+    model = with_adapters(cogvideox(True))
+    embs = embeddings()
+    inputs = cogvideox_call(True)
+    want = reference_forward(model, inputs, {"pan": 0.3, "orbit": 1.0}, embs, wan=False)
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embs)
+    kwargs = {"lion_scales": {"pan": 0.3}}
+    got = run(model, inputs, attention_kwargs=kwargs)
+    torch.testing.assert_close(got, want, **TOL)
+    assert kwargs == {"lion_scales": {"pan": 0.3}}       # the caller's dict is not changed
+    assert lion_state(model).scales["pan"].item() == 0.5  # the patch's scale stays
+
+
+def test_per_sample_scales():
+    """A batch of two samples with their own S equals each sample run alone."""
+    model = with_adapters(cogvideox(False))
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    one = cogvideox_call(False)
+    two = {k: (torch.cat([v, v]) if k != "timestep" else v.expand(2)) for k, v in one.items()}
+    got = run(model, two, attention_kwargs={"lion_scales": {"pan": torch.tensor([0.5, 0.2])}})
+    torch.testing.assert_close(got[:1], run(model, one), **TOL)
+    torch.testing.assert_close(got[1:], run(model, one, attention_kwargs={"lion_scales": {"pan": 0.2}}), **TOL)
+    with pytest.raises(ValueError, match="batch has 1"):
+        run(model, one, attention_kwargs={"lion_scales": {"pan": torch.tensor([0.5, 0.2])}})
+
+
+def test_triton_backend_matches_reference():
+    model = with_adapters(cogvideox(True))
+    embs = embeddings()
+    inputs = cogvideox_call(True)
+    want = reference_forward(model, inputs, SCALES, embs, wan=False)
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embs)
+    with lightmotion_fast.backend("triton"):
+        got = run(model, inputs)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_unpatch_restores_the_model():
+    model = with_adapters(cogvideox(False))
+    inputs = cogvideox_call(False)
+    plain = run(model, inputs)
+    processors = dict(model.attn_processors)
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    lightmotion_fast.unpatch(model)
+    assert not is_patched(model)
+    assert all(model.attn_processors[k] is v for k, v in processors.items())
+    torch.testing.assert_close(run(model, inputs), plain, atol=0, rtol=0)
+
+
+# -- no tokens: a clear error, never a silent misuse ---------------------------------------------------
+
+def test_processor_without_tokens_raises_on_a_model_without_rope():
+    """The issue's case: the fusion processor set by hand on a CogVideoX-2B-style model (no RoPE to give
+    the count away) used to take the last k video tokens for scaling tokens."""
+    model = with_adapters(cogvideox(False))
+    model.set_attn_processor(LionLoraFusionProcessor(list(RANKS)))
+    with pytest.raises(ValueError, match="found no scaling tokens"):
+        run(model, cogvideox_call(False))
+
+
+def test_processor_direct_call_needs_the_token_count():
+    model = with_adapters(cogvideox(False))
+    attn = model.transformer_blocks[0].attn1
+    hidden = torch.randn(1, 12, 16)
+    text = torch.randn(1, 8, 16)
+    proc = LionLoraFusionProcessor(list(RANKS))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="found no scaling tokens"):
+            proc(attn, hidden, text)
+        with pytest.raises(ValueError, match="num_scaling_tokens must equal"):
+            proc(attn, hidden, text, num_scaling_tokens=3)
+        tokens = embeddings()["pan"](torch.tensor([0.5]))
+        h, e = proc(attn, append_scaling_tokens(hidden, torch.cat([tokens, tokens])), text, num_scaling_tokens=2)
+    assert h.shape == (1, 14, 16) and e.shape == text.shape
+
+
+def test_installed_processor_outside_the_forward_raises():
+    model = with_adapters(cogvideox(False))
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    attn = model.transformer_blocks[0].attn1
+    with torch.no_grad(), pytest.raises(ValueError, match="found no scaling tokens"):
+        attn(torch.randn(1, 14, 16), torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(lion={"pan": 0.5}), ValueError, "no scaling-token embedding"),
+    (dict(lion={"tilt": 0.5}, lion_embeddings={"tilt": None}), ValueError, "not loaded"),
+    (dict(lion={"pan": 1.5}, lion_embeddings="E"), TypeError, "lion_embeddings must be a dict"),
+    (dict(lion={"pan": 1.5}, lion_embeddings="W"), ValueError, r"\[s_min, 1\]"),
+    (dict(lion={"pan": 0.5}, lion_embeddings="narrow"), ValueError, "width 8"),
+    (dict(lion={"pan": 0.5}, lion_embeddings={"pan": torch.nn.Linear(8, 16)}), TypeError, "num_loras=1"),
+    (dict(lion=[0.5]), ValueError, "non-empty dict"),
+    (dict(lion_embeddings={}), ValueError, "needs lion="),
+])
+def test_bad_options(options, error, match):
+    model = with_adapters(cogvideox(False))
+    emb = options.get("lion_embeddings")
+    if emb == "E":
+        options["lion_embeddings"] = [embeddings()["pan"]]
+    elif emb == "W":
+        options["lion_embeddings"] = embeddings()
+    elif emb == "narrow":
+        options["lion_embeddings"] = {"pan": ScalingTokenEmbedding(1, 8)}
+    with pytest.raises(error, match=match):
+        lightmotion_fast.patch(model, **options)
+    assert not is_patched(model)
+
+
+def test_lion_option_rejected_on_other_families():
+    with pytest.raises(ValueError, match="applies to the cogvideox, wan model families"):
+        lightmotion_fast.patch(tiny.tiny_unet2d(), lion=SCALES)
+
+
+def test_set_scales_errors():
+    model = with_adapters(cogvideox(False))
+    with pytest.raises(ValueError, match="not patched with lion"):
+        set_lion_scales(model, {"pan": 0.5})
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    with pytest.raises(ValueError, match="does not fuse"):
+        set_lion_scales(model, {"zoom": 0.5})
+    with pytest.raises(ValueError, match=r"\[s_min, 1\]"):
+        set_lion_scales(model, {"pan": 0.01})
+
+
+# -- Wan -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapters", [("pan",), ("pan", "orbit")])
+def test_wan_forward_appends_routes_and_strips(adapters):
+    model = with_adapters(tiny.tiny_wan(), adapters)
+    embs, scales = embeddings(names=adapters), {a: SCALES[a] for a in adapters}
+    inputs = tiny.wan_inputs()
+    plain = run(model, inputs)
+    want = reference_forward(model, inputs, scales, embs, wan=True)
+    lightmotion_fast.patch(model, lion=scales, lion_embeddings=embs)
+    assert all(isinstance(b.attn1.processor, LionLoraWanProcessor) for b in model.blocks)
+    got = run(model, inputs)
+    assert got.shape == plain.shape
+    torch.testing.assert_close(got, want, **TOL)
+    assert (got - plain).abs().max() > 1e-3
+    set_lion_scales(model, {"pan": 0.2})
+    assert (run(model, inputs) - got).abs().max() > 1e-4
+    lightmotion_fast.unpatch(model)
+    torch.testing.assert_close(run(model, inputs), plain, atol=0, rtol=0)
+
+
+def test_wan_per_token_timesteps_not_supported():
+    model = with_adapters(tiny.tiny_wan())
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    inputs = tiny.wan_inputs()
+    inputs["timestep"] = torch.full((1, 48), 5)
+    with pytest.raises(NotImplementedError, match="per-token timesteps"):
+        run(model, inputs)
+
+
+# -- a pipeline end to end -----------------------------------------------------------------------------
+
+def test_cogvideox_pipeline_end_to_end():
+    """The README's use: LoRAs through peft, patch(pipe, lion=...), pipe(...), scales changed between calls."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(5)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=with_adapters(cogvideox(False)),
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(**kwargs):
+        emb = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(3))
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.zeros_like(emb), num_frames=5, height=16,
+                    width=16, num_inference_steps=2, guidance_scale=2.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    plain = call()
+    lightmotion_fast.patch(pipe, lion=SCALES, lion_embeddings=embeddings())
+    first = call()
+    set_lion_scales(pipe, {"orbit": 0.4})
+    second = call()
+    third = call(attention_kwargs={"lion_scales": {"orbit": 1.0}})
+    assert first.shape == plain.shape and torch.isfinite(second).all()
+    assert (first - plain).abs().max() > 1e-4 and (second - first).abs().max() > 1e-5
+    torch.testing.assert_close(third, first, **TOL)
