@@ -29,6 +29,17 @@ PROJECTIONS = ("to_q", "to_k", "to_v")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def torch_path(request):
+    """The wiring is under test here, not the kernels (test_multi_lora.py, test_lion_lora.py): the
+    PyTorch path keeps this file fast; test_triton_backend_matches_reference runs the kernels once."""
+    if "triton" in request.node.name:
+        yield
+        return
+    with lightmotion_fast.backend("reference"):
+        yield
+
+
 # -- models --------------------------------------------------------------------------------------------
 
 def cogvideox(rope: bool):
