@@ -1,0 +1,1 @@
+"""Training helpers: `lion` trains a LiON-LoRA adapter and its scaling-token embedding."""
