@@ -99,6 +99,22 @@ def test_loss_falls(kind):
     assert not is_patched(model)
 
 
+def test_loss_falls_on_wan():
+    import tiny_models as tiny
+
+    with lightmotion_fast.backend("reference"):
+        model = with_adapters(tiny.tiny_wan(), ("pan",))
+        trainer = LionLoraTrainer(model, "pan", scheduler=scheduler("flow"), s_min=0.1, lr=1e-1)
+        one = tiny.wan_inputs()
+        g = torch.Generator().manual_seed(22)
+        latents = torch.randn((2, *one["hidden_states"].shape[1:]), generator=g)
+        text = torch.randn(2, *one["encoder_hidden_states"].shape[1:], generator=g)
+        fixed = dict(timesteps=torch.tensor([300, 600]), noise=torch.randn(latents.shape, generator=g))
+        losses = [trainer.step(latents, text, torch.tensor([0.3, 0.9]), **fixed) for _ in range(6)]
+    assert losses[-1] < 0.9 * losses[0] and losses[1] < losses[0], losses
+    assert all(p.grad is not None for p in trainer.embedding.parameters())
+
+
 def test_loss_falls_with_gradient_checkpointing():
     """Checkpointed blocks recompute the forward in backward; the token layout must still be found."""
     with lightmotion_fast.backend("reference"):
