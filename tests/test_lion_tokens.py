@@ -183,6 +183,16 @@ def test_bad_options(options, error, match):
     assert not is_patched(model)
 
 
+def test_adapter_missing_on_a_projection():
+    from peft import LoraConfig
+
+    model = cogvideox(False)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]), adapter_name="pan")
+    with pytest.raises(ValueError, match=r"block 0's attn1\.to_out\.0"):
+        lightmotion_fast.patch(model, lion={"pan": 0.5}, lion_embeddings=embeddings(names=("pan",)))
+    assert not is_patched(model)
+
+
 def test_lion_option_rejected_on_other_families():
     with pytest.raises(ValueError, match="applies to the cogvideox, wan model families"):
         lightmotion_fast.patch(tiny.tiny_unet2d(), lion=SCALES)

@@ -209,8 +209,10 @@ def _strip(state: LionTokens):
     def forward(original, hidden_states, *args, **kwargs):
         if state.layout is not None:
             n, k = state.layout
-            if hidden_states.shape[1] == n + k:
-                hidden_states = hidden_states[:, :n]
+            if hidden_states.shape[1] != n + k:
+                raise RuntimeError(f"lion: {hidden_states.shape[1]} tokens reach the output head, expected the "
+                                   f"{n} video tokens and {k} scaling tokens appended after the patch embedding")
+            hidden_states = hidden_states[:, :n]
         return original(hidden_states, *args, **kwargs)
 
     return forward
@@ -219,12 +221,16 @@ def _strip(state: LionTokens):
 # -- the feature -------------------------------------------------------------------------------------
 
 def _check_adapters(blocks, adapters) -> None:
-    attn = blocks[0].attn1
-    loaded = list(getattr(attn.to_q, "lora_A", {}))
-    missing = [a for a in adapters if a not in loaded]
-    if missing:
-        raise ValueError(f"lion names adapters {missing} that are not loaded on the self-attention "
-                         f"projections (loaded: {loaded or 'none'}); load them with peft / load_lora_weights")
+    """Every block's self-attention must carry every adapter on to_q, to_k, to_v and to_out.0."""
+    for i, block in enumerate(blocks):
+        attn = block.attn1
+        for name, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out.0", attn.to_out[0])):
+            loaded = list(getattr(layer, "lora_A", {}))
+            missing = [a for a in adapters if a not in loaded]
+            if missing:
+                raise ValueError(f"lion names adapters {missing} that are not loaded on block {i}'s attn1.{name} "
+                                 f"(loaded: {loaded or 'none'}); LiON-LoRA fuses LoRAs on to_q, to_k, to_v and "
+                                 "to_out.0 of every self-attention: load them with peft / load_lora_weights")
 
 
 def install(ctx: PatchContext) -> None:
