@@ -11,11 +11,10 @@
   projection for all k branches, on the shared sequence [text; H; E₁..E_k]); the k branches then run
   as ONE batched attention call (branches stacked on the batch axis). to_out takes one fused call per
   branch (the branches' inputs differ there).
-- `lion_lora_fusion_reference`: the same, as a plain loop over branches with explicitly merged
-  weights, for tests.
-
 - `LionLoraWanProcessor`: the same fusion on a Wan self-attention (`WanAttention` attn1): no text in
   the sequence, q/k RMS-normalised over all heads, Wan's interleaved RoPE on the video tokens only.
+- `lion_lora_fusion_reference`: the same, as a plain loop over branches with explicitly merged
+  weights, for tests.
 
 Normalisation: "none" or "weight" (cᵢ = α/‖BᵢAᵢ‖_F per projection). "output" is not offered here:
 the per-token norms of a projection whose input differs per branch (to_out) have no single α_t.
