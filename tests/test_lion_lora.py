@@ -95,7 +95,8 @@ def test_fusion_processor_equals_reference_loop(norm, rope):
     with torch.no_grad():
         want_h, want_e = lion_lora_fusion_reference(attn, hidden, enc, list(ADAPTERS), norm=norm, image_rotary_emb=rot)
         with lightmotion_fast.backend("triton"):
-            got_h, got_e = LionLoraFusionProcessor(list(ADAPTERS), norm=norm)(attn, hidden, enc, image_rotary_emb=rot)
+            got_h, got_e = LionLoraFusionProcessor(list(ADAPTERS), norm=norm)(attn, hidden, enc, image_rotary_emb=rot,
+                                                                                    num_scaling_tokens=3)
     assert got_h.shape == hidden.shape and got_e.shape == enc.shape
     torch.testing.assert_close(got_h, want_h, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_e, want_e, atol=1e-4, rtol=1e-4)
@@ -109,7 +110,7 @@ def test_fusion_processor_batches_attention_once(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
     with torch.no_grad():
-        LionLoraFusionProcessor(list(ADAPTERS))(attn, hidden, enc)
+        LionLoraFusionProcessor(list(ADAPTERS))(attn, hidden, enc, num_scaling_tokens=3)
     assert calls == [3]  # one call, the three branches on the batch axis
 
 
@@ -117,9 +118,10 @@ def test_fusion_processor_token_count_mismatch():
     attn = attn_with_adapters()
     hidden, enc, rot = _inputs(attn, rope=True)
     with pytest.raises(ValueError, match="scaling tokens"):
-        LionLoraFusionProcessor(["pan", "orbit"])(attn, hidden, enc, image_rotary_emb=rot)
+        LionLoraFusionProcessor(["pan", "orbit"])(attn, hidden, enc, image_rotary_emb=rot, num_scaling_tokens=2)
     with pytest.raises(ValueError, match="not loaded"):
-        LionLoraFusionProcessor(["pan", "orbit", "tilt"])(attn, hidden, enc, image_rotary_emb=rot)
+        LionLoraFusionProcessor(["pan", "orbit", "tilt"])(attn, hidden, enc, image_rotary_emb=rot,
+                                                            num_scaling_tokens=3)
     with pytest.raises(ValueError, match="norm must be one of"):
         LionLoraFusionProcessor(list(ADAPTERS), norm="output")
     with pytest.raises(ValueError, match="tokens must have shape"):

@@ -1,1 +1,2 @@
-"""Training loops for the parts of a method that learn (trajectory.py: the trajectory branch)."""
+"""Training loops for the parts of a method that learn: `trajectory` (the trajectory branch) and `lion`
+(a LiON-LoRA adapter and its scaling-token embedding)."""

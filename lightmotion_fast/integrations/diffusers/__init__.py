@@ -24,6 +24,7 @@ from lightmotion_fast.integrations.diffusers.registry import (
 FEATURE_MODULES: list[str] = [
     "lightmotion",
     "lora",
+    "lion_tokens",
     "ip_adapter",
     "trajectory",
 ]
@@ -31,7 +32,9 @@ FEATURE_MODULES: list[str] = [
 for _name in FEATURE_MODULES:
     importlib.import_module(f"lightmotion_fast.integrations.diffusers.{_name}")
 
+from lightmotion_fast.integrations.diffusers.lion_tokens import lion_state, set_lion_scales  # noqa: E402
+
 __all__ = [
     "ADAPTERS", "FEATURES", "Feature", "ModelAdapter", "PatchContext", "is_patched", "patch",
-    "patch_state", "patched", "register_adapter", "register_feature", "unpatch",
+    "patch_state", "patched", "register_adapter", "register_feature", "unpatch", "lion_state", "set_lion_scales",
 ]

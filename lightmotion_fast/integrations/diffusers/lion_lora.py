@@ -11,13 +11,19 @@
   projection for all k branches, on the shared sequence [text; H; E₁..E_k]); the k branches then run
   as ONE batched attention call (branches stacked on the batch axis). to_out takes one fused call per
   branch (the branches' inputs differ there).
+- `LionLoraWanProcessor`: the same fusion on a Wan self-attention (`WanAttention` attn1): no text in
+  the sequence, q/k RMS-normalised over all heads, Wan's interleaved RoPE on the video tokens only.
 - `lion_lora_fusion_reference`: the same, as a plain loop over branches with explicitly merged
   weights, for tests.
 
 Normalisation: "none" or "weight" (cᵢ = α/‖BᵢAᵢ‖_F per projection). "output" is not offered here:
 the per-token norms of a projection whose input differs per branch (to_out) have no single α_t.
-Not done: wiring the tokens into CogVideoXTransformer3DModel's forward (appending Eᵢ after the patch
-embedding and dropping them before the output projection); the caller appends them to hidden_states.
+
+Where the scaling tokens come from. `patch(pipe, lion={adapter: S, ...})` (lion_tokens.py) appends
+E₁..E_k inside the model's forward, installs these processors and strips the tokens before the
+output projection; the processors then know the token layout from that patch. Called directly, a
+processor must be told: `num_scaling_tokens=k` (after `append_scaling_tokens`). A processor that has
+neither raises ValueError rather than take the last k video tokens for scaling tokens.
 """
 from __future__ import annotations
 
@@ -101,9 +107,13 @@ def _branch_scales(parts, norm: str) -> list[float]:
     return [si * ci for si, ci in zip(s, c)]
 
 
-def _check_sequence(hidden_states, image_rotary_emb, k: int) -> int:
-    """Number of video tokens n, checking that exactly k scaling tokens follow them."""
+def _check_sequence(hidden_states, image_rotary_emb, k: int, expected_n: int | None = None) -> int:
+    """Number of video tokens n, checking that exactly k scaling tokens follow them (and, when the
+    forward that appended them said how many video tokens there were, that n is that number)."""
     n = hidden_states.shape[1] - k
+    if expected_n is not None and n != expected_n:
+        raise ValueError(f"hidden_states has {hidden_states.shape[1]} tokens: the model's forward appended "
+                         f"{k} scaling tokens to {expected_n} video tokens, so expected {expected_n + k}")
     if n < 1:
         raise ValueError(f"hidden_states has {hidden_states.shape[1]} tokens: expected the video tokens "
                          f"followed by {k} scaling tokens (one per LoRA)")
@@ -127,23 +137,56 @@ def _rope(x, image_rotary_emb, start: int, stop: int):
 class LionLoraFusionProcessor:
     """CogVideoX attention processor: training-free fusion of k LoRAs, one batched attention call.
 
+    `patch(pipe, lion={...})` installs it with `tokens` (the patch's token state), so it knows where
+    the scaling tokens are. Directly: append them yourself and say how many,
+
     >>> proc = LionLoraFusionProcessor(["pan", "orbit", "zoom"])
-    >>> block.attn1.set_processor(proc)   # hidden_states then carry H followed by E₁..E₃
+    >>> proc(attn, append_scaling_tokens(h, tokens), text, num_scaling_tokens=3)
     """
 
-    def __init__(self, adapters: Sequence[str], norm: str = "none"):
+    def __init__(self, adapters: Sequence[str], norm: str = "none", tokens=None):
         if isinstance(adapters, str) or len(adapters) < 1:
             raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
         if norm not in FUSION_NORMS:
             raise ValueError(f"norm must be one of {FUSION_NORMS} for the fusion processor, got {norm!r}")
-        self.adapters, self.norm = list(adapters), norm
+        self.adapters, self.norm, self.tokens = list(adapters), norm, tokens
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _video_tokens(self, hidden_states, image_rotary_emb, num_scaling_tokens) -> int:
+        """n, from an explicit `num_scaling_tokens` or from the layout the patched forward recorded;
+        a clear error when neither says that scaling tokens were appended."""
+        k = len(self.adapters)
+        layout = self.tokens.layout if self.tokens is not None else None
+        if num_scaling_tokens is None and layout is None:
+            raise ValueError(
+                f"{type(self).__name__} found no scaling tokens: nothing appended them to hidden_states in "
+                f"this call, and it would otherwise take the last {k} video tokens for them. Use "
+                f"patch(pipe, lion={{adapter: scale, ...}}), which appends them inside the model's forward, "
+                f"or append them yourself (append_scaling_tokens) and pass num_scaling_tokens={k}")
+        if num_scaling_tokens is not None and num_scaling_tokens != k:
+            raise ValueError(f"num_scaling_tokens must equal the number of adapters ({k}), got {num_scaling_tokens}")
+        expected_n = None
+        if num_scaling_tokens is None:
+            expected_n, appended = layout
+            if appended != k:
+                raise ValueError(f"the model's forward appended {appended} scaling tokens, this processor "
+                                 f"fuses {k} adapters {self.adapters}")
+        return _check_sequence(hidden_states, image_rotary_emb, k, expected_n)
+
+    def _qk_norm(self, attn, q, key):
+        """CogVideoX: LayerNorm per head. q, key: [(k b) h l e]."""
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return q, key
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
+                 num_scaling_tokens: int | None = None):
         if attention_mask is not None:
             raise NotImplementedError("LionLoraFusionProcessor does not take an attention mask")
         k = len(self.adapters)
         batch, text = hidden_states.shape[0], encoder_hidden_states.shape[1]
-        n = _check_sequence(hidden_states, image_rotary_emb, k)
+        n = self._video_tokens(hidden_states, image_rotary_emb, num_scaling_tokens)
         shared = text + n
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [b, text + n + k, d]
 
@@ -156,10 +199,7 @@ class LionLoraFusionProcessor:
             seq = torch.cat([y[:, :, :shared], own[:, :, None]], dim=2)                 # [k b shared+1 d]
             qkv.append(rearrange(seq, "k b l (h e) -> (k b) h l e", h=attn.heads))
         q, key, v = qkv
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        q, key = self._qk_norm(attn, q, key)
         if image_rotary_emb is not None:
             q = _rope(q, image_rotary_emb, text, shared)
             if not attn.is_cross_attention:
@@ -176,6 +216,31 @@ class LionLoraFusionProcessor:
         tokens = outs[torch.arange(k), :, shared]                            # [k b d]
         hidden = torch.cat([merged[:, text:], rearrange(tokens, "k b d -> b k d")], dim=1)
         return hidden, merged[:, :text]
+
+
+class LionLoraWanProcessor(LionLoraFusionProcessor):
+    """The fusion on a Wan self-attention (attn1 of a `WanTransformer3DModel` block): the sequence is
+    [H; E₁..E_k] with no text, q and k are RMS-normalised over all heads (Wan's norm_q/norm_k), and
+    Wan's RoPE (interleaved pairs, freqs [1 n 1 e]) turns only the n video tokens. Returns H'."""
+
+    def _qk_norm(self, attn, q, key):
+        """Wan: RMSNorm over the whole inner dim, before the heads are split. q, key: [(k b) h l e]."""
+        heads = q.shape[1]
+        whole = lambda t: rearrange(t, "kb h l e -> kb l (h e)")  # noqa: E731
+        split = lambda t: rearrange(t, "kb l (h e) -> kb h l e", h=heads)  # noqa: E731
+        return split(attn.norm_q(whole(q))), split(attn.norm_k(whole(key)))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 num_scaling_tokens: int | None = None):
+        if encoder_hidden_states is not None:
+            raise ValueError("LionLoraWanProcessor is for Wan's self-attention (attn1): "
+                             "encoder_hidden_states must be None")
+        # Wan's cos/sin [1 n 1 e] repeat each frequency for the pair (2j, 2j+1); diffusers'
+        # apply_rotary_emb with [n e] tables computes the same rotation, so the parent's RoPE is reused.
+        rope = None if rotary_emb is None else tuple(t[0, :, 0, :] for t in rotary_emb)
+        empty_text = hidden_states[:, :0]
+        hidden, _ = super().__call__(attn, hidden_states, empty_text, attention_mask, rope, num_scaling_tokens)
+        return hidden
 
 
 def lion_lora_fusion_reference(attn, hidden_states, encoder_hidden_states, adapters: Sequence[str],
