@@ -194,6 +194,9 @@ def test_flow_matching_jump_keeps_the_interpolation():
     assert math.isclose((c.cx * s1) ** 2 + c.cn ** 2, s2 ** 2, rel_tol=1e-12)
     with pytest.raises(ValueError, match="no signal"):
         lms.jump_coefficients(lms.Level(0.0, 1.0), lms.Level(0.5, 0.5))
+    # an η = 1 step out of pure noise (σ = 1) draws all of the next level's noise fresh
+    c = lms.eta_step_coefficients(lms.Level(0.0, 1.0), lms.Level(0.5, 0.5), (1.0, -1.0), 1.0)
+    assert math.isclose(c.cn, 0.5) and math.isclose(c.cx, 0.5) and math.isclose(c.cm, -0.5)
 
 
 # -- the η-step coefficients ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ What the patch does (only when `camera` is given; camera=None installs nothing):
                         with a fill map built once per call);
     T1 `denoise_until`  ordinary scheduler steps T0 .. T1-1;
     T2 `renoise_to`     the closed-form jump x_T1 -> x_T2 = √(ᾱ_T2/ᾱ_T1)·x_T1 + √(1-ᾱ_T2/ᾱ_T1)·ε
-                        (σ form on Euler) with fresh noise (`snr_reinject` without a model output),
+                        (each scheduler's own form: lightmotion_schedulers.py) with fresh noise
+                        (`snr_reinject` without a model output),
                         then steps T2 .. end: the pipeline runs T1 - T2 extra UNet steps, which
                         `timesteps` lists right after set_timesteps.
   Each is an int number of steps run before that point, or a fraction of the run. Defaults 0.2,

@@ -66,8 +66,8 @@ def eta_step_coefficients(now: Level, nxt: Level, x0: tuple[float, float], eta: 
     # ε̂ = (x − a·x̂0)/s = ex·x + em·m
     ex, em = (1.0 - a * px) / s, -a * pm / s
     sigma = 0.0
-    if s2 > 0 and a2 > 0 and a > 0:
-        ratio = (s2 / a2) / (s / a)          # λ'/λ, < 1 on a denoising step
+    if s2 > 0 and a2 > 0:
+        ratio = 0.0 if a == 0 else (s2 / a2) / (s / a)     # λ'/λ, < 1 on a denoising step (λ = ∞ at pure noise)
         sigma = min(s2, eta * s2 * math.sqrt(max(1.0 - ratio * ratio, 0.0)))
 
     def step(noise):
