@@ -15,7 +15,8 @@ What the patch does (only when `camera` is given; camera=None installs nothing):
                         with a fill map built once per call);
     T1 `denoise_until`  ordinary scheduler steps T0 .. T1-1;
     T2 `renoise_to`     the closed-form jump x_T1 -> x_T2 = √(ᾱ_T2/ᾱ_T1)·x_T1 + √(1-ᾱ_T2/ᾱ_T1)·ε
-                        (σ form on Euler) with fresh noise (`snr_reinject` without a model output),
+                        (each scheduler's own form: lightmotion_schedulers.py) with fresh noise
+                        (`snr_reinject` without a model output),
                         then steps T2 .. end: the pipeline runs T1 - T2 extra UNet steps, which
                         `timesteps` lists right after set_timesteps.
   Each is an int number of steps run before that point, or a fraction of the run. Defaults 0.2,
@@ -44,12 +45,16 @@ The reference sampler is the same code with every op on its PyTorch reference
 Python builder, gather by advanced indexing, correction with the NumPy Philox noise. Both give the
 same video from the same seed.
 
-Schedulers: DDIMScheduler (ᾱ-parametrised correction; clip_sample / thresholding run the
-scheduler's own step with the same noise) and EulerDiscreteScheduler (σ-parametrised, s_churn = 0,
-as SVD uses it). The edit alone works with any scheduler.
+Schedulers (lightmotion_schedulers.py, a table of kinds): DDIM, Euler, Euler ancestral, DPM-Solver++
+(multistep), UniPC, LCM and flow-matching Euler. Every ordinary step is the scheduler's own (its generator
+included); the kind supplies the noise levels, x̂0, the re-noise jump and the multistep history: the edit's
+gather is applied to the history too, and the jump and the η-steps restart it at first order. DDIM with
+clip_sample / thresholding runs its own step with the correction noise. The edit alone (correction=None)
+works with any scheduler; the correction on another is a ValueError at patch time naming the supported ones.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -60,16 +65,14 @@ import torch
 import torch.nn.functional as F
 
 from lightmotion_fast.camera.motion import CameraMotion
+from lightmotion_fast.integrations.diffusers.lightmotion_schedulers import (
+    eta_step_coefficients,
+    jump_coefficients,
+    scheduler_kind,
+)
 from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, patch_state, register_feature
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_resample
-from lightmotion_fast.ops.snr_reinject import (
-    ddim_coefficients,
-    euler_coefficients,
-    renoise_coefficients,
-    renoise_sigma_coefficients,
-    snr_noise,
-    snr_reinject,
-)
+from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.reference.latent_permute import source_positions
 
 OPTION_DOCS = (
@@ -328,7 +331,7 @@ class LightMotionSampler:
         # the scheduler's own bound methods, captured before patching (the instance attributes that
         # replace them are this sampler's methods)
         self._set_timesteps = scheduler.set_timesteps
-        self._scale_model_input = scheduler.scale_model_input
+        self._scale_model_input = getattr(scheduler, "scale_model_input", None)   # flow matching has none
         self._step = scheduler.step
         self._step_params = set(inspect.signature(scheduler.step).parameters)
         self.full = None        # the schedule set_timesteps made, before any renoise plan
@@ -341,15 +344,14 @@ class LightMotionSampler:
         if "Inverse" in name:
             raise ValueError(f"LightMotion samples forward in time; pipe.scheduler is {name}, an inversion "
                              f"scheduler. Give the pipeline a forward scheduler (e.g. DDIMScheduler)")
-        kind = "euler" if "EulerDiscrete" in name else ("ddim" if name.startswith("DDIM") else None)
-        if config.correction is not None and kind is None:
-            raise ValueError(f"LightMotion's correction supports DDIMScheduler (AnimateDiff) and "
-                             f"EulerDiscreteScheduler (SVD), got {name}; use correction=None for the edit alone")
-        self.kind = kind
+        # the per-scheduler math (levels, x̂0, jump, history); None: correction=None on a scheduler
+        # outside the table (the edit alone)
+        self.kind = scheduler_kind(scheduler, config.correction)
 
     def install(self, ctx: PatchContext) -> None:
         for name in ("set_timesteps", "scale_model_input", "step"):
-            ctx.set_attr(self.scheduler, name, getattr(self, name))
+            if name != "scale_model_input" or self._scale_model_input is not None:
+                ctx.set_attr(self.scheduler, name, getattr(self, name))
 
     # -- schedule --------------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
@@ -368,7 +370,7 @@ class LightMotionSampler:
             plan = list(range(self.t1)) + list(range(self.t2, n))
             sch.timesteps = self.full[torch.as_tensor(plan, device=self.full.device)]
             if hasattr(sch, "set_begin_index"):
-                sch.set_begin_index(0)   # Euler: find step 0 by index, not by a timestep that now repeats
+                sch.set_begin_index(0)   # stepped schedulers: find step 0 by index, not by a timestep that now repeats
             self.plan, self.start = plan, 0
         return out
 
@@ -462,61 +464,72 @@ class LightMotionSampler:
         edit_at = self.start + self.edit                                 # schedule index of the first edited step
         first_pass = j < self.edit
         corrected = (cfg.correction == "stochastic" and not first_pass and edit_at <= index < edit_at + self.window)
+        offset = j * sample.numel()
         if corrected:
-            prev = self._stochastic_step(model_output, timestep, sample, offset=j * sample.numel())
+            prev = self._stochastic_step(model_output, timestep, sample, index, offset)
         else:
             if "eta" in self._step_params:
                 kwargs["eta"] = eta
             if "generator" in self._step_params:
-                kwargs["generator"] = generator
-            prev = self._step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
+                kwargs["generator"] = generator   # Euler ancestral, LCM, SDE solvers: the user's noise
+            with self._full_schedule():
+                prev = self._step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
         if j == self.edit - 1:
-            prev = self._edit(prev, index, timestep, offset=j * sample.numel())
+            prev = self._edit(prev, index, timestep, offset=offset)
+            self._edit_history()
         if cfg.correction in RENOISE and j == self.t1 - 1 and self.t1 > self.t2:
-            prev = self._renoise(prev, index, timestep, offset=j * sample.numel())
+            prev = self._renoise(prev, index, timestep, offset=offset)
         self.position = j + 1
         return _Output(prev) if return_dict else (prev,)
 
-    def _ddim_level(self, timestep) -> tuple[float, float]:
-        """(ᾱ_t, ᾱ_prev) of the DDIM step from `timestep`, as DDIMScheduler.step computes them."""
+    @contextlib.contextmanager
+    def _full_schedule(self):
+        """The scheduler's own step reads `timesteps` (LCM: the next timestep; DPM-Solver/UniPC: how many
+        steps are left, for the lower-order final steps): during it, show the full schedule, not the
+        re-noise plan that the pipeline iterates."""
         sch = self.scheduler
-        t = int(timestep)
-        prev_t = t - sch.config.num_train_timesteps // sch.num_inference_steps
-        a_t = float(sch.alphas_cumprod[t])
-        a_prev = float(sch.alphas_cumprod[prev_t]) if prev_t >= 0 else float(sch.final_alpha_cumprod)
-        return a_t, a_prev
+        planned = sch.timesteps
+        if self.full is not None:
+            sch.timesteps = self.full
+        try:
+            yield
+        finally:
+            sch.timesteps = planned
 
-    def _euler_index(self, timestep) -> int:
-        sch = self.scheduler
-        if sch.step_index is None:
-            sch._init_step_index(timestep)
-        return sch.step_index
+    def _edit_history(self) -> None:
+        """Apply the edit's gather to the multistep history (lightmotion_schedulers.py, "History")."""
+        if self.kind is None:
+            return
+        fill = self.state.record["fill_map"]
+        mapped = self.kind.map_history(self.scheduler, lambda h: latent_resample(h, fill, self.layout))
+        self.state.record["history_edited"] = mapped
 
     def _region(self, sample):
         if self.lm_config.correction_region != "exposed":
             return None
         return self.state.record["exposed"].to(sample.device)
 
-    def _stochastic_step(self, model_output, timestep, sample, offset):
-        cfg, sch = self.lm_config, self.scheduler
+    def _stochastic_step(self, model_output, timestep, sample, index, offset):
+        """The η-step of the correction window from schedule index `index` (fused, noise from motion_seed);
+        the scheduler then continues from index + 1 with its history restarted."""
+        cfg, sch, kind = self.lm_config, self.scheduler, self.kind
         seed = cfg.motion_seed
-        prediction = sch.config.prediction_type
-        if self.kind == "euler":
-            i = self._euler_index(timestep)
-            coeffs = euler_coefficients(float(sch.sigmas[i]), float(sch.sigmas[i + 1]), cfg.eta, prediction)
-            out = snr_reinject(sample, model_output.to(sample.dtype), coeffs, seed, offset, self._region(sample), self.layout)
-            sch._step_index = i + 1
-            return out.to(model_output.dtype)
-        if getattr(sch.config, "clip_sample", False) or getattr(sch.config, "thresholding", False):
-            # x̂0 is clipped: not an affine map any more; the scheduler's own step with the same noise
+        if not kind.x0_is_affine(sch):
+            # DDIM with x̂0 clipped: not an affine map any more; the scheduler's own step with the same noise
             noise = snr_noise(sample, seed, offset).to(sample.dtype)
-            out = self._step(model_output, timestep, sample, eta=cfg.eta, variance_noise=noise, return_dict=False)[0]
-            if self._region(sample) is not None:
-                plain = self._step(model_output, timestep, sample, eta=0.0, return_dict=False)[0]
-                out = torch.where(self._expand(self._region(sample)), out, plain)
-            return out
-        coeffs = ddim_coefficients(*self._ddim_level(timestep), cfg.eta, prediction)
-        return snr_reinject(sample, model_output.to(sample.dtype), coeffs, seed, offset, self._region(sample), self.layout)
+            with self._full_schedule():
+                out = self._step(model_output, timestep, sample, eta=cfg.eta, variance_noise=noise,
+                                 return_dict=False)[0]
+                if self._region(sample) is not None:
+                    plain = self._step(model_output, timestep, sample, eta=0.0, return_dict=False)[0]
+                    out = torch.where(self._expand(self._region(sample)), out, plain)
+        else:
+            now, nxt = kind.level(sch, self.full, index), kind.next_level(sch, self.full, index)
+            coeffs = eta_step_coefficients(now, nxt, kind.x0(sch, self.full, index), cfg.eta)
+            out = snr_reinject(sample, model_output.to(sample.dtype), coeffs, seed, offset, self._region(sample),
+                               self.layout).to(model_output.dtype)
+        kind.restart(sch, index + 1)
+        return out
 
     def _expand(self, region):
         return region[None, None] if self.layout == "b c f h w" else region[None, :, None]
@@ -546,18 +559,14 @@ class LightMotionSampler:
         return edited
 
     def _renoise(self, latents, index, timestep, offset):
-        """Jump x_T1 -> x_T2 with fresh noise: from the level after step `index` (= T1 - 1) back to the
-        level before step T2 (closed form, `snr_reinject` with no model output)."""
-        sch, cfg = self.scheduler, self.lm_config
+        """Jump x_T1 -> x_T2 with fresh noise: from the level step `index` (= T1 - 1) produced back to the
+        level entering step T2 (closed form, `snr_reinject` with no model output); the scheduler restarts
+        at T2 with its multistep history forgotten (the next step is first order)."""
+        sch, cfg, kind = self.scheduler, self.lm_config, self.kind
         target = self.t2
-        if self.kind == "euler":
-            coeffs = renoise_sigma_coefficients(float(sch.sigmas[index + 1]), float(sch.sigmas[target]))
-            sch._step_index = target
-        else:
-            a_from = self._ddim_level(timestep)[1]
-            a_to = float(sch.alphas_cumprod[int(self.full[target])])
-            coeffs = renoise_coefficients(a_from, a_to)
+        coeffs = jump_coefficients(kind.next_level(sch, self.full, index), kind.level(sch, self.full, target))
         out = snr_reinject(latents, None, coeffs, cfg.motion_seed, offset, None, self.layout)
+        kind.restart(sch, target)
         self.state.record.update(pre_renoise=latents, renoised=out, renoise_index=index, rewind_to=target)
         return out
 
