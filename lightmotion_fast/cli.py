@@ -44,7 +44,8 @@ def _camera_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoom", type=finite_float, default=0.16,
                    help="relative scale change at the last frame (> 0: zoom in; > -1)")
     p.add_argument("--rotate", type=finite_float, default=-16.0, help="camera roll in degrees (counter-clockwise > 0)")
-    p.add_argument("--frames", type=positive_int, default=16)
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="video frames (default 16; 4 with demo --trajectory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the GIF and PNGs")
     demo.add_argument("--model", type=Path, default=None, help="local diffusers checkpoint (AnimateDiff or SVD) for the LightMotion sampler")
     _camera_args(demo)
+    demo.add_argument("--trajectory", action="store_true",
+                      help="instead: Trajectory Attention end to end on a small SVD pipeline (depth + camera "
+                           "preset -> trajectories -> branch training -> frames, and a picture of the trajectories)")
+    demo.add_argument("--preset", default="orbit_horizontal",
+                      choices=("orbit_horizontal", "orbit_vertical", "zoom_in", "zoom_out"),
+                      help="camera preset for --trajectory")
 
     preview = sub.add_parser("preview", help="only the camera-path preview (GIF + source-index map PNG)")
     preview.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -149,7 +156,7 @@ def run_preview(args) -> int:
             image = demo.load_image(args.image, max_size=None if args.full_size else args.max_size)
         except OSError as exc:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
             raise UsageError(f"--image {args.image}: {exc.strerror or exc}") from None
-    demo.camera_preview(output_dir(args.out), camera, frames=args.frames, image=image)
+    demo.camera_preview(output_dir(args.out), camera, frames=args.frames or 16, image=image)
     return 0
 
 
@@ -157,6 +164,13 @@ def run_demo(args) -> int:
     require("PIL", "matplotlib", "diffusers", "transformers", extra="demo")
     from lightmotion_fast import demo
 
+    if args.trajectory:
+        if args.model is not None:
+            raise UsageError("--model applies to the LightMotion demo, not to --trajectory")
+        from lightmotion_fast.demo_trajectory import run_trajectory_demo
+
+        return 0 if run_trajectory_demo(output_dir(args.out), frames=args.frames or 4, preset=args.preset)["ok"] else 1
+    args.frames = args.frames or 16
     camera = camera_from_args(args)
     if args.model is not None and not args.model.is_dir():
         raise UsageError(f"--model {args.model}: not a folder (a local diffusers checkpoint is expected)")
