@@ -25,7 +25,7 @@ from lightmotion_fast.reference.multi_lora import (
 
 # Relative to the largest output magnitude: z and y are rounded to the input dtype.
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-NORMS = ("none", "weight", "output")
+NORMS = ("none", "weight", "output", "output_per_token")
 SHAPES = [  # (M, d_in, d_out, ranks)
     (37, 40, 50, [4]),
     (29, 33, 47, [16, 8]),
@@ -143,7 +143,7 @@ def test_weight_scale_is_frobenius_norm_and_cached(device):
 def test_output_norms_are_explicit_per_token_norms(dtype, device, poisoned):
     x, w, b, a, bb, scales = make(27, 40, 50, [4, 16, 32], dtype, device)
     with lightmotion_fast.backend("triton"):
-        _, z, norms = multi_lora_linear_op(x, w, b, a, bb, scales, "output", 1e-6, False)
+        _, z, norms = multi_lora_linear_op(x, w, b, a, bb, scales, "output_per_token", 1e-6, False, [1.0] * 3, 1)
     assert norms.shape == (27, 3) and norms.dtype == torch.float32
     for i, (a_, b_) in enumerate(zip(a, bb)):
         explicit = ((x.double() @ a_.double().T) @ b_.double().T).norm(dim=-1)
@@ -184,7 +184,7 @@ def test_rank_layout_pads_each_rank_to_the_tile(device):
     assert not ml._kernel_handles(torch.float64, "none", ml.rank_layout((4,)))
     x, w, b, a, bb, scales = make(7, 20, 18, [4, 8], torch.float32, device)
     with lightmotion_fast.backend("triton"):
-        _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False)
+        _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False, [1.0, 1.0], 1)
     assert z.shape == (7, 32)  # two LoRAs of rank 4 and 8, each padded to 16
     torch.testing.assert_close(z[:, 4:16], torch.zeros(7, 12, device=device))
     torch.testing.assert_close(z[:, :4], x @ a[0].T, rtol=1e-5, atol=1e-5)
@@ -392,7 +392,7 @@ def test_gradcheck_op_backward_float64(norm):
 
     def fn(x, w, b, a0, a1, b0, b1):
         ml.clear_weight_cache()  # gradcheck perturbs weights in place through views
-        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False)[0]
+        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False, [1.0, 1.0], 1)[0]
 
     with lightmotion_fast.backend("reference"):
         torch.autograd.gradcheck(fn, (x, w, b, *a, *bb))
