@@ -1,5 +1,5 @@
 """multi_lora_linear (specs/multi_lora.md): kernels against the float64 reference, forward and
-backward, all three normalisations, separate outputs; the norms against their explicit definitions;
+backward, all four normalisations (per-sample `output` on inputs [b n d]), lora_scaling, separate outputs; the norms against their explicit definitions;
 the weight cache (reuse, invalidation by in-place updates and by peft's hotswap, the byte bound);
 the autotuning key and its behaviour under graph capture; CUDA-graph capture and replay (GPU);
 gradcheck of the reference and of the op's hand-written backward; bad inputs.
@@ -156,8 +156,9 @@ def test_output_norms_are_explicit_per_token_norms(dtype, device, poisoned):
 def test_zero_lora_b_gives_base_plus_others(device):
     """peft initialises B = 0: ‖BA‖ = 0 must not produce NaN in either normalisation."""
     x, w, b, a, bb, scales = make(11, 20, 18, [4, 4], torch.float32, device)
+    x = x.reshape(1, 11, 20)  # one sample of 11 tokens
     bb[0] = torch.zeros_like(bb[0])
-    for norm in ("weight", "output"):
+    for norm in ("weight", "output", "output_per_token"):
         with lightmotion_fast.backend("triton"):
             y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
         ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)

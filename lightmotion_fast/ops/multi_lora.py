@@ -397,7 +397,7 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm,
     if m == 0:
         groups = _groups(norm, m, samples) if norm in OUTPUT_NORMS else 0
         return y, z, x.new_zeros((groups, k), dtype=torch.float32)
-    if norm == "output_per_token":
+    if norm == "output_per_token" or (norm == "output" and samples == m):  # one token a sample: the same
         zs, norms = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=x.device)
         kernel.multi_lora_shrink_norm_launch(x, a_cat, offsets, _factors_t(pack, lora_b, layout, lora_scaling), z,
                                              zs, norms, eps, layout.rank_tile, per_token=True)
