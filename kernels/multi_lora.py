@@ -287,7 +287,8 @@ def _cfg(m, n, k, warps, stages):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# Candidates per (dtype family, SEPARATE); the first is the one used untuned (inside a graph capture).
+# Candidates per (dtype family, SEPARATE[, "sample"]); the first is the one used untuned (inside a graph
+# capture).
 # SEPARATE keeps the base tile besides the running one (two accumulators), so its tiles hold at most
 # 64 fp32 accumulator values per thread: 128×256 and 128×128 at 4 warps spill ~700 B there on sm_90.
 # fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB).
@@ -298,6 +299,15 @@ _EXPAND_CONFIGS = {
     ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3)],
     ("fp32", True): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
 }
+# SAMPLE_COEF (`output` per sample) scales the z tile in registers before its wgmma, which costs
+# registers: at the CogVideoX-5B shape on sm_90, 16-bit 128×256 spills 24 B, 128×128 at 4 warps 240 B,
+# and with SEPARATE 64×128 at 4 warps 56 B and 64×256 12 B; those candidates are left out.
+_EXPAND_CONFIGS.update({
+    ("16bit", False, "sample"): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)],
+    ("16bit", True, "sample"): [_cfg(128, 128, 64, 8, 3)],
+    ("fp32", False, "sample"): _EXPAND_CONFIGS[("fp32", False)],
+    ("fp32", True, "sample"): _EXPAND_CONFIGS[("fp32", True)],
+})
 EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE", "SAMPLE_COEF"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
                   for family, configs in _EXPAND_CONFIGS.items()}
@@ -309,19 +319,20 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (int(m) - 1).bit_length())
 
 
-def _family(dtype: torch.dtype, separate: bool) -> tuple[str, bool]:
-    return ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
+def _family(dtype: torch.dtype, separate: bool, sample_coef: bool = False) -> tuple:
+    family = ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
+    return (*family, "sample") if sample_coef else family
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool):
+def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool, sample_coef: bool = False):
     """(kernel, fixed config or None). The autotuner for this dtype family, which tunes on the first
     call per key; but inside a CUDA-graph capture a key not tuned yet must not be benchmarked (the
     timing launches and synchronisations are illegal there): it runs the family's first config."""
-    family = _family(dtype, separate)
+    family = _family(dtype, separate, sample_coef)
     if capturing and (family, key) not in _TUNED:
         return _multi_lora_expand_kernel, _EXPAND_CONFIGS[family][0]
     _TUNED.add((family, key))
@@ -429,7 +440,7 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         kernel, cfg = _multi_lora_expand_kernel, _INTERPRETER_EXPAND
     else:
         key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate), coef is not None)
-        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device))
+        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device), sample_coef=coef is not None)
     if cfg is not None:
         grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

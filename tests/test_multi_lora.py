@@ -300,6 +300,12 @@ def test_autotune_key_buckets_m_and_capture_does_not_tune():
             acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
             assert family[0] == "16bit" or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
             assert not family[1] or acc_per_thread <= 64
+            # SAMPLE_COEF (per-sample `output`) scales z in registers: 16-bit 128x256, and 128x128 at 4
+            # warps, spill there; with SEPARATE every 16-bit tile but 128x128 at 8 warps does.
+            if family[0] == "16bit" and family[2:] == ("sample",):
+                assert c.kwargs["BLOCK_N"] <= 128 and (c.kwargs["BLOCK_M"] < 128 or c.num_warps == 8)
+                assert not family[1] or (c.kwargs["BLOCK_M"], c.num_warps) == (128, 8)
+    assert {("16bit", s, "sample") for s in (False, True)} <= set(kernel._EXPAND_CONFIGS)
     key = ("test", 4096, 64, 64, 64, 2, True, False)
     family = ("16bit", False)
     fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # first call inside a capture
