@@ -253,7 +253,7 @@ def _multi_lora_expand_kernel(
 
     out_ptrs = y_ptr + rows[:, None] * sym + cols[None, :] * syn
     out_mask = mask_m[:, None] & mask_n[None, :]
-    coef_rows = coef_ptr + (rows // T) * n_lora  # read only with SAMPLE_COEF
+    coef_rows = coef_ptr + (offs_m // T) * n_lora  # read only with SAMPLE_COEF; int32: no 64-bit division
     if SEPARATE or SAMPLE_COEF:
         for i in range(n_lora):
             r_start = tl.multiple_of(tl.load(offsets_ptr + i), BLOCK_R)
