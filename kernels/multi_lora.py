@@ -7,19 +7,25 @@ none needs a mask; R = Σ padded ranks. The static per-LoRA factor sᵢ (times c
 already folded into B_cat. Two launches per call, for any number k of LoRAs:
 
 shrink        z = x A_catᵀ: a plain GEMM over [M, R] in BLOCK_M × BLOCK_R tiles (`none`, `weight`).
-shrink_norm   `output` only. Program m owns BLOCK_M tokens and loops over the k LoRAs: it writes
-              zᵢ = x Aᵢᵀ, and the per-token norm nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ) with Gᵢ = BᵢᵀBᵢ = FᵢᵀFᵢ (Fᵢ an
-              r×r factor computed once on the host): nᵢ² = ‖zᵢ Fᵢᵀ‖², one small dot per chunk, no
-              pass over d_out. Its epilogue, once all k norms of its rows are known, writes
-              zsᵢ = cᵢ(t) zᵢ with cᵢ(t) = α_t/(nᵢ(t)+ε), α_t = meanᵢ nᵢ(t) (reading back its own z rows,
-              which are still in L2).
+shrink_norm   `output` and `output_per_token`. Program m owns BLOCK_M tokens and loops over the k
+              LoRAs: it writes zᵢ = x Aᵢᵀ, and the per-token norm nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ) with
+              Gᵢ = γᵢ²BᵢᵀBᵢ = FᵢᵀFᵢ (Fᵢ an r×r factor computed once on the host, γᵢ the adapter's own
+              lora_alpha/r): nᵢ² = ‖zᵢ Fᵢᵀ‖², one small dot per chunk, no pass over d_out.
+              `output_per_token`: its epilogue, once all k norms of its rows are known, writes
+              zsᵢ = cᵢ(t) zᵢ with cᵢ(t) = α_t/(nᵢ(t)+ε), α_t = meanᵢ nᵢ(t) (reading back its own z
+              rows, which are still in L2). `output` (per sample): it writes the squared norms only.
+sample_norm   `output` only: one program per sample sums its tokens' nᵢ(t)² ([M, k] float32, k floats a
+              token) into nᵢ(b), and writes cᵢ(b) = α_b/(nᵢ(b)+ε), α_b = meanᵢ nᵢ(b) ([b, k]).
 expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K = d_in + R, a K loop over
               d_in for the base weight and then over R for the LoRAs, both unmasked along K where the
               shapes allow and software-pipelined (cp.async); bias in the epilogue. With SEPARATE,
               the base tile is kept and the k outputs yᵢ = x Wᵀ + b + zsᵢ Bᵢᵀ are written from the
-              same launch ([k, M, d_out]).
+              same launch ([k, M, d_out]). With SAMPLE_COEF (`output`), zs is the unscaled z and each
+              LoRA's z chunks are scaled on load by the row's cᵢ(b) (the LoRA loop then runs per LoRA,
+              as with SEPARATE); the other normalisations compile exactly as without it.
 
-Everything accumulates in fp32; z, zs and y are stored in the input dtype. fp32 inputs use IEEE dots
+Everything accumulates in fp32; z, zs and y are stored in the input dtype (with SAMPLE_COEF the
+scaled z chunk is rounded to it too, as the shrink's zs is). fp32 inputs use IEEE dots
 (no TF32), so fp32 results match an fp32 reference; their tiles are smaller (no register spills on
 sm_90). Launch configurations: one small config under the interpreter (TRITON_INTERPRET=1); on a
 GPU, 128-row tiles, the expand autotuned per power-of-two bucket of M (never inside a CUDA-graph
@@ -96,8 +102,11 @@ def _multi_lora_shrink_norm_kernel(
     M, K, n_lora, eps,
     sxm, sxk, sar, sak, szm, snm,
     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    NORM_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NORM_CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # PER_TOKEN: norms_ptr gets nᵢ(t) and zs_ptr the scaled zs (`output_per_token`). Otherwise
+    # (`output`, per sample) pass 1 alone: norms_ptr gets the squared norms nᵢ(t)², which
+    # _multi_lora_sample_norm_kernel sums over each sample's tokens; zs_ptr is not touched.
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -122,11 +131,23 @@ def _multi_lora_shrink_norm_kernel(
             ft = tl.load(f_base + offs_r[:, None] * BLOCK_R + (c0 + offs_c)[None, :])
             w = _dot(zc, ft.to(dtype), tl.zeros((BLOCK_M, NORM_CHUNK), dtype=tl.float32), DOT_PRECISION, UPCAST)
             sq += tl.sum(w * w, axis=1)
-        tl.store(norms_ptr + rows * snm + i, tl.sqrt(sq), mask=mask_m)
+        if PER_TOKEN:
+            sq = tl.sqrt(sq)
+        tl.store(norms_ptr + rows * snm + i, sq, mask=mask_m)
         f_base += BLOCK_R * BLOCK_R
+    if PER_TOKEN:
+        _per_token_scale(z_ptr, zs_ptr, norms_ptr, offsets_ptr, rows, mask_m, n_lora, eps, szm, snm,
+                         RANK_TILE, BLOCK_M)
 
-    # Pass 2 (the epilogue): every norm of these rows is written; the barrier makes this program's
-    # global writes visible to all its threads. zsᵢ = α_t/(nᵢ(t)+ε) · zᵢ, read back from L2.
+
+@triton.jit
+def _per_token_scale(z_ptr, zs_ptr, norms_ptr, offsets_ptr, rows, mask_m, n_lora, eps, szm, snm,
+                     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`output_per_token` epilogue of the shrink: zsᵢ = α_t/(nᵢ(t)+ε) · zᵢ for the rows of this program."""
+    dtype = z_ptr.dtype.element_ty
+
+    # Every norm of these rows is written; the barrier makes this program's global writes visible
+    # to all its threads. zsᵢ = α_t/(nᵢ(t)+ε) · zᵢ, z read back from L2.
     tl.debug_barrier()
     alpha = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j in range(n_lora):
@@ -145,15 +166,40 @@ def _multi_lora_shrink_norm_kernel(
 
 
 @triton.jit
-def _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
-               BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _multi_lora_sample_norm_kernel(sq_ptr, norms_ptr, coef_ptr, T, n_lora, eps, ssq,
+                                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """`output` (per sample): program b sums its T tokens' squared norms nᵢ(t)² ([M, k], the sample's
+    rows consecutive) into nᵢ(b) = sqrt(Σₜ nᵢ(t)²) and writes nᵢ(b) and cᵢ(b) = α_b/(nᵢ(b)+ε),
+    α_b = meanᵢ nᵢ(b), both [b, k] float32. [M, k] is small (k floats a token): one program a sample."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_l = offs_l < n_lora
+    ptrs = sq_ptr + (pid * T + offs_t)[:, None] * ssq + offs_l[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_L), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        acc += tl.load(ptrs, mask=(offs_t < T - t0)[:, None] & mask_l[None, :], other=0.0)
+        ptrs += BLOCK_T * ssq
+    n = tl.sqrt(tl.sum(acc, axis=0))          # [BLOCK_L], 0 in the padding lanes
+    alpha = tl.sum(n, axis=0) / n_lora
+    tl.store(norms_ptr + pid * n_lora + offs_l, n, mask=mask_l)
+    tl.store(coef_ptr + pid * n_lora + offs_l, alpha / (n + eps), mask=mask_l)
+
+
+@triton.jit
+def _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn, coef,
+               BLOCK_R: tl.constexpr, SCALE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + zs[rows, r_start : r_start + n_chunks·BLOCK_R] @ B_cat[cols, same]ᵀ. r_start is a multiple
-    of BLOCK_R and the ranks are padded, so no rank mask: aligned, vectorised, pipelined loads."""
+    of BLOCK_R and the ranks are padded, so no rank mask: aligned, vectorised, pipelined loads.
+    SCALE_Z: each z row is scaled by coef ([BLOCK_M] float32, this LoRA's per-sample cᵢ(b)) as it is
+    loaded, rounded to the input dtype like the shrink's zs (the `output` prologue)."""
     offs_r = tl.arange(0, BLOCK_R)
     z_ptrs = zs_ptr + rows[:, None] * szm + (r_start + offs_r)[None, :]
     b_ptrs = b_ptr + cols[None, :] * sbn + (r_start + offs_r)[:, None]  # B_catᵀ tile [BLOCK_R, BLOCK_N]
     for _ in range(n_chunks):
         zt = tl.load(z_ptrs, mask=mask_m[:, None], other=0.0)
+        if SCALE_Z:
+            zt = (zt.to(tl.float32) * coef[:, None]).to(zt.dtype)
         bt = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
         acc = _dot(zt, bt, acc, DOT_PRECISION, UPCAST)
         z_ptrs += BLOCK_R
@@ -163,14 +209,15 @@ def _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks
 
 @triton.jit
 def _multi_lora_expand_kernel(
-    x_ptr, w_ptr, bias_ptr, zs_ptr, b_ptr, offsets_ptr, y_ptr,
-    M, N, K, R, M_BUCKET, n_lora,
+    x_ptr, w_ptr, bias_ptr, zs_ptr, b_ptr, offsets_ptr, coef_ptr, y_ptr,
+    M, N, K, R, M_BUCKET, n_lora, T,
     sxm, sxk, swn, swk, szm, sbn, syl, sym, syn,
-    HAS_BIAS: tl.constexpr, SEPARATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SEPARATE: tl.constexpr, SAMPLE_COEF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # M_BUCKET (the power of two ≥ M) is only the autotuning key.
+    # M_BUCKET (the power of two ≥ M) is only the autotuning key. SAMPLE_COEF (`output`): zs is the
+    # unscaled z, and row t's LoRA-i chunks are scaled by coef[t // T, i] on load (T tokens a sample).
     # Grouped program order: GROUP_M row tiles share each column tile of W and B_cat in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -206,19 +253,27 @@ def _multi_lora_expand_kernel(
 
     out_ptrs = y_ptr + rows[:, None] * sym + cols[None, :] * syn
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if SEPARATE:
+    coef_rows = coef_ptr + (offs_m // T) * n_lora  # read only with SAMPLE_COEF; int32: no 64-bit division
+    if SEPARATE or SAMPLE_COEF:
         for i in range(n_lora):
             r_start = tl.multiple_of(tl.load(offsets_ptr + i), BLOCK_R)
             n_chunks = (tl.load(offsets_ptr + i + 1) - r_start) // BLOCK_R
-            out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
-                             BLOCK_R, DOT_PRECISION, UPCAST)
-            tl.store(out_ptrs, out.to(dtype), mask=out_mask)
-            # Advance the pointers rather than index with i·syl, which overflows int32 once
-            # k·M·d_out ≥ 2³¹ (350 K tokens at d = 3072, k = 3).
-            out_ptrs += syl
+            coef = tl.load(coef_rows + i, mask=mask_m, other=0.0) if SAMPLE_COEF else 0.0
+            if SEPARATE:
+                out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
+                                 coef, BLOCK_R, SAMPLE_COEF, DOT_PRECISION, UPCAST)
+                tl.store(out_ptrs, out.to(dtype), mask=out_mask)
+                # Advance the pointers rather than index with i·syl, which overflows int32 once
+                # k·M·d_out ≥ 2³¹ (350 K tokens at d = 3072, k = 3).
+                out_ptrs += syl
+            else:
+                acc = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks, szm, sbn,
+                                 coef, BLOCK_R, SAMPLE_COEF, DOT_PRECISION, UPCAST)
+        if not SEPARATE:
+            tl.store(out_ptrs, acc.to(dtype), mask=out_mask)
     else:
         out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, 0, R // BLOCK_R, szm, sbn,
-                         BLOCK_R, DOT_PRECISION, UPCAST)
+                         0.0, BLOCK_R, False, DOT_PRECISION, UPCAST)
         tl.store(out_ptrs, out.to(dtype), mask=out_mask)
 
 
@@ -232,7 +287,8 @@ def _cfg(m, n, k, warps, stages):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# Candidates per (dtype family, SEPARATE); the first is the one used untuned (inside a graph capture).
+# Candidates per (dtype family, SEPARATE[, "sample"]); the first is the one used untuned (inside a graph
+# capture).
 # SEPARATE keeps the base tile besides the running one (two accumulators), so its tiles hold at most
 # 64 fp32 accumulator values per thread: 128×256 and 128×128 at 4 warps spill ~700 B there on sm_90.
 # fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB).
@@ -243,7 +299,16 @@ _EXPAND_CONFIGS = {
     ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3)],
     ("fp32", True): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
 }
-EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE"]
+# SAMPLE_COEF (`output` per sample) scales the z tile in registers before its wgmma, which costs
+# registers: at the CogVideoX-5B shape on sm_90, 16-bit 128×256 spills 24 B, 128×128 at 4 warps 240 B,
+# and with SEPARATE 64×128 at 4 warps 56 B and 64×256 12 B; those candidates are left out.
+_EXPAND_CONFIGS.update({
+    ("16bit", False, "sample"): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)],
+    ("16bit", True, "sample"): [_cfg(128, 128, 64, 8, 3)],
+    ("fp32", False, "sample"): _EXPAND_CONFIGS[("fp32", False)],
+    ("fp32", True, "sample"): _EXPAND_CONFIGS[("fp32", True)],
+})
+EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE", "SAMPLE_COEF"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
                   for family, configs in _EXPAND_CONFIGS.items()}
 _TUNED: set = set()  # (family, key values) the autotuner has benchmarked, outside any graph capture
@@ -254,19 +319,20 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (int(m) - 1).bit_length())
 
 
-def _family(dtype: torch.dtype, separate: bool) -> tuple[str, bool]:
-    return ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
+def _family(dtype: torch.dtype, separate: bool, sample_coef: bool = False) -> tuple:
+    family = ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
+    return (*family, "sample") if sample_coef else family
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool):
+def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool, sample_coef: bool = False):
     """(kernel, fixed config or None). The autotuner for this dtype family, which tunes on the first
     call per key; but inside a CUDA-graph capture a key not tuned yet must not be benchmarked (the
     timing launches and synchronisations are illegal there): it runs the family's first config."""
-    family = _family(dtype, separate)
+    family = _family(dtype, separate, sample_coef)
     if capturing and (family, key) not in _TUNED:
         return _multi_lora_expand_kernel, _EXPAND_CONFIGS[family][0]
     _TUNED.add((family, key))
@@ -312,11 +378,12 @@ def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, z: torch.Tens
 
 def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets: torch.Tensor,
                                   factor_t: torch.Tensor, z: torch.Tensor, zs: torch.Tensor,
-                                  norms: torch.Tensor, eps: float, rank_tile: int) -> None:
-    """`output` normalisation. x: [M, d_in]; a_cat: [R, d_in]; offsets: [k+1] int32 padded rank
+                                  norms: torch.Tensor, eps: float, rank_tile: int, per_token: bool = True) -> None:
+    """`output` normalisations. x: [M, d_in]; a_cat: [R, d_in]; offsets: [k+1] int32 padded rank
     offsets (multiples of rank_tile); factor_t: [k, BR, BR] float32 zero-padded Fᵢᵀ (BR ≥ every
-    padded rank, a power of two); z, zs: [M, R] contiguous (written: x A_catᵀ, and scaled by cᵢ(t));
-    norms: [M, k] float32 contiguous (written: nᵢ(t))."""
+    padded rank, a power of two); z: [M, R] contiguous (written: x A_catᵀ); norms: [M, k] float32
+    contiguous (written: nᵢ(t) with per_token, else nᵢ(t)²); zs: [M, R] contiguous (written with
+    per_token: z scaled by cᵢ(t); else not used)."""
     M, K = x.shape
     n_lora = offsets.numel() - 1
     block_r = factor_t.shape[-1]
@@ -326,16 +393,30 @@ def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets:
         M, K, n_lora, float(eps),
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0), norms.stride(0),
         RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        NORM_CHUNK=min(block_r, 16 if x.dtype == torch.float32 else 32), **_dot_flags(x.dtype),
-        num_warps=warps, num_stages=stages,
+        NORM_CHUNK=min(block_r, 16 if x.dtype == torch.float32 else 32), PER_TOKEN=bool(per_token),
+        **_dot_flags(x.dtype), num_warps=warps, num_stages=stages,
+    )
+
+
+def multi_lora_sample_norm_launch(sq: torch.Tensor, norms: torch.Tensor, coef: torch.Tensor, eps: float) -> None:
+    """`output` (per sample). sq: [M, k] float32 squared per-token norms, M = b·T with each sample's T
+    tokens consecutive; norms, coef: [b, k] float32 contiguous (written: nᵢ(b), cᵢ(b))."""
+    samples, n_lora = norms.shape
+    tokens = sq.shape[0] // samples
+    block_t = 16 if _INTERPRET else 512
+    _multi_lora_sample_norm_kernel[(samples,)](
+        sq, norms, coef, tokens, n_lora, float(eps), sq.stride(0),
+        BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(n_lora), num_warps=4,
     )
 
 
 def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              zs: torch.Tensor, b_cat: torch.Tensor, offsets: torch.Tensor,
-                             y: torch.Tensor, separate: bool, rank_tile: int) -> None:
+                             y: torch.Tensor, separate: bool, rank_tile: int,
+                             coef: torch.Tensor | None = None) -> None:
     """y = x Wᵀ + b + zs B_catᵀ (or per LoRA with separate). x: [M, d_in]; weight: [d_out, d_in];
-    bias: [d_out] or None; zs: [M, R] contiguous (z with its per-token coefficient applied);
+    bias: [d_out] or None; zs: [M, R] contiguous (z with its per-token coefficient applied, or, with
+    coef, the unscaled z); coef: None or [b, k] float32 per-sample cᵢ(b) (M = b·T, samples consecutive);
     b_cat: [d_out, R] contiguous, scales folded in; offsets: [k+1] int32 padded rank offsets;
     y: [M, d_out], or [k, M, d_out] with separate (written)."""
     M, K = x.shape
@@ -343,21 +424,23 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     R = zs.shape[1]
     n_lora = offsets.numel() - 1
     y2 = y[0] if separate else y
+    tokens = M // coef.shape[0] if coef is not None else 1
     args = (
-        x, weight, bias if bias is not None else weight, zs, b_cat, offsets, y,
-        M, N, K, R, m_bucket(M), n_lora,
+        x, weight, bias if bias is not None else weight, zs, b_cat, offsets, coef if coef is not None else zs, y,
+        M, N, K, R, m_bucket(M), n_lora, tokens,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), zs.stride(0), b_cat.stride(0),
         y.stride(0) if separate else 0, y2.stride(0), y2.stride(1),
     )
     # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
     # dots hold both operands in registers: 64-deep chunks spill there on sm_90, 32-deep do not.
     chunk = min(rank_tile, 32 if x.dtype == torch.float32 else 64)
-    flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), BLOCK_R=chunk, **_dot_flags(x.dtype))
+    flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), SAMPLE_COEF=coef is not None, BLOCK_R=chunk,
+                 **_dot_flags(x.dtype))
     if _INTERPRET:
         kernel, cfg = _multi_lora_expand_kernel, _INTERPRETER_EXPAND
     else:
-        key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate))
-        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device))
+        key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate), coef is not None)
+        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device), sample_coef=coef is not None)
     if cfg is not None:
         grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -129,12 +129,14 @@ def calls_multi_lora(dtype):
     def lora(ranks, d_in, d_out):
         return ([_randn(r, d_in, dtype=dtype) for r in ranks], [_randn(d_out, r, dtype=dtype) for r in ranks])
 
-    for (m, d_in, d_out, ranks) in ((19, 24, 20, (4, 8)), (64, 320, 320, (16, 64, 128)), (32, 64, 96, (256,))):
+    for (m, d_in, d_out, ranks) in ((18, 24, 20, (4, 8)), (64, 320, 320, (16, 64, 128)), (32, 64, 96, (256,))):
         x, w, bias = _randn(m, d_in, dtype=dtype), _randn(d_out, d_in, dtype=dtype), _randn(d_out, dtype=dtype)
         a, bb = lora(ranks, d_in, d_out)
-        for norm in ("none", "weight", "output"):
+        for norm in ("none", "weight", "output", "output_per_token"):
             for separate in (False, True):
-                yield (lambda x=x, w=w, bias=bias, a=a, bb=bb, norm=norm, separate=separate:
+                # `output` is per sample along x's first axis: two samples of m/2 tokens (not one per row).
+                xs = x.reshape(2, m // 2, d_in) if norm == "output" else x
+                yield (lambda x=xs, w=w, bias=bias, a=a, bb=bb, norm=norm, separate=separate:
                        lm.multi_lora_linear(x, w, bias if norm != "weight" else None, a, bb,
                                             [1.0] * len(a), norm=norm, separate=separate))
 

@@ -18,6 +18,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
 
 ADAPTERS = {"pan": 4, "orbit": 8, "zoom": 4}
+ALPHAS = {"pan": 8, "orbit": 4, "zoom": 4}  # lora_alpha/r = 2, 0.5, 1: the normalisations must see them
 
 
 def attn_with_adapters():
@@ -30,7 +31,7 @@ def attn_with_adapters():
         temporal_compression_ratio=4, max_text_seq_length=8,
     ).eval()
     for name, rank in ADAPTERS.items():
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=ALPHAS[name], target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
                           adapter_name=name)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -71,14 +72,14 @@ def test_scaling_tokens_bad_inputs(bad, match):
         emb(bad)
 
 
-def _inputs(attn, n=12, text=8, rope=False):
+def _inputs(attn, n=12, text=8, rope=False, batch=1):
     g = torch.Generator().manual_seed(1)
     d = attn.to_q.base_layer.in_features
     emb = ScalingTokenEmbedding(num_loras=3, dim=d)
     with torch.no_grad():
         tokens = emb(torch.tensor([1.0, 0.5, 0.75]))
-    hidden = append_scaling_tokens(torch.randn(1, n, d, generator=g), tokens)
-    enc = torch.randn(1, text, d, generator=g)
+    hidden = append_scaling_tokens(torch.randn(batch, n, d, generator=g), tokens)
+    enc = torch.randn(batch, text, d, generator=g)
     rot = None
     if rope:
         head_dim = d // attn.heads
@@ -87,11 +88,11 @@ def _inputs(attn, n=12, text=8, rope=False):
     return hidden, enc, rot
 
 
-@pytest.mark.parametrize("norm", ["none", "weight"])
+@pytest.mark.parametrize("norm", ["none", "weight", "output"])
 @pytest.mark.parametrize("rope", [False, True])
-def test_fusion_processor_equals_reference_loop(norm, rope):
+def test_fusion_processor_equals_reference_loop(norm, rope, poisoned):
     attn = attn_with_adapters()
-    hidden, enc, rot = _inputs(attn, rope=rope)
+    hidden, enc, rot = _inputs(attn, rope=rope, batch=2)  # two samples: `output` is per sample
     with torch.no_grad():
         want_h, want_e = lion_lora_fusion_reference(attn, hidden, enc, list(ADAPTERS), norm=norm, image_rotary_emb=rot)
         with lightmotion_fast.backend("triton"):
@@ -123,6 +124,24 @@ def test_fusion_processor_token_count_mismatch():
         LionLoraFusionProcessor(["pan", "orbit", "tilt"])(attn, hidden, enc, image_rotary_emb=rot,
                                                             num_scaling_tokens=3)
     with pytest.raises(ValueError, match="norm must be one of"):
-        LionLoraFusionProcessor(list(ADAPTERS), norm="output")
+        LionLoraFusionProcessor(list(ADAPTERS), norm="output_per_token")
     with pytest.raises(ValueError, match="tokens must have shape"):
         append_scaling_tokens(hidden, torch.randn(3, 5))
+
+
+def test_fusion_processor_output_norm_is_per_sample():
+    """Each sample is normalised on its own: a sample's result does not depend on the others in the
+    batch (a batch-wide or per-token norm would change it), and `output` differs from `weight`."""
+    attn = attn_with_adapters()
+    hidden, enc, rot = _inputs(attn, rope=True, batch=2)
+    hidden2 = hidden.clone()
+    hidden2[1, :12] *= 5.0  # the second sample only, video tokens 5x larger
+    proc = LionLoraFusionProcessor(list(ADAPTERS), norm="output")
+    with torch.no_grad():
+        h1, e1 = proc(attn, hidden, enc, image_rotary_emb=rot)
+        h2, e2 = proc(attn, hidden2, enc, image_rotary_emb=rot)
+        hw, _ = LionLoraFusionProcessor(list(ADAPTERS), norm="weight")(attn, hidden, enc, image_rotary_emb=rot)
+    torch.testing.assert_close(h2[0], h1[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e2[0], e1[0], atol=1e-5, rtol=1e-5)
+    assert (h2[1] - h1[1]).abs().max() > 1e-2
+    assert (hw - h1).abs().max() > 1e-3

@@ -1,5 +1,5 @@
 """multi_lora_linear (specs/multi_lora.md): kernels against the float64 reference, forward and
-backward, all three normalisations, separate outputs; the norms against their explicit definitions;
+backward, all four normalisations (per-sample `output` on inputs [b n d]), lora_scaling, separate outputs; the norms against their explicit definitions;
 the weight cache (reuse, invalidation by in-place updates and by peft's hotswap, the byte bound);
 the autotuning key and its behaviour under graph capture; CUDA-graph capture and replay (GPU);
 gradcheck of the reference and of the op's hand-written backward; bad inputs.
@@ -14,6 +14,7 @@ import torch
 from lm_testing import ON_GPU
 
 import lightmotion_fast
+from lightmotion_fast.integrations.diffusers import lora as lora_feature
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops import multi_lora as ml
 from lightmotion_fast.ops.multi_lora import multi_lora_linear, multi_lora_linear_op
@@ -25,7 +26,7 @@ from lightmotion_fast.reference.multi_lora import (
 
 # Relative to the largest output magnitude: z and y are rounded to the input dtype.
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-NORMS = ("none", "weight", "output")
+NORMS = ("none", "weight", "output", "output_per_token")
 SHAPES = [  # (M, d_in, d_out, ranks)
     (37, 40, 50, [4]),
     (29, 33, 47, [16, 8]),
@@ -143,7 +144,7 @@ def test_weight_scale_is_frobenius_norm_and_cached(device):
 def test_output_norms_are_explicit_per_token_norms(dtype, device, poisoned):
     x, w, b, a, bb, scales = make(27, 40, 50, [4, 16, 32], dtype, device)
     with lightmotion_fast.backend("triton"):
-        _, z, norms = multi_lora_linear_op(x, w, b, a, bb, scales, "output", 1e-6, False)
+        _, z, norms = multi_lora_linear_op(x, w, b, a, bb, scales, "output_per_token", 1e-6, False, [1.0] * 3, 1)
     assert norms.shape == (27, 3) and norms.dtype == torch.float32
     for i, (a_, b_) in enumerate(zip(a, bb)):
         explicit = ((x.double() @ a_.double().T) @ b_.double().T).norm(dim=-1)
@@ -155,8 +156,9 @@ def test_output_norms_are_explicit_per_token_norms(dtype, device, poisoned):
 def test_zero_lora_b_gives_base_plus_others(device):
     """peft initialises B = 0: ‖BA‖ = 0 must not produce NaN in either normalisation."""
     x, w, b, a, bb, scales = make(11, 20, 18, [4, 4], torch.float32, device)
+    x = x.reshape(1, 11, 20)  # one sample of 11 tokens
     bb[0] = torch.zeros_like(bb[0])
-    for norm in ("weight", "output"):
+    for norm in ("weight", "output", "output_per_token"):
         with lightmotion_fast.backend("triton"):
             y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
         ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
@@ -184,7 +186,7 @@ def test_rank_layout_pads_each_rank_to_the_tile(device):
     assert not ml._kernel_handles(torch.float64, "none", ml.rank_layout((4,)))
     x, w, b, a, bb, scales = make(7, 20, 18, [4, 8], torch.float32, device)
     with lightmotion_fast.backend("triton"):
-        _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False)
+        _, z, _ = multi_lora_linear_op(x, w, b, a, bb, scales, "none", 1e-6, False, [1.0, 1.0], 1)
     assert z.shape == (7, 32)  # two LoRAs of rank 4 and 8, each padded to 16
     torch.testing.assert_close(z[:, 4:16], torch.zeros(7, 12, device=device))
     torch.testing.assert_close(z[:, :4], x @ a[0].T, rtol=1e-5, atol=1e-5)
@@ -298,6 +300,12 @@ def test_autotune_key_buckets_m_and_capture_does_not_tune():
             acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
             assert family[0] == "16bit" or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
             assert not family[1] or acc_per_thread <= 64
+            # SAMPLE_COEF (per-sample `output`) scales z in registers: 16-bit 128x256, and 128x128 at 4
+            # warps, spill there; with SEPARATE every 16-bit tile but 128x128 at 8 warps does.
+            if family[0] == "16bit" and family[2:] == ("sample",):
+                assert c.kwargs["BLOCK_N"] <= 128 and (c.kwargs["BLOCK_M"] < 128 or c.num_warps == 8)
+                assert not family[1] or (c.kwargs["BLOCK_M"], c.num_warps) == (128, 8)
+    assert {("16bit", s, "sample") for s in (False, True)} <= set(kernel._EXPAND_CONFIGS)
     key = ("test", 4096, 64, 64, 64, 2, True, False)
     family = ("16bit", False)
     fn, cfg = kernel.expand_launcher(torch.bfloat16, False, key, capturing=True)  # first call inside a capture
@@ -392,7 +400,7 @@ def test_gradcheck_op_backward_float64(norm):
 
     def fn(x, w, b, a0, a1, b0, b1):
         ml.clear_weight_cache()  # gradcheck perturbs weights in place through views
-        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False)[0]
+        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False, [1.0, 1.0], 1)[0]
 
     with lightmotion_fast.backend("reference"):
         torch.autograd.gradcheck(fn, (x, w, b, *a, *bb))
@@ -436,3 +444,155 @@ def test_public_function_takes_float64(norm, device):
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, multi_lora_linear_reference(x, w, b, a, bb, scales, norm=norm),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15 item 2: the norms of the *effective* updates (peft's lora_alpha / r inside), and the
+# paper's per-sample `output` normalisation (x's first axis is the sample axis).
+
+GAMMAS = [2.0, 0.5, 1.25]  # lora_alpha / r of three adapters: 4x apart between the first two
+
+
+def make_samples(b, n, d_in, d_out, ranks, dtype, device, requires_grad=False):
+    x, w, bias, a, bb, _ = make(b * n, d_in, d_out, ranks, dtype, device, requires_grad=requires_grad)
+    x = x.detach().reshape(b, n, d_in).requires_grad_(requires_grad)
+    scales = GAMMAS[: len(ranks)]  # adapter weight 1: sᵢ = γᵢ
+    return x, w, bias, a, bb, scales
+
+
+def test_weight_norm_includes_lora_alpha_over_r_through_peft(device):
+    """Two adapters with the same BA, one trained with 4x the alpha/r of the other: after the `weight`
+    normalisation their effective updates must have equal norms (before the fix they stayed 4x apart).
+    The two adapters read disjoint halves of the input, so each one's update is seen on its own."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12)).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multiple adapters in the model": intended
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), model, adapter_name="strong")
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=["0"]), model, adapter_name="weak")
+    layer = model[0]
+    layer.set_adapter(["strong", "weak"])
+    a, b = torch.randn(4, 8, device=device), torch.randn(12, 4, device=device)
+    with torch.no_grad():
+        layer.lora_A["strong"].weight.zero_()[:, :8] = a   # reads x[:, :8]
+        layer.lora_A["weak"].weight.zero_()[:, 8:] = a     # reads x[:, 8:], the same update otherwise
+        layer.lora_B["strong"].weight.copy_(b)
+        layer.lora_B["weak"].weight.copy_(b)
+    x_strong = torch.cat([torch.randn(5, 8, device=device), torch.zeros(5, 8, device=device)], 1)
+    x_weak = x_strong.roll(8, dims=1)
+    with torch.no_grad():
+        plain = [layer(x) - layer.base_layer(x) for x in (x_strong, x_weak)]
+        fused = lora_feature._fused_forward(layer, "weight")  # what patch(..., lora_norm="weight") installs
+        normed = [fused(layer.forward, x) - layer.base_layer(x) for x in (x_strong, x_weak)]
+    assert plain[0].norm() / plain[1].norm() == pytest.approx(4.0, rel=1e-4)  # peft: 2 vs 0.5
+    assert normed[0].norm() / normed[1].norm() == pytest.approx(1.0, rel=1e-4)
+    # Each effective update has norm α = mean of the effective norms, (2 + 0.5)/2 ‖BA‖.
+    want = 1.25 * plain[0].norm() / 2.0
+    assert normed[0].norm() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["weight", "output", "output_per_token"])
+def test_normalised_effective_updates_have_equal_norms(norm, device, poisoned):
+    """With adapter weights 1 (sᵢ = γᵢ) every normalised update ends with the same norm α: the mean
+    of the effective norms ‖γᵢΔᵢ‖ (of the weights, per sample, or per token), float64 explicit."""
+    x, w, b, a, bb, scales = make_samples(2, 9, 24, 20, [4, 8, 16], torch.float32, device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=True, lora_scaling=GAMMAS)
+    base = x.double() @ w.double().T + b.double()
+    got = [y[i].double() - base for i in range(3)]                         # [b n d_out] each
+    eff = [g * (x.double() @ a_.double().T) @ b_.double().T for g, a_, b_ in zip(GAMMAS, a, bb)]
+    if norm == "weight":
+        norms = torch.stack([g * torch.linalg.matrix_norm(b_.double() @ a_.double())
+                             for g, a_, b_ in zip(GAMMAS, a, bb)])
+        coef = norms.mean() / norms                                             # cᵢ = α/‖γᵢBᵢAᵢ‖
+        for i in range(3):  # the update applied is cᵢγᵢBᵢAᵢ, of norm α for every i
+            assert_close_rel(got[i], coef[i] * eff[i], torch.float32, f"update {i} weight")
+            updated = coef[i] * GAMMAS[i] * torch.linalg.matrix_norm(bb[i].double() @ a[i].double())
+            torch.testing.assert_close(updated, norms.mean())
+        return
+    dims = (1, 2) if norm == "output" else (2,)
+    norms = torch.stack([e.norm(dim=dims, keepdim=True) for e in eff])        # [k b 1 1] or [k b n 1]
+    alpha = norms.mean(0)
+    for i in range(3):
+        assert_close_rel(got[i].norm(dim=dims, keepdim=True), alpha, torch.float32, f"‖update {i}‖ {norm}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("separate", [False, True])
+def test_output_per_sample_matches_reference(separate, dtype, device, poisoned):
+    x, w, b, a, bb, scales = make_samples(3, 7, 40, 37, [8, 16, 4], dtype, device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm="output", separate=separate, lora_scaling=GAMMAS)
+        _, _, norms = multi_lora_linear_op(x.reshape(21, 40), w, b, a, bb, scales, "output", 1e-6, separate,
+                                           GAMMAS, 3)
+    ref = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm="output",
+                                      separate=separate, lora_scaling=GAMMAS)
+    assert y.shape == ((3, 3, 7, 37) if separate else (3, 7, 37))
+    assert_close_rel(y, ref, dtype, f"per-sample output separate={separate}")
+    explicit = torch.stack([(g * (x.double() @ a_.double().T) @ b_.double().T).norm(dim=(1, 2))
+                            for g, a_, b_ in zip(GAMMAS, a, bb)], dim=1)      # [b k]
+    assert norms.shape == (3, 3)
+    assert_close_rel(norms, explicit, dtype, "per-sample norms")
+    # The per-sample reading is not the per-token one.
+    per_token = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales,
+                                            norm="output_per_token", separate=separate, lora_scaling=GAMMAS)
+    assert (per_token - ref).abs().max() > 0.05 * ref.abs().max()
+
+
+def test_output_on_2d_input_is_per_row(device):
+    """x [b, d_in]: each row is its own sample, so `output` equals `output_per_token` there."""
+    x, w, b, a, bb, scales = make(11, 20, 18, [4, 8], torch.float64, device)
+    ys = [multi_lora_linear(x, w, b, a, bb, scales, norm=n) for n in ("output", "output_per_token")]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["weight", "output"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_backward_per_sample_and_lora_scaling_match_reference(norm, separate, device):
+    x, w, b, a, bb, scales = make_samples(3, 5, 24, 30, [4, 8, 16], torch.float32, device, requires_grad=True)
+    g = torch.randn((3, 3, 5, 30) if separate else (3, 5, 30), device=device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate, lora_scaling=GAMMAS)
+    grads = torch.autograd.grad(y, [x, w, b, *a, *bb], g)
+    xs, ws, bs, as_, bbs = f64(x), f64(w), f64(b), f64(a), f64(bb)
+    ref = multi_lora_linear_reference(xs, ws, bs, as_, bbs, scales, norm=norm, separate=separate, lora_scaling=GAMMAS)
+    ref_grads = torch.autograd.grad(ref, [xs, ws, bs, *as_, *bbs], g.double())
+    names = ["x", "weight", "bias"] + [f"lora_a[{i}]" for i in range(3)] + [f"lora_b[{i}]" for i in range(3)]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close_rel(got, want, torch.float32, f"d{name} norm={norm}")
+
+
+@pytest.mark.parametrize("norm", ["weight", "output", "output_per_token"])
+def test_gradcheck_per_sample_and_lora_scaling_float64(norm):
+    """The reference and the op's hand-written backward through the per-sample norm (3 samples of 2
+    tokens) and through γᵢ, against finite differences."""
+    x, w, b, a, bb, scales = make(6, 5, 7, [2, 3], torch.float64, "cpu", requires_grad=True)
+    gammas = [2.0, 0.5]
+
+    def op(x, w, b, a0, a1, b0, b1):
+        ml.clear_weight_cache()  # gradcheck perturbs weights in place through views
+        return multi_lora_linear_op(x, w, b, [a0, a1], [b0, b1], scales, norm, 1e-6, False, gammas, 3)[0]
+
+    def ref(x, w, b, a0, a1, b0, b1):
+        return multi_lora_linear_reference(x.reshape(3, 2, 5), w, b, [a0, a1], [b0, b1], scales, norm=norm,
+                                           lora_scaling=gammas)
+
+    with lightmotion_fast.backend("reference"):
+        torch.autograd.gradcheck(op, (x, w, b, *a, *bb))
+    torch.autograd.gradcheck(ref, (x, w, b, *a, *bb))
+    with lightmotion_fast.backend("reference"):
+        torch.testing.assert_close(op(x, w, b, *a, *bb).reshape(3, 2, 7), ref(x, w, b, *a, *bb))
+
+
+def test_bad_lora_scaling_and_samples_raise():
+    kwargs = dict(_good("cpu"), norm="output")
+    with pytest.raises(ValueError, match="lora_scaling must hold one number per LoRA"):
+        multi_lora_linear(**kwargs, lora_scaling=[1.0])
+    with pytest.raises(ValueError, match=r"lora_scaling\[0\] must be finite"):
+        multi_lora_linear(**kwargs, lora_scaling=[float("inf"), 1.0])
+    k = _good("cpu")
+    with pytest.raises(ValueError, match="samples must be"):
+        multi_lora_linear_op(k["x"], k["weight"], k["bias"], k["lora_a"], k["lora_b"], k["scales"], "output", 1e-6,
+                             False, [1.0, 1.0], 3)

@@ -6,8 +6,8 @@ kernels/multi_lora.py.
 
 Weight cache. Per set of LoRA weights (A₁..A_k, B₁..B_k) the op keeps, built on first use and
 reused by every later call: A_cat [R, d_in] and B_cat [d_out, R] with each LoRA's rank zero-padded
-to the rank tile (`rank_layout`), the static per-LoRA factor (sᵢ, times cᵢ = α/‖BᵢAᵢ‖ for `weight`)
-folded into B_cat, the rank offsets on the device, the weight norms and the norm factors Fᵢ. So a
+to the rank tile (`rank_layout`), the static per-LoRA factor (sᵢ, times cᵢ = α/‖γᵢBᵢAᵢ‖ for `weight`)
+folded into B_cat, the rank offsets on the device, the weight norms and the norm factors γᵢFᵢ. So a
 call concatenates nothing, copies nothing host-to-device and never synchronises: after a first
 (warm-up) call it can be captured in a CUDA graph.
 - Valid while every weight's storage is alive and its `_version` is unchanged: in-place updates
@@ -20,8 +20,9 @@ call concatenates nothing, copies nothing host-to-device and never synchronises:
   LoRAs takes about 10 MB) or 4096 entries; entries whose weights were freed go first.
 
 The op returns (y, z, norms): z = x A_catᵀ ([M, R], R the padded total rank, unscaled) and the
-per-token norms nᵢ(t) ([M, k] for `output`, else [0, k]) are saved for the backward and are not
-differentiable.
+effective output norms (`output`: per sample nᵢ(b), [samples, k]; `output_per_token`: nᵢ(t), [M, k];
+else [0, k]) are saved for the backward and are not differentiable. The `output` family is one
+computation over row groups: `samples` groups of M/samples consecutive rows (per token: M groups of 1).
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops._common import Backend
-from lightmotion_fast.reference.multi_lora import NORMS
+from lightmotion_fast.reference.multi_lora import NORMS, sample_count
+
+OUTPUT_NORMS = ("output", "output_per_token")
 
 MAX_KERNEL_RANK = 256  # one LoRA's ranks live in one shrink tile; larger ranks take the torch path
 
@@ -255,6 +258,13 @@ def weight_norms(lora_a, lora_b, pack=None) -> torch.Tensor:
     return _cached(pack, "weight_norms", build)
 
 
+def effective_weight_norms(lora_a, lora_b, lora_scaling, pack=None) -> torch.Tensor:
+    """[k]: ‖γᵢ BᵢAᵢ‖_F, the norms of the effective updates (γᵢ = peft's lora_alpha/r); from the cached
+    ‖BᵢAᵢ‖ times Python floats (no host-to-device copy)."""
+    raw = weight_norms(lora_a, lora_b, pack)
+    return torch.stack([raw[i] * abs(g) for i, g in enumerate(lora_scaling)])
+
+
 def _weight_coefficients(n: torch.Tensor) -> torch.Tensor:
     """cᵢ = α/Nᵢ, α = mean N; 0 for a LoRA with N = 0 (it contributes nothing either way)."""
     alpha = n.mean()
@@ -276,24 +286,25 @@ def _a_cat(pack, lora_a, layout: RankLayout) -> torch.Tensor:
     return _cached(pack, "a_cat", build)
 
 
-def _lora_factors(lora_a, lora_b, scales, norm, pack) -> list:
-    """The static factor folded into each Bᵢ: sᵢ, times cᵢ = α/‖BᵢAᵢ‖ for `weight` (a device
+def _lora_factors(lora_a, lora_b, scales, lora_scaling, norm, pack) -> list:
+    """The static factor folded into each Bᵢ: sᵢ, times cᵢ = α/‖γᵢBᵢAᵢ‖ for `weight` (a device
     scalar: no synchronisation)."""
     if norm != "weight":
         return list(scales)
-    coef = _weight_coefficients(weight_norms(lora_a, lora_b, pack))
+    coef = _weight_coefficients(effective_weight_norms(lora_a, lora_b, lora_scaling, pack))
     return [s * coef[i] for i, s in enumerate(scales)]
 
 
-def _b_cat(pack, lora_a, lora_b, layout: RankLayout, scales, norm) -> torch.Tensor:
+def _b_cat(pack, lora_a, lora_b, layout: RankLayout, scales, lora_scaling, norm) -> torch.Tensor:
     """[d_out, R] contiguous: fᵢ Bᵢ side by side along the padded rank (fᵢ from _lora_factors), zero
     columns in the padding. One variant per pack: new scales rebuild it (no host sync either)."""
-    variant = ("b_cat", norm == "weight", tuple(scales))
+    weighted = norm == "weight"
+    variant = ("b_cat", weighted, tuple(scales), tuple(lora_scaling) if weighted else ())
     cached = pack.data.get("b_cat")
     if cached is not None and cached[0] == variant:
         return cached[1]
     with torch.no_grad():
-        factors = _lora_factors(lora_a, lora_b, scales, norm, pack)
+        factors = _lora_factors(lora_a, lora_b, scales, lora_scaling, norm, pack)
         acc = _acc_dtype(lora_b[0])
         out = lora_b[0].new_zeros((lora_b[0].shape[0], layout.total))
         for b, f, (lo, hi) in zip(lora_b, factors, layout.spans()):
@@ -302,16 +313,21 @@ def _b_cat(pack, lora_a, lora_b, layout: RankLayout, scales, norm) -> torch.Tens
     return out
 
 
-def _factors_t(pack, lora_b, layout: RankLayout) -> torch.Tensor:
-    """[k, BR, BR] float32: Fᵢᵀ zero-padded, Fᵢ = R of the QR of Bᵢ, so FᵢᵀFᵢ = BᵢᵀBᵢ."""
-    def build():
+def _factors_t(pack, lora_b, layout: RankLayout, lora_scaling) -> torch.Tensor:
+    """[k, BR, BR] float32: (|γᵢ|Fᵢ)ᵀ zero-padded, Fᵢ = R of the QR of Bᵢ, so the kernel's norms are
+    those of the effective outputs: γᵢ²FᵢᵀFᵢ = γᵢ²BᵢᵀBᵢ. One variant per pack (keyed by the γᵢ)."""
+    variant = tuple(lora_scaling)
+    cached = pack.data.get("factors_t")
+    if cached is not None and cached[0] == variant:
+        return cached[1]
+    with torch.no_grad():
         br = layout.norm_block
         out = torch.zeros((len(lora_b), br, br), dtype=torch.float32, device=lora_b[0].device)
-        for i, b in enumerate(lora_b):
+        for i, (b, g) in enumerate(zip(lora_b, lora_scaling)):
             r = torch.linalg.qr(b.float(), mode="r").R  # [min(d_out, r), r]
-            out[i, : r.shape[1], : r.shape[0]] = r.T
-        return out
-    return _cached(pack, "factors_t", build)
+            out[i, : r.shape[1], : r.shape[0]] = r.T * abs(g)
+        _CACHE.store(pack, "factors_t", (variant, out))
+    return out
 
 
 def _column_expand(per_lora: torch.Tensor, layout: RankLayout) -> torch.Tensor:
@@ -319,31 +335,46 @@ def _column_expand(per_lora: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     return torch.cat([per_lora[:, i:i + 1].expand(-1, p) for i, p in enumerate(layout.padded)], dim=1)
 
 
-def _output_norms(z: torch.Tensor, lora_b, layout: RankLayout) -> torch.Tensor:
-    """[M, k]: nᵢ(t) = sqrt(zᵢ Gᵢ zᵢᵀ), Gᵢ = BᵢᵀBᵢ, from z's real rank columns (in z's dtype)."""
+def _groups(norm: str, m: int, samples: int) -> int:
+    """The row groups the `output` norms are taken over: per sample, or every row its own group."""
+    return m if norm == "output_per_token" else samples
+
+
+def _output_norms(z: torch.Tensor, lora_b, layout: RankLayout, lora_scaling, groups: int) -> torch.Tensor:
+    """[groups, k]: nᵢ(g) = |γᵢ| sqrt(Σ_{t∈g} zᵢ(t) Gᵢ zᵢ(t)ᵀ), Gᵢ = BᵢᵀBᵢ, from z's real rank columns
+    (in z's dtype); the M rows of z are `groups` consecutive groups of equal size."""
     cols = []
-    for b, (lo, hi) in zip(lora_b, layout.spans()):
+    for b, g, (lo, hi) in zip(lora_b, lora_scaling, layout.spans()):
         zi, bf = z[:, lo:hi], b.to(z.dtype)
-        cols.append(((zi @ (bf.T @ bf)) * zi).sum(-1).clamp_min(0).sqrt())
+        sq = ((zi @ (bf.T @ bf)) * zi).sum(-1).reshape(groups, -1).sum(1)
+        cols.append(abs(g) * sq.clamp_min(0).sqrt())
     return torch.stack(cols, dim=1)
+
+
+def _per_row(per_group: torch.Tensor, m: int) -> torch.Tensor:
+    """[groups, c] -> [M, c]: each group's row repeated over its M/groups consecutive rows."""
+    groups = per_group.shape[0]
+    return per_group[:, None, :].expand(groups, m // groups, per_group.shape[1]).reshape(m, per_group.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # Implementations: the same structure (padded cached weights, z, zs = cᵢ(t) z, one expand).
 
-def _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout):
+def _forward_torch(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm, eps, separate, samples, pack,
+                   layout):
     """Composite torch path (CPU without the interpreter, float64, or ranks above MAX_KERNEL_RANK)."""
     acc = _acc_dtype(x)
-    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
+    a_cat = _a_cat(pack, lora_a, layout)
+    b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, lora_scaling, norm)
     z = x @ a_cat.T
     base = x.to(acc) @ weight.to(acc).T
     if bias is not None:
         base = base + bias.to(acc)
     zs = z.to(acc)
     norms = x.new_empty((0, len(lora_a)), dtype=acc)
-    if norm == "output":
-        norms = _output_norms(zs, lora_b, layout)
-        zs = zs * _column_expand(norms.mean(1, keepdim=True) / (norms + eps), layout)
+    if norm in OUTPUT_NORMS:
+        norms = _output_norms(zs, lora_b, layout, lora_scaling, _groups(norm, x.shape[0], samples))
+        zs = zs * _per_row(_column_expand(norms.mean(1, keepdim=True) / (norms + eps), layout), x.shape[0])
     b_acc = b_cat.to(acc)
     if separate:
         pad = zip(layout.offsets, layout.offsets[1:])
@@ -353,23 +384,35 @@ def _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate,
     return y, z, norms
 
 
-def _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout):
+def _forward_triton(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm, eps, separate, samples, pack,
+                    layout):
     kernel = _common.kernel_module("multi_lora")
     k, m = len(lora_a), x.shape[0]
-    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
+    a_cat = _a_cat(pack, lora_a, layout)
+    b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, lora_scaling, norm)
     offsets = _offsets(pack, layout, x.device)
     z = torch.empty((m, layout.total), dtype=x.dtype, device=x.device)
     y = torch.empty((k, m, weight.shape[0]) if separate else (m, weight.shape[0]), dtype=x.dtype, device=x.device)
+    coef = None
     if m == 0:
-        return y, z, x.new_empty((0, k), dtype=torch.float32)
-    if norm == "output":
+        groups = _groups(norm, m, samples) if norm in OUTPUT_NORMS else 0
+        return y, z, x.new_zeros((groups, k), dtype=torch.float32)
+    if norm == "output_per_token" or (norm == "output" and samples == m):  # one token a sample: the same
         zs, norms = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=x.device)
-        kernel.multi_lora_shrink_norm_launch(x, a_cat, offsets, _factors_t(pack, lora_b, layout), z, zs, norms,
-                                             eps, layout.rank_tile)
+        kernel.multi_lora_shrink_norm_launch(x, a_cat, offsets, _factors_t(pack, lora_b, layout, lora_scaling), z,
+                                             zs, norms, eps, layout.rank_tile, per_token=True)
+    elif norm == "output":
+        # shrink (z and nᵢ(t)²), a per-sample reduce (nᵢ(b), cᵢ(b)), cᵢ(b) applied in the expand.
+        sq = torch.empty((m, k), dtype=torch.float32, device=x.device)
+        norms, coef = (torch.empty((samples, k), dtype=torch.float32, device=x.device) for _ in range(2))
+        kernel.multi_lora_shrink_norm_launch(x, a_cat, offsets, _factors_t(pack, lora_b, layout, lora_scaling), z,
+                                             z, sq, eps, layout.rank_tile, per_token=False)
+        kernel.multi_lora_sample_norm_launch(sq, norms, coef, eps)
+        zs = z
     else:
         zs, norms = z, x.new_empty((0, k), dtype=torch.float32)
         kernel.multi_lora_shrink_launch(x, a_cat, z, layout.rank_tile)
-    kernel.multi_lora_expand_launch(x, weight, bias, zs, b_cat, offsets, y, separate, layout.rank_tile)
+    kernel.multi_lora_expand_launch(x, weight, bias, zs, b_cat, offsets, y, separate, layout.rank_tile, coef=coef)
     return y, z, norms
 
 
@@ -379,31 +422,38 @@ def _kernel_handles(dtype: torch.dtype, norm: str, layout: RankLayout) -> bool:
     LoRA's rank spill tens of KB of registers on sm_90 there, and cuBLAS's SGEMM is faster anyway."""
     if dtype == torch.float64 or max(layout.ranks) > MAX_KERNEL_RANK:
         return False
-    return not (dtype == torch.float32 and norm == "output" and layout.norm_block > 64)
+    return not (dtype == torch.float32 and norm in OUTPUT_NORMS and layout.norm_block > 64)
 
 
 @torch.library.custom_op("lightmotion::multi_lora_linear", mutates_args=())
 def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float],
-                         norm: str, eps: float, separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [M, d_in] (any strides). Returns y [M, d_out] (or [k, M, d_out] with separate),
-    z [M, R] (R = rank_layout(ranks).total) and norms [M, k] float32 (`output`) or [0, k].
-    float64 inputs (gradcheck) take the torch path and keep float64 throughout."""
+                         norm: str, eps: float, separate: bool, lora_scaling: list[float],
+                         samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [M, d_in] (any strides), its rows `samples` consecutive samples of M/samples tokens (read by
+    `output` only); lora_scaling: the γᵢ inside the normalised updates. Returns y [M, d_out] (or
+    [k, M, d_out] with separate), z [M, R] (R = rank_layout(ranks).total) and the norms: [samples, k]
+    (`output`), [M, k] (`output_per_token`) or [0, k], float32. float64 inputs (gradcheck) take the
+    torch path and keep float64 throughout."""
+    if norm == "output" and (samples < 1 or x.shape[0] % samples) and x.shape[0]:
+        raise ValueError(f"samples must be ≥ 1 and divide the {x.shape[0]} rows of x, got {samples}")
     layout = rank_layout(tuple(a.shape[0] for a in lora_a))
     pack = _CACHE.get(lora_a, lora_b)
     impl = _common.select_backend(x.device)
+    args = (x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm, eps, separate, samples, pack, layout)
     if impl is Backend.TRITON and _kernel_handles(x.dtype, norm, layout):
-        return _forward_triton(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
-    return _forward_torch(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, pack, layout)
+        return _forward_triton(*args)
+    return _forward_torch(*args)
 
 
 @multi_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate):
+def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, lora_scaling, samples):
     k, m, d_out = len(lora_a), x.shape[0], weight.shape[0]
     rank = rank_layout(tuple(a.shape[0] for a in lora_a)).total
     y = x.new_empty((k, m, d_out) if separate else (m, d_out))
     norms_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return y, x.new_empty((m, rank)), x.new_empty((m if norm == "output" else 0, k), dtype=norms_dtype)
+    groups = _groups(norm, m, samples) if norm in OUTPUT_NORMS else 0
+    return y, x.new_empty((m, rank)), x.new_empty((groups, k), dtype=norms_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,12 +462,13 @@ def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate):
 # in r×r or [M, k] space. No [M, d_out] tensor per LoRA is formed (except g itself with separate).
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scales, norm, eps, separate = inputs
+    x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, lora_scaling, samples = inputs
     _, z, norms = output
     ctx.mark_non_differentiable(z, norms)
     ctx.save_for_backward(x, weight, z, norms, *lora_a, *lora_b)
     ctx.k = len(lora_a)
     ctx.scales, ctx.norm, ctx.eps, ctx.separate = list(scales), norm, eps, separate
+    ctx.lora_scaling = list(lora_scaling)
     ctx.has_bias = bias is not None
 
 
@@ -427,18 +478,23 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     lora_a, lora_b = ab[:k], ab[k:]
     layout = rank_layout(tuple(a.shape[0] for a in lora_a))
     pack = _CACHE.get(lora_a, lora_b)
-    a_cat, b_cat = _a_cat(pack, lora_a, layout), _b_cat(pack, lora_a, lora_b, layout, scales, norm)
-    factors = _lora_factors(lora_a, lora_b, scales, norm, pack)  # fᵢ, folded into b_cat
+    gammas = ctx.lora_scaling
+    a_cat = _a_cat(pack, lora_a, layout)
+    b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, gammas, norm)
+    factors = _lora_factors(lora_a, lora_b, scales, gammas, norm, pack)  # fᵢ, folded into b_cat
     dtype, acc = x.dtype, _acc_dtype(x)
     g = grad_y
     zf = z.to(acc)
+    m = zf.shape[0]
     padded = list(zip(layout.offsets, layout.offsets[1:]))
+    output = norm in OUTPUT_NORMS
 
-    # y = base + Σᵢ ρᵢ zᵢ (fᵢ Bᵢ)ᵀ with ρᵢ(t) = α_t/(nᵢ(t)+ε) for `output`, else 1.
-    if norm == "output":
+    # y = base + Σᵢ ρᵢ zᵢ (fᵢ Bᵢ)ᵀ with ρᵢ = α/(nᵢ+ε) per row group for the `output` norms, else 1:
+    # norms is [groups, k]; per row, its group's values.
+    if output:
         alpha = norms.mean(1, keepdim=True)
         inv = 1.0 / (norms + ctx.eps)
-        rho = _column_expand(alpha * inv, layout)
+        rho = _per_row(_column_expand(alpha * inv, layout), m)
         zs = zf * rho
     else:
         zs = zf
@@ -451,16 +507,20 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         hb = (g @ b_cat).to(acc)
         db = (g.T @ zs.to(dtype)).to(acc)
         g_sum = g
-    dz = hb * rho if norm == "output" else hb
+    dz = hb * rho if output else hb
     d_b = [f * db[:, lo:hi] for f, (lo, hi) in zip(factors, layout.spans())]
     d_a = [None] * k
 
-    if norm == "output":
-        # ρᵢ = α/(nᵢ+ε), α = mean nⱼ, and fᵢ = sᵢ: with psᵢ(t) = hbᵢ·zᵢ = sᵢ gᵢ·(zᵢBᵢᵀ),
-        # ∂L/∂nⱼ = Σᵢ psᵢ/(k(nᵢ+ε)) − psⱼ α/(nⱼ+ε)², and ∂nⱼ/∂zⱼ = Gⱼzⱼ/nⱼ, ∂nⱼ/∂Gⱼ = zⱼᵀzⱼ/(2nⱼ).
-        ps = torch.stack([(hb[:, lo:hi] * zf[:, lo:hi]).sum(1) for lo, hi in layout.spans()], dim=1)
+    if output:
+        # ρᵢ = α/(nᵢ+ε), α = mean nⱼ, and fᵢ = sᵢ: with psᵢ(g) = Σ_{t∈g} hbᵢ(t)·zᵢ(t) (= sᵢ Σₜ gᵢ·(zᵢBᵢᵀ)),
+        # ∂L/∂nⱼ = Σᵢ psᵢ/(k(nᵢ+ε)) − psⱼ α/(nⱼ+ε)²; nⱼ(g)² = γⱼ² Σ_{t∈g} zⱼ(t)Gⱼzⱼ(t)ᵀ gives
+        # ∂nⱼ/∂zⱼ(t) = γⱼ²Gⱼzⱼ(t)/nⱼ and ∂nⱼ/∂Gⱼ = γⱼ² Σₜ zⱼᵀzⱼ/(2nⱼ).
+        groups = norms.shape[0]
+        ps = torch.stack([(hb[:, lo:hi] * zf[:, lo:hi]).sum(1).reshape(groups, -1).sum(1)
+                          for lo, hi in layout.spans()], dim=1)
         d_n = (ps * inv).sum(1, keepdim=True) / k - ps * alpha * inv * inv
-        q = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)  # ∂L/∂nⱼ / nⱼ
+        d_n = torch.stack([d_n[:, j] * (gm * gm) for j, gm in enumerate(gammas)], dim=1)  # γⱼ² ∂L/∂nⱼ
+        q = _per_row(torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0), m)
         dz_terms = []
         for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
             bf = b.to(acc)
@@ -471,9 +531,9 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
             dz[:, lo:hi] += term
     elif norm == "weight":
         # fᵢ = sᵢ α/Nᵢ, α = mean Nⱼ: with dcᵢ = sᵢ Σ_t gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩,
-        # ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² (over Nᵢ > 0); N² = tr(AAᵀ BᵀB) gives
-        # ∂N/∂A = G A/N, ∂N/∂B = B (AAᵀ)/N. No host branch on which Nᵢ vanish (no sync).
-        n_w = weight_norms(lora_a, lora_b, pack).to(acc)
+        # ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² (over Nᵢ > 0); N² = γ² tr(AAᵀ BᵀB) gives
+        # ∂N/∂A = γ² G A/N, ∂N/∂B = γ² B (AAᵀ)/N. No host branch on which Nᵢ vanish (no sync).
+        n_w = effective_weight_norms(lora_a, lora_b, gammas, pack).to(acc)
         alive = n_w > 0
         safe = torch.where(alive, n_w, 1)
         dc = torch.stack([s * (b.to(acc) * db[:, lo:hi]).sum()
@@ -482,8 +542,9 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         w_n = torch.where(alive, d_n / safe, 0)
         for i, (a, b) in enumerate(zip(lora_a, lora_b)):
             af, bf = a.to(acc), b.to(acc)
-            d_a[i] = w_n[i] * ((bf.T @ bf) @ af)
-            d_b[i] = d_b[i] + w_n[i] * (bf @ (af @ af.T))
+            w_n_i = w_n[i] * gammas[i] ** 2
+            d_a[i] = w_n_i * ((bf.T @ bf) @ af)
+            d_b[i] = d_b[i] + w_n_i * (bf @ (af @ af.T))
 
     dz_d = dz.to(dtype)
     grad_x = grad_w = grad_bias = None
@@ -499,7 +560,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         da = da_cat[lo:hi]
         grad_a.append((da if d_a[i] is None else da + d_a[i]).to(lora_a[i].dtype))
     grad_b = [db_i.to(b.dtype) for db_i, b in zip(d_b, lora_b)]
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -508,7 +569,15 @@ multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public function.
 
-def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps):
+def _numbers(name, values, k):
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (int, float)) or not isinstance(values, Sequence) or len(values) != k:
+        raise ValueError(f"{name} must hold one number per LoRA ({k}), got {values!r}")
+    return [_common.check_finite_number(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps, lora_scaling):
     _common.check_tensor("x", x, ndim=range(1, 9), dims="... d_in", dtypes=_common.FLOAT_DTYPES_AND_64)
     _common.check_tensor("weight", weight, ndim=2, dims="d_out d_in", dtypes=_common.FLOAT_DTYPES_AND_64)
     d_out, d_in = weight.shape
@@ -542,40 +611,43 @@ def _check(x, weight, bias, lora_a, lora_b, scales, norm, eps):
     _common.check_same_device(x=x, weight=weight, bias=bias,
                               **{f"lora_a[{i}]": a for i, a in enumerate(lora_a)},
                               **{f"lora_b[{i}]": b for i, b in enumerate(lora_b)})
-    if isinstance(scales, torch.Tensor):
-        scales = scales.tolist()
-    if isinstance(scales, (int, float)) or not isinstance(scales, Sequence) or len(scales) != len(lora_a):
-        raise ValueError(f"scales must hold one number per LoRA ({len(lora_a)}), got {scales!r}")
-    scales = [_common.check_finite_number(f"scales[{i}]", s) for i, s in enumerate(scales)]
+    scales = _numbers("scales", scales, len(lora_a))
+    lora_scaling = [1.0] * len(lora_a) if lora_scaling is None else _numbers("lora_scaling", lora_scaling, len(lora_a))
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     eps = _common.check_finite_number("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be ≥ 0, got {eps}")
-    return scales, eps
+    return scales, eps, lora_scaling
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
                       scales: Sequence[float], norm: str = "none", eps: float = 1e-6,
-                      separate: bool = False) -> torch.Tensor:
-    """y = x Wᵀ + b + Σᵢ sᵢ cᵢ (x Aᵢᵀ) Bᵢᵀ with LiON-LoRA's normalisation `norm`:
-    "none" (cᵢ = 1, peft's multi-adapter forward), "weight" (cᵢ = α/‖BᵢAᵢ‖_F, α the mean) or
-    "output" (per token cᵢ(t) = α_t/(nᵢ(t)+ε), nᵢ(t) = ‖(x_t Aᵢᵀ)Bᵢᵀ‖, α_t the mean).
+                      separate: bool = False, lora_scaling: Sequence[float] | None = None) -> torch.Tensor:
+    """y = x Wᵀ + b + Σᵢ sᵢ cᵢ (x Aᵢᵀ) Bᵢᵀ with LiON-LoRA's normalisation `norm` of the effective
+    updates γᵢBᵢAᵢ (γᵢ = lora_scaling[i], peft's lora_alpha/r; default 1):
+    "none" (cᵢ = 1, peft's multi-adapter forward), "weight" (cᵢ = α/‖γᵢBᵢAᵢ‖_F, α the mean),
+    "output" (per sample b, the paper's reading: cᵢ(b) = α_b/(nᵢ(b)+ε), nᵢ(b) = ‖γᵢ(x_b Aᵢᵀ)Bᵢᵀ‖_F
+    over the sample's tokens, α_b the mean; the sample axis is x's first) or "output_per_token"
+    (the same per token t). See reference/multi_lora.py.
 
-    x: [... d_in]; weight: [d_out d_in]; bias: [d_out] or None; lora_a[i]: [r_i d_in];
-    lora_b[i]: [d_out r_i]; scales: k numbers. Returns [... d_out], or [k ... d_out] with
-    separate=True (yᵢ = x Wᵀ + b + sᵢcᵢ(x Aᵢᵀ)Bᵢᵀ, normalised over all k). Differentiable in x,
-    every Aᵢ and Bᵢ (and W, b) including through the normalisation.
+    x: [b ... d_in]; weight: [d_out d_in]; bias: [d_out] or None; lora_a[i]: [r_i d_in];
+    lora_b[i]: [d_out r_i]; scales: k numbers sᵢ (peft's `scaling`, lora_alpha/r × adapter weight);
+    lora_scaling: k numbers γᵢ or None. Returns [b ... d_out], or [k b ... d_out] with separate=True
+    (yᵢ = x Wᵀ + b + sᵢcᵢ(x Aᵢᵀ)Bᵢᵀ, normalised over all k). Differentiable in x, every Aᵢ and Bᵢ
+    (and W, b) including through the normalisation.
 
     >>> a = [torch.randn(8, 64) for _ in range(3)]; b = [torch.randn(32, 8) for _ in range(3)]
     >>> y = multi_lora_linear(torch.randn(2, 10, 64), torch.randn(32, 64), None, a, b,
     ...                       [1.0, 0.5, 0.5], norm="output")
     """
-    scales, eps = _check(x, weight, bias, lora_a, lora_b, scales, norm, eps)
+    scales, eps, lora_scaling = _check(x, weight, bias, lora_a, lora_b, scales, norm, eps, lora_scaling)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y, _, _ = multi_lora_linear_op(x2, weight, bias, list(lora_a), list(lora_b), scales, norm, eps, separate)
+    samples = sample_count(x.shape) if x2.shape[0] else 1
+    y, _, _ = multi_lora_linear_op(x2, weight, bias, list(lora_a), list(lora_b), scales, norm, eps, separate,
+                                   lora_scaling, samples)
     if separate:
         return y.reshape(len(lora_a), *lead, weight.shape[0])
     return y.reshape(*lead, weight.shape[0])
@@ -587,13 +659,14 @@ def sample_inputs(device: torch.device):
         return ([torch.randn(r, d_in, device=device) * 0.3 for r in ranks],
                 [torch.randn(d_out, r, device=device) * 0.3 for r in ranks])
 
-    x = torch.randn(19, 24, device=device)
+    x = torch.randn(18, 24, device=device)
     w, b = torch.randn(20, 24, device=device) * 0.2, torch.randn(20, device=device)
     a2, b2 = lora([4, 8], 24, 20)
     a1, b1 = lora([16], 24, 20)
     return [
-        (x, w, b, a2, b2, [1.0, 0.5], "none", 1e-6, False),
-        (x, w, None, a2, b2, [0.7, 1.3], "weight", 1e-6, False),
-        (x, w, b, a2, b2, [1.0, 0.5], "output", 1e-6, False),
-        (x, w, b, a1, b1, [2.0], "output", 1e-6, True),
+        (x, w, b, a2, b2, [1.0, 0.5], "none", 1e-6, False, [1.0, 1.0], 1),
+        (x, w, None, a2, b2, [0.7, 1.3], "weight", 1e-6, False, [2.0, 0.5], 1),
+        (x, w, b, a2, b2, [1.0, 0.5], "output", 1e-6, False, [2.0, 0.5], 3),
+        (x, w, b, a2, b2, [1.0, 0.5], "output_per_token", 1e-6, False, [1.0, 1.0], 1),
+        (x, w, b, a1, b1, [2.0], "output", 1e-6, True, [1.0], 2),
     ]

@@ -16,8 +16,12 @@
 - `lion_lora_fusion_reference`: the same, as a plain loop over branches with explicitly merged
   weights, for tests.
 
-Normalisation: "none" or "weight" (cᵢ = α/‖BᵢAᵢ‖_F per projection). "output" is not offered here:
-the per-token norms of a projection whose input differs per branch (to_out) have no single α_t.
+Normalisation (`norm`), over each adapter's effective update γᵢBᵢAᵢ (γᵢ = lora_alpha/r): "none";
+"weight" (cᵢ = α/‖γᵢBᵢAᵢ‖_F per projection); "output", per layer and per sample b:
+cᵢ(b) = α_b/(nᵢ(b)+ε), nᵢ(b) the norm of LoRA i's output over the sample's tokens: for to_q/to_k/to_v
+over the shared input [text; H; E₁..E_k] (the fused op's per-sample `output`), for to_out over branch
+i's own attention output (the branches' inputs differ there, so to_out's LoRA terms run as PyTorch
+matmuls under "output"). "output_per_token" is not offered here.
 
 Where the scaling tokens come from. `patch(pipe, lion={adapter: S, ...})` (lion_tokens.py) appends
 E₁..E_k inside the model's forward, installs these processors and strips the tokens before the
@@ -37,7 +41,8 @@ from einops import rearrange
 from lightmotion_fast.ops import multi_lora as _ml
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 
-FUSION_NORMS = ("none", "weight")
+FUSION_NORMS = ("none", "weight", "output")
+_EPS = 1e-6  # ε of the `output` normalisation, as multi_lora_linear's default
 PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
@@ -99,12 +104,28 @@ def _lora_parts(layer, adapters: Sequence[str]):
             [layer.lora_B[a].weight for a in adapters], [float(layer.scaling[a]) for a in adapters])
 
 
-def _branch_scales(parts, norm: str) -> list[float]:
+def _gammas(layer, adapters: Sequence[str]) -> list[float]:
+    """γᵢ = peft's lora_alpha/r of each adapter: the scale inside its effective update."""
+    from lightmotion_fast.integrations.diffusers.lora import adapter_scaling
+
+    return [adapter_scaling(layer, a) for a in adapters]
+
+
+def _branch_scales(parts, norm: str, gammas: Sequence[float]) -> list[float]:
+    """sᵢ, times cᵢ = α/‖γᵢBᵢAᵢ‖_F for "weight" ("output"'s per-sample cᵢ(b) come from
+    _output_coefficients)."""
     _, _, a, b, s = parts
-    if norm == "none":
+    if norm != "weight":
         return list(s)
-    c = _ml._weight_coefficients(_ml.weight_norms(a, b)).tolist()
+    c = _ml._weight_coefficients(_ml.effective_weight_norms(a, b, gammas)).tolist()
     return [si * ci for si, ci in zip(s, c)]
+
+
+def _output_coefficients(deltas: Sequence[torch.Tensor], gammas: Sequence[float]) -> torch.Tensor:
+    """deltas[i]: LoRA i's output (x_i Aᵢᵀ)Bᵢᵀ, [b L d]. Returns cᵢ(b) = α_b/(nᵢ(b)+ε), [k b], with
+    nᵢ(b) = |γᵢ| ‖deltas[i][b]‖_F and α_b = meanᵢ nᵢ(b)."""
+    norms = torch.stack([abs(g) * d.flatten(1).norm(dim=1) for d, g in zip(deltas, gammas)])
+    return norms.mean(0) / (norms + _EPS)
 
 
 def _check_sequence(hidden_states, image_rotary_emb, k: int, expected_n: int | None = None) -> int:
@@ -194,7 +215,8 @@ class LionLoraFusionProcessor:
         for name in PROJECTIONS:
             parts = _lora_parts(getattr(attn, name), self.adapters)
             w, bias, a, b, s = parts
-            y = multi_lora_linear(x, w, bias, a, b, s, norm=self.norm, separate=True)  # [k b L d]
+            y = multi_lora_linear(x, w, bias, a, b, s, norm=self.norm, separate=True,  # [k b L d]
+                                  lora_scaling=_gammas(getattr(attn, name), self.adapters))
             own = y[torch.arange(k), :, shared + torch.arange(k)]                       # [k b d]: Eᵢ in branch i
             seq = torch.cat([y[:, :, :shared], own[:, :, None]], dim=2)                 # [k b shared+1 d]
             qkv.append(rearrange(seq, "k b l (h e) -> (k b) h l e", h=attn.heads))
@@ -207,15 +229,25 @@ class LionLoraFusionProcessor:
         o = F.scaled_dot_product_attention(q, key, v, dropout_p=0.0, is_causal=False)  # all k branches
         o = rearrange(o, "(k b) h l e -> k b l (h e)", k=k)
 
-        out_parts = _lora_parts(attn.to_out[0], self.adapters)
-        w, bias, a, b, _ = out_parts
-        scales = _branch_scales(out_parts, self.norm)
-        outs = torch.stack([multi_lora_linear(o[i], w, bias, [a[i]], [b[i]], [scales[i]]) for i in range(k)])
-        outs = attn.to_out[1](outs)
+        outs = attn.to_out[1](self._out_projection(attn, o))
         merged = outs[:, :, :shared].mean(0)                                 # text and H: branch average
         tokens = outs[torch.arange(k), :, shared]                            # [k b d]
         hidden = torch.cat([merged[:, text:], rearrange(tokens, "k b d -> b k d")], dim=1)
         return hidden, merged[:, :text]
+
+
+    def _out_projection(self, attn, o):
+        """to_out of every branch, [k b L d] -> [k b L d]: branch i through W + LoRA i only."""
+        k = len(self.adapters)
+        out_parts = _lora_parts(attn.to_out[0], self.adapters)
+        w, bias, a, b, s = out_parts
+        gammas = _gammas(attn.to_out[0], self.adapters)
+        if self.norm != "output":
+            scales = _branch_scales(out_parts, self.norm, gammas)
+            return torch.stack([multi_lora_linear(o[i], w, bias, [a[i]], [b[i]], [scales[i]]) for i in range(k)])
+        deltas = [(o[i] @ a[i].T) @ b[i].T for i in range(k)]
+        coef = _output_coefficients(deltas, gammas)
+        return torch.stack([F.linear(o[i], w, bias) + s[i] * coef[i][:, None, None] * deltas[i] for i in range(k)])
 
 
 class LionLoraWanProcessor(LionLoraFusionProcessor):
@@ -245,24 +277,34 @@ class LionLoraWanProcessor(LionLoraFusionProcessor):
 
 def lion_lora_fusion_reference(attn, hidden_states, encoder_hidden_states, adapters: Sequence[str],
                                norm: str = "none", image_rotary_emb=None):
-    """A loop over branches with explicitly merged weights W + sᵢcᵢBᵢAᵢ; what the processor computes."""
+    """A loop over branches in float64, each projection W + sᵢcᵢBᵢAᵢ of branch i formed explicitly
+    (its LoRA term as (x Aᵢᵀ)Bᵢᵀ); what the processor computes."""
     k = len(adapters)
     text = encoder_hidden_states.shape[1]
     n = hidden_states.shape[1] - k
     shared = text + n
 
-    def merged_linear(layer, i, inp):
+    def lora_linear(layer, i, inp, coef_inputs):
+        """Branch i of a LoRA layer in float64: base + sᵢcᵢ (inp Aᵢᵀ)Bᵢᵀ; for "output", cᵢ(b) from the
+        k LoRAs' outputs on coef_inputs[j] (the layer's shared input, or each branch's own)."""
         parts = _lora_parts(layer, adapters)
-        w, bias, a, b, _ = parts
-        scale = _branch_scales(parts, norm)[i]
-        wi = w.double() + scale * (b[i].double() @ a[i].double())
-        return (inp.double() @ wi.T + bias.double()).to(inp.dtype)
+        w, bias, a, b, s = (t.double() if isinstance(t, torch.Tensor) else t for t in parts)
+        a, b = [t.double() for t in a], [t.double() for t in b]
+        gammas = _gammas(layer, adapters)
+        if norm == "output":
+            deltas = [(ci.double() @ a[j].T) @ b[j].T for j, ci in enumerate(coef_inputs)]
+            scale = s[i] * _output_coefficients(deltas, gammas)[i][:, None, None]
+        else:
+            scale = _branch_scales(parts, norm, gammas)[i]
+        inp = inp.double()
+        return (inp @ w.T + bias + scale * ((inp @ a[i].T) @ b[i].T)).to(hidden_states.dtype)
 
-    outs = []
+    shared_input = [torch.cat([encoder_hidden_states, hidden_states], dim=1)] * k  # text, H, E₁..E_k
+    attn_out = []
     for i in range(k):
         x = torch.cat([encoder_hidden_states, hidden_states[:, :n], hidden_states[:, n + i:n + i + 1]], dim=1)
-        q, key, v = (rearrange(merged_linear(getattr(attn, p), i, x), "b l (h e) -> b h l e", h=attn.heads)
-                     for p in PROJECTIONS)
+        q, key, v = (rearrange(lora_linear(getattr(attn, p), i, x, shared_input), "b l (h e) -> b h l e",
+                               h=attn.heads) for p in PROJECTIONS)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -270,8 +312,8 @@ def lion_lora_fusion_reference(attn, hidden_states, encoder_hidden_states, adapt
         if image_rotary_emb is not None:
             q = _rope(q, image_rotary_emb, text, shared)
             key = _rope(key, image_rotary_emb, text, shared)
-        o = rearrange(F.scaled_dot_product_attention(q, key, v), "b h l e -> b l (h e)")
-        outs.append(merged_linear(attn.to_out[0], i, o))
+        attn_out.append(rearrange(F.scaled_dot_product_attention(q, key, v), "b h l e -> b l (h e)"))
+    outs = [lora_linear(attn.to_out[0], i, o, attn_out) for i, o in enumerate(attn_out)]
     merged = torch.stack([o[:, :shared] for o in outs]).mean(0)
     tokens = torch.stack([o[:, shared] for o in outs], dim=1)
     return torch.cat([merged[:, text:], tokens], dim=1), merged[:, :text]

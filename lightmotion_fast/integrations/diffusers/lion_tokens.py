@@ -8,7 +8,7 @@
 `lion` maps each fused adapter (loaded through peft / `load_lora_weights`) to its scaling value
 Sᵢ ∈ [s_min, 1]; `lion_embeddings` maps it to its trained `ScalingTokenEmbedding(num_loras=1, dim)`
 (γ(Sᵢ) -> its own linear -> Eᵢ [d]). peft's adapter weights (`set_adapters`) still scale each LoRA.
-`lora_norm` ("none" | "weight") picks the fusion processors' normalisation.
+`lora_norm` ("none" | "weight" | "output") picks the fusion processors' normalisation (lion_lora.py).
 
 What one forward of the patched denoiser does:
 1. the model's forward wrapper turns the current scales (the patch's, or this call's

@@ -5,10 +5,13 @@ reads peft's live state — active adapters (`set_adapters`), their `scaling` (a
 `disable_adapters`, `merged` — so changes after patching are honoured, and runs the base layer and
 all active LoRAs as one fused op (two launches instead of 1 + 2k matmuls).
 
-Options:
-  lora_norm="none"    (default) cᵢ = 1: the output is peft's own multi-adapter forward.
-  lora_norm="weight"  LiON-LoRA norm consistency, cᵢ = α/‖BᵢAᵢ‖_F per layer.
-  lora_norm="output"  LiON-LoRA per-token norm consistency, cᵢ(t) = α_t/(nᵢ(t)+ε).
+Options (the normalisations measure each adapter's effective update γᵢBᵢAᵢ, γᵢ = lora_alpha/r, or
+lora_alpha/√r with rslora; the adapter weight of `set_adapters` scales the normalised update):
+  lora_norm="none"              (default) cᵢ = 1: the output is peft's own multi-adapter forward.
+  lora_norm="weight"            LiON-LoRA norm consistency, cᵢ = α/‖γᵢBᵢAᵢ‖_F per layer.
+  lora_norm="output"            the paper's reading: per layer and per sample (x's first axis),
+                                cᵢ(b) = α_b/(nᵢ(b)+ε), nᵢ(b) = ‖γᵢBᵢAᵢ x_b‖ over the sample's tokens.
+  lora_norm="output_per_token"  the same per token, cᵢ(t) = α_t/(nᵢ(t)+ε).
 
 What falls back to peft's forward with lora_norm="none" (and raises NotImplementedError with a
 normalisation, since peft has no normalised version to fall back to): DoRA and other LoRA variants,
@@ -18,6 +21,8 @@ under "none" (peft's casting is kept exactly) and are cast to x's dtype under a 
 `unpatch` restores peft's forward.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -32,6 +37,13 @@ def _peft_lora_linear_class():
     except ImportError:  # peft is optional: without it there are no LoRA layers to route
         return None
     return Linear
+
+
+def adapter_scaling(layer, name: str) -> float:
+    """γ of adapter `name` on a peft LoRA layer: the scale trained into its update (lora_alpha/r, or
+    lora_alpha/√r with rslora), without the adapter weight `set_adapters` multiplies into `scaling`."""
+    rank = layer.r[name]
+    return float(layer.lora_alpha[name] / (math.sqrt(rank) if layer.use_rslora.get(name, False) else rank))
 
 
 def _unsupported(layer, names, args, kwargs) -> str | None:
@@ -78,7 +90,8 @@ def _fused_forward(layer, norm: str):
         weight = base.weight.to(x.dtype)
         bias = base.bias.to(x.dtype) if base.bias is not None else None
         scales = [float(layer.scaling[n]) for n in names]
-        return multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, norm=norm)
+        gammas = [adapter_scaling(layer, n) for n in names]
+        return multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, norm=norm, lora_scaling=gammas)
 
     return forward
 
@@ -97,7 +110,7 @@ def install(ctx: PatchContext) -> None:
 
 FEATURE = register_feature(Feature(
     name="multi_lora", install=install,
-    options=(Option("lora_norm", "'none' | 'weight' | 'output'", "'none'",
+    options=(Option("lora_norm", "'none' | 'weight' | 'output' | 'output_per_token'", "'none'",
                     "LiON-LoRA normalisation of the peft LoRA layers: 'none' is peft's own sum"),),
     summary="peft LoRA layers run base + every active adapter as one fused multi_lora_linear",
 ))
