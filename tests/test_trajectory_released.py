@@ -121,10 +121,15 @@ def install_port(unet, trajectory, occ_mask, weights_from):
 
 
 def released_trajectories(n, seed=0):
-    """float64 coordinates a little past every border (clamping), and a float visibility with zeros,
+    """float64 coordinates a little past every border (clamping), some just below pixel edges, and a
+    float visibility with zeros,
     small non-zero values (visible to the released code, not to a > 0.5 test) and ones."""
     g = torch.Generator().manual_seed(seed)
     coords = (torch.rand(FRAMES, n, 2, generator=g, dtype=torch.float64) * (FRAME_SIZE + 6) - 3)
+    # A third just below a multiple of 8 pixels: truncated in float64 they stay in the lower latent
+    # pixel; in float32 those past 32 pixels round up to the next one.
+    third = n // 3
+    coords[:, :third] = (coords[:, :third] / 8).round() * 8 - 8e-7
     choice = torch.randint(0, 3, (FRAMES, n), generator=g)
     visibility = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)[choice]
     return coords, visibility
