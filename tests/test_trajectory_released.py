@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import lightmotion_fast
+from lightmotion_fast.camera.trajectories import TrajectoryTables
 from lightmotion_fast.integrations.diffusers.trajectory import TrajectoryAttnProcessor, temporal_attentions
 from lightmotion_fast.ops.trajectory_attention import TrajectoryIndex, trajectory_attention
 from lightmotion_fast.reference.trajectory_attention import (
@@ -223,6 +224,23 @@ def test_semantics_option_is_documented_and_checked():
     with pytest.raises(ValueError, match="implementation='official'"):
         run_seeded(unet, svd_unet_inputs(FRAMES), 0)
     lightmotion_fast.unpatch(unet)
+
+
+def test_released_takes_trajectory_tables_and_missing_visibility():
+    # A TrajectoryTables gives its coordinates (float32, exact in float64), validity and frame size;
+    # valid=None means every point visible. Both must give what the raw float64 tensors give.
+    unet, inputs = tiny_svd_unet(), batch_two(svd_unet_inputs(FRAMES))
+    coords, _ = released_trajectories(200)
+    coords = coords.float().double()
+    weights = random_branch_weights(unet)
+    outs = []
+    for trajectories in (coords, TrajectoryTables(coords.float(), None, frame_size=(FRAME_SIZE, FRAME_SIZE),
+                                                  latent_size=(8, 8), levels=2)):
+        lightmotion_fast.patch(unet, trajectories=trajectories, traj_weights=weights, semantics="released")
+        with lightmotion_fast.backend("reference"):
+            outs.append(run_seeded(unet, inputs, 5)[0])
+        lightmotion_fast.unpatch(unet)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
 def test_too_few_trajectories_for_whole_groups_is_a_clear_error():
