@@ -86,9 +86,8 @@ class TrajectoryState:
         if self.semantics == "released":
             # Tables are drawn afresh on every block call (released_level): only the level sizes here.
             self._released_sizes = {h * w: (h, w) for h, w in level_sizes((height, width), 4)}
-            if self.released_frame_size is None:
-                s = self.vae_scale_factor
-                self.released_frame_size = (height * s, width * s)
+            s = self.vae_scale_factor
+            self.released_frame_size = self._released_given_frame_size or (height * s, width * s)
             self.batch = batch
             return
         if self.coords is not None and (self.tables is None or self.tables.sizes[0] != (height, width)):
@@ -132,7 +131,7 @@ def _released_inputs(state: TrajectoryState, trajectories, valid):
     if isinstance(trajectories, TrajectoryTables):
         state.released_coords = trajectories.coords.to(torch.float64)
         state.released_valid = trajectories.valid.clone()
-        state.released_frame_size = trajectories.frame_size
+        state._released_given_frame_size = trajectories.frame_size
         return valid
     if not isinstance(trajectories, torch.Tensor):
         return valid  # the TypeError below names what is expected
@@ -142,7 +141,7 @@ def _released_inputs(state: TrajectoryState, trajectories, valid):
     elif isinstance(valid, torch.Tensor):
         valid = released_visible(valid)
     state.released_valid = valid
-    state.released_frame_size = None   # the generated frame size, known at the first call
+    state._released_given_frame_size = None   # the generated frame size, known at each call
     return valid
 
 
