@@ -5,7 +5,10 @@ int32 and valid [f, n] uint8 give the pixel of trajectory n at frame f; rowptr [
 int32 are the per-pixel CSR lists of the valid tokens landing on (f, p), ascending in n.
 
 Forward, one program per (trajectory, batch), walking the heads (the trajectory's pixels, validity
-and landing counts are read once for all heads):
+and landing counts are read once for all heads). With GROUP = G > 1 (the `released` semantics) a
+program's sequence is G consecutive trajectories, G·F rows (row r = frame r mod F of trajectory
+G·m + r div F) under one softmax; everything below is per row and holds unchanged. GROUP = 1 compiles
+to exactly the per-trajectory kernel (the row layout is chosen at compile time):
   gather the trajectory's F rows of q, k, v straight from the dense tensors (invalid rows are loaded
   as zeros, padded frames and padded head channels are masked), S = Q Kᵀ on the tensor cores with
   fp32 accumulation, softmax in fp32 (padded frames, and invalid ones when mask_invalid, are -inf
@@ -107,6 +110,22 @@ def _trajectory_rows(idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, f
 
 
 @triton.jit
+def _sequence_rows(frames, BLOCK_F: tl.constexpr, GROUP: tl.constexpr):
+    """Rows of one attention sequence: (frame, member of the group, row in use). GROUP = 1: row r is
+    frame r of the program's one trajectory; GROUP = G: row r is frame r mod F of member r div F."""
+    r = tl.arange(0, BLOCK_F)
+    if GROUP == 1:
+        fr = r
+        member = 0
+        in_f = r < frames
+    else:
+        fr = r % frames
+        member = r // frames
+        in_f = r < GROUP * frames
+    return fr, member, in_f
+
+
+@triton.jit
 def _program_ids(n_prog):
     """(block of trajectories, batch) of this program. One folded grid axis: axis 1 and 2 are limited
     to 65,535 programs, axis 0 to 2³¹ − 1; trajectories of one batch are neighbours."""
@@ -124,15 +143,15 @@ def _traj_attn_fwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
-    fr = tl.arange(0, BLOCK_F)
+    fr, member, in_f = _sequence_rows(frames, BLOCK_F, GROUP)
     dd = tl.arange(0, BLOCK_D)
-    in_f = fr < frames
     for t in range(TRAJ_PER_PROG):
-        n = pid_n * TRAJ_PER_PROG + t
-        if n < n_traj:
+        m = pid_n * TRAJ_PER_PROG + t  # the program's t-th sequence: one trajectory or GROUP of them
+        if m * GROUP < n_traj:
+            n = m if GROUP == 1 else m * GROUP + member  # trajectory of each row (a scalar when GROUP = 1)
             pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
                 idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, fr, in_f, dd, sd_b, sd_x, sd_f,
                 D, MASK_INVALID, ATOMIC)
@@ -162,15 +181,15 @@ def _traj_attn_bwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
-    fr = tl.arange(0, BLOCK_F)
+    fr, member, in_f = _sequence_rows(frames, BLOCK_F, GROUP)
     dd = tl.arange(0, BLOCK_D)
-    in_f = fr < frames
     for t in range(TRAJ_PER_PROG):
-        n = pid_n * TRAJ_PER_PROG + t
-        if n < n_traj:
+        m = pid_n * TRAJ_PER_PROG + t  # the program's t-th sequence: one trajectory or GROUP of them
+        if m * GROUP < n_traj:
+            n = m if GROUP == 1 else m * GROUP + member  # trajectory of each row (a scalar when GROUP = 1)
             pix, ok, inv_count, key_ok, mask, dst_rows = _trajectory_rows(
                 idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, fr, in_f, dd, sd_b, sd_x, sd_f,
                 D, MASK_INVALID, ATOMIC)
@@ -257,7 +276,8 @@ def _csr_reduce_kernel(
 
 
 def _blocks(frames: int, dim: int) -> tuple[int, int]:
-    # tl.dot wants every dimension >= 16; frames and the head dim are padded to powers of two.
+    # tl.dot wants every dimension >= 16; the sequence (frames, or group x frames) and the head dim
+    # are padded to powers of two.
     return max(16, triton.next_power_of_2(frames)), max(16, triton.next_power_of_2(dim))
 
 
@@ -336,16 +356,18 @@ def _empty(q: torch.Tensor, n_traj: int) -> bool:
     return q.numel() == 0 or n_traj == 0
 
 
-def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid: bool, deterministic: bool) -> None:
-    """Writes out [b s f h d] (any strides). idx int32 [f, n], valid uint8 [f, n], rowptr/col int32."""
+def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid: bool, deterministic: bool,
+                             group: int = 1) -> None:
+    """Writes out [b s f h d] (any strides). idx int32 [f, n], valid uint8 [f, n], rowptr/col int32;
+    group (dividing n): trajectories per softmax."""
     batch, n_pix, frames, heads, dim = q.shape
     n_traj = idx.shape[1]
     if _empty(q, n_traj):
         out.zero_()
         return
-    block_f, block_d = _blocks(frames, dim)
+    block_f, block_d = _blocks(frames * group, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    n_prog = triton.cdiv(n_traj, tpp)
+    n_prog = triton.cdiv(n_traj // group, tpp)
     qk_scale = dim ** -0.5 * LOG2E
     if deterministic:
         dst = torch.empty((batch, n_traj, frames, heads, dim), dtype=q.dtype, device=q.device)
@@ -359,7 +381,7 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
         *_strides(align, q, k, v, dst),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_warps(block_f, block_d), ALIGN=align,
+        num_warps=_warps(block_f, block_d), ALIGN=align, GROUP=group,
     )
     if deterministic:
         _reduce(dst, rowptr, col, valid, out)
@@ -368,17 +390,17 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
 
 
 def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
-                             mask_invalid: bool, deterministic: bool) -> None:
-    """Writes dq, dk, dv ([b s f h d], any strides) from dout [b s f h d]."""
+                             mask_invalid: bool, deterministic: bool, group: int = 1) -> None:
+    """Writes dq, dk, dv ([b s f h d], any strides) from dout [b s f h d]; group as in the forward."""
     batch, n_pix, frames, heads, dim = q.shape
     n_traj = idx.shape[1]
     if _empty(q, n_traj):
         for grad in (dq, dk, dv):
             grad.zero_()
         return
-    block_f, block_d = _blocks(frames, dim)
+    block_f, block_d = _blocks(frames * group, dim)
     tpp = _traj_per_prog(n_traj, _interpreting(q))
-    n_prog = triton.cdiv(n_traj, tpp)
+    n_prog = triton.cdiv(n_traj // group, tpp)
     if deterministic:
         shape = (batch, n_traj, frames, heads, dim)
         bufs = [torch.empty(shape, dtype=q.dtype, device=q.device) for _ in range(3)]
@@ -392,7 +414,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
         num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
-        ALIGN=align,
+        ALIGN=align, GROUP=group,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:

@@ -109,16 +109,19 @@ def calls_snr_reinject(dtype):
 def calls_trajectory_attention(dtype):
     import lightmotion_fast as lm
     gen = torch.Generator().manual_seed(0)
-    # (batch, pixels, frames, heads, dim): tiny, SVD-xt (14 frames, 64-wide heads), 25 frames, wide heads.
-    for (b, s, f, h, d, n) in ((1, 12, 5, 2, 16, 20), (1, 64, 14, 5, 64, 80), (1, 32, 25, 2, 40, 40),
-                                (1, 16, 8, 1, 128, 16)):
+    # (batch, pixels, frames, heads, dim), group: tiny, SVD-xt (14 frames, 64-wide heads), 25 frames, wide
+    # heads; then the released semantics (two trajectories per softmax) at 14 and 25 frames: 28 and 50 rows.
+    for (b, s, f, h, d, n), group in (((1, 12, 5, 2, 16, 20), 1), ((1, 64, 14, 5, 64, 80), 1),
+                                      ((1, 32, 25, 2, 40, 40), 1), ((1, 16, 8, 1, 128, 16), 1),
+                                      ((1, 64, 14, 5, 64, 128), 2), ((1, 64, 25, 5, 64, 128), 2)):
         for mask_invalid, deterministic in ((False, True), (True, False)):
-            def call(b=b, s=s, f=f, h=h, d=d, n=n, mask_invalid=mask_invalid, deterministic=deterministic):
+            def call(b=b, s=s, f=f, h=h, d=d, n=n, group=group, mask_invalid=mask_invalid,
+                     deterministic=deterministic):
                 idx = torch.randint(0, s, (f, n), generator=gen)
                 valid = torch.rand(f, n, generator=gen) > 0.25
                 q, k, v = (_randn(b, s, f, h, d, dtype=dtype, grad=True) for _ in range(3))
                 out = lm.trajectory_attention(q, k, v, idx, valid, mask_invalid=mask_invalid,
-                                              deterministic=deterministic)
+                                              deterministic=deterministic, group=group)
                 out.backward(torch.randn_like(out))
             yield call
 

@@ -138,9 +138,10 @@ def test_fusion_processor_output_norm_is_per_sample():
     hidden2[1, :12] *= 5.0  # the second sample only, video tokens 5x larger
     proc = LionLoraFusionProcessor(list(ADAPTERS), norm="output")
     with torch.no_grad():
-        h1, e1 = proc(attn, hidden, enc, image_rotary_emb=rot)
-        h2, e2 = proc(attn, hidden2, enc, image_rotary_emb=rot)
-        hw, _ = LionLoraFusionProcessor(list(ADAPTERS), norm="weight")(attn, hidden, enc, image_rotary_emb=rot)
+        h1, e1 = proc(attn, hidden, enc, image_rotary_emb=rot, num_scaling_tokens=len(ADAPTERS))
+        h2, e2 = proc(attn, hidden2, enc, image_rotary_emb=rot, num_scaling_tokens=len(ADAPTERS))
+        hw, _ = LionLoraFusionProcessor(list(ADAPTERS), norm="weight")(attn, hidden, enc, image_rotary_emb=rot,
+                                                                                num_scaling_tokens=len(ADAPTERS))
     torch.testing.assert_close(h2[0], h1[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(e2[0], e1[0], atol=1e-5, rtol=1e-5)
     assert (h2[1] - h1[1]).abs().max() > 1e-2

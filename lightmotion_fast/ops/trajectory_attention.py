@@ -11,72 +11,75 @@ import torch
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops._common import Backend
 from lightmotion_fast.reference.trajectory_attention import (
+    check_group,
     incoming_csr,
     trajectory_attention_backward_reference,
     trajectory_attention_reference,
 )
 
-MAX_FRAMES = 64       # the kernel holds a trajectory's F rows on chip
+MAX_FRAMES = 64       # the kernel holds a sequence's rows on chip: F (or group·F) at most this
 MAX_HEAD_DIM = 128
 
 
 @torch.library.custom_op("lightmotion::trajectory_attention", mutates_args=())
 def trajectory_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                             valid: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor,
-                            mask_invalid: bool, deterministic: bool) -> torch.Tensor:
-    """q, k, v: [b s f h d]; idx [f, n] int32; valid [f, n] bool; rowptr [f·s + 1], col [nnz] int32."""
+                            mask_invalid: bool, deterministic: bool, group: int = 1) -> torch.Tensor:
+    """q, k, v: [b s f h d]; idx [f, n] int32; valid [f, n] bool; rowptr [f·s + 1], col [nnz] int32;
+    group: trajectories per softmax (dividing n)."""
     out = torch.empty_like(q)
     impl = _common.select_backend(q.device)
     if impl is Backend.TRITON:
         kernel = _common.kernel_module("trajectory_attention")
         kernel.trajectory_attention_fwd(q, k, v, idx, valid.view(torch.uint8), rowptr, col, out,
-                                        mask_invalid, deterministic)
+                                        mask_invalid, deterministic, group)
     else:
-        out.copy_(trajectory_attention_reference(q, k, v, idx, valid, mask_invalid))
+        out.copy_(trajectory_attention_reference(q, k, v, idx, valid, mask_invalid, group))
     return out
 
 
 @trajectory_attention_op.register_fake
-def _(q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic):
+def _(q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic, group=1):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("lightmotion::trajectory_attention_backward", mutates_args=())
 def trajectory_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      idx: torch.Tensor, valid: torch.Tensor, rowptr: torch.Tensor,
-                                     col: torch.Tensor, mask_invalid: bool,
-                                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                     col: torch.Tensor, mask_invalid: bool, deterministic: bool,
+                                     group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv ([b s f h d]) of trajectory_attention from dout [b s f h d]."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     impl = _common.select_backend(q.device)
     if impl is Backend.TRITON:
         kernel = _common.kernel_module("trajectory_attention")
         kernel.trajectory_attention_bwd(dout, q, k, v, idx, valid.view(torch.uint8), rowptr, col, dq, dk, dv,
-                                        mask_invalid, deterministic)
+                                        mask_invalid, deterministic, group)
     else:
         for dst, src in zip((dq, dk, dv), trajectory_attention_backward_reference(dout, q, k, v, idx, valid,
-                                                                                  mask_invalid)):
+                                                                                  mask_invalid, group)):
             dst.copy_(src)
     return dq, dk, dv
 
 
 @trajectory_attention_backward_op.register_fake
-def _(dout, q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic):
+def _(dout, q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic, group=1):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic = inputs
+    q, k, v, idx, valid, rowptr, col, mask_invalid, deterministic, group = inputs
     ctx.save_for_backward(q, k, v, idx, valid, rowptr, col)
     ctx.mask_invalid = mask_invalid
     ctx.deterministic = deterministic
+    ctx.group = group
 
 
 def _backward(ctx, dout):
     q, k, v, idx, valid, rowptr, col = ctx.saved_tensors
     dq, dk, dv = trajectory_attention_backward_op(dout, q, k, v, idx, valid, rowptr, col,
-                                                  ctx.mask_invalid, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None
+                                                  ctx.mask_invalid, ctx.deterministic, ctx.group)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 trajectory_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -240,8 +243,8 @@ def _float_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     return (*_common.FLOAT_DTYPES, torch.float64)
 
 
-def check_inputs(q, k, v) -> None:
-    """Validate the shapes, dtypes and devices of q, k, v (no values read)."""
+def check_inputs(q, k, v, group: int = 1) -> None:
+    """Validate the shapes, dtypes and devices of q, k, v (no values read); group's range."""
     _common.check_tensor("q", q, ndim=5, dims="b s f h d", dtypes=None)
     _common.check_tensor("q", q, dtypes=_float_dtypes(q.device))
     for name, t in (("k", k), ("v", v)):
@@ -251,8 +254,13 @@ def check_inputs(q, k, v) -> None:
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
     _, _, frames, _, dim = q.shape
+    if isinstance(group, bool) or not hasattr(group, "__index__") or group.__index__() < 1:
+        raise ValueError(f"group must be a positive integer (trajectories per softmax), got {group!r}")
     if frames > MAX_FRAMES:
         raise ValueError(f"q has {frames} frames; trajectory_attention supports at most {MAX_FRAMES}")
+    if frames * group > MAX_FRAMES:
+        raise ValueError(f"group={group} x {frames} frames = {frames * group} tokens per softmax; "
+                         f"trajectory_attention supports at most {MAX_FRAMES}")
     if dim > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {dim}; trajectory_attention supports at most {MAX_HEAD_DIM}")
     _common.check_same_device(q=q, k=k, v=v)
@@ -290,7 +298,7 @@ def _index_for_call(q, idx, valid, rowptr, col) -> TrajectoryIndex:
 def trajectory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | TrajectoryIndex,
                          valid: torch.Tensor | None = None, rowptr: torch.Tensor | None = None,
                          col: torch.Tensor | None = None, *, mask_invalid: bool = False,
-                         deterministic: bool = True) -> torch.Tensor:
+                         deterministic: bool = True, group: int = 1) -> torch.Tensor:
     """Attention along trajectories, averaged back onto the pixels they visit.
 
     q, k, v: [b s f h d] projected densely (s = H·W latent pixels, any strides, fp32/fp16/bf16, and
@@ -300,26 +308,31 @@ def trajectory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     raw tables are checked on every call (they are read on the host, which synchronises a GPU).
     mask_invalid=True removes invalid frames as keys (the official code keeps them as zero vectors).
     deterministic=True (default) is bitwise repeatable (two launches through the CSR table); False
-    sums with fp32 atomics in one launch. Returns [b s f h d] in q's dtype; pixels no valid token
-    lands on are 0. Differentiable in q, k, v.
+    sums with fp32 atomics in one launch. group=G > 1 makes trajectories G·m … G·m + G − 1 (in idx's
+    order; G must divide n) share one softmax over their G·f tokens (G·f ≤ 64): the released code's
+    attention (reference/trajectory_attention.py, "released"); 1, the default, is per trajectory.
+    Returns [b s f h d] in q's dtype; pixels no valid token lands on are 0. Differentiable in q, k, v.
 
     >>> idx = torch.randint(0, 6 * 8, (5, 100)); valid = torch.rand(5, 100) > 0.1
     >>> q = k = v = torch.randn(2, 6 * 8, 5, 2, 64)
     >>> out = trajectory_attention(q, k, v, TrajectoryIndex(idx, valid, n_pix=6 * 8))
     """
-    check_inputs(q, k, v)
+    check_inputs(q, k, v, group)
+    group = group.__index__()
     index = _index_for_call(q, idx, valid, rowptr, col)
+    check_group(group, index.num_trajectories)
     return trajectory_attention_op(q, k, v, index.idx, index.valid, index.rowptr, index.col,
-                                   bool(mask_invalid), bool(deterministic))
+                                   bool(mask_invalid), bool(deterministic), group)
 
 
 def sample_inputs(device: torch.device):
     """Arguments for opcheck and torch.compile tests (see ops/__init__.py)."""
     gen = torch.Generator().manual_seed(0)
     samples = []
-    for (batch, n_pix, frames, heads, dim, n), mask_invalid, deterministic in (
-        ((1, 12, 5, 2, 16, 20), False, True),
-        ((2, 9, 3, 1, 40, 11), True, False),
+    for (batch, n_pix, frames, heads, dim, n), mask_invalid, deterministic, group in (
+        ((1, 12, 5, 2, 16, 20), False, True, 1),
+        ((2, 9, 3, 1, 40, 11), True, False, 1),
+        ((2, 8, 3, 2, 16, 16), False, True, 2),
     ):
         idx = torch.randint(0, n_pix, (frames, n), generator=gen)
         valid = torch.rand(frames, n, generator=gen) > 0.25
@@ -327,7 +340,7 @@ def sample_inputs(device: torch.device):
         q, k, v = (torch.randn(batch, n_pix, frames, heads, dim, generator=gen).to(device).requires_grad_()
                    for _ in range(3))
         samples.append((q, k, v, idx.to(device, torch.int32), valid.to(device), rowptr.to(device, torch.int32),
-                        col.to(device, torch.int32), mask_invalid, deterministic))
+                        col.to(device, torch.int32), mask_invalid, deterministic, group))
     return samples
 
 

@@ -14,13 +14,22 @@ Trajectory n visits, at frame f, the latent pixel idx[f, n] (flat y·W + x) when
     4. to_out    (in the processor) applied per pixel, its bias only where a token landed: the same as
                  the official order (to_out per token, then averaging), since averaging is linear.
 
+`group` = G > 1 generalises step 2: trajectories G·m … G·m + G − 1 (consecutive in idx's order) share
+one softmax over their G·f tokens, token j·f + t being frame t of trajectory G·m + j. G = 1 is the
+per-trajectory attention above (the paper's definition and the official xformers processor).
+
+The `released` semantics (helpers at the end of this file) is what the released code computes on
+torch 2.x with its SDPA processor (`MotionVectorAttnProcessor2_0`): on every call it draws a fresh
+random subset of int(H·W/4)·8 trajectories from the global generator, in permutation order; scales the
+coordinates in float64 as x·(W/W0) and truncates; counts any non-zero visibility as visible; and,
+because it reshapes with the batch size of the dense input (b·H·W) instead of the token count, each
+softmax runs over N·f/(H·W) consecutive tokens: G = N/(H·W) trajectories (2 when N = 2·H·W).
+
 This file also builds the index tables in Python (per-level idx, subsampling, per-pixel CSR of
 incoming tokens) — the C++ builder in csrc/trajectories.cpp must match these exactly — and holds
 `official_trajectory_branch`, a readable re-implementation of the official processor's computation
 (per-call subsampling, advanced-indexing gather, per-token to_out, a Python loop of index_put_),
-which the benchmarks use as a peer. The official SDPA code path concatenates two random
-trajectories into one 50-token sequence through a stale batch size; that is not reproduced: this
-library implements the intended per-trajectory attention.
+which the benchmarks use as a peer.
 """
 from __future__ import annotations
 
@@ -140,14 +149,42 @@ def scatter_average(tokens: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
     return out
 
 
+def group_tokens(tokens: torch.Tensor, group: int) -> torch.Tensor:
+    """[b (m G) f h d] -> [b m (G f) h d]: G consecutive trajectories as one sequence of G·f tokens."""
+    return rearrange(tokens, "b (m j) f h d -> b m (j f) h d", j=group)
+
+
+def ungroup_tokens(tokens: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of `group_tokens`: [b m (G f) h d] -> [b (m G) f h d]."""
+    return rearrange(tokens, "b m (j f) h d -> b (m j) f h d", j=group)
+
+
+def group_valid(valid: torch.Tensor, group: int) -> torch.Tensor:
+    """[f (m G)] -> [(G f) m]: the validity of the grouped tokens, laid out as `group_tokens` does."""
+    return rearrange(valid, "f (m j) -> (j f) m", j=group)
+
+
+def check_group(group: int, num_trajectories: int) -> None:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int (trajectories per softmax), got {group!r}")
+    if num_trajectories % group:
+        raise ValueError(f"group={group} must divide the number of trajectories n = {num_trajectories} "
+                         "(idx [f, n]): every softmax spans exactly `group` trajectories")
+
+
 def trajectory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                                   valid: torch.Tensor, mask_invalid: bool = False) -> torch.Tensor:
+                                   valid: torch.Tensor, mask_invalid: bool = False, group: int = 1) -> torch.Tensor:
     """q, k, v: [b s f h d] (projected densely: to_q/k/v have no bias, so projecting before the gather
-    is exact); idx [f, n] in [0, s); valid [f, n] bool. Returns [b s f h d] in q's dtype, computed in
-    float32 (float64 inputs stay float64)."""
+    is exact); idx [f, n] in [0, s); valid [f, n] bool; group G (dividing n): trajectories per softmax.
+    Returns [b s f h d] in q's dtype, computed in float32 (float64 inputs stay float64)."""
+    check_group(group, idx.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qt, kt, vt = (gather_tokens(t.to(compute), idx, valid) for t in (q, k, v))
-    tokens = attend(qt, kt, vt, valid, mask_invalid)
+    if group == 1:
+        tokens = attend(qt, kt, vt, valid, mask_invalid)
+    else:
+        grouped = (group_tokens(t, group) for t in (qt, kt, vt))
+        tokens = ungroup_tokens(attend(*grouped, group_valid(valid, group), mask_invalid), group)
     return scatter_average(tokens, idx, valid, q.shape[1]).to(q.dtype)
 
 
@@ -211,11 +248,14 @@ def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: tor
 
 def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                             idx: torch.Tensor, valid: torch.Tensor,
-                                            mask_invalid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                            mask_invalid: bool = False,
+                                            group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `trajectory_attention_reference` w.r.t. q, k, v, written out (the kernels follow
     these formulas): dO of a token is dout at its pixel divided by the pixel's count; per trajectory
-    dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K/√d, dK = dSᵀ Q/√d; each token's
-    gradient is added back at the dense position it was gathered from. All [b s f h d]."""
+    (per group of `group` trajectories) dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K/√d,
+    dK = dSᵀ Q/√d; each token's gradient is added back at the dense position it was gathered from.
+    All [b s f h d]."""
+    check_group(group, idx.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_pix = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -225,8 +265,13 @@ def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor,
     frame_rows = torch.arange(idx.shape[0], device=idx.device)[:, None] * n_pix
     per_token = counts[frame_rows + idx.to(torch.int64)].clamp(min=1).to(compute)  # [f n]
     dot = gather_tokens(dout.to(compute), idx, valid) / rearrange(per_token, "f n -> 1 n f 1 1")
+    if group > 1:  # a group of trajectories is one sequence: the formulas below run on it unchanged
+        qt, kt, vt, dot = (group_tokens(t, group) for t in (qt, kt, vt, dot))
+        valid_seq = group_valid(valid, group)
+    else:
+        valid_seq = valid
 
-    probs = attention_probs(qt, kt, valid, mask_invalid)
+    probs = attention_probs(qt, kt, valid_seq, mask_invalid)
     o = torch.einsum("bnhfg,bnghd->bnfhd", probs, vt)
     dv_t = torch.einsum("bnhfg,bnfhd->bnghd", probs, dot)
     dp = torch.einsum("bnfhd,bnghd->bnhfg", dot, vt)
@@ -236,6 +281,8 @@ def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor,
     dk_t = torch.einsum("bnhfg,bnfhd->bnghd", ds, qt) * scale
 
     def scatter_add(tokens):
+        if group > 1:
+            tokens = ungroup_tokens(tokens, group)
         dense = tokens.new_zeros(q.shape)
         for f in range(idx.shape[0]):
             keep = valid[f]
@@ -243,3 +290,56 @@ def trajectory_attention_backward_reference(dout: torch.Tensor, q: torch.Tensor,
         return dense.to(q.dtype)
 
     return scatter_add(dq_t), scatter_add(dk_t), scatter_add(dv_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The released code's per-call tables (the `released` semantics, see the module docstring)
+
+RELEASED_SPARSITY = 4   # the released processor's sparsity_factor ...
+RELEASED_FACTOR = 8     # ... and the factor its sample count is multiplied by
+
+
+def released_sample_count(level_size: tuple[int, int]) -> int:
+    """int(H·W/4)·8: how many trajectories the released processor draws at a level (2·H·W when 4 | H·W)."""
+    height, width = level_size
+    return int(width * height / RELEASED_SPARSITY) * RELEASED_FACTOR
+
+
+def released_selection(num_trajectories: int, level_size: tuple[int, int]) -> torch.Tensor:
+    """The released processor's draw: torch.randperm(N)[:count] from the *global* CPU generator, one draw
+    per call, kept in permutation order (the order decides which trajectories share a softmax).
+    Fewer than `count` trajectories: all of them, permuted. [n_s] int64 on the CPU."""
+    return torch.randperm(num_trajectories)[: released_sample_count(level_size)]
+
+
+def released_level_indices(coords: torch.Tensor, frame_size: tuple[int, int],
+                           level_size: tuple[int, int]) -> torch.Tensor:
+    """Flat latent pixel [f, n] (int64) as the released code computes it: coords [f, n, 2] (x, y) in
+    float64 times the Python float W/W0 (H/H0), truncated toward zero (`.long()`), then clamped.
+    (Truncation and floor differ only in (−1, 0), which the clamp maps to 0 either way.)"""
+    height0, width0 = frame_size
+    height, width = level_size
+    c = coords.to(torch.float64)
+    xs = (c[..., 0] * (width / width0)).long().clamp(0, width - 1)
+    ys = (c[..., 1] * (height / height0)).long().clamp(0, height - 1)
+    return ys * width + xs
+
+
+def released_visible(visibility: torch.Tensor) -> torch.Tensor:
+    """The released code's `.bool()`: any non-zero visibility (NaN included) counts as visible."""
+    return visibility.detach().cpu() != 0
+
+
+def released_group(num_selected: int, level_size: tuple[int, int]) -> int:
+    """Trajectories per softmax in the released code: its attention reshapes the [b·n, f] tokens with
+    the dense batch size b·H·W, so each softmax spans n·f/(H·W) consecutive tokens, i.e. n/(H·W)
+    whole trajectories. Where H·W does not divide n the released code either fails (n·f/(H·W) not an
+    integer) or splits trajectories between softmaxes; neither is reproduced: ValueError."""
+    height, width = level_size
+    n_pix = height * width
+    if num_selected == 0 or num_selected % n_pix:
+        raise ValueError(
+            f"the released semantics needs the number of trajectories used at a {height}x{width} level "
+            f"({num_selected}: min(given, int(H·W/4)·8)) to be a positive multiple of H·W = {n_pix}; "
+            "give at least 2·H·W trajectories at a level where 4 divides H·W (SVD's levels all qualify)")
+    return num_selected // n_pix

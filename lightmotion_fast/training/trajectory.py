@@ -125,7 +125,8 @@ def set_trajectories(model, trajectories, valid: torch.Tensor | None = None) -> 
     if isinstance(state, DiTTrajectoryState):
         DiTTrajectoryState.__init__(state, trajectories, valid, state.vae_scale_factor, state.temporal_stride)
     else:
-        type(state).__init__(state, trajectories, valid, vae_scale_factor=state.vae_scale_factor)
+        type(state).__init__(state, trajectories, valid, vae_scale_factor=state.vae_scale_factor,
+                             semantics=state.semantics)
 
 
 # ---------------------------------------------------------------------------------------------

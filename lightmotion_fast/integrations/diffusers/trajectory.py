@@ -17,6 +17,12 @@ Options:
                 `trajectory_state_dict`, with or without ".processor"), or the official release's
                 format: a list of tensors, 5 per branch (to_q, to_k, to_v, to_out.0.weight,
                 to_out.0.bias) in module order.
+  semantics     "per_trajectory" (default: the paper's attention along each trajectory, as the official
+                xformers processor computes it; subset drawn once per level from a seeded generator)
+                or "released" (what the released code computes on torch 2.x, to reproduce its demos:
+                on every block call a fresh subset of int(H·W/4)·8 trajectories from the *global*
+                generator, float64 coordinates scaled by W/W0 and truncated, any non-zero visibility
+                visible, and two trajectories per softmax; see reference/trajectory_attention.py).
 """
 from __future__ import annotations
 
@@ -24,18 +30,31 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from lightmotion_fast.camera.trajectories import TrajectoryTables
+from lightmotion_fast.camera.trajectories import TrajectoryLevel, TrajectoryTables, level_sizes
 from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, register_feature
-from lightmotion_fast.ops.trajectory_attention import trajectory_attention
-from lightmotion_fast.reference.trajectory_attention import official_trajectory_branch
+from lightmotion_fast.ops.trajectory_attention import TrajectoryIndex, trajectory_attention
+from lightmotion_fast.reference.trajectory_attention import (
+    official_trajectory_branch,
+    released_group,
+    released_level_indices,
+    released_selection,
+    released_visible,
+)
 
 PARAM_NAMES = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
+SEMANTICS = ("per_trajectory", "released")
 
 
 class TrajectoryState:
-    """What all processors of one UNet share: the tables and the batch size of the current call."""
+    """What all processors of one UNet share: the tables and the batch size of the current call, and
+    the semantics ("per_trajectory" or "released", see the module docstring)."""
 
-    def __init__(self, trajectories, valid=None, vae_scale_factor: int = 8):
+    def __init__(self, trajectories, valid=None, vae_scale_factor: int = 8, semantics: str = "per_trajectory"):
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        self.semantics = semantics
+        if semantics == "released":
+            valid = _released_inputs(self, trajectories, valid)
         if isinstance(trajectories, TrajectoryTables):
             self.tables, self.coords, self.valid = trajectories, None, None
         else:
@@ -49,6 +68,7 @@ class TrajectoryState:
         self.vae_scale_factor = vae_scale_factor
         self.batch: int | None = None
         self._built: dict[tuple[int, int], TrajectoryTables] = {}   # tables made from coords, per latent size
+        self._released_sizes: dict[int, tuple[int, int]] = {}        # n_pix -> (h, w) of the current call
 
     @property
     def frames(self) -> int:
@@ -63,6 +83,13 @@ class TrajectoryState:
         batch, frames, _, height, width = sample.shape
         if frames != self.frames:
             raise ValueError(f"trajectories have {self.frames} frames but the UNet is called with {frames}")
+        if self.semantics == "released":
+            # Tables are drawn afresh on every block call (released_level): only the level sizes here.
+            self._released_sizes = {h * w: (h, w) for h, w in level_sizes((height, width), 4)}
+            s = self.vae_scale_factor
+            self.released_frame_size = self._released_given_frame_size or (height * s, width * s)
+            self.batch = batch
+            return
         if self.coords is not None and (self.tables is None or self.tables.sizes[0] != (height, width)):
             if torch.compiler.is_compiling():
                 raise RuntimeError(
@@ -81,6 +108,41 @@ class TrajectoryState:
         if not torch.compiler.is_compiling():
             self.tables.prepare(sample.device)  # every level's tables on the device before the blocks run
         self.batch = batch
+
+
+    def released_level(self, n_pix: int, device: torch.device) -> tuple[TrajectoryLevel, int]:
+        """The released processor's per-call tables at the level of n_pix latent pixels, and its group
+        size. Draws from the global generator (torch.randperm), exactly once per call as the released
+        code does, so a fixed torch.manual_seed reproduces its subsets block by block."""
+        size = self._released_sizes.get(int(n_pix))
+        if size is None:
+            raise ValueError(f"no UNet level has {n_pix} latent pixels; levels: "
+                             f"{[f'{h}x{w}' for h, w in self._released_sizes.values()]}")
+        selection = released_selection(self.released_coords.shape[1], size)
+        group = released_group(selection.numel(), size)
+        idx = released_level_indices(self.released_coords[:, selection], self.released_frame_size, size)
+        index = TrajectoryIndex(idx, self.released_valid[:, selection].contiguous(), size[0] * size[1])
+        return TrajectoryLevel(size, selection, index.to(device)), group
+
+
+def _released_inputs(state: TrajectoryState, trajectories, valid):
+    """Keep the released semantics' own copies: coordinates in float64 (its arithmetic), visibility as
+    `!= 0`. Returns the bool validity for the per-trajectory checks that follow."""
+    if isinstance(trajectories, TrajectoryTables):
+        state.released_coords = trajectories.coords.to(torch.float64)
+        state.released_valid = trajectories.valid.clone()
+        state._released_given_frame_size = trajectories.frame_size
+        return valid
+    if not isinstance(trajectories, torch.Tensor):
+        return valid  # the TypeError below names what is expected
+    state.released_coords = trajectories.detach().cpu().to(torch.float64)
+    if valid is None:
+        valid = torch.ones(trajectories.shape[:-1], dtype=torch.bool)
+    elif isinstance(valid, torch.Tensor):
+        valid = released_visible(valid)
+    state.released_valid = valid
+    state._released_given_frame_size = None   # the generated frame size, known at each call
+    return valid
 
 
 class TrajectoryAttnProcessor(torch.nn.Module):
@@ -127,7 +189,13 @@ class TrajectoryAttnProcessor(torch.nn.Module):
         rows, frames, channels = hidden_states.shape
         batch = state.batch
         n_pix = rows // batch
-        level = state.tables.level(n_pix, hidden_states.device)
+        if state.semantics == "released":
+            if self.implementation == "official":
+                raise ValueError("implementation='official' recomputes the per-trajectory semantics; "
+                                 "with semantics='released' use implementation='fused'")
+            level, group = state.released_level(n_pix, hidden_states.device)
+        else:
+            level, group = state.tables.level(n_pix, hidden_states.device), 1
         if self.implementation == "official":
             tables = state.tables
             return official_trajectory_branch(
@@ -141,7 +209,7 @@ class TrajectoryAttnProcessor(torch.nn.Module):
             return rearrange(layer(hidden_states), "(b s) f (h d) -> b s f h d", b=batch, h=heads)
 
         out = trajectory_attention(project(self.to_q), project(self.to_k), project(self.to_v), level.index,
-                                   mask_invalid=self.mask_invalid, deterministic=self.deterministic)
+                                   mask_invalid=self.mask_invalid, deterministic=self.deterministic, group=group)
         out = F.linear(rearrange(out, "b s f h d -> (b s) f (h d)"), self.to_out[0].weight)
         # to_out's bias only where a token landed (the official order: to_out per token, then average).
         landed = rearrange(level.landed, "f s -> 1 s f 1").to(out.dtype)
@@ -204,10 +272,10 @@ def load_trajectory_weights(processors: list[tuple[str, TrajectoryAttnProcessor]
 
 
 def install_trajectory_processors(ctx: PatchContext, trajectories, valid=None, weights=None,
-                                  **processor_kwargs) -> TrajectoryState:
+                                  semantics: str = "per_trajectory", **processor_kwargs) -> TrajectoryState:
     unet = ctx.model
     scale = getattr(ctx.pipe, "vae_scale_factor", 8) if ctx.pipe is not unet else 8
-    state = TrajectoryState(trajectories, valid, vae_scale_factor=int(scale))
+    state = TrajectoryState(trajectories, valid, vae_scale_factor=int(scale), semantics=semantics)
     attns = temporal_attentions(unet)
     if not attns:
         raise ValueError(f"{type(unet).__name__} has no TemporalBasicTransformerBlock for the trajectory branch")
@@ -229,14 +297,21 @@ def install_trajectory_processors(ctx: PatchContext, trajectories, valid=None, w
 def _install(ctx: PatchContext) -> None:
     trajectories = ctx.options.get("trajectories")
     if trajectories is None:
-        for name in ("valid", "traj_weights"):
+        for name in ("valid", "traj_weights", "semantics"):
             if ctx.options.get(name) is not None:
                 raise ValueError(f"patch() got {name}= without trajectories=")
         return
-    install = install_trajectory_processors
+    semantics = ctx.options.get("semantics")
     if ctx.adapter.name != "svd":   # CogVideoX, Wan: the branch in the DiT's 3D attention
-        from lightmotion_fast.integrations.diffusers.trajectory_dit import install_dit_trajectory_processors as install
-    install(ctx, trajectories, ctx.options.get("valid"), ctx.options.get("traj_weights"))
+        if semantics not in (None, "per_trajectory"):
+            raise ValueError(f"semantics={semantics!r} reproduces the released SVD code; on {ctx.adapter.name} "
+                             "the trajectory branch has only the per-trajectory semantics")
+        from lightmotion_fast.integrations.diffusers.trajectory_dit import install_dit_trajectory_processors
+
+        install_dit_trajectory_processors(ctx, trajectories, ctx.options.get("valid"), ctx.options.get("traj_weights"))
+        return
+    install_trajectory_processors(ctx, trajectories, ctx.options.get("valid"), ctx.options.get("traj_weights"),
+                                  semantics="per_trajectory" if semantics is None else semantics)
 
 
 FEATURE = register_feature(Feature(
@@ -249,6 +324,10 @@ FEATURE = register_feature(Feature(
         Option("valid", "bool Tensor [f, n]", "None", "visibility of each coordinate (None: all visible)"),
         Option("traj_weights", "state dict | official list | None", "None",
                "branch weights; None initialises from the temporal attention (output projection zero)"),
+        Option("semantics", '"per_trajectory" | "released"', '"per_trajectory"',
+               "per_trajectory: the paper's attention along each trajectory (official xformers processor); "
+               "released: the released SDPA code's behaviour (two random trajectories per softmax, a fresh "
+               "subset from the global generator on every call), to reproduce its published demos"),
     ),
     families=("svd", "cogvideox", "wan"),
 ))
