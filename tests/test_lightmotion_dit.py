@@ -231,3 +231,15 @@ def test_subject_needs_a_text_family():
 
     with pytest.raises(ValueError, match="subject=.*animatediff, cogvideox, wan"):
         lm.patch(tiny_svd_pipeline(), camera=CAM, subject="corgi")
+
+
+def test_cogvideox_dpm_scheduler_is_a_clear_error_at_patch(pipes):
+    """CogVideoXPipeline calls CogVideoXDPMScheduler.step with (output, old x̂0, t, t_back, sample):
+    refused at patch time while the sampler's step does not take them (issue 13 item 4)."""
+    from diffusers import CogVideoXDPMScheduler
+
+    pipe = tiny_cogvideox_pipeline()
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="CogVideoXDPMScheduler.*old_pred_original_sample"):
+        lm.patch(pipe, camera=CAM, correction=None)
+    assert not lm.is_patched(pipe)

@@ -816,6 +816,7 @@ def _install(ctx: PatchContext) -> None:
         text_families = ", ".join(name for name, fam in FAMILIES.items() if fam.text is not None)
         raise ValueError(f"subject= names words of a text prompt; it applies to the {text_families} families, not "
                          f"{ctx.adapter.name} (give mask= instead)")
+    _check_step_signature(scheduler)
     compression = family.temporal_compression
     if compression > 1:
         compression = int(getattr(pipe, "vae_scale_factor_temporal", compression))
@@ -827,6 +828,18 @@ def _install(ctx: PatchContext) -> None:
         _install_capture(ctx, family, config, state)
     sampler.install(ctx)
     _warn_when_scheduler_replaced(ctx, sampler)
+
+
+def _check_step_signature(scheduler) -> None:
+    """A scheduler whose step the pipeline calls with more state than (model_output, timestep, sample)
+    (CogVideoXDPMScheduler: old_pred_original_sample, timestep_back) cannot go through a sampler step
+    that does not take it: say so at patch time, not as a TypeError mid-call."""
+    own = set(inspect.signature(scheduler.step).parameters)
+    ours = set(inspect.signature(LightMotionSampler.step).parameters)
+    extra = sorted({"old_pred_original_sample", "timestep_back"} & own - ours)
+    if extra:
+        raise ValueError(f"LightMotion cannot drive {type(scheduler).__name__} yet: the pipeline calls its step with "
+                         f"{', '.join(extra)}; use DDIMScheduler (or CogVideoXDDIMScheduler with correction=None)")
 
 
 def _pipelines() -> list[str]:
