@@ -1,4 +1,4 @@
-"""LightMotion sampler: tuning-free camera motion inside AnimateDiff and SVD pipelines
+"""LightMotion sampler: tuning-free camera motion inside AnimateDiff, SVD, CogVideoX and Wan pipelines
 (specs/lightmotion.md, "Sampler and pipelines").
 
     lightmotion_fast.patch(pipe, camera=CameraMotion(pan=(0.25, 0), zoom=0.16))
@@ -25,13 +25,17 @@ What the patch does (only when `camera` is given; camera=None installs nothing):
   region), None. Steps count from where the pipeline starts (video-to-video with strength < 1
   starts part-way, which the re-noise corrections refuse); coefficients come from the timestep the
   pipeline passes.
-- AnimateDiff: gives every text cross-attention (attn2 of the spatial transformer blocks) a
-  capturing processor that, during the steps up to the edit, records the subject tokens' attention
+- Per model family (FAMILIES: a `LatentVideo` each; the latent layout is the adapter's): gives every
+  text-attention site (AnimateDiff: attn2 of the spatial transformer blocks; CogVideoX: the text part
+  of the joint attn1; Wan: the cross-attention attn2, conditional calls only) a capturing processor that, during the steps up to the edit, records the subject tokens' attention
   probabilities next to the unchanged output of the original processor; at the edit they are
   averaged over heads, layers and steps, resized to the latent size and thresholded per frame
   (foreground: above mean + `mask_threshold`·std); background = the rest. The subject tokens are
   `subject_tokens`, else the `subject` words found in each call's prompt through pipe.tokenizer
   (`subject_token_positions`), else every prompt token. A user `mask` overrides it.
+- CogVideoX and Wan: a latent frame encodes 4 video frames (the first alone): the camera is read at
+  the latent frames' video times (`LatentFrameCamera`: each latent frame takes the mean fraction of
+  the video frames it covers).
 - SVD: its cross-attention sees a single image token, so there is nothing to capture: the
   background mask is the user's `mask`, or everything is background.
 
@@ -98,8 +102,8 @@ OPTION_DOCS = (
     Option("eta", "float", "1.0", "correction strength η >= 0 ('stochastic')"),
     Option("correction_region", "'all' | 'exposed'", "'all'", "where the stochastic correction adds noise"),
     Option("mask", "bool Tensor [f, h, w]", "None", "background mask at latent size (True: background); "
-           "default: captured from the subject tokens' cross-attention (AnimateDiff) or all background (SVD)"),
-    Option("subject", "str | Sequence[str]", "None", "the subject as word(s) of the prompt (AnimateDiff): "
+           "default: captured from the subject tokens' text attention (AnimateDiff, CogVideoX, Wan) or all background (SVD)"),
+    Option("subject", "str | Sequence[str]", "None", "the subject as word(s) of the prompt (AnimateDiff, CogVideoX, Wan): "
            "resolved at call time through pipe.tokenizer to every token position of each word (sub-word pieces "
            "included, case-insensitive); subject_tokens or mask win over it"),
     Option("subject_tokens", "Sequence[int]", "None", "token positions in the prompt that mark the subject "
