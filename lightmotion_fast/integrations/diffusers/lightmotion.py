@@ -433,18 +433,12 @@ class _CrossAttentionCapture:
         self.subject_tokens = subject_tokens
         self.text = text or FAMILIES["animatediff"].text
         self.patch = patch
-        # diffusers' Attention passes a processor only the keywords its __call__ names (CogVideoX's
-        # image_rotary_emb): show it the original's signature so that it passes the same ones.
-        try:
-            signature = inspect.signature(original.__call__)
-        except (TypeError, ValueError):
-            signature = None
-        if signature is not None:
-            def call(*args, **kwargs):
-                return type(self).__call__(self, *args, **kwargs)
 
-            call.__signature__ = signature
-            self.__call__ = call
+    @classmethod
+    def wrapping(cls, original, *args, **kwargs) -> "_CrossAttentionCapture":
+        """A capture around `original` whose __call__ shows the original's signature: diffusers' Attention
+        passes a processor only the keywords its __call__ names (CogVideoX's image_rotary_emb)."""
+        return _capture_class(type(original))(original, *args, **kwargs)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
@@ -478,6 +472,29 @@ class _CrossAttentionCapture:
             return [p for p in positions if p < n_tokens] or [0]
         start = self.text.first_token
         return list(range(start, n_tokens)) if n_tokens > start else [0]
+
+
+_CAPTURE_CLASSES: dict[type, type] = {}
+
+
+def _capture_class(processor_cls: type) -> type:
+    """The _CrossAttentionCapture subclass for one processor class: the same __call__, declared with
+    that class's __call__ signature (one class each, so that compiled graphs stay traceable)."""
+    cls = _CAPTURE_CLASSES.get(processor_cls)
+    if cls is not None:
+        return cls
+    try:
+        signature = inspect.signature(processor_cls.__call__)
+    except (TypeError, ValueError):
+        return _CrossAttentionCapture
+
+    def __call__(self, *args, **kwargs):
+        return _CrossAttentionCapture.__call__(self, *args, **kwargs)
+
+    __call__.__signature__ = signature
+    cls = type(f"_CrossAttentionCapture_{processor_cls.__name__}", (_CrossAttentionCapture,), {"__call__": __call__})
+    _CAPTURE_CLASSES[processor_cls] = cls
+    return cls
 
 
 def _map_grid(key, batch: int, frames: int, height: int, width: int):
@@ -859,7 +876,8 @@ def _install_capture(ctx: PatchContext, family: LatentVideo, config: LightMotion
     for model in denoisers:
         patch = text.patch(model) if text.patch is not None else None
         for attn in text.sites(model):
-            ctx.set_processor(attn, _CrossAttentionCapture(attn.processor, state, config.subject_tokens, text, patch))
+            ctx.set_processor(attn, _CrossAttentionCapture.wrapping(attn.processor, state, config.subject_tokens, text,
+                                                                   patch))
         if text.separate_cfg_calls:
             ctx.wrap_forward(model, _mark_conditional_calls(state))
     encode = getattr(pipe, "encode_prompt", None)
