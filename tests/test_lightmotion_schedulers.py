@@ -39,6 +39,8 @@ def make_scheduler(name: str):
                                                         flow_shift=3.0)),   # what Wan ships
         "lcm": ("LCMScheduler", {}),
         "flow_match": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        "cogvideox_ddim": ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", snr_shift_scale=3.0,
+                                                          timestep_spacing="trailing")),   # CogVideoX's default
     }
     cls, extra = specs[name]
     cls = getattr(diffusers, cls)
@@ -48,7 +50,7 @@ def make_scheduler(name: str):
 
 
 ALL = ("ddim", "euler", "euler_ancestral", "dpmsolver++2m", "dpmsolver++3m_karras", "sde-dpmsolver++", "unipc",
-       "unipc_flow", "lcm", "flow_match")
+       "unipc_flow", "lcm", "flow_match", "cogvideox_ddim")
 STOCHASTIC = ("euler_ancestral", "sde-dpmsolver++", "lcm")          # their steps draw from the user's generator
 DETERMINISTIC = tuple(n for n in ALL if n not in STOCHASTIC)
 MULTISTEP = ("dpmsolver++2m", "dpmsolver++3m_karras", "unipc", "unipc_flow")

@@ -227,7 +227,7 @@ def test_forward_wrapped_again_by_the_user_passes_through_after_unpatch():
 # -- 9: options that do nothing are errors; patches that install nothing warn -----------------------------
 
 def test_option_for_another_family_is_an_error(pipe):
-    with pytest.raises(ValueError, match=r"camera=.*animatediff, svd.*UNet2DConditionModel"):
+    with pytest.raises(ValueError, match=r"camera=.*animatediff, cogvideox, svd, wan.*UNet2DConditionModel"):
         lm.patch(tiny.tiny_unet2d(), camera=CAM)
     with pytest.raises(ValueError, match=r"trajectories=.*svd.*UNetMotionModel"):
         lm.patch(pipe, trajectories=torch.zeros(2, 3, 2))

@@ -158,3 +158,124 @@ def add_random_lora(model, rank: int = 4, seed: int = 0, name: str = "default"):
             if "lora_" in pname:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+# -- DiT video pipelines (CogVideoX, Wan) with a tiny T5 tokenizer and text encoder ---------------------------
+
+TINY_T5_WORDS = ("a", "corgi", "runs", "on", "grass", "the", "beach", "cat", "sleeps", "dog", "in", "snow")
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A T5-style fast tokenizer built in memory (no download): whole words of TINY_T5_WORDS as
+    '▁word' pieces after a Metaspace split, '</s>' appended, '<pad>' = 0, '<unk>' for anything else."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{"\u2581" + w: i + 3 for i, w in enumerate(TINY_T5_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def tiny_t5_encoder(width: int = 16, umt5: bool = False):
+    """A one-layer T5 (CogVideoX) or UMT5 (Wan) encoder of `width` with random weights."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(6)
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(vocab_size=3 + len(TINY_T5_WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return model_cls(config).eval()
+
+
+def cogvideox_scheduler():
+    """CogVideoX's own scheduler as CogVideoX-5B ships it: CogVideoXDDIMScheduler (v-prediction, trailing
+    spacing, zero terminal SNR, SNR shift 3)."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False, prediction_type="v_prediction", timestep_spacing="trailing",
+                                  rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0)
+
+
+def wan_scheduler():
+    """Wan's own scheduler as Wan 2.1 ships it: UniPC multistep on flow sigmas (flow prediction, shift 3)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                   num_train_timesteps=1000)
+
+
+def tiny_cogvideox_pipeline(image_to_video: bool = False):
+    """CogVideoXPipeline (or CogVideoXImageToVideoPipeline) with a 3-block AutoencoderKLCogVideoX (4x spatial,
+    4x temporal), a two-block transformer (2 heads x 8; x 16 with the RoPE of the I2V model), text width 16, 16 text tokens, and
+    CogVideoX's own CogVideoXDDIMScheduler."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    torch.manual_seed(7)
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    torch.manual_seed(8)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16 if image_to_video else 8, in_channels=8 if image_to_video else 4,
+        out_channels=4,
+        time_embed_dim=4, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=image_to_video, use_learned_positional_embeddings=False,
+    ).eval()
+    cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    pipe = cls(tokenizer=tiny_t5_tokenizer(16), text_encoder=tiny_t5_encoder(16), vae=vae, transformer=transformer,
+               scheduler=cogvideox_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cogvideox_pipeline_inputs(steps: int = 5, seed: int = 0, image_to_video: bool = False, **overrides):
+    """9 video frames (3 latent frames) at 32 x 32 (8 x 8 latent, 4 x 4 tokens per frame); latents out."""
+    call = dict(prompt="a corgi runs on the beach", negative_prompt="", num_frames=9, height=32, width=32,
+                num_inference_steps=steps, guidance_scale=6.0, max_sequence_length=16, output_type="latent",
+                generator=torch.Generator().manual_seed(seed))
+    if image_to_video:
+        call["image"] = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(31))
+    return {**call, **overrides}
+
+
+def tiny_wan_pipeline(image_to_video: bool = False, text_tokens: int = 16):
+    """WanPipeline (or WanImageToVideoPipeline, Wan 2.2 style: no image encoder, the first frame's latent
+    concatenated on channels) with a tiny AutoencoderKLWan (8x spatial, 4x temporal, 4 latent channels),
+    a two-block transformer (2 heads x 8, text width 16) and Wan's own UniPC flow scheduler."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(9)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    torch.manual_seed(10)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12 if image_to_video else 4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+    parts = dict(tokenizer=tiny_t5_tokenizer(text_tokens), text_encoder=tiny_t5_encoder(16, umt5=True), vae=vae,
+                 transformer=transformer, scheduler=wan_scheduler())
+    pipe = (WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts) if image_to_video
+            else WanPipeline(**parts))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline_inputs(steps: int = 5, seed: int = 0, image_to_video: bool = False, **overrides):
+    """9 video frames (3 latent frames) at 64 x 64 (8 x 8 latent, 4 x 4 tokens per frame); latents out.
+    Image-to-video takes prompt embeddings: WanImageToVideoPipeline's prompt cleaning needs `ftfy`."""
+    call = dict(prompt="a corgi runs on the beach", negative_prompt="", num_frames=9, height=64, width=64,
+                num_inference_steps=steps, guidance_scale=5.0, max_sequence_length=16, output_type="latent",
+                generator=torch.Generator().manual_seed(seed))
+    if image_to_video:
+        g = torch.Generator().manual_seed(32)
+        call.update(image=torch.rand(1, 3, 64, 64, generator=g), prompt=None, negative_prompt=None,
+                    prompt_embeds=torch.randn(1, 16, 16, generator=g), negative_prompt_embeds=torch.randn(1, 16, 16, generator=g))
+    return {**call, **overrides}

@@ -6,5 +6,6 @@ ADAPTER = register_adapter(ModelAdapter(
     model_class="CogVideoXTransformer3DModel",
     latent_layout="b f c h w",
     pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
-    description="LoRA targets to_q, to_k, to_v, to_out.0 of every block's attn1",
+    description="LoRA targets to_q, to_k, to_v, to_out.0 of every block's attn1; LightMotion's subject mask "
+                "from the text part of attn1 (joint text-video attention), a latent frame = 4 video frames",
 ))

@@ -1,4 +1,4 @@
-"""LightMotion sampler: tuning-free camera motion inside AnimateDiff and SVD pipelines
+"""LightMotion sampler: tuning-free camera motion inside AnimateDiff, SVD, CogVideoX and Wan pipelines
 (specs/lightmotion.md, "Sampler and pipelines").
 
     lightmotion_fast.patch(pipe, camera=CameraMotion(pan=(0.25, 0), zoom=0.16))
@@ -26,13 +26,17 @@ What the patch does (only when `camera` is given; camera=None installs nothing):
   region), None. Steps count from where the pipeline starts (video-to-video with strength < 1
   starts part-way, which the re-noise corrections refuse); coefficients come from the timestep the
   pipeline passes.
-- AnimateDiff: gives every text cross-attention (attn2 of the spatial transformer blocks) a
-  capturing processor that, during the steps up to the edit, records the subject tokens' attention
+- Per model family (FAMILIES: a `LatentVideo` each; the latent layout is the adapter's): gives every
+  text-attention site (AnimateDiff: attn2 of the spatial transformer blocks; CogVideoX: the text part
+  of the joint attn1; Wan: the cross-attention attn2, conditional calls only) a capturing processor that, during the steps up to the edit, records the subject tokens' attention
   probabilities next to the unchanged output of the original processor; at the edit they are
   averaged over heads, layers and steps, resized to the latent size and thresholded per frame
   (foreground: above mean + `mask_threshold`·std); background = the rest. The subject tokens are
   `subject_tokens`, else the `subject` words found in each call's prompt through pipe.tokenizer
   (`subject_token_positions`), else every prompt token. A user `mask` overrides it.
+- CogVideoX and Wan: a latent frame encodes 4 video frames (the first alone): the camera is read at
+  the latent frames' video times (`LatentFrameCamera`: each latent frame takes the mean fraction of
+  the video frames it covers).
 - SVD: its cross-attention sees a single image token, so there is nothing to capture: the
   background mask is the user's `mask`, or everything is background.
 
@@ -59,6 +63,7 @@ import inspect
 import math
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +75,14 @@ from lightmotion_fast.integrations.diffusers.lightmotion_schedulers import (
     jump_coefficients,
     scheduler_kind,
 )
-from lightmotion_fast.integrations.diffusers.registry import Feature, Option, PatchContext, patch_state, register_feature
+from lightmotion_fast.integrations.diffusers.registry import (
+    ADAPTERS,
+    Feature,
+    Option,
+    PatchContext,
+    patch_state,
+    register_feature,
+)
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_resample
 from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.reference.latent_permute import source_positions
@@ -93,8 +105,8 @@ OPTION_DOCS = (
     Option("eta", "float", "1.0", "correction strength η >= 0 ('stochastic')"),
     Option("correction_region", "'all' | 'exposed'", "'all'", "where the stochastic correction adds noise"),
     Option("mask", "bool Tensor [f, h, w]", "None", "background mask at latent size (True: background); "
-           "default: captured from the subject tokens' cross-attention (AnimateDiff) or all background (SVD)"),
-    Option("subject", "str | Sequence[str]", "None", "the subject as word(s) of the prompt (AnimateDiff): "
+           "default: captured from the subject tokens' text attention (AnimateDiff, CogVideoX, Wan) or all background (SVD)"),
+    Option("subject", "str | Sequence[str]", "None", "the subject as word(s) of the prompt (AnimateDiff, CogVideoX, Wan): "
            "resolved at call time through pipe.tokenizer to every token position of each word (sub-word pieces "
            "included, case-insensitive); subject_tokens or mask win over it"),
     Option("subject_tokens", "Sequence[int]", "None", "token positions in the prompt that mark the subject "
@@ -227,9 +239,11 @@ class SamplerState:
     """What one pipeline call of a patched pipeline knows; `record` is kept for inspection and tests."""
 
     capturing: bool = False
-    maps: dict = field(default_factory=dict)     # hw -> [sum of (B, hw) maps, count]
-    prompt_tokens: int | None = None              # non-padding tokens of the last prompt, if known
+    maps: dict = field(default_factory=dict)      # hw or TokenGrid -> [sum of (rows, tokens) maps, count]
+    prompt_positions: tuple | None = None         # the last prompt's own tokens (no start/end/padding), if known
     subject_positions: tuple | None = None        # `subject` resolved in the last prompt
+    prompt_embeds: torch.Tensor | None = None     # the conditional text encode_prompt returned last
+    conditional: bool = True                      # False during a model call on the negative prompt (Wan)
     record: dict = field(default_factory=dict)
 
     def reset(self):
@@ -237,65 +251,288 @@ class SamplerState:
         self.record = {}
 
 
-class _CrossAttentionCapture:
-    """Runs the original processor (the output is exactly the original's) and, while capturing,
-    records the subject tokens' attention probabilities, averaged over heads."""
+# -- model families: their text attention and their latent frames ------------------------------------------
 
-    def __init__(self, original, state: SamplerState, subject_tokens):
+@dataclass(frozen=True)
+class TokenGrid:
+    """Key of a DiT's captured maps: rows of `tokens` video tokens, each token a patch of `patch` =
+    (pt, ph, pw) latent pixels, in (f h w) order (CogVideoX's and Wan's patch embeddings)."""
+
+    tokens: int
+    patch: tuple[int, int, int]
+
+    def size(self, frames: int, height: int, width: int) -> tuple[int, int, int] | None:
+        """(f', h', w') of a latent [frames, height, width], or None when it does not give `tokens`."""
+        pt, ph, pw = self.patch
+        grid = (-(-frames // pt), height // ph, width // pw)
+        return grid if math.prod(grid) == self.tokens else None
+
+
+@dataclass(frozen=True)
+class TextAttention:
+    """Where a model family's video tokens attend to the prompt (the subject mask's source).
+
+    sites(model): the attention modules whose processors capture.
+    query_key(attn, hidden_states, context, kwargs) -> (q [B, heads, N, d], k [B, heads, T, d], scale):
+        video queries and text keys as the family's own processor makes them; the map is
+        softmax(q·kᵀ·scale) over the T text tokens.
+    patch(model): None for a U-Net (rows are batch·frames, N a level's h·w), else the DiT's
+        (pt, ph, pw): rows are the batch, N the (f h w) patches of the latent.
+    first_token: the first prompt token when no tokenizer says (1: CLIP's start token).
+    separate_cfg_calls: the negative prompt runs as its own model call (Wan); only the calls whose
+        text is the prompt's own are captured."""
+
+    sites: Callable
+    query_key: Callable
+    patch: Callable | None = None
+    first_token: int = 0
+    separate_cfg_calls: bool = False
+
+
+@dataclass(frozen=True)
+class LatentVideo:
+    """What LightMotion needs of a model family besides its adapter's `latent_layout`."""
+
+    text: TextAttention | None = None     # None: no text attention (SVD): the user's mask, or all background
+    temporal_compression: int = 1         # video frames per latent frame, the first alone; the pipeline's
+                                          # `vae_scale_factor_temporal` wins where it has one
+    extra_denoisers: tuple[str, ...] = ()  # pipeline attributes with a second denoiser (Wan 2.2's transformer_2)
+
+
+def _unet_cross_attention_sites(model):
+    return [m for m in model.modules() if getattr(m, "is_cross_attention", False) and hasattr(m, "processor")]
+
+
+def _unet_query_key(attn, hidden_states, context, kwargs):
+    """The U-Net's text cross-attention (attn2): rows are (b f), tokens a level's h·w."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    rows = hidden_states.shape[0]
+    q = attn.head_to_batch_dim(attn.to_q(hidden_states)).float().unflatten(0, (rows, attn.heads))
+    k = attn.head_to_batch_dim(attn.to_k(context)).float().unflatten(0, (rows, attn.heads))
+    return q, k, attn.scale
+
+
+def _heads(attn, x):
+    """[B, S, heads·d] -> [B, heads, S, d]"""
+    return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+
+def _cogvideox_sites(model):
+    return [block.attn1 for block in model.transformer_blocks]
+
+
+def _cogvideox_query_key(attn, hidden_states, context, kwargs):
+    """CogVideoX's attn1 attends jointly over [text; video]. Its text part for the video queries: the
+    video queries (with the RoPE CogVideoXAttnProcessor2_0 gives them) against the text keys (no RoPE),
+    renormalised over the text tokens so that it reads like a cross-attention map."""
+    q, k = _heads(attn, attn.to_q(hidden_states)), _heads(attn, attn.to_k(context))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    rope = kwargs.get("image_rotary_emb")
+    if rope is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q = apply_rotary_emb(q, rope)
+    return q.float(), k.float(), q.shape[-1] ** -0.5
+
+
+def _cogvideox_patch(model):
+    return (model.config.patch_size_t or 1, model.config.patch_size, model.config.patch_size)
+
+
+WAN_TEXT_TOKENS = 512   # WanAttnProcessor: with image tokens first (Wan 2.1 I2V), the last 512 are the text
+
+
+def _wan_sites(model):
+    return [block.attn2 for block in model.blocks]
+
+
+def _wan_query_key(attn, hidden_states, context, kwargs):
+    """Wan's attn2 is cross-attention to the text (and, in Wan 2.1 I2V, a separate attention to the
+    image tokens placed before the text, which is left out)."""
+    if attn.add_k_proj is not None:
+        context = context[:, context.shape[1] - WAN_TEXT_TOKENS:]
+    q = _heads(attn, attn.norm_q(attn.to_q(hidden_states)))
+    k = _heads(attn, attn.norm_k(attn.to_k(context)))
+    return q.float(), k.float(), q.shape[-1] ** -0.5
+
+
+def _wan_patch(model):
+    return tuple(model.config.patch_size)
+
+
+FAMILIES: dict[str, LatentVideo] = {
+    "animatediff": LatentVideo(TextAttention(_unet_cross_attention_sites, _unet_query_key, first_token=1)),
+    "svd": LatentVideo(),
+    "cogvideox": LatentVideo(TextAttention(_cogvideox_sites, _cogvideox_query_key, _cogvideox_patch),
+                             temporal_compression=4),
+    "wan": LatentVideo(TextAttention(_wan_sites, _wan_query_key, _wan_patch, separate_cfg_calls=True),
+                       temporal_compression=4, extra_denoisers=("transformer_2",)),
+}
+
+
+def latent_frame_spans(latent_frames: int, frames_per_latent: int) -> list[range]:
+    """The video frames each latent frame of a causal video VAE encodes: frame 0 alone, then latent
+    frame i >= 1 the k video frames k(i-1)+1 .. k·i (k = frames_per_latent; CogVideoX and Wan: 4)."""
+    k = frames_per_latent
+    return [range(0, 1)] + [range(k * (i - 1) + 1, k * i + 1) for i in range(1, latent_frames)]
+
+
+@dataclass(frozen=True, eq=False)
+class LatentFrameCamera(CameraMotion):
+    """A CameraMotion read at the latent frames of a temporally compressed video latent.
+
+    The camera's totals and schedule are over the *video* frames, k(n-1)+1 of them for n latent frames.
+    Latent frame i takes the mean of the per-frame fractions of the video frames it encodes
+    (`latent_frame_spans`): for the default linear schedule that is the fraction at the mean video time,
+    0 for frame 0 and (k·i - (k-1)/2) / (k(n-1)) for i >= 1, and since pan, zoom scale and angle are all
+    linear in the fraction, each latent frame moves by the average of its video frames' motions. The
+    last latent frame so stops (k-1)/2 video frames short of the totals, which the last video frame reaches.
+    A user schedule has a row per video frame (averaged the same way) or a row per latent frame (as is)."""
+
+    frames_per_latent: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.frames_per_latent, bool) or not isinstance(self.frames_per_latent, int) or \
+                self.frames_per_latent < 1:
+            raise ValueError(f"frames_per_latent must be an int >= 1, got {self.frames_per_latent!r}")
+
+    @classmethod
+    def of(cls, camera: CameraMotion, frames_per_latent: int) -> "LatentFrameCamera":
+        return cls(pan=camera.pan, zoom=camera.zoom, rotate=camera.rotate, schedule=camera.schedule,
+                   frames_per_latent=frames_per_latent)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return self.frames_per_latent * (latent_frames - 1) + 1
+
+    def fractions(self, frames: int) -> torch.Tensor:
+        """[frames, 4] float64 fractions at the latent frames (`frames` is the latent frame count)."""
+        video = self.video_frames(frames)
+        rows = None if self.schedule is None else self.schedule.shape[0]
+        if rows == frames and rows != video:
+            return self.schedule
+        if rows is not None and rows != video:
+            raise ValueError(f"CameraMotion schedule has {rows} rows, but a latent of {frames} frames is {video} video "
+                             f"frames ({self.frames_per_latent} per latent frame, the first alone): give {video} rows "
+                             f"(one per video frame) or {frames} (one per latent frame)")
+        per_video = super().fractions(video)
+        return torch.stack([per_video[span.start:span.stop].mean(0)
+                            for span in latent_frame_spans(frames, self.frames_per_latent)])
+
+
+class _CrossAttentionCapture:
+    """Runs the original processor (the output is exactly the original's) and, while capturing and in
+    a call on the prompt (not the negative prompt), records the subject tokens' text-attention
+    probabilities, averaged over heads: (rows, tokens) maps summed per key (hw, or a TokenGrid)."""
+
+    def __init__(self, original, state: SamplerState, subject_tokens, text: TextAttention | None = None,
+                 patch: tuple[int, int, int] | None = None):
         self.original = original
         self.state = state
         self.subject_tokens = subject_tokens
+        self.text = text or FAMILIES["animatediff"].text
+        self.patch = patch
+
+    @classmethod
+    def wrapping(cls, original, *args, **kwargs) -> "_CrossAttentionCapture":
+        """A capture around `original` whose __call__ shows the original's signature: diffusers' Attention
+        passes a processor only the keywords its __call__ names (CogVideoX's image_rotary_emb)."""
+        return _capture_class(type(original))(original, *args, **kwargs)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        if self.state.capturing and encoder_hidden_states is not None and hidden_states.ndim == 3:
+        state = self.state
+        if state.capturing and state.conditional and encoder_hidden_states is not None and hidden_states.ndim == 3:
             with torch.no_grad():
-                self._record(attn, hidden_states, encoder_hidden_states)
+                self._record(attn, hidden_states, encoder_hidden_states, kwargs)
         return out
 
-    def _record(self, attn, hidden_states, context):
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states)).float()
-        k = attn.head_to_batch_dim(attn.to_k(context)).float()
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)       # (B·heads, hw, tokens)
-        probs = probs.reshape(hidden_states.shape[0], attn.heads, *probs.shape[1:]).mean(1)
-        if self.subject_tokens and max(self.subject_tokens) >= probs.shape[-1]:
-            raise ValueError(f"subject_tokens must be token positions < {probs.shape[-1]} (the prompt's length in "
+    def _record(self, attn, hidden_states, context, kwargs):
+        q, k, scale = self.text.query_key(attn, hidden_states, context, kwargs)
+        n_text = k.shape[-2]
+        if self.subject_tokens and max(self.subject_tokens) >= n_text:
+            raise ValueError(f"subject_tokens must be token positions < {n_text} (the prompt's length in "
                              f"tokens), got {list(self.subject_tokens)}")
-        tokens = list(self.subject_tokens or self.state.subject_positions or self._default_tokens(probs.shape[-1]))
-        subject = probs[..., tokens].mean(-1)                                  # (B, hw)
-        entry = self.state.maps.setdefault(subject.shape[1], [torch.zeros_like(subject), 0])
+        tokens = list(self.subject_tokens or self.state.subject_positions or self._default_tokens(n_text))
+        subject = 0
+        for h in range(q.shape[1]):   # one head at a time: (rows, N, T) probabilities, not (rows, heads, N, T)
+            probs = (q[:, h] @ k[:, h].transpose(-1, -2) * scale).softmax(dim=-1)
+            subject = subject + probs[..., tokens].mean(-1)
+        subject = subject / q.shape[1]                                          # (rows, N)
+        key = subject.shape[1] if self.patch is None else TokenGrid(subject.shape[1], tuple(self.patch))
+        entry = self.state.maps.setdefault(key, [torch.zeros_like(subject), 0])
         if entry[0].shape == subject.shape:
             entry[0] += subject
             entry[1] += 1
 
     def _default_tokens(self, n_tokens: int):
-        count = self.state.prompt_tokens
-        end = min(count, n_tokens) if count else n_tokens
-        return list(range(1, end)) if end > 1 else [0]
+        positions = self.state.prompt_positions
+        if positions is not None:
+            return [p for p in positions if p < n_tokens] or [0]
+        start = self.text.first_token
+        return list(range(start, n_tokens)) if n_tokens > start else [0]
+
+
+_CAPTURE_CLASSES: dict[type, type] = {}
+
+
+def _capture_class(processor_cls: type) -> type:
+    """The _CrossAttentionCapture subclass for one processor class: the same __call__, declared with
+    that class's __call__ signature (one class each, so that compiled graphs stay traceable)."""
+    cls = _CAPTURE_CLASSES.get(processor_cls)
+    if cls is not None:
+        return cls
+    try:
+        signature = inspect.signature(processor_cls.__call__)
+    except (TypeError, ValueError):
+        return _CrossAttentionCapture
+
+    def __call__(self, *args, **kwargs):
+        return _CrossAttentionCapture.__call__(self, *args, **kwargs)
+
+    __call__.__signature__ = signature
+    cls = type(f"_CrossAttentionCapture_{processor_cls.__name__}", (_CrossAttentionCapture,), {"__call__": __call__})
+    _CAPTURE_CLASSES[processor_cls] = cls
+    return cls
+
+
+def _map_grid(key, batch: int, frames: int, height: int, width: int):
+    """(conditional rows, (f', h', w')) of a captured map on this latent, or None when it does not fit.
+    A U-Net map has batch·frames rows of one level's h·w (down-sampling by 2^k rounds up); a DiT map
+    (TokenGrid key) has batch rows of all its (f h w) patches."""
+    if isinstance(key, TokenGrid):
+        size = key.size(frames, height, width)
+        return None if size is None else (batch, size)
+    for k in range(8):
+        h, w = -(-height // 2**k), -(-width // 2**k)
+        if h * w == key:
+            return batch * frames, (frames, h, w)
+    return None
 
 
 def capture_to_mask(maps: dict, batch: int, frames: int, height: int, width: int,
                     threshold: float = 0.5) -> torch.Tensor | None:
-    """Average captured (B, hw) maps into [f, h, w] and threshold per frame: True = background.
+    """Average captured maps into [f, h, w] and threshold per frame: True = background.
 
-    B = groups · batch · frames (classifier-free guidance stacks [uncond, cond]): the last
-    batch · frames rows (the conditional half) are used, averaged over the batch."""
+    Classifier-free guidance stacks [uncond, cond] rows: the last (conditional) rows are used, averaged
+    over the batch. Maps are resized bilinearly to the latent's h, w; a DiT's patch frames (CogVideoX
+    1.5: 2 latent frames a token) are spread over the latent frames they cover."""
     total, weight = None, 0
-    for hw, (acc, count) in maps.items():
-        size = None
-        for k in range(8):  # down-sampling by 2^k rounds up in the U-Net
-            h, w = -(-height // 2**k), -(-width // 2**k)
-            if h * w == hw:
-                size = (h, w)
-                break
-        if size is None or acc.shape[0] % (batch * frames):
+    for key, (acc, count) in maps.items():
+        grid = _map_grid(key, batch, frames, height, width)
+        if grid is None or acc.shape[0] % grid[0]:
             continue
-        cond = acc[-batch * frames:] / count
-        up = F.interpolate(cond.reshape(batch * frames, 1, *size), size=(height, width), mode="bilinear",
-                           align_corners=False)[:, 0]
-        up = up.reshape(batch, frames, height, width).mean(0)
+        rows, (f, h, w) = grid
+        cond = (acc[-rows:] / count).reshape(batch * f, 1, h, w)
+        up = F.interpolate(cond, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        up = up.reshape(batch, f, height, width)
+        if f != frames:
+            up = up[:, torch.arange(frames) * f // frames]
+        up = up.mean(0)
         total = up * count if total is None else total + up * count
         weight += count
     if total is None:
@@ -599,43 +836,108 @@ def _install(ctx: PatchContext) -> None:
     config = LightMotionConfig(**given)
     _check_options_apply(config, given)
     pipe = ctx.pipe
+    family = FAMILIES[ctx.adapter.name]
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
-        raise ValueError(f"LightMotion needs a pipeline with a scheduler (AnimateDiffPipeline, "
-                         f"StableVideoDiffusionPipeline), got {type(pipe).__name__}")
+        raise ValueError(f"LightMotion needs a pipeline with a scheduler ({', '.join(_pipelines())}), "
+                         f"got {type(pipe).__name__}")
     _check_tokens_fit(config.subject_tokens, getattr(pipe, "tokenizer", None))
-    if config.subject is not None and ctx.adapter.name != "animatediff":
-        raise ValueError(f"subject= names words of a text prompt; it applies to the animatediff family, not "
+    if config.subject is not None and family.text is None:
+        text_families = ", ".join(name for name, fam in FAMILIES.items() if fam.text is not None)
+        raise ValueError(f"subject= names words of a text prompt; it applies to the {text_families} families, not "
                          f"{ctx.adapter.name} (give mask= instead)")
+    _check_step_signature(scheduler)
+    compression = family.temporal_compression
+    if compression > 1:
+        compression = int(getattr(pipe, "vae_scale_factor_temporal", compression))
+        config.camera = LatentFrameCamera.of(config.camera, compression)
     state = SamplerState()
     sampler = LightMotionSampler(scheduler, config, ctx.adapter.latent_layout, state)
     ctx.data["lightmotion"] = sampler
-    if ctx.adapter.name == "animatediff" and config.mask is None:
-        for module in ctx.model.modules():
-            if getattr(module, "is_cross_attention", False) and hasattr(module, "processor"):
-                ctx.set_processor(module, _CrossAttentionCapture(module.processor, state, config.subject_tokens))
-        encode = getattr(pipe, "encode_prompt", None)
-        tokenizer = getattr(pipe, "tokenizer", None)
-        if config.subject is not None and config.subject_tokens is None and (encode is None or tokenizer is None):
-            raise ValueError(f"subject={list(config.subject)} needs the pipeline's tokenizer and text encoder to find "
-                             f"the words in the prompt; {type(pipe).__name__} has none: give subject_tokens= or mask=")
-        if encode is not None and tokenizer is not None:
-            def encode_prompt(prompt, *args, **kwargs):
-                state.subject_positions = None
-                first = prompt if isinstance(prompt, str) else (
-                    prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else None)
-                if first is not None:
-                    state.prompt_tokens = len(tokenizer(first, truncation=True).input_ids) - 1  # without the end token
-                if config.subject is not None and config.subject_tokens is None:
-                    if first is None:
-                        raise ValueError(f"subject={list(config.subject)} needs the prompt as text (prompt=...), "
-                                         f"not prompt_embeds; or give subject_tokens=")
-                    state.subject_positions = subject_token_positions(tokenizer, first, config.subject)
-                return encode(prompt, *args, **kwargs)
-
-            ctx.set_attr(pipe, "encode_prompt", encode_prompt)
+    if family.text is not None and config.mask is None:
+        _install_capture(ctx, family, config, state)
     sampler.install(ctx)
     _warn_when_scheduler_replaced(ctx, sampler)
+
+
+def _check_step_signature(scheduler) -> None:
+    """A scheduler whose step the pipeline calls with more state than (model_output, timestep, sample)
+    (CogVideoXDPMScheduler: old_pred_original_sample, timestep_back) cannot go through a sampler step
+    that does not take it: say so at patch time, not as a TypeError mid-call."""
+    own = set(inspect.signature(scheduler.step).parameters)
+    ours = set(inspect.signature(LightMotionSampler.step).parameters)
+    extra = sorted({"old_pred_original_sample", "timestep_back"} & own - ours)
+    if extra:
+        raise ValueError(f"LightMotion cannot drive {type(scheduler).__name__} yet: the pipeline calls its step with "
+                         f"{', '.join(extra)}; use DDIMScheduler (or CogVideoXDDIMScheduler with correction=None)")
+
+
+def _pipelines() -> list[str]:
+    return [p for a in ADAPTERS if a.name in FAMILIES for p in a.pipelines]
+
+
+def _install_capture(ctx: PatchContext, family: LatentVideo, config: LightMotionConfig, state: SamplerState) -> None:
+    """Capturing processors on the family's text-attention sites of every denoiser, and the prompt's
+    tokens (and, for separate negative-prompt calls, its embeddings) taken from encode_prompt."""
+    text, pipe = family.text, ctx.pipe
+    denoisers = [ctx.model] + [getattr(pipe, name) for name in family.extra_denoisers
+                               if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+    for model in denoisers:
+        patch = text.patch(model) if text.patch is not None else None
+        for attn in text.sites(model):
+            ctx.set_processor(attn, _CrossAttentionCapture.wrapping(attn.processor, state, config.subject_tokens, text,
+                                                                   patch))
+        if text.separate_cfg_calls:
+            ctx.wrap_forward(model, _mark_conditional_calls(state))
+    encode = getattr(pipe, "encode_prompt", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if config.subject is not None and config.subject_tokens is None and (encode is None or tokenizer is None):
+        raise ValueError(f"subject={list(config.subject)} needs the pipeline's tokenizer and text encoder to find "
+                         f"the words in the prompt; {type(pipe).__name__} has none: give subject_tokens= or mask=")
+    if encode is None:
+        return
+
+    def encode_prompt(*args, **kwargs):
+        prompt = args[0] if args else kwargs.get("prompt")
+        state.subject_positions = state.prompt_positions = state.prompt_embeds = None
+        first = prompt if isinstance(prompt, str) else (
+            prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else None)
+        if first is not None and tokenizer is not None:
+            state.prompt_positions = prompt_token_positions(tokenizer, first)
+        if config.subject is not None and config.subject_tokens is None:
+            if first is None:
+                raise ValueError(f"subject={list(config.subject)} needs the prompt as text (prompt=...), "
+                                 f"not prompt_embeds; or give subject_tokens=")
+            state.subject_positions = subject_token_positions(tokenizer, first, config.subject)
+        out = encode(*args, **kwargs)
+        state.prompt_embeds = out[0] if isinstance(out, tuple) else out
+        return out
+
+    ctx.set_attr(pipe, "encode_prompt", encode_prompt)
+
+
+def prompt_token_positions(tokenizer, prompt: str) -> tuple[int, ...]:
+    """Positions of the prompt's own tokens as the text encoder sees them: no start, end or padding
+    token (CLIP: 1 .. n; T5: 0 .. n-1)."""
+    encoded = tokenizer(prompt, truncation=True, return_special_tokens_mask=True)
+    return tuple(i for i, special in enumerate(encoded["special_tokens_mask"]) if not special)
+
+
+def _mark_conditional_calls(state: SamplerState):
+    """Forward wrapper for a pipeline that runs the negative prompt as a call of its own (Wan): a call
+    is conditional when its text is the prompt embeddings encode_prompt returned (by identity, else by
+    value: the pipeline may cast them); unknown embeddings count as conditional."""
+    def forward(original, *args, **kwargs):
+        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        prompt = state.prompt_embeds
+        state.conditional = (text is None or prompt is None or text is prompt or (
+            text.shape == prompt.shape and torch.equal(text, prompt.to(text.device, text.dtype))))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.conditional = True
+
+    return forward
 
 
 def _warn_when_scheduler_replaced(ctx: PatchContext, sampler: LightMotionSampler) -> None:
@@ -676,5 +978,5 @@ def _check_tokens_fit(tokens, tokenizer) -> None:
                          f"got {list(tokens)}")
 
 
-register_feature(Feature(name="lightmotion", install=_install, options=OPTION_DOCS, families=("animatediff", "svd"),
+register_feature(Feature(name="lightmotion", install=_install, options=OPTION_DOCS, families=tuple(FAMILIES),
                          summary="LightMotion camera motion: latent edit + SNR correction in the sampler"))

@@ -145,9 +145,11 @@ class SchedulerKind:
 
 
 class DDIMKind(SchedulerKind):
-    """DDIMScheduler: VP, stateless; step t goes to t − T/n (diffusers' rule, whatever the spacing)."""
+    """DDIMScheduler: VP, stateless; step t goes to t − T/n (diffusers' rule, whatever the spacing).
+    CogVideoXDDIMScheduler (CogVideoX's default) is the same η = 0 step on its SNR-shifted ᾱ table, which
+    it stores as `alphas_cumprod`, so the same levels apply."""
 
-    name, classes, stepped = "ddim", ("DDIMScheduler",), False
+    name, classes, stepped = "ddim", ("DDIMScheduler", "CogVideoXDDIMScheduler"), False
 
     def level(self, sch, timesteps, index):
         if index >= len(timesteps):

@@ -7,5 +7,6 @@ ADAPTER = register_adapter(ModelAdapter(
     model_class="WanTransformer3DModel",
     latent_layout="b c f h w",
     pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
-    description="LoRA targets to_q, to_k, to_v, to_out.0 of every block's attn1 (video self-attention)",
+    description="LoRA targets to_q, to_k, to_v, to_out.0 of every block's attn1 (video self-attention); "
+                "LightMotion's subject mask from the text cross-attention attn2, a latent frame = 4 video frames",
 ))
