@@ -171,6 +171,11 @@ def calls_multi_lora(dtype, device, gen):
         yield (f"M={m} d={d_in}->{d_out} r={ranks} norm={norm}",
                lambda norm=norm: _forward_backward(
                    lambda: lm.multi_lora_linear(x, w, bias, a, bb, [1.0, 0.6], norm=norm), [x] + a + bb))
+    # norm="output" on [samples, tokens, d]: the per-sample norm (its own reduce kernel), odd token count.
+    xs = _rand(2, 7, d_in, dtype=dtype, device=device, gen=gen, grad=True)
+    yield (f"2x7 d={d_in}->{d_out} r={ranks} norm=output per sample",
+           lambda: _forward_backward(
+               lambda: lm.multi_lora_linear(xs, w, bias, a, bb, [1.0, 0.6], norm="output"), [xs] + a + bb))
 
 
 def calls_plucker(dtype, device, gen):
