@@ -15,6 +15,8 @@ from lightmotion_fast.bench.scenario import Case
 from lightmotion_fast.camera.trajectories import TrajectoryTables
 from lightmotion_fast.reference.trajectory_attention import (
     num_samples,
+    official_positions,
+    official_scatter_average,
     official_trajectory_branch,
     subsample,
     trajectory_attention_reference,
@@ -119,10 +121,7 @@ def official_core(q, k, v, coords, valid, frame_size, level_size, generator, rat
     batch, n_pix, frames, heads, dim = q.shape
     height, width = level_size
     selection = subsample(coords.shape[1], num_samples(coords.shape[1], level_size, ratio), generator)
-    traj = coords[:, selection.to(coords.device)].to(torch.float32)
-    vis = valid[:, selection.to(coords.device)]
-    xs = torch.floor(traj[..., 0] * float(width) / float(frame_size[1])).clamp(0, width - 1).long()
-    ys = torch.floor(traj[..., 1] * float(height) / float(frame_size[0])).clamp(0, height - 1).long()
+    ys, xs, vis = official_positions(coords, valid, selection, frame_size, level_size)
     frame_no = torch.arange(frames, device=q.device)[:, None]
 
     def gather(t):
@@ -132,15 +131,7 @@ def official_core(q, k, v, coords, valid, frame_size, level_size, generator, rat
 
     o = rearrange(F.scaled_dot_product_attention(gather(q), gather(k), gather(v)), "(b n) h f d -> b f n (h d)",
                   b=batch)
-    total = q.new_zeros(batch, frames, height, width, heads * dim)
-    count = q.new_zeros(batch, frames, height, width, 1)
-    for b in range(batch):
-        for f in range(frames):
-            keep = vis[f]
-            where = (ys[f][keep], xs[f][keep])
-            total[b, f].index_put_(where, o[b, f][keep], accumulate=True)
-            count[b, f].index_put_(where, torch.ones_like(o[b, f][keep][:, :1]), accumulate=True)
-    return rearrange(total / count.clamp(min=1), "b f y x (h d) -> b (y x) f h d", h=heads)
+    return rearrange(official_scatter_average(o, ys, xs, vis, level_size), "b f y x (h d) -> b (y x) f h d", h=heads)
 
 
 def lightmotion_core(q, k, v, level, deterministic=True):

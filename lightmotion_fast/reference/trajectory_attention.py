@@ -192,6 +192,35 @@ def trajectory_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 # The official processor's computation, re-implemented readably (a benchmark peer)
 
 
+def official_positions(coords: torch.Tensor, valid: torch.Tensor, selection: torch.Tensor,
+                       frame_size: tuple[int, int], level_size: tuple[int, int]):
+    """The official code's latent positions of the selected trajectories: (ys, xs) [f, n] int64,
+    floor(coordinate · level / frame) in float32, clamped into the level; and their visibility [f, n]."""
+    height, width = level_size
+    selection = selection.to(coords.device)
+    traj = coords[:, selection].to(torch.float32)
+    xs = torch.floor(traj[..., 0] * float(width) / float(frame_size[1])).clamp(0, width - 1).long()
+    ys = torch.floor(traj[..., 1] * float(height) / float(frame_size[0])).clamp(0, height - 1).long()
+    return ys, xs, valid[:, selection]
+
+
+def official_scatter_average(o: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, vis: torch.Tensor,
+                             level_size: tuple[int, int]) -> torch.Tensor:
+    """The official per-pixel average: o [b f n c] -> [b f y x c] by a Python loop of
+    index_put_(accumulate=True) over batch and frames (visible tokens only; pixels nothing reaches: 0)."""
+    batch, frames, _, channels = o.shape
+    height, width = level_size
+    total = o.new_zeros(batch, frames, height, width, channels)
+    count = o.new_zeros(batch, frames, height, width, 1)
+    for b in range(batch):
+        for f in range(frames):
+            keep = vis[f]
+            where = (ys[f][keep], xs[f][keep])
+            total[b, f].index_put_(where, o[b, f][keep], accumulate=True)
+            count[b, f].index_put_(where, torch.ones_like(o[b, f][keep][:, :1]), accumulate=True)
+    return total / count.clamp(min=1)
+
+
 def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor,
                                frame_size: tuple[int, int], level_size: tuple[int, int], batch: int,
                                w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
@@ -207,15 +236,10 @@ def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: tor
     over batch and frames. Returns [(b H W), f, c].
     """
     height, width = level_size
-    height0, width0 = frame_size
-    frames, channels = x.shape[1], x.shape[2]
+    frames = x.shape[1]
     if selection is None:
         selection = subsample(coords.shape[1], num_samples(coords.shape[1], level_size, ratio), generator)
-    selection = selection.to(coords.device)
-    traj = coords[:, selection].to(torch.float32)
-    vis = valid[:, selection]
-    xs = torch.floor(traj[..., 0] * float(width) / float(width0)).clamp(0, width - 1).long()
-    ys = torch.floor(traj[..., 1] * float(height) / float(height0)).clamp(0, height - 1).long()
+    ys, xs, vis = official_positions(coords, valid, selection, frame_size, level_size)
 
     grid = rearrange(x, "(b y x) f c -> b y x f c", b=batch, y=height, x=width)
     frame_no = torch.arange(frames, device=x.device)[:, None]
@@ -234,15 +258,7 @@ def official_trajectory_branch(x: torch.Tensor, coords: torch.Tensor, valid: tor
     o = rearrange(o, "m h f d -> m f (h d)") @ w_out.t() + b_out
     o = rearrange(o, "(b n) f c -> b f n c", b=batch)
 
-    total = x.new_zeros(batch, frames, height, width, channels)
-    count = x.new_zeros(batch, frames, height, width, 1)
-    for b in range(batch):
-        for f in range(frames):
-            keep = vis[f]
-            where = (ys[f][keep], xs[f][keep])
-            total[b, f].index_put_(where, o[b, f][keep], accumulate=True)
-            count[b, f].index_put_(where, torch.ones_like(o[b, f][keep][:, :1]), accumulate=True)
-    out = total / count.clamp(min=1)
+    out = official_scatter_average(o, ys, xs, vis, level_size)
     return rearrange(out, "b f y x c -> (b y x) f c")
 
 
