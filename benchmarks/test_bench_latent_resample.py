@@ -16,9 +16,9 @@ def test_build_fill_map_small(benchmark, impl):
     inv = CAMERA.inverse_affines(8, 16, 16)
     bg = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.3
     with lm.backend(impl):
-        fill = benchmark(build_fill_map_affine, inv, bg, 16, 16, 3, False)
+        fill = benchmark(build_fill_map_affine, inv, bg, 16, 16, 3, "strip")
     with lm.backend("reference"):
-        assert torch.equal(fill, build_fill_map_affine(inv, bg, 16, 16, 3, False))
+        assert torch.equal(fill, build_fill_map_affine(inv, bg, 16, 16, 3, "strip"))
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

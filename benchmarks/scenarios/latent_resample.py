@@ -92,11 +92,11 @@ def _build_case(frames, height, width, quick):
     def setup():
         inv = CAMERA.inverse_affines(frames, height, width)
         bg = background_mask(frames, height, width)
-        providers = {"reference": lambda: build_fill_map_reference(inv, bg, 0, False)}
+        providers = {"reference": lambda: build_fill_map_reference(inv, bg, 0, "strip")}
         if lm.extension_available():
             def cpp():
                 with lm.backend("cpp"):
-                    return build_fill_map_affine(inv, bg, height, width, 0, False)
+                    return build_fill_map_affine(inv, bg, height, width, 0, "strip")
             providers["lightmotion"] = cpp
         return providers
 
