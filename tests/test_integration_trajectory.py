@@ -112,6 +112,10 @@ def test_bad_patch_inputs_raise():
     with pytest.raises(ValueError, match=r"built for a \(4, 4\) latent"):
         run(unet, inputs)
     lightmotion_fast.unpatch(unet)
+    # valid= beside tables would be silently ignored (the tables carry their own visibility)
+    with pytest.raises(ValueError, match="valid= cannot be combined with trajectories=TrajectoryTables"):
+        lightmotion_fast.patch(unet, trajectories=tables, valid=valid)
+    assert not lightmotion_fast.is_patched(unet)
 
 
 def tiny_svd_pipeline():

@@ -52,6 +52,9 @@ class TrajectoryState:
     def __init__(self, trajectories, valid=None, vae_scale_factor: int = 8, semantics: str = "per_trajectory"):
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        if isinstance(trajectories, TrajectoryTables) and valid is not None:
+            raise ValueError("valid= cannot be combined with trajectories=TrajectoryTables(...): the tables hold "
+                             "their visibility already; pass valid to TrajectoryTables(coords, valid, ...)")
         self.semantics = semantics
         if semantics == "released":
             valid = _released_inputs(self, trajectories, valid)
