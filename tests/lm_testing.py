@@ -60,3 +60,16 @@ def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
     data = json.loads(out.read_text())
     data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
     return data
+
+
+def random_official_weights(unet, seed: int = 1, scale: float = 0.2) -> list:
+    """Random trajectory-branch weights of an SVD UNet in the official list format: per temporal attn1,
+    to_q, to_k, to_v, to_out.0 weights [c, c] and to_out.0 bias [c], normal times `scale`."""
+    from lightmotion_fast.integrations.diffusers.trajectory import temporal_attentions
+
+    g = torch.Generator().manual_seed(seed)
+    weights = []
+    for _, attn in temporal_attentions(unet):
+        c = attn.to_q.in_features
+        weights += [torch.randn(c, c, generator=g) * scale for _ in range(4)] + [torch.randn(c, generator=g) * scale]
+    return weights

@@ -11,6 +11,7 @@ from lightmotion_fast.integrations.diffusers.trajectory import (
     temporal_attentions,
     trajectory_state_dict,
 )
+from lm_testing import random_official_weights
 from tiny_models import svd_unet_inputs, tiny_svd_unet
 
 FRAMES = 4
@@ -19,15 +20,6 @@ FRAMES = 4
 def coords_for(size, n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(FRAMES, n, 2, generator=g) * size, torch.rand(FRAMES, n, generator=g) > 0.2
-
-
-def random_official_weights(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    weights = []
-    for _, attn in temporal_attentions(unet):
-        c = attn.to_q.in_features
-        weights += [torch.randn(c, c, generator=g) * 0.2 for _ in range(4)] + [torch.randn(c, generator=g) * 0.2]
-    return weights
 
 
 def run(unet, inputs):

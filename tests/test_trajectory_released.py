@@ -25,6 +25,7 @@ from lightmotion_fast.reference.trajectory_attention import (
     released_selection,
     trajectory_attention_reference,
 )
+from lm_testing import random_official_weights
 from tiny_models import svd_unet_inputs, tiny_svd_unet
 
 FRAMES = 4
@@ -136,15 +137,6 @@ def released_trajectories(n, seed=0):
     return coords, visibility
 
 
-def random_branch_weights(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    weights = []
-    for _, attn in temporal_attentions(unet):
-        c = attn.to_q.in_features
-        weights += [torch.randn(c, c, generator=g) * 0.3 for _ in range(4)] + [torch.randn(c, generator=g) * 0.3]
-    return weights
-
-
 def batch_two(inputs):
     """The classifier-free-guidance batch of two the released pipeline runs."""
     g = torch.Generator().manual_seed(11)
@@ -172,7 +164,8 @@ def test_released_semantics_equals_port_of_released_processor(backend, n_traj):
     unet, inputs = tiny_svd_unet(), batch_two(svd_unet_inputs(FRAMES))
     base, _ = run_seeded(unet, inputs, 0)
     coords, visibility = released_trajectories(n_traj)
-    lightmotion_fast.patch(unet, trajectories=coords, valid=visibility, traj_weights=random_branch_weights(unet),
+    lightmotion_fast.patch(unet, trajectories=coords, valid=visibility,
+                           traj_weights=random_official_weights(unet, scale=0.3),
                            semantics="released")
     procs = [attn.processor for _, attn in temporal_attentions(unet)]
     with lightmotion_fast.backend(backend):
@@ -196,7 +189,7 @@ def test_released_differs_from_per_trajectory_semantics():
     # semantics attend over the same pixels' tokens): only grouping and subset order may differ.
     unet, inputs = tiny_svd_unet(), batch_two(svd_unet_inputs(FRAMES))
     coords, _ = released_trajectories(200)
-    weights = random_branch_weights(unet)
+    weights = random_official_weights(unet, scale=0.3)
     outs = {}
     for semantics in ("per_trajectory", "released"):
         lightmotion_fast.patch(unet, trajectories=coords.float(), traj_weights=weights, semantics=semantics)
@@ -232,7 +225,7 @@ def test_released_takes_trajectory_tables_and_missing_visibility():
     unet, inputs = tiny_svd_unet(), batch_two(svd_unet_inputs(FRAMES))
     coords, _ = released_trajectories(200)
     coords = coords.float().double()
-    weights = random_branch_weights(unet)
+    weights = random_official_weights(unet, scale=0.3)
     outs = []
     for trajectories in (coords, TrajectoryTables(coords.float(), None, frame_size=(FRAME_SIZE, FRAME_SIZE),
                                                   latent_size=(8, 8), levels=2)):

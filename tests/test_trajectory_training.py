@@ -20,6 +20,7 @@ from lightmotion_fast.training.trajectory import (
     save_branch,
     set_trajectories,
 )
+from lm_testing import random_official_weights
 from tiny_models import svd_unet_inputs, tiny_svd_unet
 
 FRAMES = 4
@@ -30,15 +31,6 @@ def clip(seed=0, n=12):
     g = torch.Generator().manual_seed(seed)
     coords = torch.rand(FRAMES, n, 2, generator=g) * 64
     return torch.randn(1, FRAMES, 4, 8, 8, generator=g), coords, torch.rand(FRAMES, n, generator=g) > 0.2
-
-
-def random_weights(unet, seed=1, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _, attn in temporal_attentions(unet):
-        c = attn.to_q.in_features
-        out += [torch.randn(c, c, generator=g) * scale for _ in range(4)] + [torch.randn(c, generator=g) * scale]
-    return out
 
 
 def svd_predict():
@@ -63,7 +55,8 @@ def grads_of_loss(trainer, latents, coords, valid):
 def test_loss_falls_and_fused_gradients_equal_reference_and_official(poisoned):
     unet = tiny_svd_unet()
     latents, coords, valid = clip()
-    lightmotion_fast.patch(unet, trajectories=coords, valid=valid, traj_weights=random_weights(unet))
+    lightmotion_fast.patch(unet, trajectories=coords, valid=valid,
+                           traj_weights=random_official_weights(unet, scale=0.1))
     trainer = TrajectoryBranchTrainer(unet, edm_v_objective(), svd_predict(), lr=3e-3, max_grad_norm=1e3)
     frozen = [p for p in unet.parameters() if not any(p is q for q in trainer.params)]
     assert len(trainer.params) == 4 * len(PARAM_NAMES) and frozen and not any(p.requires_grad for p in frozen)
@@ -101,7 +94,7 @@ def test_loss_falls_and_fused_gradients_equal_reference_and_official(poisoned):
 def test_checkpoint_round_trip(tmp_path, fmt):
     unet = tiny_svd_unet()
     _, coords, valid = clip()
-    weights = random_weights(unet, seed=7)
+    weights = random_official_weights(unet, seed=7, scale=0.1)
     lightmotion_fast.patch(unet, trajectories=coords, valid=valid, traj_weights=weights)
     saved = branch_state_dict(unet)
     names = [name for name, _ in temporal_attentions(unet)]
@@ -173,7 +166,8 @@ def test_objectives_targets_denoise_exactly():
 def test_gradient_clipping_bounds_the_step():
     unet = tiny_svd_unet()
     latents, coords, valid = clip()
-    lightmotion_fast.patch(unet, trajectories=coords, valid=valid, traj_weights=random_weights(unet))
+    lightmotion_fast.patch(unet, trajectories=coords, valid=valid,
+                           traj_weights=random_official_weights(unet, scale=0.1))
     trainer = TrajectoryBranchTrainer(unet, edm_v_objective(), svd_predict(), max_grad_norm=1e-4,
                                       optimizer=None, lr=1e-3)
     with lightmotion_fast.backend("reference"):
