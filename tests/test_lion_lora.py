@@ -146,3 +146,40 @@ def test_fusion_processor_output_norm_is_per_sample():
     torch.testing.assert_close(e2[0], e1[0], atol=1e-5, rtol=1e-5)
     assert (h2[1] - h1[1]).abs().max() > 1e-2
     assert (hw - h1).abs().max() > 1e-3
+
+
+def _peft_layers(attn):
+    return [attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]]
+
+
+@pytest.mark.parametrize("switch, match", [
+    ("merge", "merged into the base weight"),
+    ("disable", "disabled"),
+    ("subset", r"not active in peft"),
+])
+def test_fusion_processor_refuses_peft_states_it_would_ignore(switch, match):
+    """peft's live switches (merge, disable, set_adapters with a subset) change what the model
+    computes; the fusion reads the adapters' weights itself, so without this check it would fuse a
+    merged adapter twice or switch a disabled one back on, silently. Each raises a clear error."""
+    attn = attn_with_adapters()
+    hidden, enc, _ = _inputs(attn)
+    proc = LionLoraFusionProcessor(list(ADAPTERS))
+    for layer in _peft_layers(attn):
+        if switch == "merge":
+            layer.merge(adapter_names=list(ADAPTERS))
+        elif switch == "disable":
+            layer.enable_adapters(False)
+        else:
+            layer.set_adapter(["pan", "orbit"])
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        proc(attn, hidden, enc, num_scaling_tokens=3)
+    for layer in _peft_layers(attn):   # back to the state the fusion was built for: it runs again
+        if switch == "merge":
+            layer.unmerge()
+        elif switch == "disable":
+            layer.enable_adapters(True)
+        else:
+            layer.set_adapter(list(ADAPTERS))
+    with torch.no_grad():
+        got, _ = proc(attn, hidden, enc, num_scaling_tokens=3)
+    assert torch.isfinite(got).all()

@@ -193,6 +193,23 @@ class LionLoraFusionProcessor:
                                  f"fuses {k} adapters {self.adapters}")
         return _check_sequence(hidden_states, image_rotary_emb, k, expected_n)
 
+    def _check_live_state(self, attn) -> None:
+        """The fusion reads every adapter's weights itself, so peft's live switches must agree with it:
+        a merged adapter is already inside the base weight (fusing it again would count it twice), and a
+        disabled or inactive one would silently be switched back on. Clear errors instead."""
+        for name, layer in [(p, getattr(attn, p)) for p in PROJECTIONS] + [("to_out.0", attn.to_out[0])]:
+            if getattr(layer, "merged", False):
+                raise ValueError(f"{name}: LoRA adapters are merged into the base weight (fuse_lora / merge); "
+                                 f"the LiON fusion needs them unmerged: call unfuse_lora() first")
+            if getattr(layer, "disable_adapters", False):
+                raise ValueError(f"{name}: LoRA adapters are disabled (disable_lora), but the LiON fusion of "
+                                 f"{self.adapters} is installed: enable them (enable_lora) or unpatch the pipeline")
+            active = list(getattr(layer, "active_adapters", self.adapters))
+            inactive = [a for a in self.adapters if a in getattr(layer, "lora_A", {}) and a not in active]
+            if inactive:
+                raise ValueError(f"{name}: adapters {inactive} are fused by LiON but not active in peft (active: "
+                                 f"{active}); call set_adapters({self.adapters}) or patch with the adapters you use")
+
     def _qk_norm(self, attn, q, key):
         """CogVideoX: LayerNorm per head. q, key: [(k b) h l e]."""
         if attn.norm_q is not None:
@@ -205,6 +222,7 @@ class LionLoraFusionProcessor:
                  num_scaling_tokens: int | None = None):
         if attention_mask is not None:
             raise NotImplementedError("LionLoraFusionProcessor does not take an attention mask")
+        self._check_live_state(attn)
         k = len(self.adapters)
         batch, text = hidden_states.shape[0], encoder_hidden_states.shape[1]
         n = self._video_tokens(hidden_states, image_rotary_emb, num_scaling_tokens)
