@@ -15,8 +15,12 @@ given, one dq/dkdv launch per source).
 
 Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchronous on sm_90):
 * HEAD_DIM is a compile-time constant, so the head-dim mask `offs_d < HEAD_DIM` is known to be
-  constant over runs of 8 elements (all real head dims, 40/64/80/96/128/160/256, are multiples of 8);
-  the register tile is D_PAD = next power of two (tl.arange needs one; the dots see D_PAD, 40 → 64).
+  constant over runs of 8 elements (all real head dims, 40/64/80/96/128/160/256, are multiples of 8).
+  The 16-bit forwards hold heads up to 128 wide as at most two power-of-two column chunks D_HI + D_LO,
+  each ≥ 16 (the MMA's K minimum), so no product sees more than the next multiple of 16 (`_d_split`):
+      40 → 32 + 16,  80 → 64 + 16,  96 → 64 + 32;  16, 32, 64, 128 → one chunk;
+  Q·Kᵀ is two dots into one score tile and P·V two accumulators. Wider heads (160 → 256), fp32 and
+  the backwards use one register tile of D_PAD = next power of two (40 → 64).
 * Every [b h n d] operand has a unit head-dim stride, its other strides are multiples of 8 elements
   and its base is 16-byte aligned. The launcher checks this (`_aligned`) and passes strides divided
   by 8; the kernels multiply them back by 8 (`_rows`), so the compiler can prove that each 8-element
@@ -77,48 +81,106 @@ def _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST:
 
 
 @triton.jit
-def _online_softmax_pass(q, acc, m_i, l_i, k_base, v_base, kv_len, sk_n8, sv_n8,
-                         mask_base, sm_n, sm_m, offs_m, n_q, offs_d, qk_scale,
-                         HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+def _chunk_ptrs(base, rows, row_ok, s_n8, D0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers and mask of head-dim columns D0 ≤ c < D0 + WIDTH of `rows` (zero past HEAD_DIM)."""
+    offs_d = D0 + tl.arange(0, WIDTH)
+    return _tile_ptrs(base, rows, s_n8, offs_d), row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _load_chunk(base, rows, row_ok, s_n8, D0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The [rows, WIDTH] chunk of columns from D0, widened to fp32 under UPCAST."""
+    ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, D0, WIDTH, HEAD_DIM)
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _load_q(base, rows, row_ok, s_n8, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr,
+            D_LO: tl.constexpr, UPCAST: tl.constexpr):
+    """(q_hi, q_lo): the Q tile as its two head-dim chunks; without a second chunk (D_LO = 0) q_lo is a
+    placeholder that no instruction reads (the compiler drops it)."""
+    q_hi = _load_chunk(base, rows, row_ok, s_n8, 0, D_HI, HEAD_DIM, UPCAST)
+    if D_LO > 0:
+        q_lo = _load_chunk(base, rows, row_ok, s_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
+    else:
+        q_lo = tl.zeros([BLOCK_M, 16], dtype=q_hi.dtype)
+    return q_hi, q_lo
+
+
+@triton.jit
+def _store_chunks(base, rows, row_ok, s_n8, o_hi, o_lo, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr,
+                  D_LO: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write (or with ACCUMULATE add to what is there) the output tile given as its two chunks."""
+    ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, 0, D_HI, HEAD_DIM)
+    if ACCUMULATE:
+        o_hi += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, o_hi.to(base.dtype.element_ty), mask=mask)
+    if D_LO > 0:
+        ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, D_HI, D_LO, HEAD_DIM)
+        if ACCUMULATE:
+            o_lo += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, o_lo.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _online_softmax_pass(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_base, v_base, kv_len, sk_n8, sv_n8,
+                         mask_base, sm_n, sm_m, offs_m, n_q, qk_scale,
+                         HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+                         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold the keys/values at k_base/v_base (kv_len of them) into one online-softmax state.
-    Scores are kept in log2 units (scaled by qk_scale = s·log2 e) so exp2 can be used."""
-    d_ok = offs_d < HEAD_DIM
+    """Fold the keys/values at k_base/v_base (kv_len of them) into one online-softmax state, the head
+    dim in chunks D_HI (+ D_LO). Scores are kept in log2 units (scaled by qk_scale = s·log2 e) so exp2
+    can be used."""
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k, v = _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST)
-        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                         HAS_MASK, MASK_BOOL, PRECISION)
+        n_ok = offs_n < kv_len
+        k_hi = _load_chunk(k_base, offs_n, n_ok, sk_n8, 0, D_HI, HEAD_DIM, UPCAST)
+        v_hi = _load_chunk(v_base, offs_n, n_ok, sv_n8, 0, D_HI, HEAD_DIM, UPCAST)
+        s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
+        if D_LO > 0:
+            k_lo = _load_chunk(k_base, offs_n, n_ok, sk_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
+            v_lo = _load_chunk(v_base, offs_n, n_ok, sv_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
+            s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+        s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with every key masked so far keep m = -inf; shift by 0 there so no inf - inf appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=PRECISION)
+        if D_LO > 0:
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo, input_precision=PRECISION)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc_hi, acc_lo, m_i, l_i
 
 
 @triton.jit
-def _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+def _condition(q_hi, q_lo, offs_m, n_q, qk_scale, b, h,
                k_ptr, v_ptr, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
                mask_ptr, sm_b, sm_h, sm_n, sm_m, lse_ptr,
                HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """softmax(q kᵀ s + mask) v for one condition, as an fp32 tile; stores the row log-sum-exp."""
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """softmax(q kᵀ s + mask) v for one condition, as fp32 chunks (hi, lo); stores the row log-sum-exp."""
+    acc_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, _head_base(k_ptr, b, h, sk_b8, sk_h8), _head_base(v_ptr, b, h, sv_b8, sv_h8),
-        kv_len, sk_n8, sv_n8, mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, offs_m, n_q, offs_d, qk_scale,
-        HEAD_DIM, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i,
+        _head_base(k_ptr, b, h, sk_b8, sk_h8), _head_base(v_ptr, b, h, sv_b8, sv_h8),
+        kv_len, sk_n8, sv_n8, mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, offs_m, n_q, qk_scale,
+        HEAD_DIM, D_HI, D_LO, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
     # Natural-log LSE of the scaled (and masked) scores; -inf marks a fully masked row.
     lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_q)
-    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    return acc_hi * inv_l[:, None], acc_lo * inv_l[:, None]
 
 
 @triton.jit
@@ -138,46 +200,45 @@ def _dual_cross_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-    BLOCK_N3: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N3: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-
-    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, UPCAST)
     lse_stride = (tl.num_programs(0) // tl.cdiv(n_q, BLOCK_M)).to(tl.int64) * n_q    # lse: [conditions, b·h, n]
     lse_row = lse_ptr + pid_bh.to(tl.int64) * n_q
 
-    out = lam0 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+    o_hi, o_lo = _condition(q_hi, q_lo, offs_m, n_q, qk_scale, b, h,
                             k0, v0, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
                             mask_ptr, sm_b, sm_h, sm_n, sm_m, lse_row,
-                            HEAD_DIM, HAS_MASK, MASK_BOOL, BLOCK_M, BLOCK_N0, D_PAD, PRECISION, UPCAST)
+                            HEAD_DIM, HAS_MASK, MASK_BOOL, BLOCK_M, BLOCK_N0, D_HI, D_LO, PRECISION, UPCAST)
+    o_hi, o_lo = lam0 * o_hi, lam0 * o_lo
     if NUM_COND >= 2:
-        out += lam1 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+        c_hi, c_lo = _condition(q_hi, q_lo, offs_m, n_q, qk_scale, b, h,
                                  k1, v1, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + lse_stride,
-                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N1, D_PAD, PRECISION, UPCAST)
+                                HEAD_DIM, False, False, BLOCK_M, BLOCK_N1, D_HI, D_LO, PRECISION, UPCAST)
+        o_hi, o_lo = o_hi + lam1 * c_hi, o_lo + lam1 * c_lo
     if NUM_COND >= 3:
-        out += lam2 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+        c_hi, c_lo = _condition(q_hi, q_lo, offs_m, n_q, qk_scale, b, h,
                                  k2, v2, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + 2 * lse_stride,
-                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N2, D_PAD, PRECISION, UPCAST)
+                                HEAD_DIM, False, False, BLOCK_M, BLOCK_N2, D_HI, D_LO, PRECISION, UPCAST)
+        o_hi, o_lo = o_hi + lam2 * c_hi, o_lo + lam2 * c_lo
     if NUM_COND >= 4:
-        out += lam3 * _condition(q, offs_m, n_q, offs_d, qk_scale, b, h,
+        c_hi, c_lo = _condition(q_hi, q_lo, offs_m, n_q, qk_scale, b, h,
                                  k3, v3, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
                                  mask_ptr, 0, 0, 0, 0, lse_row + 3 * lse_stride,
-                                 HEAD_DIM, False, False, BLOCK_M, BLOCK_N3, D_PAD, PRECISION, UPCAST)
+                                HEAD_DIM, False, False, BLOCK_M, BLOCK_N3, D_HI, D_LO, PRECISION, UPCAST)
+        o_hi, o_lo = o_hi + lam3 * c_hi, o_lo + lam3 * c_lo
 
-    o_tile = _tile_ptrs(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, so_n8, offs_d)
-    if ACCUMULATE:
-        out += tl.load(o_tile, mask=tile_ok, other=0.0).to(tl.float32)
-    tl.store(o_tile, out.to(o_ptr.dtype.element_ty), mask=tile_ok)
+    _store_chunks(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, row_ok, so_n8, o_hi, o_lo, HEAD_DIM, D_HI, D_LO,
+                  ACCUMULATE)
 
 
 @triton.jit
@@ -188,36 +249,34 @@ def _reference_attention_fwd_kernel(
     so_b8, so_h8, so_n8,
     sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
     sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr,
+    D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, UPCAST)
+    acc_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # One softmax state over both sources: the keys of m, then those of the reference bank p.
-    acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, _head_base(k0, b, h, sk0_b8, sk0_h8), _head_base(v0, b, h, sv0_b8, sv0_h8), len0,
-        sk0_n8, sv0_n8, q_ptr, 0, 0, offs_m, n_q, offs_d, qk_scale,
-        HEAD_DIM, False, False, BLOCK_N, PRECISION, UPCAST)
-    acc, m_i, l_i = _online_softmax_pass(
-        q, acc, m_i, l_i, _head_base(k1, b, h, sk1_b8, sk1_h8), _head_base(v1, b, h, sv1_b8, sv1_h8), len1,
-        sk1_n8, sv1_n8, q_ptr, 0, 0, offs_m, n_q, offs_d, qk_scale,
-        HEAD_DIM, False, False, BLOCK_N, PRECISION, UPCAST)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, _head_base(k0, b, h, sk0_b8, sk0_h8),
+        _head_base(v0, b, h, sv0_b8, sv0_h8), len0, sk0_n8, sv0_n8, q_ptr, 0, 0, offs_m, n_q, qk_scale,
+        HEAD_DIM, D_HI, D_LO, False, False, BLOCK_N, PRECISION, UPCAST)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, _head_base(k1, b, h, sk1_b8, sk1_h8),
+        _head_base(v1, b, h, sv1_b8, sv1_h8), len1, sk1_n8, sv1_n8, q_ptr, 0, 0, offs_m, n_q, qk_scale,
+        HEAD_DIM, D_HI, D_LO, False, False, BLOCK_N, PRECISION, UPCAST)
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
-    out = acc / l_i[:, None]
-    tl.store(_tile_ptrs(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, so_n8, offs_d),
-             out.to(o_ptr.dtype.element_ty), mask=tile_ok)
+    inv_l = 1.0 / l_i
+    _store_chunks(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, row_ok, so_n8, acc_hi * inv_l[:, None],
+                  acc_lo * inv_l[:, None], HEAD_DIM, D_HI, D_LO, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +337,32 @@ def _d_pad(d_len: int) -> int:
     return max(16, triton.next_power_of_2(d_len))
 
 
-def _block_n(kv_len: int) -> int:
+def _d_split(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(D_HI, D_LO): the forwards' head-dim register chunks, powers of two ≥ 16 (tl.arange needs a
+    power of two, the MMA a K of 16); D_LO = 0 is one chunk.
+        40 → (32, 16)   80 → (64, 16)   96 → (64, 32)        the next multiple of 16
+        16, 32, 64, 128, 256 → one chunk;  112 → (128, 0) (64 + 64 saves nothing)
+        above 128 → one power-of-two chunk (160 → 256): at SD1.5's 16×16 level the 128 + 32 split
+        compiled (sm_90, ptxas) to 236-240 registers in the dual forward (1 block/SM) and 238 in the
+        reference forward, against 128 and 166 unsplit, so it stays padded there.
+    fp32 (IEEE dots: FMA loops with the operands in registers, the accuracy path) keeps one chunk: the
+    32 + 16 split left a 4-byte spill in the fp32 reference forward."""
+    whole = _d_pad(d_len)
+    if whole > 128 or dtype == torch.float32:
+        return whole, 0
+    hi = max(16, whole // 2 if whole > d_len else whole)
+    rest = d_len - hi
+    lo = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return (hi, lo) if lo and hi + lo < whole else (whole, 0)
+
+
+def _block_n(kv_len: int, split: bool = False) -> int:
     """Key tile for a short key list: the least padded work, counting each loop iteration's softmax
-    rescale as about 16 columns (77 text tokens -> 32: 96 columns in 3 steps, not 128 in 2)."""
-    return min((16, 32, 64), key=lambda bn: (triton.cdiv(max(kv_len, 1), bn) * (bn + 16), -bn))
+    rescale as about 16 columns (77 text tokens -> 32: 96 columns in 3 steps, not 128 in 2). With a
+    16-wide second head-dim chunk (`split`) at least 32 keys: a 16 × 16 chunk is one element per
+    thread of 8 warps, a 2-byte scalar load (sm_90 SASS), 32 × 16 at least 4 bytes."""
+    sizes = (32, 64) if split else (16, 32, 64)
+    return min(sizes, key=lambda bn: (triton.cdiv(max(kv_len, 1), bn) * (bn + 16), -bn))
 
 
 def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
@@ -323,8 +404,8 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
     q = _aligned(q)
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     o = _writable(out)
-    d_pad = _d_pad(d_len)
-    block_m, num_warps = _tiles(n_q, d_pad, q.dtype)
+    d_hi, d_lo = _d_split(d_len, q.dtype)
+    block_m, num_warps = _tiles(n_q, d_hi + d_lo, q.dtype)
     grid = (triton.cdiv(n_q, block_m) * batch * heads,)
     has_mask = mask is not None
     sm = mask.stride() if has_mask else (0, 0, 0, 0)
@@ -348,8 +429,8 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
             *lens, *lams, *strides,
             HEAD_DIM=d_len, NUM_COND=len(chunk), HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool,
             ACCUMULATE=first > 0,
-            BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0]), BLOCK_N1=_block_n(lens[1]), BLOCK_N2=_block_n(lens[2]),
-            BLOCK_N3=_block_n(lens[3]), D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+            BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0], d_lo > 0), BLOCK_N1=_block_n(lens[1], d_lo > 0), BLOCK_N2=_block_n(lens[2], d_lo > 0),
+            BLOCK_N3=_block_n(lens[3], d_lo > 0), D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
             num_warps=num_warps, num_stages=2,
         )
     _copy_back(o, out)
@@ -369,7 +450,7 @@ _REFERENCE_TILES_FP32 = {64: (16, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 32, 
 def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
     """Launch tiles of the reference forward (self-attention lengths), see the tables above."""
     table = _REFERENCE_TILES_FP32 if dtype == torch.float32 else _REFERENCE_TILES
-    block_m, block_n, num_warps, num_stages = table[max(64, d_pad)]
+    block_m, block_n, num_warps, num_stages = table[max(64, triton.next_power_of_2(d_pad))]
     block_m = max(16, min(block_m, triton.next_power_of_2(n_q)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -381,14 +462,14 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
     batch, heads, n_q, d_len = q.shape
     q, k_m, v_m, k_p, v_p = (_aligned(t) for t in (q, k_m, v_m, k_p, v_p))
     o = _writable(out)
-    d_pad = _d_pad(d_len)
-    tiles = _reference_tiles(n_q, d_pad, q.dtype)
+    d_hi, d_lo = _d_split(d_len, q.dtype)
+    tiles = _reference_tiles(n_q, d_hi + d_lo, q.dtype)
     grid = (triton.cdiv(n_q, tiles["BLOCK_M"]) * batch * heads,)
     _reference_attention_fwd_kernel[grid](
         q, o, lse, k_m, v_m, k_p, v_p,
         n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
         *_strides8(q), *_strides8(o), *_strides8(k_m), *_strides8(v_m), *_strides8(k_p), *_strides8(v_p),
-        HEAD_DIM=d_len, D_PAD=d_pad, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles,
+        HEAD_DIM=d_len, D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles,
     )
     _copy_back(o, out)
 
@@ -410,6 +491,14 @@ def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_sc
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr):
     """Scaled, masked scores of a [BLOCK_M, BLOCK_N] tile in log2 units."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
+
+
+@triton.jit
+def _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """The user's mask (additive, in log2 units, or keep-bool) and the key-length cut on a scaled
+    score tile."""
     n_ok = offs_n < kv_len
     if HAS_MASK:
         tile_ok = (offs_m < n_q)[:, None] & n_ok[None, :]

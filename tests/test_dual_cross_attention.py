@@ -359,3 +359,19 @@ def test_fp32_dots_use_tf32_only_when_the_caller_allows_it():
         assert attn_kernels._precision(torch.float32) == "tf32"
     finally:
         matmul.allow_tf32 = before
+
+
+def test_head_dim_chunks():
+    """The forwards' head-dim chunks: powers of two ≥ 16 summing to the next multiple of 16 up to
+    128-wide heads (16-bit), one power-of-two chunk otherwise (kernels/dual_cross_attention.py)."""
+    from lightmotion_fast.kernels.dual_cross_attention import _d_split
+
+    half = torch.float16
+    assert [_d_split(d, half) for d in (8, 16, 24, 40, 48, 64, 80, 96, 112, 128)] == [
+        (16, 0), (16, 0), (32, 0), (32, 16), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 0)]
+    assert _d_split(160, half) == (256, 0) and _d_split(256, torch.bfloat16) == (256, 0)
+    assert _d_split(40, torch.float32) == (64, 0)
+    for d in range(1, 129):
+        hi, lo = _d_split(d, half)
+        assert hi + lo >= d and (hi + lo - d < 16 or lo == 0) and hi & (hi - 1) == 0
+        assert lo == 0 or (lo >= 16 and lo & (lo - 1) == 0)
