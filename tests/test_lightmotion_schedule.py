@@ -211,3 +211,30 @@ def test_subject_errors(pipe):
     assert not lm.is_patched(pipe)
     with pytest.raises(ValueError, match="subject=.*animatediff"):
         lm.patch(tiny_svd_pipeline(), camera=CAM, subject="corgi")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@torch.no_grad()
+def test_immediate_renoise_is_one_launch_equal_to_edit_then_jump(pipe, monkeypatch, backend):
+    """'renoise_immediate' re-noises in the step that edits: the sampler runs the gather and the jump
+    as one latent_resample(renoise=...) launch (no snr_reinject call), and its output is bit-identical
+    to the two-launch composition, edit then snr_reinject with the same seed and offset. The un-noised
+    edit is not computed unless the record is read, and then equals the plain edit."""
+    from lightmotion_fast.ops.latent_resample import latent_resample
+    from lightmotion_fast.ops.snr_reinject import snr_reinject
+
+    calls = []
+    monkeypatch.setattr(lmi, "snr_reinject", lambda *a, **k: calls.append(1) or snr_reinject(*a, **k))
+    steps = 6
+    with lm.backend(backend), lm.patched(pipe, camera=CAM, edit_step=3, correction="renoise_immediate",
+                                         correction_steps=2):
+        pipe(**animatediff_inputs(steps=steps))
+        sampler = lmi.patch_state(pipe).data["lightmotion"]
+        record = lmi.sampler_state(pipe).record
+        assert calls == []
+        assert isinstance(record.raw("post_edit"), lmi._Lazy) and record.raw("pre_renoise") is record.raw("post_edit")
+        pre, fill, index = record["pre_edit"], record["fill_map"], record["renoise_index"]
+        edited = latent_resample(pre, fill, "b c f h w")
+        two_launches = snr_reinject(edited, None, sampler._jump(index), 0, 2 * pre.numel(), None, "b c f h w")
+        assert torch.equal(record["renoised"], two_launches)
+        assert torch.equal(record["post_edit"], edited) and record["pre_renoise"] is record["post_edit"]

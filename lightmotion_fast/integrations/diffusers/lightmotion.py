@@ -86,6 +86,7 @@ from lightmotion_fast.integrations.diffusers.registry import (
 from lightmotion_fast.ops.latent_resample import build_fill_map, latent_resample
 from lightmotion_fast.ops.snr_reinject import snr_noise, snr_reinject
 from lightmotion_fast.reference.latent_permute import source_positions
+from lightmotion_fast.reference.snr_reinject import StepCoefficients
 
 OPTION_DOCS = (
     Option("camera", "CameraMotion", "None", "the camera motion; without it this feature installs nothing"),
@@ -234,6 +235,34 @@ def _token_positions(tokens) -> tuple[int, ...]:
     return tuple(out)
 
 
+class _Lazy:
+    """A record entry computed when first read, then kept (the un-noised edit, which the fused edit +
+    re-noise launch never materialises)."""
+
+    def __init__(self, make):
+        self._make, self._value = make, None
+
+    def value(self):
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+
+class _Record(dict):
+    """SamplerState.record: a dict whose _Lazy entries are computed on first read."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        return value.value() if isinstance(value, _Lazy) else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def raw(self, key):
+        """The entry as stored (a _Lazy stays unevaluated): to share it under another name."""
+        return super().__getitem__(key)
+
+
 @dataclass
 class SamplerState:
     """What one pipeline call of a patched pipeline knows; `record` is kept for inspection and tests."""
@@ -244,11 +273,11 @@ class SamplerState:
     subject_positions: tuple | None = None        # `subject` resolved in the last prompt
     prompt_embeds: torch.Tensor | None = None     # the conditional text encode_prompt returned last
     conditional: bool = True                      # False during a model call on the negative prompt (Wan)
-    record: dict = field(default_factory=dict)
+    record: dict = field(default_factory=_Record)
 
     def reset(self):
         self.maps.clear()
-        self.record = {}
+        self.record = _Record()
 
 
 # -- model families: their text attention and their latent frames ------------------------------------------
@@ -711,10 +740,17 @@ class LightMotionSampler:
                 kwargs["generator"] = generator   # Euler ancestral, LCM, SDE solvers: the user's noise
             with self._full_schedule():
                 prev = self._step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
+        renoise_now = cfg.correction in RENOISE and j == self.t1 - 1 and self.t1 > self.t2
         if j == self.edit - 1:
-            prev = self._edit(prev, index, timestep, offset=offset)
+            # 'renoise_immediate': the jump follows the edit in the same step, so the gather and the
+            # re-noise run as one latent_resample launch (the same noise snr_reinject would draw).
+            jump = self._jump(index) if renoise_now else None
+            prev = self._edit(prev, index, timestep, offset, jump)
             self._edit_history()
-        if cfg.correction in RENOISE and j == self.t1 - 1 and self.t1 > self.t2:
+            if renoise_now:
+                self._rewind(index, pre_renoise=self.state.record.raw("post_edit"), renoised=prev)
+                renoise_now = False
+        if renoise_now:
             prev = self._renoise(prev, index, timestep, offset=offset)
         self.position = j + 1
         return _Output(prev) if return_dict else (prev,)
@@ -771,7 +807,10 @@ class LightMotionSampler:
     def _expand(self, region):
         return region[None, None] if self.layout == "b c f h w" else region[None, :, None]
 
-    def _edit(self, latents, index, timestep, offset):
+    def _edit(self, latents, index, timestep, offset, jump: StepCoefficients | None = None):
+        """The latent edit at T0 (permute + resample through the fill map); with `jump`, the re-noise
+        jump in the same launch (the record's post_edit, the un-noised edit, is then computed only if
+        read)."""
         cfg, state = self.lm_config, self.state
         state.capturing = False
         frames, height, width = self._frames_hw(latents)
@@ -789,8 +828,12 @@ class LightMotionSampler:
         fill = build_fill_map(cfg.camera, frames, height, width, background.cpu(), seed=cfg.motion_seed,
                               device=latents.device)
         _, _, kept = source_positions(cfg.camera.inverse_affines(frames, height, width), height, width)
-        edited = latent_resample(latents, fill, self.layout)
-        state.record.update(pre_edit=latents, post_edit=edited, fill_map=fill, background=background,
+        if jump is None:
+            edited = post_edit = latent_resample(latents, fill, self.layout)
+        else:
+            edited = latent_resample(latents, fill, self.layout, renoise=jump, seed=cfg.motion_seed, offset=offset)
+            post_edit = _Lazy(lambda: latent_resample(latents, fill, self.layout))
+        state.record.update(pre_edit=latents, post_edit=post_edit, fill_map=fill, background=background,
                             background_source=source, exposed=~kept, edit_index=index)
         state.maps.clear()
         return edited
@@ -799,13 +842,20 @@ class LightMotionSampler:
         """Jump x_T1 -> x_T2 with fresh noise: from the level step `index` (= T1 - 1) produced back to the
         level entering step T2 (closed form, `snr_reinject` with no model output); the scheduler restarts
         at T2 with its multistep history forgotten (the next step is first order)."""
-        sch, cfg, kind = self.scheduler, self.lm_config, self.kind
-        target = self.t2
-        coeffs = jump_coefficients(kind.next_level(sch, self.full, index), kind.level(sch, self.full, target))
-        out = snr_reinject(latents, None, coeffs, cfg.motion_seed, offset, None, self.layout)
-        kind.restart(sch, target)
-        self.state.record.update(pre_renoise=latents, renoised=out, renoise_index=index, rewind_to=target)
+        out = snr_reinject(latents, None, self._jump(index), self.lm_config.motion_seed, offset, None, self.layout)
+        self._rewind(index, pre_renoise=latents, renoised=out)
         return out
+
+    def _jump(self, index) -> StepCoefficients:
+        """The re-noise jump's coefficients, from the level step `index` (= T1 - 1) produced to the
+        level entering step T2."""
+        sch, kind = self.scheduler, self.kind
+        return jump_coefficients(kind.next_level(sch, self.full, index), kind.level(sch, self.full, self.t2))
+
+    def _rewind(self, index, **record) -> None:
+        """After the jump: the scheduler restarts at T2 (multistep history forgotten)."""
+        self.kind.restart(self.scheduler, self.t2)
+        self.state.record.update(renoise_index=index, rewind_to=self.t2, **record)
 
 
 class _Output:
