@@ -662,8 +662,13 @@ def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
     """Key tile of the dk/dv kernel: it keeps K, V and the fp32 dK, dV accumulators of its tile in
     registers for the whole query walk, so wide heads take fewer keys; fp32 takes 16 (32 keys at
     D_PAD 64 spilled 396 B under ptxas, 64 × 256 6.6 KB)."""
-    cap = 16 if dtype == torch.float32 else 64 if d_pad <= 64 else 32 if d_pad <= 128 else 16
-    return min(block_n, cap)
+    if dtype == torch.float32:
+        return min(block_n, 16)
+    if d_pad <= 64:
+        # The tile's rows are keys in all four products (Sᵀ, dPᵀ, dV, dK), and wgmma needs 64 of them:
+        # a short key list (77 text tokens, 4 image tokens) still takes 64-key tiles, mostly masked.
+        return 64
+    return min(block_n, 32 if d_pad <= 128 else 16)
 
 
 def _dq_block_n(block_n: int, dtype: torch.dtype) -> int:

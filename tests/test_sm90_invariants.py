@@ -52,19 +52,8 @@ CHECKS = {
 
 # Known misses: what the fixing issue must do. The text is the xfail reason pytest prints.
 _FLIP = " XPASS means fixed: delete known=... from this INVARIANTS row."
-ISSUE10_D40 = ("issue 10: head dim as a tl.constexpr with launcher-guaranteed 16-B alignment; at d=40 every Q/K/V/O "
-               "access is a 2-byte scalar, K/V are not loaded asynchronously and 1 block fits per SM." + _FLIP)
-ISSUE10_REF = ("issue 10: reference_attention rebuilt FA3-style for Hopper (fewer registers/smem per block: 2 "
-               "resident blocks per SM)." + _FLIP)
-ISSUE10_DUAL_BWD = ("issue 10: dual backward with an aligned constexpr head dim (128-bit, pipelined, wgmma "
-                    "tiles)." + _FLIP)
-ISSUE10_TRAJ_BWD = ("issue 10: trajectory backward with >= 2 resident blocks per SM and prefetched (async) "
-                    "full-row gathers." + _FLIP)
 ISSUE11_LORA = ("issue 11: the LoRA tail of the expand is now cp.async 128-bit (LDGSTS.128, no scalar load in the "
                 "K loop); what is left is the bias row, loaded in the epilogue as one 2-byte scalar per thread." + _FLIP)
-ISSUE11_SNR = "issue 11: snr_reinject with four normals per Philox call and fast transcendentals." + _FLIP
-ISSUE11_EDIT = ("issue 11: fused edit decoding the fill map once into int32 source offsets (no int64 division "
-                "per element)." + _FLIP)
 
 
 @dataclass(frozen=True)
@@ -135,7 +124,7 @@ INVARIANTS = [
     I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "async loads"),
     I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "no spills"),
     I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "128-bit loads"),
-    I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "wgmma", known=ISSUE10_DUAL_BWD),
+    I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "wgmma"),
     # --- reference attention (forward)
     I("_reference_attention_fwd_kernel", _REF_D40, "no spills"),
     I("_reference_attention_fwd_kernel", _REF_D40, "128-bit loads"),
