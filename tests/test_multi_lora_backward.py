@@ -1,0 +1,55 @@
+"""multi_lora_linear's backward on the Triton path: dx = g W + dz A_cat is one expand launch on
+transposed operands (W as the base weight's transpose, A_catᵀ as the LoRA factor), equal to the
+float64 reference for every normalisation; the backward runs on the backend the forward ran on."""
+import pytest
+import torch
+
+import lightmotion_fast
+from lightmotion_fast.ops import _common
+from lightmotion_fast.ops.multi_lora import multi_lora_linear
+from lightmotion_fast.reference.multi_lora import NORMS, multi_lora_linear_reference
+from test_multi_lora import assert_close_rel
+
+
+def _inputs(m, d_in, d_out, ranks, dtype, device):
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype).requires_grad_()  # noqa: E731
+    return (r(m, d_in), r(d_out, d_in, scale=0.2), r(d_out), [r(k, d_in, scale=0.3) for k in ranks],
+            [r(d_out, k, scale=0.3) for k in ranks], [1.0, 0.7, 1.3][:len(ranks)])
+
+
+def _count_expand(monkeypatch):
+    kernel = _common.kernel_module("multi_lora")
+    calls = []
+    real = kernel.multi_lora_expand_launch
+    monkeypatch.setattr(kernel, "multi_lora_expand_launch", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("ranks", [[8], [4, 16], [4, 8, 12]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_x_is_one_expand_launch_equal_to_reference(norm, ranks, dtype, device, monkeypatch):
+    x, w, b, a, bb, scales = _inputs(21, 24, 40, ranks, dtype, device)
+    calls = _count_expand(monkeypatch)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    dx = torch.autograd.grad(y, x, g)[0]   # outside the backend context: it follows the forward
+    assert calls == [w.shape, w.T.shape]   # the forward's expand, then dx's over [W ; A_cat]
+    f64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    xs = f64(x)
+    ref = multi_lora_linear_reference(xs, f64(w), f64(b), [f64(t) for t in a], [f64(t) for t in bb], scales,
+                                      norm=norm)
+    want = torch.autograd.grad(ref, xs, g.double())[0]
+    assert torch.isfinite(dx).all()
+    assert_close_rel(dx, want, dtype, f"dx norm={norm} ranks={ranks}")
+
+
+def test_reference_backend_backward_keeps_torch_gemms(device, monkeypatch):
+    x, w, b, a, bb, scales = _inputs(9, 16, 24, [4, 8], torch.float32, device)
+    calls = _count_expand(monkeypatch)
+    with lightmotion_fast.backend("reference"):
+        y = multi_lora_linear(x, w, b, a, bb, scales)
+    y.sum().backward()
+    assert calls == [] and torch.isfinite(x.grad).all()
