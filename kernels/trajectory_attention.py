@@ -297,6 +297,17 @@ def _warps(block_f: int, block_d: int) -> int:
     return 4 if block_f * block_d < 32 * 64 else 8
 
 
+def _launch_warps(block_f: int, block_d: int, dtype: torch.dtype) -> int:
+    # 2026-11-22, ptxas -v for sm_90, 64-row sequences (the released GROUP = 2 at 25 frames, 64-wide
+    # heads): the 16-bit backward at 16 warps is capped at 128 registers and spilled 8-88 B; at 8 warps
+    # it takes 176-236 registers and does not spill (one block per SM either way: 115-123 KB of shared
+    # memory). fp32 takes 16 warps there: the forward spills 8 B (172 B at 8 warps), the backward
+    # 1.6 KB (2 KB at 8).
+    if block_f >= 64 and dtype == torch.float32:
+        return 16
+    return _warps(block_f, block_d)
+
+
 def _alignment(*tensors: torch.Tensor) -> int:
     """16 bytes in elements when every tensor starts 16-byte aligned with a unit head-dim stride and
     all its other strides multiples of 16 bytes, else 1. The kernels take the row strides divided by
@@ -381,7 +392,7 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
         *_strides(align, q, k, v, dst),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_warps(block_f, block_d), ALIGN=align, GROUP=group,
+        num_warps=_launch_warps(block_f, block_d, q.dtype), ALIGN=align, GROUP=group,
     )
     if deterministic:
         _reduce(dst, rowptr, col, valid, out)
@@ -413,8 +424,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         *_strides(align, q, k, v, dout, bufs[0]),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_warps(block_f, block_d) * 2 if block_f >= 64 else _warps(block_f, block_d),
-        ALIGN=align, GROUP=group,
+        num_warps=_launch_warps(block_f, block_d, q.dtype), ALIGN=align, GROUP=group,
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:
