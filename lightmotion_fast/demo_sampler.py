@@ -187,7 +187,7 @@ def run_sampler_demo(out_dir, model_path: str | os.PathLike | None = None, steps
             ref, ref_ms = run()
         with _fused(device):
             fused, fused_ms = run()
-        record = dict(sampler_state(pipe).record)
+        record = sampler_state(pipe).record
     diff = (fused.float() - ref.float()).abs().max().item()
     agree = diff <= (1e-3 if fused.dtype == torch.float32 else 2e-2)
     paths = write_mask_and_fill_map(record, out_dir)

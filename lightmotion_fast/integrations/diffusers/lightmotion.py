@@ -258,6 +258,12 @@ class _Record(dict):
     def get(self, key, default=None):
         return self[key] if key in self else default
 
+    def values(self):
+        return [self[key] for key in self]
+
+    def items(self):
+        return [(key, self[key]) for key in self]
+
     def raw(self, key):
         """The entry as stored (a _Lazy stays unevaluated): to share it under another name."""
         return super().__getitem__(key)
