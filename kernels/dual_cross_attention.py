@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 MAX_CONDITIONS = 4
 LOG2E = 1.4426950408889634
@@ -145,17 +146,57 @@ def _online_softmax_pass(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_base, v_base, k
             k_lo = _load_chunk(k_base, offs_n, n_ok, sk_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
             v_lo = _load_chunk(v_base, offs_n, n_ok, sv_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
             s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+        else:
+            v_lo = v_hi  # (no second chunk: never read)
         s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with every key masked so far keep m = -inf; shift by 0 there so no inf - inf appears.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=PRECISION)
+        acc_hi, acc_lo, m_i, l_i = _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO, PRECISION)
+    return acc_hi, acc_lo, m_i, l_i
+
+
+@triton.jit
+def _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile's step of the online softmax: scores s (log2 units, masked), values in chunks."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with every key masked so far keep m = -inf; shift by 0 there so no inf - inf appears.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=PRECISION)
+    if D_LO > 0:
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo, input_precision=PRECISION)
+    return acc_hi, acc_lo, m_new, l_i
+
+
+@triton.jit
+def _desc_tile(desc, b, start, h, d0, ROWS: tl.constexpr, WIDTH: tl.constexpr, UPCAST: tl.constexpr):
+    """[ROWS, WIDTH] rows start.. of head h, columns d0.. of a [b, n, h, d] tensor through its TMA
+    descriptor (box [1, ROWS, 1, WIDTH]); rows past n and columns past d arrive as zeros."""
+    t = tl.reshape(desc.load([b, start, h, d0]), (ROWS, WIDTH))
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _online_softmax_pass_tma(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_hi_desc, k_lo_desc, v_hi_desc, v_lo_desc,
+                             b, h, kv_len, offs_m, n_q, qk_scale, D_HI: tl.constexpr, D_LO: tl.constexpr,
+                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """_online_softmax_pass with K/V tiles brought in by TMA (bulk asynchronous copies into shared
+    memory, bounds handled by the copy engine) instead of per-thread cp.async."""
+    for start in range(0, kv_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_hi = _desc_tile(k_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+        v_hi = _desc_tile(v_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+        s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
         if D_LO > 0:
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo, input_precision=PRECISION)
-        m_i = m_new
+            k_lo = _desc_tile(k_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
+            v_lo = _desc_tile(v_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
+            s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+        else:
+            v_lo = v_hi  # (no second chunk: never read)
+        s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, offs_m, 0, 0, False, False)  # (no mask)
+        acc_hi, acc_lo, m_i, l_i = _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO, PRECISION)
     return acc_hi, acc_lo, m_i, l_i
 
 
@@ -276,6 +317,42 @@ def _reference_attention_fwd_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
     inv_l = 1.0 / l_i
     _store_chunks(_head_base(o_ptr, b, h, so_b8, so_h8), offs_m, row_ok, so_n8, acc_hi * inv_l[:, None],
+                  acc_lo * inv_l[:, None], HEAD_DIM, D_HI, D_LO, False)
+
+
+@triton.jit
+def _reference_attention_fwd_tma_kernel(
+    q_ptr, o_ptr, lse_ptr, k0_hi, k0_lo, v0_hi, v0_lo, k1_hi, k1_lo, v1_hi, v1_lo,
+    n_q, heads, qk_scale, len0, len1,
+    sq_b8, sq_h8, sq_n8,
+    so_b8, so_h8, so_n8,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr,
+    D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """_reference_attention_fwd_kernel with the K/V tiles of both sources through TMA descriptors
+    (Hopper, 16-bit): k0_hi.. are [b, n, h, d] descriptors with boxes [1, BLOCK_N, 1, D_HI | D_LO]."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
+    b = pid_bh // heads
+    h = pid_bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    q_hi, q_lo = _load_q(_head_base(q_ptr, b64, h64, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, UPCAST)
+    acc_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
+        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
+        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
+    inv_l = 1.0 / l_i
+    _store_chunks(_head_base(o_ptr, b64, h64, so_b8, so_h8), offs_m, row_ok, so_n8, acc_hi * inv_l[:, None],
                   acc_lo * inv_l[:, None], HEAD_DIM, D_HI, D_LO, False)
 
 
@@ -456,22 +533,56 @@ def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
 
 
 def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Tensor, k_p: torch.Tensor,
-                               v_p: torch.Tensor, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+                               v_p: torch.Tensor, softmax_scale: float, out: torch.Tensor, lse: torch.Tensor,
+                               tma: bool = False) -> None:
     """q, out: [b h n d]; k_m, v_m: [b h n_m d]; k_p, v_p: [b h n_p d] (any strides); lse: [b·h, n] float32.
-    Writes out = softmax(q [k_m; k_p]ᵀ s) [v_m; v_p] and lse."""
+    Writes out = softmax(q [k_m; k_p]ᵀ s) [v_m; v_p] and lse. tma: K/V through TMA descriptors (sm_90+,
+    16-bit inputs; the caller decides from the device)."""
     batch, heads, n_q, d_len = q.shape
     q, k_m, v_m, k_p, v_p = (_aligned(t) for t in (q, k_m, v_m, k_p, v_p))
     o = _writable(out)
     d_hi, d_lo = _d_split(d_len, q.dtype)
     tiles = _reference_tiles(n_q, d_hi + d_lo, q.dtype)
     grid = (triton.cdiv(n_q, tiles["BLOCK_M"]) * batch * heads,)
+    consts = dict(HEAD_DIM=d_len, D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles)
+    layouts = [_tma_layout(t) for t in (k_m, v_m, k_p, v_p)] if tma and q.dtype != torch.float32 else [None]
+    if all(layouts):
+        descs = []
+        for layout in layouts:
+            descs += _chunk_descriptors(layout, tiles["BLOCK_N"], d_hi, d_lo)
+        _reference_attention_fwd_tma_kernel[grid](
+            q, o, lse, *descs, n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
+            *_strides8(q), *_strides8(o), **consts)
+        _copy_back(o, out)
+        return
     _reference_attention_fwd_kernel[grid](
         q, o, lse, k_m, v_m, k_p, v_p,
         n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
         *_strides8(q), *_strides8(o), *_strides8(k_m), *_strides8(v_m), *_strides8(k_p), *_strides8(v_p),
-        HEAD_DIM=d_len, D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles,
+        **consts,
     )
     _copy_back(o, out)
+
+
+def _tma_layout(t: torch.Tensor):
+    """A [b h n d] operand as the [b, n, h, d] (view, shape, strides) a TMA descriptor walks (the copy
+    engine then stays within one batch and head: key tiles past n arrive as zeros), or None where it
+    cannot address it: an empty tensor or a broadcast (stride-0) dimension. The layout contract
+    (_aligned) gives the rest of what TMA needs: unit stride in d, the other strides multiples of 16
+    bytes, a 16-byte aligned base. A length-1 dimension is never stepped, so any 16-byte stride does."""
+    view = t.permute(0, 2, 1, 3)
+    if view.numel() == 0 or any(s == 0 and n > 1 for s, n in zip(view.stride(), view.shape)):
+        return None
+    strides = [s if n > 1 else ALIGN for s, n in zip(view.stride()[:3], view.shape[:3])] + [1]
+    return view, list(view.shape), strides
+
+
+def _chunk_descriptors(layout, block_n: int, d_hi: int, d_lo: int) -> list:
+    """The TMA descriptors of one operand (a _tma_layout), one per head-dim chunk: boxes
+    [1, block_n, 1, d_hi] and [1, block_n, 1, d_lo] (the second repeats the first when there is none)."""
+    view, shape, strides = layout
+    hi = TensorDescriptor(view, shape, strides, [1, block_n, 1, d_hi])
+    return [hi, TensorDescriptor(view, shape, strides, [1, block_n, 1, d_lo]) if d_lo else hi]
 
 
 # ---------------------------------------------------------------------------------------------

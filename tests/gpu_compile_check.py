@@ -183,6 +183,12 @@ def calls_reference_attention(dtype):
                                 (1, 1, 32, 32, 256)):
         yield lambda b=b, h=h, n=n, n_ref=n_ref, d=d: lm.reference_attention(
             *(_randn(b, h, m, d, dtype=dtype) for m in (n, n, n, n_ref, n_ref)))
+    # A reference bank broadcast over the batch (stride 0) has no TMA descriptor: the cp.async forward
+    # (also every GPU before sm_90) runs in 16 bits too.
+    for d in (40, 64):
+        yield lambda d=d: lm.reference_attention(*(_randn(2, 2, 48, d, dtype=dtype) for _ in range(3)),
+                                                 *(_randn(1, 2, 24, d, dtype=dtype).expand(2, -1, -1, -1)
+                                                   for _ in range(2)))
 
 
 OPS = {

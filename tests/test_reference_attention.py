@@ -182,3 +182,54 @@ def test_float64_accepted_and_differentiable(device, impl):
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, sdpa_concat(q, k, v, kr, vr).to(device))
         assert torch.autograd.gradcheck(reference_attention, (q, k, v, kr, vr), fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TMA forward (Hopper, 16-bit): the interpreter runs it when the device query says sm_90.
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Device queries answer sm_90, so reference_attention takes the TMA forward; its launch counter."""
+    from lightmotion_fast.ops import _common
+
+    kernels = _common.kernel_module("dual_cross_attention")
+    spy = _LaunchSpy(kernels._reference_attention_fwd_tma_kernel)
+    monkeypatch.setattr(kernels, "_reference_attention_fwd_tma_kernel", spy)
+    monkeypatch.setattr(_common, "device_capability", lambda device: (9, 0))
+    return spy
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_forward_model_head_dims(device, poisoned, hopper, d, dtype):
+    """K/V through TMA descriptors ([b, n, h, d] boxes, head-dim chunks, zero-filled past n and d) on
+    diffusers' heads-last layout, source lengths that are not multiples of the key tile."""
+    b, h, n, n_ref = 2, 2, 19, 13
+    q, k, v = (_heads_view(b, n, h, d, dtype, device) for _ in range(3))
+    kr, vr = (_heads_view(b, n_ref, h, d, dtype, device) for _ in range(2))
+    with lightmotion_fast.backend("triton"):
+        out = reference_attention(q, k, v, kr, vr)
+    assert hopper.calls == 1
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), sdpa_concat(q, k, v, kr, vr), atol=atol, rtol=rtol)
+
+
+def test_tma_forward_falls_back_where_tma_cannot_address(device, poisoned, hopper):
+    """A bank broadcast over the batch (stride 0) has no TMA descriptor: the cp.async kernel runs."""
+    q, k, v = (torch.randn(3, 2, 21, 40, device=device, dtype=torch.float16) for _ in range(3))
+    kr, vr = (torch.randn(1, 2, 9, 40, device=device, dtype=torch.float16).expand(3, -1, -1, -1) for _ in range(2))
+    with lightmotion_fast.backend("triton"):
+        out = reference_attention(q, k, v, kr, vr)
+    assert hopper.calls == 0
+    torch.testing.assert_close(out.double().cpu(), sdpa_concat(q, k, v, kr, vr), atol=3e-3, rtol=3e-3)

@@ -43,6 +43,7 @@ CHECKS = {
                        "no 2-byte element stores (STG.U16), at least one STG.128"),
     "no 2-byte loads": (lambda r: _n(r, "ldg_16") == 0, "no 2-byte element loads (LDG.U16) anywhere"),
     "async loads": (lambda r: _n(r, "ldgsts", "tma") >= 1, "tiles loaded with cp.async (LDGSTS) or TMA"),
+    "TMA loads": (lambda r: _n(r, "tma") >= 1, "tiles loaded by TMA (UTMALDG)"),
     "wgmma": (lambda r: _n(r, "hgmma") >= 1 and _n(r, "hmma") == 0, "HGMMA (wgmma) only, no HMMA (mma.sync)"),
     ">=2 blocks/SM": (lambda r: _n(r, "blocks_per_sm") >= 2, "at least 2 resident blocks per SM"),
     "<=50 instr/elem": (lambda r: r["instr_per_elem"] not in ("", None) and float(r["instr_per_elem"]) <= 50,
@@ -126,19 +127,20 @@ INVARIANTS = [
     I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "128-bit loads"),
     I("_dual_bwd_dkdv_kernel", _DUAL_D40_BWD, "wgmma"),
     # --- reference attention (forward)
-    I("_reference_attention_fwd_kernel", _REF_D40, "no spills"),
-    I("_reference_attention_fwd_kernel", _REF_D40, "128-bit loads"),
-    I("_reference_attention_fwd_kernel", _REF_D40, "128-bit stores"),
-    I("_reference_attention_fwd_kernel", _REF_D40, "async loads"),
-    I("_reference_attention_fwd_kernel", _REF_D40, ">=2 blocks/SM"),
-    I("_reference_attention_fwd_kernel", _REF_D40, "wgmma"),
-    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "no spills"),
-    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "128-bit loads"),
-    I("_reference_attention_fwd_kernel", _REF_ALIGNED, "async loads"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, "no spills"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, "128-bit loads"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, "128-bit stores"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, "async loads"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40 + "|" + _REF_ALIGNED, "TMA loads"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, ">=2 blocks/SM"),
+    I("_reference_attention_fwd_tma_kernel", _REF_D40, "wgmma"),
+    I("_reference_attention_fwd_tma_kernel", _REF_ALIGNED, "no spills"),
+    I("_reference_attention_fwd_tma_kernel", _REF_ALIGNED, "128-bit loads"),
+    I("_reference_attention_fwd_tma_kernel", _REF_ALIGNED, "async loads"),
     # d=160 runs 32-query tiles for two resident blocks per SM: below wgmma's 64 rows, so mma.sync there is
     # the design (that level is memory bound: 126 MB, a 42 µs floor on H100; sm90 review 3.7).
-    I("_reference_attention_fwd_kernel", _REF_WGMMA, "wgmma"),
-    I("_reference_attention_fwd_kernel", _REF_ALIGNED, ">=2 blocks/SM"),
+    I("_reference_attention_fwd_tma_kernel", _REF_WGMMA, "wgmma"),
+    I("_reference_attention_fwd_tma_kernel", _REF_ALIGNED, ">=2 blocks/SM"),
     # --- trajectory attention, SVD-xt L0 (both modes)
     I("_traj_attn_fwd_kernel", _TRAJ, "no spills"),
     I("_traj_attn_fwd_kernel", _TRAJ, "128-bit loads"),
@@ -274,11 +276,12 @@ def test_bench_static_flag():
 
 def test_each_check_rejects_what_it_names():
     """Each check passes a row that meets every design rule and fails on the one field it is about."""
-    good = dict(spill_stores="0", spill_loads="0", ldg_16="0", ldg_128="2", ldgsts="8", ldgsts_128="8", tma="0",
+    good = dict(spill_stores="0", spill_loads="0", ldg_16="0", ldg_128="2", ldgsts="8", ldgsts_128="8", tma="4",
                 stg_16="0", stg_128="1", hgmma="4", hmma="0", blocks_per_sm="2", instr_per_elem="40", div64="0")
     breaks = {"no spills": dict(spill_stores="8"), "128-bit loads": dict(ldg_16="56"),
               "128-bit stores": dict(stg_16="32", stg_128="0"), "no 2-byte loads": dict(ldg_16="1"),
-              "async loads": dict(ldgsts="0", ldgsts_128="0"), "wgmma": dict(hmma="32"),
+              "async loads": dict(ldgsts="0", ldgsts_128="0", tma="0"), "TMA loads": dict(tma="0"),
+              "wgmma": dict(hmma="32"),
               ">=2 blocks/SM": dict(blocks_per_sm="1"), "<=50 instr/elem": dict(instr_per_elem="224"),
               "no div64": dict(div64="16")}
     assert set(breaks) == set(CHECKS)

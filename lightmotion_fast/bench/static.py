@@ -143,6 +143,7 @@ def install_gpu_view():
     from lightmotion_fast.ops import _common
     _common.triton_interpreting = lambda: True          # take the Triton path for CPU tensors
     _common.device_sm_count = lambda device: 132        # an H100 SXM
+    _common.device_capability = lambda device: (9, 0)
     traj = _common.kernel_module("trajectory_attention")
     traj._interpreting = lambda t: False
     traj._upcast = lambda t: False

@@ -145,6 +145,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device; None elsewhere (interpreter, CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
 def device_sm_count(device: torch.device) -> int:
     """Streaming multiprocessors on a CUDA device; a small stand-in elsewhere (interpreter, CPU)."""
     if device.type == "cuda":

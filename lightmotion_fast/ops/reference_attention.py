@@ -29,11 +29,17 @@ def reference_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     lse = torch.empty((b * h, n), dtype=torch.float32, device=q.device)
     if triton_path(q):
         _common.kernel_module("dual_cross_attention").reference_attention_launch(
-            q, k, v, k_ref, v_ref, softmax_scale, out, lse)
+            q, k, v, k_ref, v_ref, softmax_scale, out, lse, tma=_tma(q))
     else:
         out.copy_(reference_attention_reference(q, k, v, k_ref, v_ref, softmax_scale))
         lse.copy_(scores_lse(q, torch.cat([k, k_ref], 2), softmax_scale).reshape(b * h, n))
     return out, lse
+
+
+def _tma(q: torch.Tensor) -> bool:
+    """Whether the forward brings K/V in through TMA: Hopper or newer (compute capability 9+)."""
+    capability = _common.device_capability(q.device)
+    return capability is not None and capability >= (9, 0)
 
 
 @reference_attention_op.register_fake
