@@ -10,8 +10,10 @@ applies to the first condition.
 
 Forward, reference attention: the same loop with ONE softmax state running over two key/value
 sources in turn (the feature map m, then the reference bank p), which is attention over the
-concatenation [m; p] without building it. Its backward reuses the dual kernels (Δ = rowsum(dO ∘ O)
-given, one dq/dkdv launch per source).
+concatenation [m; p] without building it. On Hopper (the caller passes tma=True) its 16-bit key/value
+tiles come through TMA descriptors (`_reference_attention_fwd_tma_kernel`: bulk copies by the copy
+engine, bounds zero-filled, no per-thread address math); otherwise cp.async. Its backward reuses the
+dual kernels (Δ = rowsum(dO ∘ O) given, one dq/dkdv launch per source).
 
 Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchronous on sm_90):
 * HEAD_DIM is a compile-time constant, so the head-dim mask `offs_d < HEAD_DIM` is known to be

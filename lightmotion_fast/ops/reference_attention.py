@@ -4,7 +4,8 @@ without materialising the concatenation (specs/motionflow.md, "Reference attenti
 Checks, the custom ops `lightmotion::reference_attention` (returns the output and the row
 log-sum-exp) and `lightmotion::reference_attention_backward`, its autograd, and the choice of
 implementation. The meaning is in reference/reference_attention.py, the speed in
-kernels/dual_cross_attention.py: one online-softmax state running over both sources forward; the
+kernels/dual_cross_attention.py: one online-softmax state running over both sources forward (key/value
+tiles by TMA on sm_90+, `_tma`); the
 backward runs the dual-attention dq and dk/dv kernels once per source with the shared
 Δ = rowsum(dO ∘ O) (no [n, n_m + n_p] probabilities stored, no recompute through SDPA). Without
 Triton (CPU, reference backend, float64) both run in PyTorch over the concatenation.
