@@ -274,6 +274,15 @@ def run_smoke(ops: list[str], dtypes: list[torch.dtype], device: torch.device,
     return failures
 
 
+def device_gated(device: torch.device, dtypes: list[torch.dtype]) -> set[str]:
+    """Kernels this device and these dtypes never launch, so the smoke does not expect them: the TMA
+    reference forward runs only on sm_90+ with 16-bit inputs (tests/test_reference_attention.py runs
+    it through the interpreter by answering the device query as sm_90)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    sixteen_bit = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
+    return set() if capability and capability >= (9, 0) and sixteen_bit else {"_reference_attention_fwd_tma_kernel"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated, from: " + ", ".join(OPS))
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"smoke: {len(ops)} op(s) on {device} ({mode}), dtypes {[str(d)[6:] for d in dtypes]}", flush=True)
     failures = run_smoke(ops, dtypes, device)
     if set(ops) == set(OPS):
-        missing = sorted(library_kernels() - launched)
+        missing = sorted(library_kernels() - launched - device_gated(device, dtypes))
         print(f"kernels launched: {len(launched)}: {', '.join(sorted(launched))}")
         if missing:
             failures.append(f"kernels never launched by the smoke calls: {missing} (add a call for them here)")
