@@ -51,10 +51,9 @@ CHECKS = {
     "no div64": (lambda r: _n(r, "div64") == 0, "no 64-bit integer division/remainder in the PTX"),
 }
 
-# Known misses: what the fixing issue must do. The text is the xfail reason pytest prints.
+# Known misses (none today): what the fixing issue must do. The text is the xfail reason pytest prints,
+# ending in _FLIP.
 _FLIP = " XPASS means fixed: delete known=... from this INVARIANTS row."
-ISSUE11_LORA = ("issue 11: the LoRA tail of the expand is now cp.async 128-bit (LDGSTS.128, no scalar load in the "
-                "K loop); what is left is the bias row, loaded in the epilogue as one 2-byte scalar per thread." + _FLIP)
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ INVARIANTS = [
     I("_multi_lora_expand_kernel", _LORA, "async loads"),
     I("_multi_lora_expand_kernel", _LORA, "wgmma"),
     I("_multi_lora_expand_kernel", _LORA, "128-bit stores"),
-    I("_multi_lora_expand_kernel", _LORA, "no 2-byte loads", known=ISSUE11_LORA),   # the LoRA tail
+    I("_multi_lora_expand_kernel", _LORA, "no 2-byte loads"),   # LoRA tail and bias row
     # --- dual cross-attention: d=40 (SD1.5 64x64) and the 16-B-aligned head dims
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "no spills"),
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit loads"),
