@@ -1,5 +1,6 @@
-"""plucker_embedding against CameraCtrl's `ray_condition` (PyTorch over [B, V, H·W]) at AnimateDiff
-16×256×384 and SVD 25×576×1024. The floor is the output written once at copy bandwidth: `bytes` is
+"""plucker_embedding against CameraCtrl's `ray_condition` (PyTorch over [B, V, H·W]), and on a GPU the
+same function compiled by torch.compile (Inductor fuses the ray math and the cast into one kernel), at
+AnimateDiff 16×256×384 and SVD 25×576×1024. The floor is the output written once at copy bandwidth: `bytes` is
 the output alone, so "% of ceiling" is the fraction of the device's copy bandwidth achieved."""
 import torch
 
@@ -9,7 +10,8 @@ from lightmotion_fast.reference.plucker import plucker_embedding_reference
 
 NOTE = ("cameractrl_ray_condition: CameraCtrl-style PyTorch rays on [B, V, H·W] (cross product over the xyz "
         "axis), permuted to [B, V, 6, H, W] and cast to the output dtype like ours; lightmotion runs with "
-        "validate=False (the camera checks read values back to the host)")
+        "validate=False (the camera checks read values back to the host); torch_compile_ray_condition: the "
+        "same function through torch.compile (fullgraph, static shapes), compiled outside the timing")
 
 
 def cameractrl_ray_condition(intrinsics, c2w, height, width, dtype):
@@ -46,11 +48,16 @@ def cameras(batch, frames, height, width, device):
 def _case(label, batch, frames, height, width, device, dtype, quick=True, cpu=False):
     def setup():
         k, c2w = cameras(batch, frames, height, width, device)
-        return {
+        providers = {
             "lightmotion": lambda: lm.plucker_embedding(k, c2w, height, width, dtype=dtype, validate=False),
             "reference": lambda: plucker_embedding_reference(k, c2w, height, width, dtype=dtype),
             "cameractrl_ray_condition": lambda: cameractrl_ray_condition(k, c2w, height, width, dtype),
         }
+        if device.type == "cuda":
+            compiled = torch.compile(cameractrl_ray_condition, fullgraph=True, dynamic=False)
+            compiled(k, c2w, height, width, dtype)  # compile outside the timing
+            providers["torch_compile_ray_condition"] = lambda: compiled(k, c2w, height, width, dtype)
+        return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
     return Case(op="plucker_embedding", shape=f"{label} {batch}x{frames}x{height}x{width}", setup=setup,

@@ -713,10 +713,10 @@ holds one declarative table of design invariants against these columns: no spill
 contiguous tiles (attention Q/K/V/O, GEMM tiles, elementwise streams) moved by 128-bit accesses, never 2-byte
 ones; K/V and GEMM tiles loaded asynchronously (cp.async or TMA); wgmma for the matrix kernels whose tiles allow
 it; ≥ 2 resident blocks per SM for the attention forwards; snr_reinject ≤ 50 instructions per element;
-latent_resample without 64-bit division; the multi-LoRA LoRA tail without 2-byte loads. A known miss is a
-strict expected failure naming the issue that fixes it (today one: issue 11, the multi-LoRA expand's bias
-row, a 2-byte load in the epilogue); when a fix makes one pass, the run fails until its `known=` is deleted
-from the table.
+latent_resample without 64-bit division; the multi-LoRA expand without 2-byte loads. A known miss is a
+strict expected failure naming the issue that fixes it (none today: the last, the multi-LoRA expand's bias
+row, now loads 128-bit); when a fix makes one pass, the run fails until its `known=` is deleted from the
+table.
 """
 
 
