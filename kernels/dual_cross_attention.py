@@ -18,11 +18,13 @@ dual kernels (Δ = rowsum(dO ∘ O) given, one dq/dkdv launch per source).
 Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchronous on sm_90):
 * HEAD_DIM is a compile-time constant, so the head-dim mask `offs_d < HEAD_DIM` is known to be
   constant over runs of 8 elements (all real head dims, 40/64/80/96/128/160/256, are multiples of 8).
-  The 16-bit forwards hold heads up to 128 wide as at most two power-of-two column chunks D_HI + D_LO,
-  each ≥ 16 (the MMA's K minimum), so no product sees more than the next multiple of 16 (`_d_split`):
+  The 16-bit kernels, forward and backward, hold heads up to 128 wide as at most two power-of-two
+  column chunks D_HI + D_LO, each ≥ 16 (the MMA's K minimum), so no product sees more than the next
+  multiple of 16 (`_d_split`):
       40 → 32 + 16,  80 → 64 + 16,  96 → 64 + 32;  16, 32, 64, 128 → one chunk;
-  Q·Kᵀ is two dots into one score tile and P·V two accumulators. Wider heads (160 → 256), fp32 and
-  the backwards use one register tile of D_PAD = next power of two (40 → 64).
+  a product over the head dim (Q·Kᵀ, dO·Vᵀ) is two dots into one tile, a product into it (P·V, dS·K,
+  Pᵀ·dO, dSᵀ·Q) two accumulators. Wider heads (160 → 256), fp32, and the dk/dv kernel above 64-wide
+  heads (`_dkdv_chunks`) use one register tile of the next power of two.
 * Every [b h n d] operand has a unit head-dim stride, its other strides are multiples of 8 elements
   and its base is 16-byte aligned. The launcher checks this (`_aligned`) and passes strides divided
   by 8; the kernels multiply them back by 8 (`_rows`), so the compiler can prove that each 8-element
@@ -69,18 +71,6 @@ def _program_ids(n_tiles):
 @triton.jit
 def _head_base(ptr, b, h, s_b8, s_h8):
     return ptr + _rows(b, s_b8) + _rows(h, s_h8)
-
-
-@triton.jit
-def _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST: tl.constexpr):
-    """The K and V rows offs_n (zero past kv_len and past the head dim), widened to fp32 under UPCAST."""
-    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-    k = tl.load(_tile_ptrs(k_base, offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(v_base, offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
 
 
 @triton.jit
@@ -600,11 +590,12 @@ def _chunk_descriptors(layout, block_n: int, d_hi: int, d_lo: int) -> list:
 # it writes fp32 partial sums that the launcher adds up.
 
 @triton.jit
-def _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled, masked scores of a [BLOCK_M, BLOCK_N] tile in log2 units."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    return _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
+def _dot_t(a_hi, a_lo, b_hi, b_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """a bᵀ over the head dim given as chunks (hi, lo): one dot, or two into one tile."""
+    s = tl.dot(a_hi, tl.trans(b_hi), input_precision=PRECISION)
+    if D_LO > 0:
+        s = tl.dot(a_lo, tl.trans(b_lo), s, input_precision=PRECISION)
+    return s
 
 
 @triton.jit
@@ -625,19 +616,36 @@ def _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m,
 
 
 @triton.jit
-def _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
+def _load_do(base, rows, row_ok, s_n8, lam, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr,
+             D_LO: tl.constexpr, UPCAST: tl.constexpr):
+    """(dO_hi, dO_lo) · λ of `rows`, rounded back to the storage dtype (the dots' operand type), then
+    widened under UPCAST."""
+    do_hi, do_lo = _load_q(base, rows, row_ok, s_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, False)
+    do_hi = (do_hi.to(tl.float32) * lam).to(do_hi.dtype)
+    do_lo = (do_lo.to(tl.float32) * lam).to(do_lo.dtype)
+    if UPCAST:
+        do_hi = do_hi.to(tl.float32)
+        do_lo = do_lo.to(tl.float32)
+    return do_hi, do_lo
+
+
+@triton.jit
+def _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, offs_m, n_q, kv_len,
                   sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
+                  HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile of the dq pass: its K tile, the probabilities P = exp2(S - lse) (0 on dead rows) and
-    dP = dO Vᵀ. Shared by the Δ pass and the dq pass, so both see the same P."""
+    """One key tile of the dq pass: its K chunks, the probabilities P = exp2(S - lse) (0 on dead rows)
+    and dP = dO Vᵀ. Shared by the Δ pass and the dq pass, so both see the same P."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    k, v = _kv_tile(k_base, v_base, offs_n, kv_len, offs_d, d_ok, sk_n8, sv_n8, UPCAST)
-    s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                     HAS_MASK, MASK_BOOL, PRECISION)
+    n_ok = offs_n < kv_len
+    k_hi, k_lo = _load_q(k_base, offs_n, n_ok, sk_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO, UPCAST)
+    v_hi, v_lo = _load_q(v_base, offs_n, n_ok, sv_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO, UPCAST)
+    s = _dot_t(q_hi, q_lo, k_hi, k_lo, D_LO, PRECISION) * qk_scale
+    s = _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
     p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return k, p, dp
+    dp = _dot_t(do_hi, do_lo, v_hi, v_lo, D_LO, PRECISION)
+    return k_hi, k_lo, p, dp
 
 
 @triton.jit
@@ -648,24 +656,18 @@ def _dual_bwd_dq_kernel(
     sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
     DELTA_GIVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < n_q
-    d_ok = offs_d < HEAD_DIM
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(_tile_ptrs(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
-    do = tl.load(_tile_ptrs(_head_base(do_ptr, b, h, sdo_b8, sdo_h8), offs_m, sdo_n8, offs_d), mask=tile_ok,
-                 other=0.0)
-    do = (do.to(tl.float32) * lam).to(q.dtype)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, UPCAST)
+    do_hi, do_lo = _load_do(_head_base(do_ptr, b, h, sdo_b8, sdo_h8), offs_m, row_ok, sdo_n8, lam, BLOCK_M,
+                            HEAD_DIM, D_HI, D_LO, UPCAST)
     row_base = pid_bh.to(tl.int64) * n_q
     lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     dead = lse == float("-inf")
@@ -679,26 +681,26 @@ def _dual_bwd_dq_kernel(
     else:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, kv_len, BLOCK_N):
-            _, p, dp = _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
-                                     sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
-                                     HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
+            _, _, p, dp = _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, offs_m, n_q,
+                                        kv_len, sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale, HEAD_DIM, D_HI,
+                                        D_LO, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
             delta += tl.sum(p * dp, 1)
         # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
         delta -= tl.load(glse_ptr + row_base + offs_m, mask=row_ok, other=0.0)
         tl.store(delta_ptr + row_base + offs_m, delta, mask=row_ok)
 
-    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    dq_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    dq_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     for start in range(0, kv_len, BLOCK_N):
-        k, p, dp = _probs_and_dp(q, do, lse, dead, k_base, v_base, start, offs_m, offs_d, d_ok, n_q, kv_len,
-                                 sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale,
-                                 HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * softmax_scale
-    dq_tile = _tile_ptrs(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, sdq_n8, offs_d)
-    if ACCUMULATE:
-        dq += tl.load(dq_tile, mask=tile_ok, other=0.0)
-    tl.store(dq_tile, dq, mask=tile_ok)
+        k_hi, k_lo, p, dp = _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, offs_m, n_q,
+                                          kv_len, sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale, HEAD_DIM, D_HI,
+                                          D_LO, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
+        ds = (p * (dp - delta[:, None])).to(k_hi.dtype)
+        dq_hi += tl.dot(ds, k_hi, input_precision=PRECISION)
+        if D_LO > 0:
+            dq_lo += tl.dot(ds, k_lo, input_precision=PRECISION)
+    _store_chunks(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi * softmax_scale,
+                  dq_lo * softmax_scale, HEAD_DIM, D_HI, D_LO, ACCUMULATE)
 
 
 @triton.jit
@@ -708,8 +710,8 @@ def _dual_bwd_dkdv_kernel(
     sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
     sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8, sm_b, sm_h, sm_n, sm_m,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Program = (b·h, key tile, query split), the splits of one key tile neighbours.
     pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * n_split)
@@ -718,57 +720,87 @@ def _dual_bwd_dkdv_kernel(
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n < kv_len)[:, None] & d_ok[None, :]
-    k = tl.load(_tile_ptrs(_head_base(k_ptr, b, h, sk_b8, sk_h8), offs_n, sk_n8, offs_d), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(_head_base(v_ptr, b, h, sv_b8, sv_h8), offs_n, sv_n8, offs_d), mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    n_ok = offs_n < kv_len
+    k_hi, k_lo = _load_q(_head_base(k_ptr, b, h, sk_b8, sk_h8), offs_n, n_ok, sk_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO,
+                         UPCAST)
+    v_hi, v_lo = _load_q(_head_base(v_ptr, b, h, sv_b8, sv_h8), offs_n, n_ok, sv_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO,
+                         UPCAST)
     q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
     do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
     row_base = pid_bh.to(tl.int64) * n_q
 
-    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dk_hi = tl.zeros([BLOCK_N, D_HI], dtype=tl.float32)
+    dk_lo = tl.zeros([BLOCK_N, D_LO if D_LO > 0 else 16], dtype=tl.float32)
+    dv_hi = tl.zeros([BLOCK_N, D_HI], dtype=tl.float32)
+    dv_lo = tl.zeros([BLOCK_N, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, n_q)
     for start in range(row_start, row_end, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < row_end
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile_ptrs(q_base, offs_m, sq_n8, offs_d), mask=tile_ok, other=0.0)
-        do = tl.load(_tile_ptrs(do_base, offs_m, sdo_n8, offs_d), mask=tile_ok, other=0.0)
-        do = (do.to(tl.float32) * lam).to(k.dtype)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q_hi, q_lo = _load_q(q_base, offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
+        do_hi, do_lo = _load_do(do_base, offs_m, row_ok, sdo_n8, lam, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
         lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
         dead = lse == float("-inf")
-        s = _scores_tile(q, k, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, qk_scale,
-                         HAS_MASK, MASK_BOOL, PRECISION)
+        s = _dot_t(q_hi, q_lo, k_hi, k_lo, D_LO, PRECISION) * qk_scale
+        s = _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
         p = tl.where(dead[:, None], 0.0, tl.exp2(s - tl.where(dead, 0.0, lse)[:, None]))
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dk = dk * softmax_scale
+        pt = tl.trans(p.to(do_hi.dtype))
+        dv_hi += tl.dot(pt, do_hi, input_precision=PRECISION)
+        dp = _dot_t(do_hi, do_lo, v_hi, v_lo, D_LO, PRECISION)
+        dst = tl.trans((p * (dp - delta[:, None])).to(q_hi.dtype))
+        dk_hi += tl.dot(dst, q_hi, input_precision=PRECISION)
+        if D_LO > 0:
+            dv_lo += tl.dot(pt, do_lo, input_precision=PRECISION)
+            dk_lo += tl.dot(dst, q_lo, input_precision=PRECISION)
     split = pid_s.to(tl.int64) * 8
-    tl.store(_tile_ptrs(_head_base(dk_ptr + split * sdk_s8, b, h, sdk_b8, sdk_h8), offs_n, sdk_n8, offs_d),
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(_head_base(dv_ptr + split * sdv_s8, b, h, sdv_b8, sdv_h8), offs_n, sdv_n8, offs_d),
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_chunks(_head_base(dk_ptr + split * sdk_s8, b, h, sdk_b8, sdk_h8), offs_n, n_ok, sdk_n8,
+                  dk_hi * softmax_scale, dk_lo * softmax_scale, HEAD_DIM, D_HI, D_LO, False)
+    _store_chunks(_head_base(dv_ptr + split * sdv_s8, b, h, sdv_b8, sdv_h8), offs_n, n_ok, sdv_n8, dv_hi, dv_lo,
+                  HEAD_DIM, D_HI, D_LO, False)
 
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
     """(BLOCK_M, num_warps, num_stages) of the backward kernels; fp32 (FMA-loop dots) takes 16-query
-    tiles, 2 stages and more warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64; at D_PAD 256 dk/dv
-    still spills ~3 KB with 16 warps, 4 KB with 8)."""
+    tiles, 2 stages and more warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64; dq at D_PAD 256 spills
+    16 B with 8 warps, none with 16). dk/dv at D_PAD 256 takes its own warps (`_dkdv_warps`)."""
     if dtype == torch.float32:
         return 16, (8 if d_pad <= 128 else 16), 2
     return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8), 3
+
+
+def _bwd_common(d_len: int, dtype: torch.dtype) -> tuple[dict, int]:
+    """(the constexprs and launch options both backward kernels share, BLOCK_M); the tiles are chosen
+    by the power-of-two width of the head dim, its chunks per kernel (`_dkdv_chunks`)."""
+    block_m, num_warps, num_stages = _bwd_tiles(_d_pad(d_len), dtype)
+    return dict(HEAD_DIM=d_len, PRECISION=_precision(dtype), UPCAST=_upcast(dtype), num_warps=num_warps,
+                num_stages=num_stages), block_m
+
+
+def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(D_HI, D_LO) of the dk/dv kernel: the forwards' chunks (`_d_split`) for heads up to 64 wide
+    (40 → 32 + 16); one power-of-two tile above. Its 32-key tiles at 80-wide heads keep K, V, dK and dV
+    for the whole query walk, and split 64 + 16 they compiled (sm_90, ptxas) to 255 registers and a
+    20 B spill, against 231 and none as one 128-wide tile. The dq kernel takes `_d_split` at every width
+    (80 → 64 + 16: 116 registers and 2 blocks/SM, against 130 and 1). fp32 from 128-wide heads: two
+    halves (128 → 64 + 64, 160 → 128 + 32, 256 → 128 + 128; sm_90: 168-208 registers at 128-wide heads
+    where one tile took 255, and a third of the spill at 256)."""
+    whole = _d_pad(d_len)
+    if dtype == torch.float32 and whole >= 128:
+        # fp32 dots are FMA loops whose operands are held along the whole contraction (the head dim
+        # in S = Q Kᵀ and dP = dO Vᵀ): halving it per dot halves that footprint.
+        hi = whole // 2
+        return hi, max(16, triton.next_power_of_2(d_len - hi))
+    return _d_split(d_len, dtype) if whole <= 64 else (whole, 0)
+
+
+def _dkdv_warps(d_len: int, dtype: torch.dtype, warps: int) -> int:
+    """fp32 dk/dv at D_PAD 256 (two 128-wide chunks): 8 warps. Still the one fp32 launch that spills
+    (sm_90, ptxas: 0.35-0.38 KB at 8 warps, 0.9-1.3 KB at 16; one 256-wide tile spilled ~3 KB): its
+    FMA-loop dots hold a 128-long operand row per output element of a 16 × 16 score tile."""
+    return 8 if dtype == torch.float32 and _d_pad(d_len) > 128 else warps
 
 
 def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
@@ -801,7 +833,9 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     """dk, dv (like k, v; written) of one key/value set; splits the query walk when the grid is small."""
     batch, heads, n_q, d_len = q.shape
     kv_len = k.shape[2]
-    block_n = _dkdv_block_n(block_n, common["D_PAD"], q.dtype)
+    block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
+    d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)
+    common = dict(common, num_warps=_dkdv_warps(d_len, q.dtype, common["num_warps"]))
     kv_tiles = triton.cdiv(kv_len, block_n)
     q_tiles = triton.cdiv(n_q, block_m)
     split = _dkdv_split(batch * heads * kv_tiles, q_tiles, sm_count)
@@ -819,7 +853,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
         n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), split, rows_per_split,
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out),
         dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *mask_args[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo, **flags, **common,
     )
     if split == 1:
         _copy_back(dk_dst, dk)
@@ -831,13 +865,15 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
 
 def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args, lam, softmax_scale, block_m, block_n,
                accumulate, delta_given, flags, common):
-    batch, heads, n_q, _ = q.shape
+    batch, heads, n_q, d_len = q.shape
     block_n = _dq_block_n(block_n, q.dtype)
+    d_hi, d_lo = _d_split(d_len, q.dtype)
     _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
         q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args[0],
         n_q, heads, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out), *_strides8(dq), *mask_args[1],
-        ACCUMULATE=accumulate, DELTA_GIVEN=delta_given, BLOCK_M=block_m, BLOCK_N=block_n, **flags, **common,
+        ACCUMULATE=accumulate, DELTA_GIVEN=delta_given, BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo,
+        **flags, **common,
     )
 
 
@@ -852,16 +888,13 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     q, grad_out = _aligned(q), _aligned(grad_out)
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     dq_dst = _writable(dq)
-    d_pad = _d_pad(d_len)
-    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
+    common, block_m = _bwd_common(d_len, q.dtype)
     delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
-    common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
-                  num_warps=num_warps, num_stages=num_stages)
     for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
         masked = mask is not None and j == 0
         mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
         flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
-        block_n = _block_n(k.shape[2])
+        block_n = _block_n(k.shape[2], split=_d_split(d_len, q.dtype)[1] > 0)
         _launch_dq(q, k, v, grad_out, lse[j], grad_lse[j], delta, dq_dst, mask_args, lam, softmax_scale,
                    block_m, block_n, j > 0, False, flags, common)
         _launch_dkdv(q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_args, lam, softmax_scale,
@@ -879,16 +912,13 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
     delta = ((grad_out.float() * out.float()).sum(-1).reshape(batch * heads, n_q) - grad_lse).contiguous()
     q, grad_out = _aligned(q), _aligned(grad_out)
     dq_dst = _writable(dq)
-    d_pad = _d_pad(d_len)
-    block_m, num_warps, num_stages = _bwd_tiles(d_pad, q.dtype)
-    block_n = 64 if d_pad <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
-    common = dict(HEAD_DIM=d_len, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), D_PAD=d_pad,
-                  num_warps=num_warps, num_stages=num_stages)
+    common, block_m = _bwd_common(d_len, q.dtype)
+    block_n = 64 if _d_pad(d_len) <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
     no_mask = (q, (0, 0, 0, 0))
     for i, ((k, v), (dk, dv)) in enumerate(zip(sources, grads)):
         k, v = _aligned(k), _aligned(v)
-        bn = min(block_n, max(16, triton.next_power_of_2(k.shape[2])))
+        bn = min(block_n, max(32 if _d_split(d_len, q.dtype)[1] else 16, triton.next_power_of_2(k.shape[2])))
         _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq_dst, no_mask, 1.0, softmax_scale,
                    block_m, bn, i > 0, True, flags, common)
         _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, no_mask, 1.0, softmax_scale,

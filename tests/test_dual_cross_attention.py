@@ -375,3 +375,54 @@ def test_head_dim_chunks():
         hi, lo = _d_split(d, half)
         assert hi + lo >= d and (hi + lo - d < 16 or lo == 0) and hi & (hi - 1) == 0
         assert lo == 0 or (lo >= 16 and lo & (lo - 1) == 0)
+
+
+@pytest.mark.parametrize("op", ["dual", "reference"])
+@pytest.mark.parametrize("d, chunks, dkdv", [(40, (32, 16), (32, 16)), (80, (64, 16), (128, 0)),
+                                            (96, (64, 32), (128, 0)), (64, (64, 0), (64, 0))])
+def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunks, dkdv):
+    """The 16-bit backwards hold the head dim in the forwards' chunks (40 → 32 + 16), not one tile padded
+    to the next power of two (40 → 64), dk/dv up to 64-wide heads only (`_dkdv_chunks`): every dq and
+    dk/dv launch says so, and the gradients hold."""
+    from lightmotion_fast.ops.reference_attention import reference_attention
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.real = name, getattr(attn_kernels, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, kwargs["D_HI"], kwargs["D_LO"]))
+                return self.real[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel"):
+        monkeypatch.setattr(attn_kernels, name, Recorder(name))
+    b, h, n, lengths = 1, 2, 21, (11, 5)
+
+    def view(m):
+        return torch.randn(b, m, h * d, device=device, dtype=torch.float16).view(b, m, h, d).transpose(1, 2)
+    q = view(n).requires_grad_()
+    keys = [view(m).requires_grad_() for m in lengths]
+    values = [view(m).requires_grad_() for m in lengths]
+    grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    with lightmotion_fast.backend("triton"):
+        if op == "dual":
+            out = dual_cross_attention(q, keys, values, [1.0, 0.6])
+        else:
+            out = reference_attention(q, keys[0], values[0], keys[1], values[1])
+        out.backward(grad)
+    assert {(name, hi, lo) for name, hi, lo in seen} == {("_dual_bwd_dq_kernel", *chunks),
+                                                           ("_dual_bwd_dkdv_kernel", *dkdv)}
+    assert len(seen) == 4  # a dq and a dk/dv launch per key/value set
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
+    if op == "dual":
+        want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6])
+    else:
+        want = torch.nn.functional.scaled_dot_product_attention(
+            leaves[0], torch.cat(leaves[1:3], 2), torch.cat(leaves[3:], 2))
+    want.backward(grad.double().cpu())
+    for got, ref in zip((q, *keys, *values), leaves):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=3e-2, rtol=3e-2)
