@@ -202,3 +202,23 @@ lm.latent_permute(torch.randn(1, 1, 2, 4, 4), lm.CameraMotion(pan=(0.25, 0.0)))
 """
     result = _run(code)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_repository_root_on_the_path_does_not_shadow_another_kernels_package(tmp_path):
+    """From the repository root (`python -m lightmotion_fast demo`, `python -m pytest`) the top-level
+    kernels/ directory is importable as `kernels`, the import name of Hugging Face's package that
+    transformers ≥ 5 imports at start-up; where another `kernels` is installed, that one is what
+    `import kernels` gives, and lightmotion_fast.kernels is still ours."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the other package'\n")
+    code = "import kernels, lightmotion_fast.kernels as ours; print(kernels.CUDAProperties, '|', ours.__name__)"
+    result = _run(code, env_update={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "the other package | lightmotion_fast.kernels"
+    # The import that failed before (transformers 5 with its `kernels` dependency): the video pipelines'
+    # text encoders come through it.
+    result = _run("import transformers.modeling_utils, diffusers; "
+                  "from diffusers import AnimateDiffPipeline; print('imported')")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported" in result.stdout
