@@ -24,7 +24,9 @@ Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchron
       40 → 32 + 16,  80 → 64 + 16,  96 → 64 + 32;  16, 32, 64, 128 → one chunk;
   a product over the head dim (Q·Kᵀ, dO·Vᵀ) is two dots into one tile, a product into it (P·V, dS·K,
   Pᵀ·dO, dSᵀ·Q) two accumulators. Wider heads (160 → 256), fp32, and the dk/dv kernel above 64-wide
-  heads (`_dkdv_chunks`) use one register tile of the next power of two.
+  heads (`_dkdv_chunks`) use one register tile of the next power of two, except fp32 dk/dv from
+  128-wide heads, which takes halves, and from 160-wide heads also reads Q, K, dO, V for S and dP
+  32 columns at a time (`_dkdv_s_chunk`).
 * Every [b h n d] operand has a unit head-dim stride, its other strides are multiples of 8 elements
   and its base is 16-byte aligned. The launcher checks this (`_aligned`) and passes strides divided
   by 8; the kernels multiply them back by 8 (`_rows`), so the compiler can prove that each 8-element
@@ -34,7 +36,8 @@ Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchron
 
 fp32 inputs use IEEE fp32 dots (results match the reference to fp32 rounding) unless the caller
 allows TF32 through `torch.backends.cuda.matmul.allow_tf32`. IEEE fp32 dots compile to FMA loops,
-not tensor-core instructions, so fp32 takes 16–32-query tiles that ptxas fits without spilling.
+not tensor-core instructions, so fp32 takes 16–32-query tiles that ptxas fits without spilling
+(sm_90, every launch of tests/gpu_compile_check.py, head dims 16 to 256).
 """
 import os
 
@@ -599,6 +602,22 @@ def _dot_t(a_hi, a_lo, b_hi, b_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_t_streamed(a_base, a_rows, a_ok, sa_n8, a_scale, b_base, b_rows, b_ok, sb_n8,
+                    ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """a bᵀ over the head dim with both operands read from memory CHUNK columns at a time (a scaled
+    by a_scale and rounded back to its dtype, as `_load_do` does). For fp32 IEEE dots (FMA loops,
+    which hold each operand row along the whole contraction in registers) at wide heads."""
+    acc = tl.zeros([ROWS_A, ROWS_B], dtype=tl.float32)
+    for d0 in tl.static_range(0, HEAD_DIM, CHUNK):
+        a = _load_chunk(a_base, a_rows, a_ok, sa_n8, d0, CHUNK, HEAD_DIM, False)
+        a = (a.to(tl.float32) * a_scale).to(a.dtype)
+        b = _load_chunk(b_base, b_rows, b_ok, sb_n8, d0, CHUNK, HEAD_DIM, False)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
     """The user's mask (additive, in log2 units, or keep-bool) and the key-length cut on a scaled
@@ -711,9 +730,11 @@ def _dual_bwd_dkdv_kernel(
     sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8, sm_b, sm_h, sm_n, sm_m,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    S_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Program = (b·h, key tile, query split), the splits of one key tile neighbours.
+    # Program = (b·h, key tile, query split), the splits of one key tile neighbours. S_CHUNK > 0: S and
+    # dP are formed from memory S_CHUNK head-dim columns at a time (`_dot_t_streamed`) and K, V are not
+    # held; 0: K, V stay in registers as their chunks for the whole query walk.
     pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * n_split)
     pid_n = pid_ns // n_split
     pid_s = pid_ns % n_split
@@ -721,10 +742,11 @@ def _dual_bwd_dkdv_kernel(
     h = (pid_bh % heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < kv_len
-    k_hi, k_lo = _load_q(_head_base(k_ptr, b, h, sk_b8, sk_h8), offs_n, n_ok, sk_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO,
-                         UPCAST)
-    v_hi, v_lo = _load_q(_head_base(v_ptr, b, h, sv_b8, sv_h8), offs_n, n_ok, sv_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO,
-                         UPCAST)
+    k_base = _head_base(k_ptr, b, h, sk_b8, sk_h8)
+    v_base = _head_base(v_ptr, b, h, sv_b8, sv_h8)
+    if S_CHUNK == 0:
+        k_hi, k_lo = _load_q(k_base, offs_n, n_ok, sk_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO, UPCAST)
+        v_hi, v_lo = _load_q(v_base, offs_n, n_ok, sv_n8, BLOCK_N, HEAD_DIM, D_HI, D_LO, UPCAST)
     q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
     do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
@@ -744,12 +766,20 @@ def _dual_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
         dead = lse == float("-inf")
-        s = _dot_t(q_hi, q_lo, k_hi, k_lo, D_LO, PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
+        if S_CHUNK == 0:
+            s = _dot_t(q_hi, q_lo, k_hi, k_lo, D_LO, PRECISION)
+        else:
+            s = _dot_t_streamed(q_base, offs_m, row_ok, sq_n8, 1.0, k_base, offs_n, n_ok, sk_n8, BLOCK_M, BLOCK_N,
+                                HEAD_DIM, S_CHUNK, PRECISION)
+        s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL)
         p = tl.where(dead[:, None], 0.0, tl.exp2(s - tl.where(dead, 0.0, lse)[:, None]))
         pt = tl.trans(p.to(do_hi.dtype))
         dv_hi += tl.dot(pt, do_hi, input_precision=PRECISION)
-        dp = _dot_t(do_hi, do_lo, v_hi, v_lo, D_LO, PRECISION)
+        if S_CHUNK == 0:
+            dp = _dot_t(do_hi, do_lo, v_hi, v_lo, D_LO, PRECISION)
+        else:
+            dp = _dot_t_streamed(do_base, offs_m, row_ok, sdo_n8, lam, v_base, offs_n, n_ok, sv_n8, BLOCK_M, BLOCK_N,
+                                 HEAD_DIM, S_CHUNK, PRECISION)
         dst = tl.trans((p * (dp - delta[:, None])).to(q_hi.dtype))
         dk_hi += tl.dot(dst, q_hi, input_precision=PRECISION)
         if D_LO > 0:
@@ -786,7 +816,8 @@ def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     20 B spill, against 231 and none as one 128-wide tile. The dq kernel takes `_d_split` at every width
     (80 → 64 + 16: 116 registers and 2 blocks/SM, against 130 and 1). fp32 from 128-wide heads: two
     halves (128 → 64 + 64, 160 → 128 + 32, 256 → 128 + 128; sm_90: 168-208 registers at 128-wide heads
-    where one tile took 255, and a third of the spill at 256)."""
+    where one tile took 255); there, from 160-wide heads, they are the dK, dV accumulators' and the Q,
+    dO tiles' chunks, S and dP being formed from memory (`_dkdv_s_chunk`)."""
     whole = _d_pad(d_len)
     if dtype == torch.float32 and whole >= 128:
         # fp32 dots are FMA loops whose operands are held along the whole contraction (the head dim
@@ -796,11 +827,21 @@ def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     return _d_split(d_len, dtype) if whole <= 64 else (whole, 0)
 
 
+def _dkdv_s_chunk(d_len: int, dtype: torch.dtype) -> int:
+    """S_CHUNK of the dk/dv kernel: fp32 from 160-wide heads (D_PAD 256) forms S and dP from memory 32
+    head-dim columns at a time and holds no K, V; 0 (K, V held) everywhere else. sm_90, ptxas: at
+    160-wide heads 249-253 registers and no spill, where K, V held as two 128-wide chunks spilled
+    0.35-0.38 KB and as one 256-wide tile ~3 KB; 64-column steps took 255 registers."""
+    return 32 if dtype == torch.float32 and _d_pad(d_len) > 128 else 0
+
+
 def _dkdv_warps(d_len: int, dtype: torch.dtype, warps: int) -> int:
-    """fp32 dk/dv at D_PAD 256 (two 128-wide chunks): 8 warps. Still the one fp32 launch that spills
-    (sm_90, ptxas: 0.35-0.38 KB at 8 warps, 0.9-1.3 KB at 16; one 256-wide tile spilled ~3 KB): its
-    FMA-loop dots hold a 128-long operand row per output element of a 16 × 16 score tile."""
-    return 8 if dtype == torch.float32 and _d_pad(d_len) > 128 else warps
+    """fp32 dk/dv at D_PAD 256: 8 warps for 160-wide heads (128 + 32 chunks: 16 warps spilled 136-144 B
+    at their 128-register cap), 16 for wider ones (128 + 128: 128 registers and no spill at 16 warps,
+    8 B at 8 warps, 0.3 KB at 4; sm_90, ptxas)."""
+    if dtype == torch.float32 and _d_pad(d_len) > 128:
+        return 16 if d_len > 192 else 8
+    return warps
 
 
 def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
@@ -853,7 +894,8 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
         n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), split, rows_per_split,
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out),
         dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *mask_args[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo, **flags, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo, S_CHUNK=_dkdv_s_chunk(d_len, q.dtype), **flags,
+        **common,
     )
     if split == 1:
         _copy_back(dk_dst, dk)

@@ -426,3 +426,38 @@ def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunk
     want.backward(grad.double().cpu())
     for got, ref in zip((q, *keys, *values), leaves):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("d", [160, 256])
+def test_fp32_wide_dkdv_streams_scores_from_memory(device, monkeypatch, d):
+    """fp32 dk/dv from 160-wide heads forms S and dP from memory 32 head-dim columns at a time
+    (`_dkdv_s_chunk`; holding K, V spilled on sm_90): the launch says so, and with a float mask,
+    λ ≠ 1 and head-interleaved views ([b, m, h, d] buffers) the gradients equal float64's."""
+    seen = []
+    real = attn_kernels._dual_bwd_dkdv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["S_CHUNK"], kwargs["D_HI"], kwargs["D_LO"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attn_kernels, "_dual_bwd_dkdv_kernel", Recorder())
+    b, h, n, lengths = 1, 2, 19, (13, 6)
+
+    def view(m):  # [b, h, m, d] over a [b, m, h, d] buffer: head stride d, row stride h·d
+        return torch.randn(b, m, h, d, device=device, dtype=torch.float32).transpose(1, 2)
+    q = view(n).requires_grad_()
+    keys = [view(m).requires_grad_() for m in lengths]
+    values = [view(m).requires_grad_() for m in lengths]
+    mask = torch.randn(b, h, n, lengths[0], device=device)
+    grad = torch.randn(b, h, n, d, device=device)
+    with lightmotion_fast.backend("triton"):
+        dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask).backward(grad)
+    assert seen == [(32, 128, triton.next_power_of_2(d - 128))] * 2
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
+    want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], mask=mask.double().cpu())
+    want.backward(grad.double().cpu())
+    for got, ref in zip((q, *keys, *values), leaves):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-4)
