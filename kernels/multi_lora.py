@@ -297,12 +297,14 @@ def _cfg(m, n, k, warps, stages):
 # capture).
 # SEPARATE keeps the base tile besides the running one (two accumulators), so its tiles hold at most
 # 64 fp32 accumulator values per thread: 128×256 and 128×128 at 4 warps spill ~700 B there on sm_90.
-# fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB).
+# fp32 (IEEE FMA dots, operands in registers): no 128×256 or 128×128 tile (128×256 spilled 70 KB); no
+# 128×64 at 8 warps, and 64×128 at 2 stages (sm_90: ptxas held those to 128 registers and spilled 4-20 B at
+# 32-rank chunks, 128×64 also at 2 stages).
 _EXPAND_CONFIGS = {
     ("16bit", False): [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
                        _cfg(64, 128, 64, 4, 4)],
     ("16bit", True): [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3)],
-    ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3)],
+    ("fp32", False): [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 2)],
     ("fp32", True): [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)],
 }
 # SAMPLE_COEF (`output` per sample) scales the z tile in registers before its wgmma, which costs
@@ -314,6 +316,14 @@ _EXPAND_CONFIGS.update({
     ("fp32", False, "sample"): _EXPAND_CONFIGS[("fp32", False)],
     ("fp32", True, "sample"): _EXPAND_CONFIGS[("fp32", True)],
 })
+# Rows that the compiler cannot prove 16-byte aligned (d_in, d_out or a row stride not a multiple of 16
+# elements, as Triton specialises integers, or a base pointer off 16 bytes) turn the 16-bit tiles' loads
+# into scalar ones that are software-pipelined through registers: every tile above spilled there on
+# sm_90 (84 B to 3.1 KB, at d_in = 24, d_out = 20). Such layouts (no real model's: their widths are
+# multiples of 64) take smaller K steps and tiles.
+for _separate in (False, True):
+    for _tail in ((), ("sample",)):
+        _EXPAND_CONFIGS[("16bit", _separate, *_tail, "unaligned")] = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
 EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE", "SAMPLE_COEF"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
                   for family, configs in _EXPAND_CONFIGS.items()}
@@ -325,20 +335,29 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (int(m) - 1).bit_length())
 
 
-def _family(dtype: torch.dtype, separate: bool, sample_coef: bool = False) -> tuple:
+def _family(dtype: torch.dtype, separate: bool, sample_coef: bool = False, aligned: bool = True) -> tuple:
     family = ("fp32" if dtype == torch.float32 else "16bit", bool(separate))
-    return (*family, "sample") if sample_coef else family
+    family = (*family, "sample") if sample_coef else family
+    return family if aligned or dtype == torch.float32 else (*family, "unaligned")
+
+
+def rows_aligned(tensors, sizes) -> bool:
+    """Whether Triton's specialisation proves every operand row 16-byte aligned: base pointers on 16
+    bytes, every non-unit stride and every masked extent (`sizes`) a multiple of 16 elements."""
+    return (all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
+            and all(n % 16 == 0 for n in sizes))
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool, sample_coef: bool = False):
+def expand_launcher(dtype: torch.dtype, separate: bool, key: tuple, capturing: bool, sample_coef: bool = False,
+                    aligned: bool = True):
     """(kernel, fixed config or None). The autotuner for this dtype family, which tunes on the first
     call per key; but inside a CUDA-graph capture a key not tuned yet must not be benchmarked (the
     timing launches and synchronisations are illegal there): it runs the family's first config."""
-    family = _family(dtype, separate, sample_coef)
+    family = _family(dtype, separate, sample_coef, aligned)
     if capturing and (family, key) not in _TUNED:
         return _multi_lora_expand_kernel, _EXPAND_CONFIGS[family][0]
     _TUNED.add((family, key))
@@ -446,7 +465,9 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         kernel, cfg = _multi_lora_expand_kernel, _INTERPRETER_EXPAND
     else:
         key = (m_bucket(M), N, K, R, n_lora, bias is not None, bool(separate), coef is not None)
-        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device), sample_coef=coef is not None)
+        aligned = rows_aligned([t for t in (x, weight, bias, zs, b_cat, y) if t is not None], (K, N))
+        kernel, cfg = expand_launcher(x.dtype, separate, key, _capturing(x.device), sample_coef=coef is not None,
+                                      aligned=aligned)
     if cfg is not None:
         grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
         kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -317,6 +317,30 @@ def test_autotune_key_buckets_m_and_capture_does_not_tune():
     assert fn is kernel._EXPAND_TUNERS[family] and cfg is None
 
 
+def test_unaligned_rows_take_their_own_expand_configs():
+    """16-bit rows the compiler cannot prove 16-byte aligned (a width, row stride or base off a multiple
+    of 16 elements / bytes) load as scalars and spilled in every regular tile on sm_90; they go to the
+    'unaligned' families (at most 128 × 64 tiles, 32-deep K steps). fp32 families are unchanged."""
+    kernel = _common.kernel_module("multi_lora")
+    x = torch.empty(64, 320, dtype=torch.float16)
+    w = torch.empty(320, 320, dtype=torch.float16)
+    assert kernel.rows_aligned([x, w, w.t()], (320, 320))
+    assert not kernel.rows_aligned([x[:, :24], w], (24, 320))          # d_in = 24
+    assert not kernel.rows_aligned([torch.empty(64, 24, dtype=torch.float16)[:, :16]], (16, 320))  # row stride
+    assert not kernel.rows_aligned([x[:, 1:17]], (16, 320))            # base 2 bytes off
+    for separate in (False, True):
+        for sample in (False, True):
+            family = kernel._family(torch.bfloat16, separate, sample, aligned=False)
+            assert family[-1] == "unaligned" and family[:-1] == kernel._family(torch.bfloat16, separate, sample)
+            assert kernel._family(torch.float32, separate, sample, aligned=False) == \
+                kernel._family(torch.float32, separate, sample)
+            for c in kernel._EXPAND_CONFIGS[family]:
+                assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 and c.kwargs["BLOCK_K"] == 32
+            fn, cfg = kernel.expand_launcher(torch.float16, separate, ("unaligned-test", separate, sample), True,
+                                             sample_coef=sample, aligned=False)
+            assert cfg is kernel._EXPAND_CONFIGS[family][0]
+
+
 requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: CUDA-graph capture and host-sync checks")
 
 
