@@ -282,8 +282,12 @@ def _blocks(frames: int, dim: int) -> tuple[int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 products (tf32 would lose 3 digits against the reference).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs keep full fp32 products (IEEE: tf32 would lose 3 digits against the reference) unless
+    the caller allows TF32 for matmuls (torch.backends.cuda.matmul.allow_tf32 = True), as in the other
+    attention ops; 16-bit products ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _upcast(t: torch.Tensor) -> bool:
@@ -297,15 +301,23 @@ def _warps(block_f: int, block_d: int) -> int:
     return 4 if block_f * block_d < 32 * 64 else 8
 
 
-def _launch_warps(block_f: int, block_d: int, dtype: torch.dtype) -> int:
-    # 2026-11-22, ptxas -v for sm_90, 64-row sequences (the released GROUP = 2 at 25 frames, 64-wide
-    # heads): the 16-bit backward at 16 warps is capped at 128 registers and spilled 8-88 B; at 8 warps
-    # it takes 176-236 registers and does not spill (one block per SM either way: 115-123 KB of shared
-    # memory). fp32 takes 16 warps there: the forward spills 8 B (172 B at 8 warps), the backward
-    # 1.6 KB (2 KB at 8).
+def _launch_options(block_f: int, block_d: int, dtype: torch.dtype) -> dict:
+    """num_warps and num_stages of both trajectory kernels. sm_90, ptxas -v, 64-row sequences (the
+    released GROUP = 2 at 25 frames, 64-wide heads):
+    - 16-bit: the backward at 16 warps is capped at 128 registers and spilled 8-88 B; at 8 warps it
+      takes 176-236 registers and does not spill (one block per SM either way: 115-123 KB of shared
+      memory). (2026-11-22)
+    - fp32, IEEE products (FMA loops that hold each operand row along the whole contraction): 16 warps,
+      1 stage: forward 64 registers, no spill (8 B at 3 stages, 172 B at 8 warps); the backward still
+      spills 0.9 KB (1.6 KB at 3 stages, 2.5 KB at 2, 1.9 KB at 8 warps), its five 64-long contractions
+      being more than the register file holds at any tile this kernel can take.
+    - fp32 with TF32 allowed (tensor-core products): 8 warps, 2 stages: forward 128, backward 255
+      registers, no spill (40 B at 3 stages, 332-408 B at 16 warps). (2026-12-07)"""
     if block_f >= 64 and dtype == torch.float32:
-        return 16
-    return _warps(block_f, block_d)
+        if _precision(dtype) == "ieee":
+            return dict(num_warps=16, num_stages=1)
+        return dict(num_warps=8, num_stages=2)
+    return dict(num_warps=_warps(block_f, block_d), num_stages=3)
 
 
 def _alignment(*tensors: torch.Tensor) -> int:
@@ -392,7 +404,7 @@ def trajectory_attention_fwd(q, k, v, idx, valid, rowptr, col, out, mask_invalid
         *_strides(align, q, k, v, dst),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_launch_warps(block_f, block_d, q.dtype), ALIGN=align, GROUP=group,
+        ALIGN=align, GROUP=group, **_launch_options(block_f, block_d, q.dtype),
     )
     if deterministic:
         _reduce(dst, rowptr, col, valid, out)
@@ -424,7 +436,7 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         *_strides(align, q, k, v, dout, bufs[0]),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        num_warps=_launch_warps(block_f, block_d, q.dtype), ALIGN=align, GROUP=group,
+        ALIGN=align, GROUP=group, **_launch_options(block_f, block_d, q.dtype),
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:

@@ -429,3 +429,47 @@ def test_offsets_past_two_to_the_31_elements(device):
         with lightmotion_fast.backend("triton"):
             got = trajectory_attention(q, q, q, idx, valid, deterministic=deterministic)
         close(got, want, torch.float16, f"out (deterministic={deterministic})")
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_fp32_long_sequences_launch_by_product_precision(monkeypatch, allow_tf32):
+    """fp32 with 64-row sequences (25 frames, two trajectories per softmax, as the released semantics
+    runs): IEEE products (the default) at 16 warps and 1 stage; TF32 products, where the caller allows
+    them through torch.backends.cuda.matmul.allow_tf32, at 8 warps and 2 stages (the launches that
+    compile to the fewest spills on sm_90; see `_launch_options`). Forward and gradients still equal
+    float64's (the interpreter's TF32 dot is exact fp32)."""
+    kernels = lightmotion_fast.ops._common.kernel_module("trajectory_attention")
+    seen = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.real = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, kwargs["PRECISION"], kwargs["num_warps"], kwargs["num_stages"]))
+                return self.real[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_traj_attn_fwd_kernel", "_traj_attn_bwd_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    (q, k, v), idx, valid = make_case(1, 2, 3, 25, 1, 16, 4)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(leaves[0])
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = allow_tf32
+        with lightmotion_fast.backend("triton"):
+            out = trajectory_attention(*leaves, idx, valid, group=2)
+            out.backward(grad)
+    finally:
+        matmul.allow_tf32 = before
+    want_opts = ("tf32", 8, 2) if allow_tf32 else ("ieee", 16, 1)
+    assert sorted(seen) == [("_traj_attn_bwd_kernel", *want_opts), ("_traj_attn_fwd_kernel", *want_opts)]
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    want = trajectory_attention_reference(*ref, idx, valid, group=2)
+    want.backward(grad.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    for got, r in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.double(), r.grad, atol=1e-5, rtol=1e-5)
