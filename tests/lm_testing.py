@@ -33,6 +33,26 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
 
 
+def record_launches(monkeypatch, module, *names) -> list:
+    """For the rest of the test, each launch `module.<name>[grid](...)` of the named Triton kernels
+    still runs and appends (name, its keyword arguments) to the returned list."""
+    launches = []
+
+    class Recording:
+        def __init__(self, name):
+            self.name, self.real = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs))
+                return self.real[grid](*args, **kwargs)
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recording(name))
+    return launches
+
+
 def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
     """Run tests/gpu_compile_check.py (default subset) in a subprocess with Triton out of interpreter mode and
     a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier run's cache); `pythonpath`

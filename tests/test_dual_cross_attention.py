@@ -10,6 +10,7 @@ import lightmotion_fast
 from lightmotion_fast.kernels import dual_cross_attention as attn_kernels
 from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.reference.dual_cross_attention import dual_cross_attention_reference
+from lm_testing import record_launches
 
 # Attention outputs are averages of values, so fp16/bf16 bounds follow the output rounding.
 ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (4e-2, 3e-2)}
@@ -386,20 +387,7 @@ def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunk
     dk/dv launch says so, and the gradients hold."""
     from lightmotion_fast.ops.reference_attention import reference_attention
 
-    seen = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name, self.real = name, getattr(attn_kernels, name)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((self.name, kwargs["D_HI"], kwargs["D_LO"]))
-                return self.real[grid](*args, **kwargs)
-            return launch
-
-    for name in ("_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel"):
-        monkeypatch.setattr(attn_kernels, name, Recorder(name))
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel")
     b, h, n, lengths = 1, 2, 21, (11, 5)
 
     def view(m):
@@ -414,9 +402,9 @@ def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunk
         else:
             out = reference_attention(q, keys[0], values[0], keys[1], values[1])
         out.backward(grad)
-    assert {(name, hi, lo) for name, hi, lo in seen} == {("_dual_bwd_dq_kernel", *chunks),
-                                                           ("_dual_bwd_dkdv_kernel", *dkdv)}
-    assert len(seen) == 4  # a dq and a dk/dv launch per key/value set
+    assert {(name, kw["D_HI"], kw["D_LO"]) for name, kw in launches} == {("_dual_bwd_dq_kernel", *chunks),
+                                                                         ("_dual_bwd_dkdv_kernel", *dkdv)}
+    assert len(launches) == 4  # a dq and a dk/dv launch per key/value set
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
     if op == "dual":
         want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6])
@@ -433,17 +421,7 @@ def test_fp32_wide_dkdv_streams_scores_from_memory(device, monkeypatch, d):
     """fp32 dk/dv from 160-wide heads forms S and dP from memory 32 head-dim columns at a time
     (`_dkdv_s_chunk`; holding K, V spilled on sm_90): the launch says so, and with a float mask,
     λ ≠ 1 and head-interleaved views ([b, m, h, d] buffers) the gradients equal float64's."""
-    seen = []
-    real = attn_kernels._dual_bwd_dkdv_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((kwargs["S_CHUNK"], kwargs["D_HI"], kwargs["D_LO"]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(attn_kernels, "_dual_bwd_dkdv_kernel", Recorder())
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dkdv_kernel")
     b, h, n, lengths = 1, 2, 19, (13, 6)
 
     def view(m):  # [b, h, m, d] over a [b, m, h, d] buffer: head stride d, row stride h·d
@@ -455,7 +433,8 @@ def test_fp32_wide_dkdv_streams_scores_from_memory(device, monkeypatch, d):
     grad = torch.randn(b, h, n, d, device=device)
     with lightmotion_fast.backend("triton"):
         dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask).backward(grad)
-    assert seen == [(32, 128, triton.next_power_of_2(d - 128))] * 2
+    assert [(kw["S_CHUNK"], kw["D_HI"], kw["D_LO"]) for _, kw in launches] == \
+        [(32, 128, triton.next_power_of_2(d - 128))] * 2
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
     want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], mask=mask.double().cpu())
     want.backward(grad.double().cpu())

@@ -14,6 +14,7 @@ from lightmotion_fast.reference.trajectory_attention import (
     trajectory_attention_backward_reference,
     trajectory_attention_reference,
 )
+from lm_testing import record_launches
 
 # Tolerances relative to the largest reference magnitude (outputs and gradients round to the dtype).
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -439,20 +440,7 @@ def test_fp32_long_sequences_launch_by_product_precision(monkeypatch, allow_tf32
     compile to the fewest spills on sm_90; see `_launch_options`). Forward and gradients still equal
     float64's (the interpreter's TF32 dot is exact fp32)."""
     kernels = lightmotion_fast.ops._common.kernel_module("trajectory_attention")
-    seen = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name, self.real = name, getattr(kernels, name)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((self.name, kwargs["PRECISION"], kwargs["num_warps"], kwargs["num_stages"]))
-                return self.real[grid](*args, **kwargs)
-            return launch
-
-    for name in ("_traj_attn_fwd_kernel", "_traj_attn_bwd_kernel"):
-        monkeypatch.setattr(kernels, name, Recorder(name))
+    launches = record_launches(monkeypatch, kernels, "_traj_attn_fwd_kernel", "_traj_attn_bwd_kernel")
     (q, k, v), idx, valid = make_case(1, 2, 3, 25, 1, 16, 4)
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(leaves[0])
@@ -466,7 +454,8 @@ def test_fp32_long_sequences_launch_by_product_precision(monkeypatch, allow_tf32
     finally:
         matmul.allow_tf32 = before
     want_opts = ("tf32", 8, 2) if allow_tf32 else ("ieee", 16, 1)
-    assert sorted(seen) == [("_traj_attn_bwd_kernel", *want_opts), ("_traj_attn_fwd_kernel", *want_opts)]
+    seen = sorted((name, kw["PRECISION"], kw["num_warps"], kw["num_stages"]) for name, kw in launches)
+    assert seen == [("_traj_attn_bwd_kernel", *want_opts), ("_traj_attn_fwd_kernel", *want_opts)]
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     want = trajectory_attention_reference(*ref, idx, valid, group=2)
     want.backward(grad.double())
