@@ -453,6 +453,13 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     return block_m, (8 if wide else 4)
 
 
+def _dual_fwd_stages(d_len: int) -> int:
+    """Pipeline stages of the dual forward: 2; 3 for heads wider than 192 (sm_90, ptxas, 256-wide heads
+    in 32 × 256 tiles: with 2 stages and two conditions ptxas held the kernel to 128 registers and
+    spilled 8-12 B; with 3, 142-212 registers and no spill)."""
+    return 3 if d_len > 192 else 2
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     # 2026-11: Triton 3.9's interpreter multiplies bf16 tiles in tl.dot as raw bits (garbage); on the
     # interpreter only, bf16 tiles are widened to fp32 before each dot. Compiled kernels never upcast.
@@ -503,7 +510,7 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
             ACCUMULATE=first > 0,
             BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0], d_lo > 0), BLOCK_N1=_block_n(lens[1], d_lo > 0), BLOCK_N2=_block_n(lens[2], d_lo > 0),
             BLOCK_N3=_block_n(lens[3], d_lo > 0), D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=num_warps, num_stages=2,
+            num_warps=num_warps, num_stages=_dual_fwd_stages(d_len),
         )
     _copy_back(o, out)
 

@@ -381,7 +381,7 @@ def test_head_dim_chunks():
 @pytest.mark.parametrize("op", ["dual", "reference"])
 @pytest.mark.parametrize("d, chunks, dkdv", [(40, (32, 16), (32, 16)), (80, (64, 16), (128, 0)),
                                             (96, (64, 32), (128, 0)), (64, (64, 0), (64, 0))])
-def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunks, dkdv):
+def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op, d, chunks, dkdv):
     """The 16-bit backwards hold the head dim in the forwards' chunks (40 → 32 + 16), not one tile padded
     to the next power of two (40 → 64), dk/dv up to 64-wide heads only (`_dkdv_chunks`): every dq and
     dk/dv launch says so, and the gradients hold."""
@@ -417,7 +417,7 @@ def test_backward_kernels_take_head_dim_chunks(device, monkeypatch, op, d, chunk
 
 
 @pytest.mark.parametrize("d", [160, 256])
-def test_fp32_wide_dkdv_streams_scores_from_memory(device, monkeypatch, d):
+def test_fp32_wide_dkdv_streams_scores_from_memory(device, poisoned, monkeypatch, d):
     """fp32 dk/dv from 160-wide heads forms S and dP from memory 32 head-dim columns at a time
     (`_dkdv_s_chunk`; holding K, V spilled on sm_90): the launch says so, and with a float mask,
     λ ≠ 1 and head-interleaved views ([b, m, h, d] buffers) the gradients equal float64's."""
@@ -440,3 +440,21 @@ def test_fp32_wide_dkdv_streams_scores_from_memory(device, monkeypatch, d):
     want.backward(grad.double().cpu())
     for got, ref in zip((q, *keys, *values), leaves):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d, stages", [(160, 2), (256, 3)])
+def test_forward_pipeline_stages_by_head_dim(device, poisoned, monkeypatch, d, stages):
+    """The dual forward takes 3 pipeline stages above 192-wide heads (2 spilled on sm_90 at 256) and 2
+    below; the output holds at both against float64."""
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel")
+    b, h, n, lengths = 1, 1, 12, (9, 4)
+    q = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    keys = [torch.randn(b, h, m, d, device=device, dtype=torch.float16) for m in lengths]
+    values = [torch.randn(b, h, m, d, device=device, dtype=torch.float16) for m in lengths]
+    mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5], mask=mask)
+    assert [kw["num_stages"] for _, kw in launches] == [stages]
+    want = dual_cross_attention_reference(q.double().cpu(), [k.double().cpu() for k in keys],
+                                          [v.double().cpu() for v in values], [1.0, 0.5], mask=mask.cpu())
+    torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)

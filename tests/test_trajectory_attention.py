@@ -433,7 +433,7 @@ def test_offsets_past_two_to_the_31_elements(device):
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_fp32_long_sequences_launch_by_product_precision(monkeypatch, allow_tf32):
+def test_fp32_long_sequences_launch_by_product_precision(poisoned, monkeypatch, allow_tf32):
     """fp32 with 64-row sequences (25 frames, two trajectories per softmax, as the released semantics
     runs): IEEE products (the default) at 16 warps and 1 stage; TF32 products, where the caller allows
     them through torch.backends.cuda.matmul.allow_tf32, at 8 warps and 2 stages (the launches that
