@@ -18,7 +18,7 @@ Run as a script (tests/test_gpu_compile.py does, in a subprocess):
 2. Compile. Each distinct recorded launch goes through `triton.compile(ASTSource(...),
    target=GPUTarget("cuda", 90, 32))`: TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (bundled ptxas).
    Without --all a representative subset is compiled: per kernel and pointer-dtype signature the
-   launch with the largest tiles (BLOCK_*/D_PAD x stages), then one launch for every further
+   launch with the largest tiles (BLOCK_*/D_PAD, then stages), then one launch for every further
    combination of the kernel's own non-tile constexprs (HAS_MASK, ATOMIC, SEPARATE, NUM_COND, ...).
    --all (or LIGHTMOTION_COMPILE_ALL=1) compiles every distinct launch (tens of minutes on 2 cores).
    A launch fails if compilation raises, produces no cubin, or needs more shared memory than
@@ -236,12 +236,14 @@ def _dtype_sig(rec):
 
 
 def _tile_volume(rec):
+    """(register-tile volume, stages): tiles first, so a launch that takes fewer stages for its larger
+    tiles (fp32 64-row trajectory sequences: 1 stage) is still the one chosen."""
     names = {p.num: p.name for p in rec["fn"].params}
-    volume = rec["options"].num_stages
+    volume = 1
     for path, v in rec["constexprs"].items():
         if len(path) == 1 and names[path[0]].startswith(("BLOCK", "D_PAD")) and isinstance(v, int):
             volume *= v
-    return volume
+    return volume, rec["options"].num_stages
 
 
 def _flags(rec):
