@@ -466,6 +466,11 @@ def _(x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, lora_scaling
 # bf16): torch writes g W as a bf16 [M, d_in] temporary (218 MB) and addmm reads it back (218 MB)
 # before writing dx; the fused expand has no temporary: ~436 MB (~145 µs at 3 TB/s) less traffic per
 # layer call, the same FLOPs, one launch instead of two.
+# Not fused: h = g B_cat and dB_cat' = gᵀ zs both read g, and one pass could form both, saving one read
+# of g (218 MB, ~73 µs at 3 TB/s) at the cost of a split-M reduction of fp32 [d_out, R] partials. The
+# backward at that shape is compute-bound: ~1.34 TFLOP (h, dx, dA, dB: 0.17 + 0.84 + 0.17 + 0.17), ~1.7
+# ms at a measured 798 TFLOP/s, against ~1.3 GB of traffic (~0.45 ms at 3 TB/s), so the saved read
+# would hide under the GEMMs' time.
 
 
 def _a_cat_t(pack, lora_a, layout: RankLayout) -> torch.Tensor:
@@ -510,30 +515,34 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     factors = _lora_factors(lora_a, lora_b, scales, gammas, norm, pack)  # fᵢ, folded into b_cat
     dtype, acc = x.dtype, _acc_dtype(x)
     g = grad_y
-    zf = z.to(acc)
-    m = zf.shape[0]
+    m = z.shape[0]
     padded = list(zip(layout.offsets, layout.offsets[1:]))
     output = norm in OUTPUT_NORMS
 
     # y = base + Σᵢ ρᵢ zᵢ (fᵢ Bᵢ)ᵀ with ρᵢ = α/(nᵢ+ε) per row group for the `output` norms, else 1:
-    # norms is [groups, k]; per row, its group's values.
+    # norms is [groups, k]; per row, its group's values. Without ρ the [M, R] tensors stay in the
+    # input dtype (z, hb and dz round-tripped through fp32 are the same values): at CogVideoX-5B in bf16
+    # that is four [M, R] conversion passes (~0.65 GB, ~0.2 ms at 3.35 TB/s) fewer per layer call.
     if output:
+        zf = z.to(acc)
         alpha = norms.mean(1, keepdim=True)
         inv = 1.0 / (norms + ctx.eps)
         rho = _per_row(_column_expand(alpha * inv, layout), m)
-        zs = zf * rho
+        zs = (zf * rho).to(dtype)
     else:
-        zs = zf
+        zs = z
     # hb = g (f B)_cat: hbᵢ = fᵢ gᵢ Bᵢ;  dB_cat' = gᵀ zs: dL/dBᵢ = fᵢ dB_cat'ᵢ.
     if ctx.separate:
-        hb = torch.cat([g[i] @ b_cat[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
-        db = torch.cat([g[i].T @ zs[:, lo:hi].to(dtype) for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
+        hb = torch.cat([g[i] @ b_cat[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1)
+        db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
         g_sum = g.sum(0)
     else:
-        hb = (g @ b_cat).to(acc)
-        db = (g.T @ zs.to(dtype)).to(acc)
+        hb = g @ b_cat
+        db = (g.T @ zs).to(acc)
         g_sum = g
-    dz = hb * rho if output else hb
+    if output:
+        hb = hb.to(acc)
+        dz = hb * rho
     d_b = [f * db[:, lo:hi] for f, (lo, hi) in zip(factors, layout.spans())]
     d_a = [None] * k
 
@@ -572,7 +581,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
             d_a[i] = w_n_i * ((bf.T @ bf) @ af)
             d_b[i] = d_b[i] + w_n_i * (bf @ (af @ af.T))
 
-    dz_d = dz.to(dtype)
+    dz_d = dz.to(dtype) if output else hb
     grad_x = grad_w = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = _grad_x(g_sum, weight, dz_d, a_cat, pack, lora_a, layout, ctx.triton_path)
