@@ -108,17 +108,27 @@ def _load_q(base, rows, row_ok, s_n8, BLOCK_M: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _add_chunks(base, rows, row_ok, s_n8, o_hi, o_lo, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr,
+                D_LO: tl.constexpr):
+    """(o_hi, o_lo) plus the tile stored at `base` (read as fp32)."""
+    ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, 0, D_HI, HEAD_DIM)
+    o_hi += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if D_LO > 0:
+        ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, D_HI, D_LO, HEAD_DIM)
+        o_lo += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return o_hi, o_lo
+
+
+@triton.jit
 def _store_chunks(base, rows, row_ok, s_n8, o_hi, o_lo, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr,
                   D_LO: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Write (or with ACCUMULATE add to what is there) the output tile given as its two chunks."""
-    ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, 0, D_HI, HEAD_DIM)
     if ACCUMULATE:
-        o_hi += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        o_hi, o_lo = _add_chunks(base, rows, row_ok, s_n8, o_hi, o_lo, HEAD_DIM, D_HI, D_LO)
+    ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, 0, D_HI, HEAD_DIM)
     tl.store(ptrs, o_hi.to(base.dtype.element_ty), mask=mask)
     if D_LO > 0:
         ptrs, mask = _chunk_ptrs(base, rows, row_ok, s_n8, D_HI, D_LO, HEAD_DIM)
-        if ACCUMULATE:
-            o_lo += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, o_lo.to(base.dtype.element_ty), mask=mask)
 
 
@@ -676,7 +686,7 @@ def _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, of
 
 @triton.jit
 def _dual_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, dqacc_ptr, mask_ptr,
     n_q, heads, kv_len, qk_scale, softmax_scale, lam,
     sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
     sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
@@ -725,8 +735,34 @@ def _dual_bwd_dq_kernel(
         dq_hi += tl.dot(ds, k_hi, input_precision=PRECISION)
         if D_LO > 0:
             dq_lo += tl.dot(ds, k_lo, input_precision=PRECISION)
-    _store_chunks(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi * softmax_scale,
-                  dq_lo * softmax_scale, HEAD_DIM, D_HI, D_LO, ACCUMULATE)
+    dq_hi, dq_lo = dq_hi * softmax_scale, dq_lo * softmax_scale
+    if ACCUMULATE:  # the earlier key/value sets' fp32 partial sum (dqacc may be dq itself)
+        dq_hi, dq_lo = _add_chunks(_head_base(dqacc_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo,
+                                   HEAD_DIM, D_HI, D_LO)
+    _store_chunks(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo, HEAD_DIM, D_HI,
+                  D_LO, False)
+
+
+@triton.jit
+def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
+                    sa_b8, sa_h8, sa_n8, sb_b8, sb_h8, sb_n8,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr):
+    """out[b·h, n] = Σ_d a[b, h, n, d] · b[b, h, n, d] − sub[b·h, n], products and sum in fp32: Δ of the
+    reference backward (a = dO, b = O, sub = the LSE's incoming gradient)."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    a_hi, a_lo = _load_q(_head_base(a_ptr, b, h, sa_b8, sa_h8), offs_m, row_ok, sa_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, False)
+    b_hi, b_lo = _load_q(_head_base(b_ptr, b, h, sb_b8, sb_h8), offs_m, row_ok, sb_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, False)
+    dot = tl.sum(a_hi.to(tl.float32) * b_hi.to(tl.float32), 1)
+    if D_LO > 0:
+        dot += tl.sum(a_lo.to(tl.float32) * b_lo.to(tl.float32), 1)
+    rows = pid_bh.to(tl.int64) * n_q + offs_m
+    tl.store(out_ptr + rows, dot - tl.load(sub_ptr + rows, mask=row_ok, other=0.0), mask=row_ok)
 
 
 @triton.jit
@@ -801,10 +837,11 @@ def _dual_bwd_dkdv_kernel(
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
     """(BLOCK_M, num_warps, num_stages) of the backward kernels; fp32 (FMA-loop dots) takes 16-query
-    tiles, 2 stages and more warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64; dq at D_PAD 256 spills
-    16 B with 8 warps, none with 16). dk/dv at D_PAD 256 takes its own warps (`_dkdv_warps`)."""
+    tiles, 2 stages and 8 warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64). At D_PAD 256 the dq
+    kernel takes 4 warps (sm_90, ptxas: 106-156 registers, no spill; at 8 and 16 warps ptxas held some
+    launches to 64 registers and spilled 12-16 B) and dk/dv its own (`_dkdv_warps`)."""
     if dtype == torch.float32:
-        return 16, (8 if d_pad <= 128 else 16), 2
+        return 16, (8 if d_pad <= 128 else 4), 2
     return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8), 3
 
 
@@ -912,13 +949,15 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
         dv.copy_(dv_dst.sum(0))
 
 
-def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args, lam, softmax_scale, block_m, block_n,
-               accumulate, delta_given, flags, common):
+def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, dq_acc, mask_args, lam, softmax_scale, block_m,
+               block_n, accumulate, delta_given, flags, common):
+    """dq (written; any float dtype) = this key/value set's dQ, plus with `accumulate` the fp32 partial
+    sum in dq_acc (dq's strides; may be dq itself)."""
     batch, heads, n_q, d_len = q.shape
     block_n = _dq_block_n(block_n, q.dtype)
     d_hi, d_lo = _d_split(d_len, q.dtype)
     _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
-        q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args[0],
+        q, k, v, grad_out, lse, grad_lse, delta, dq, dq_acc, mask_args[0],
         n_q, heads, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out), *_strides8(dq), *mask_args[1],
         ACCUMULATE=accumulate, DELTA_GIVEN=delta_given, BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo,
@@ -926,25 +965,36 @@ def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, mask_args, lam, soft
     )
 
 
+def _dq_targets(dq: torch.Tensor, launches: int) -> list:
+    """(destination, partial-sum buffer) of each of `launches` dq launches, one per key/value set: all
+    but the last write an fp32 partial sum that the next adds to, and the last writes dq in its own
+    dtype, so a 16-bit dq is never formed in fp32 and converted afterwards. fp32 dq is its own buffer."""
+    if launches == 1 or dq.dtype == torch.float32:
+        return [(dq, dq)] * launches
+    acc = torch.empty_strided(dq.shape, dq.stride(), dtype=torch.float32, device=dq.device)
+    return [(acc, acc)] * (launches - 1) + [(dq, acc)]
+
+
 def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor, keys, values, scales, mask,
                                          softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
                                          dq: torch.Tensor, dks, dvs, sm_count: int = 132) -> None:
     """grad_out, q: [b h n d]; keys/values[j]: [b h mⱼ d]; mask: None or expanded [b h n m₀];
     lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient);
-    dq: [b h n d] float32 (written); dks/dvs[j]: like keys/values[j] (written); sm_count: the
-    device's SMs (sizes the dk/dv query split)."""
+    dq: [b h n d], fp32 or q's dtype (written); dks/dvs[j]: like keys/values[j] (written); sm_count:
+    the device's SMs (sizes the dk/dv query split)."""
     batch, heads, n_q, d_len = q.shape
     q, grad_out = _aligned(q), _aligned(grad_out)
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     dq_dst = _writable(dq)
     common, block_m = _bwd_common(d_len, q.dtype)
     delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
+    dq_targets = _dq_targets(dq_dst, len(keys))
     for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
         masked = mask is not None and j == 0
         mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
         flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
         block_n = _block_n(k.shape[2], split=_d_split(d_len, q.dtype)[1] > 0)
-        _launch_dq(q, k, v, grad_out, lse[j], grad_lse[j], delta, dq_dst, mask_args, lam, softmax_scale,
+        _launch_dq(q, k, v, grad_out, lse[j], grad_lse[j], delta, *dq_targets[j], mask_args, lam, softmax_scale,
                    block_m, block_n, j > 0, False, flags, common)
         _launch_dkdv(q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_args, lam, softmax_scale,
                      block_m, block_n, sm_count, flags, common)
@@ -955,20 +1005,28 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
                                         softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
                                         dq: torch.Tensor, grads, sm_count: int = 132) -> None:
     """grad_out, q, out: [b h n d]; sources: ((k_m, v_m), (k_p, v_p)), each [b h mᵢ d]; lse, grad_lse:
-    [b·h, n] float32; dq: [b h n d] float32 (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
+    [b·h, n] float32; dq: [b h n d], fp32 or q's dtype (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
     sources (written). One softmax spans both sources, so Δ = rowsum(dO ∘ O) − g_lse is shared."""
     batch, heads, n_q, d_len = q.shape
-    delta = ((grad_out.float() * out.float()).sum(-1).reshape(batch * heads, n_q) - grad_lse).contiguous()
-    q, grad_out = _aligned(q), _aligned(grad_out)
+    q, grad_out, out = _aligned(q), _aligned(grad_out), _aligned(out)
+    # Δ = rowsum(dO ∘ O) − g_lse in one pass over dO and O (as torch: fp32 copies of both, their
+    # product and its sum, ~7× the traffic).
+    delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
+    d_hi, d_lo = _d_split(d_len, q.dtype)
+    rows = max(16, 4096 // _d_pad(d_len)) // (2 if q.dtype == torch.float32 else 1)  # ≤ 16 values a thread
+    _row_dot_kernel[(triton.cdiv(n_q, rows) * batch * heads,)](
+        grad_out, out, grad_lse.contiguous(), delta, n_q, heads, *_strides8(grad_out), *_strides8(out),
+        HEAD_DIM=d_len, BLOCK_M=rows, D_HI=d_hi, D_LO=d_lo, num_warps=4)
     dq_dst = _writable(dq)
     common, block_m = _bwd_common(d_len, q.dtype)
     block_n = 64 if _d_pad(d_len) <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
     no_mask = (q, (0, 0, 0, 0))
+    dq_targets = _dq_targets(dq_dst, len(sources))
     for i, ((k, v), (dk, dv)) in enumerate(zip(sources, grads)):
         k, v = _aligned(k), _aligned(v)
         bn = min(block_n, max(32 if _d_split(d_len, q.dtype)[1] else 16, triton.next_power_of_2(k.shape[2])))
-        _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq_dst, no_mask, 1.0, softmax_scale,
+        _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, *dq_targets[i], no_mask, 1.0, softmax_scale,
                    block_m, bn, i > 0, True, flags, common)
         _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, no_mask, 1.0, softmax_scale,
                      block_m, bn, sm_count, flags, common)

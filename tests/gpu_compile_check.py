@@ -180,10 +180,13 @@ def calls_dual_cross_attention(dtype):
 
 def calls_reference_attention(dtype):
     import lightmotion_fast as lm
+    # Forward and backward (Δ, dq and dk/dv launches per source).
     for (b, h, n, n_ref, d) in ((2, 2, 21, 17, 40), (1, 2, 256, 256, 64), (1, 1, 64, 64, 128), (1, 3, 5, 9, 16),
                                 (1, 1, 32, 32, 256)):
-        yield lambda b=b, h=h, n=n, n_ref=n_ref, d=d: lm.reference_attention(
-            *(_randn(b, h, m, d, dtype=dtype) for m in (n, n, n, n_ref, n_ref)))
+        def call(b=b, h=h, n=n, n_ref=n_ref, d=d):
+            out = lm.reference_attention(*(_randn(b, h, m, d, dtype=dtype, grad=True) for m in (n, n, n, n_ref, n_ref)))
+            out.backward(torch.randn_like(out))
+        yield call
     # A reference bank broadcast over the batch (stride 0) has no TMA descriptor: the cp.async forward
     # (also every GPU before sm_90) runs in 16 bits too.
     for d in (40, 64):

@@ -35,7 +35,8 @@ def poison_empty(monkeypatch):
 
 def record_launches(monkeypatch, module, *names) -> list:
     """For the rest of the test, each launch `module.<name>[grid](...)` of the named Triton kernels
-    still runs and appends (name, its keyword arguments) to the returned list."""
+    still runs and appends (name, its positional arguments, its keyword arguments) to the returned
+    list."""
     launches = []
 
     class Recording:
@@ -44,13 +45,45 @@ def record_launches(monkeypatch, module, *names) -> list:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append((self.name, kwargs))
+                launches.append((self.name, args, kwargs))
                 return self.real[grid](*args, **kwargs)
             return launch
 
     for name in names:
         monkeypatch.setattr(module, name, Recording(name))
     return launches
+
+
+class TensorOutputs:
+    """Context manager: every tensor an ATen op returns inside it, as (op name, shape, dtype) in `seen`
+    (Triton launches are not ATen ops: only what torch allocates or computes shows)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in (out if isinstance(out, (tuple, list)) else [out]):
+                    if isinstance(t, torch.Tensor):
+                        outer.seen.append((str(func.overloadpacket.__name__), tuple(t.shape), t.dtype))
+                return out
+
+        self.seen = []
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def of(self, shape, dtype=None) -> list:
+        """The recorded outputs of this shape (and dtype)."""
+        return [s for s in self.seen if s[1] == tuple(shape) and (dtype is None or s[2] == dtype)]
 
 
 def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:

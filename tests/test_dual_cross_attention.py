@@ -402,7 +402,7 @@ def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op
         else:
             out = reference_attention(q, keys[0], values[0], keys[1], values[1])
         out.backward(grad)
-    assert {(name, kw["D_HI"], kw["D_LO"]) for name, kw in launches} == {("_dual_bwd_dq_kernel", *chunks),
+    assert {(name, kw["D_HI"], kw["D_LO"]) for name, _, kw in launches} == {("_dual_bwd_dq_kernel", *chunks),
                                                                          ("_dual_bwd_dkdv_kernel", *dkdv)}
     assert len(launches) == 4  # a dq and a dk/dv launch per key/value set
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
@@ -433,7 +433,7 @@ def test_fp32_wide_dkdv_streams_scores_from_memory(device, poisoned, monkeypatch
     grad = torch.randn(b, h, n, d, device=device)
     with lightmotion_fast.backend("triton"):
         dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask).backward(grad)
-    assert [(kw["S_CHUNK"], kw["D_HI"], kw["D_LO"]) for _, kw in launches] == \
+    assert [(kw["S_CHUNK"], kw["D_HI"], kw["D_LO"]) for _, _, kw in launches] == \
         [(32, 128, triton.next_power_of_2(d - 128))] * 2
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
     want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], mask=mask.double().cpu())
@@ -454,7 +454,34 @@ def test_forward_pipeline_stages_by_head_dim(device, poisoned, monkeypatch, d, s
     mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
     with lightmotion_fast.backend("triton"):
         out = dual_cross_attention(q, keys, values, [1.0, 0.5], mask=mask)
-    assert [kw["num_stages"] for _, kw in launches] == [stages]
+    assert [kw["num_stages"] for _, _, kw in launches] == [stages]
     want = dual_cross_attention_reference(q.double().cpu(), [k.double().cpu() for k in keys],
                                           [v.double().cpu() for v in values], [1.0, 0.5], mask=mask.cpu())
     torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("conditions", [1, 2, 3])
+def test_16bit_dq_is_written_in_its_dtype(device, poisoned, monkeypatch, conditions):
+    """The last dq launch writes dq in q's dtype, adding the fp32 partial sum the ones before it wrote:
+    no fp32 dq is formed and converted afterwards (6 more bytes an element), and one condition uses
+    no fp32 dq buffer at all. Gradients against float64."""
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel")
+    b, h, n, d = 1, 2, 24, 40
+    lengths = (9, 4, 3)[:conditions]
+    scales = [1.0, 0.6, 0.3][:conditions]
+    q = torch.randn(b, h, n, d, device=device, dtype=torch.float16, requires_grad=True)
+    keys = [torch.randn(b, h, m, d, device=device, dtype=torch.float16, requires_grad=True) for m in lengths]
+    values = [torch.randn(b, h, m, d, device=device, dtype=torch.float16, requires_grad=True) for m in lengths]
+    grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    with lightmotion_fast.backend("triton"):
+        dual_cross_attention(q, keys, values, scales).backward(grad)
+    dq_args = [(args[7], args[8], kw["ACCUMULATE"]) for _, args, kw in launches]  # dq_ptr, dqacc_ptr
+    assert [dst.dtype for dst, _, _ in dq_args] == [torch.float32] * (conditions - 1) + [torch.float16]
+    assert [acc for _, _, acc in dq_args] == [False] + [True] * (conditions - 1)
+    for (dst, _, _), (_, acc, _) in zip(dq_args, dq_args[1:]):
+        assert acc is dst  # each launch adds the partial sum the one before wrote
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
+    dual_cross_attention_reference(leaves[0], leaves[1:1 + conditions], leaves[1 + conditions:],
+                                   scales).backward(grad.double().cpu())
+    for got, ref in zip((q, *keys, *values), leaves):
+        torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=3e-2, rtol=3e-2)

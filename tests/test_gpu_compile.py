@@ -26,7 +26,8 @@ EXPECTED = {
                    "_multi_lora_shrink_norm_kernel"],
     "plucker": ["_plucker_kernel"],
     "dual_cross_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_dual_cross_attention_fwd_kernel"],
-    "reference_attention": ["_reference_attention_fwd_kernel", "_reference_attention_fwd_tma_kernel"],
+    "reference_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_reference_attention_fwd_kernel",
+                            "_reference_attention_fwd_tma_kernel", "_row_dot_kernel"],
 }
 KERNELS = sorted({k for ks in EXPECTED.values() for k in ks})
 # Kernels whose pointer arguments follow the op's dtype (snr_noise always writes float32).

@@ -8,6 +8,7 @@ import lightmotion_fast
 from lightmotion_fast.ops import _common
 from lightmotion_fast.ops.multi_lora import multi_lora_linear
 from lightmotion_fast.reference.multi_lora import NORMS, multi_lora_linear_reference
+from lm_testing import TensorOutputs
 from test_multi_lora import assert_close_rel
 
 
@@ -61,8 +62,6 @@ def test_16bit_backward_keeps_rank_space_tensors_in_the_input_dtype(norm, separa
     """Without the `output` norms the backward's [M, R] tensors (z, g B_cat, dz) stay bf16: no fp32
     copy of any is made (each such round trip was a pass over M·R elements that gave back the same
     values)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     m, d, ranks = 40, 32, (8, 16)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(m, d, generator=g).to(torch.bfloat16).requires_grad_()
@@ -71,24 +70,11 @@ def test_16bit_backward_keeps_rank_space_tensors_in_the_input_dtype(norm, separa
     lora_b = [torch.randn(d, r, generator=g).to(torch.bfloat16).requires_grad_() for r in ranks]
     y = multi_lora_linear(x, w, None, lora_a, lora_b, [1.0, 0.5], norm=norm, separate=separate)
     grad = torch.randn(y.shape, generator=g).to(torch.bfloat16)
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    self.seen.append((tuple(t.shape), t.dtype))
-            return out
-
-    with Outputs() as mode:
+    with TensorOutputs() as outputs:
         y.backward(grad)
     rank_total = 32  # both ranks padded to the rank tile of 16
-    assert (m, rank_total) in {shape for shape, _ in mode.seen}  # the check sees the [M, R] tensors
-    assert not [s for s in mode.seen if s == ((m, rank_total), torch.float32)]
+    assert outputs.of((m, rank_total))  # the check sees the [M, R] tensors
+    assert not outputs.of((m, rank_total), torch.float32)
     want = [t.detach().double().requires_grad_() for t in (x, *lora_a, *lora_b)]
     multi_lora_linear_reference(want[0], w.double(), None, want[1:3], want[3:], [1.0, 0.5], norm=norm,
                                 separate=separate).backward(grad.double())

@@ -454,7 +454,7 @@ def test_fp32_long_sequences_launch_by_product_precision(poisoned, monkeypatch, 
     finally:
         matmul.allow_tf32 = before
     want_opts = ("tf32", 8, 2) if allow_tf32 else ("ieee", 16, 1)
-    seen = sorted((name, kw["PRECISION"], kw["num_warps"], kw["num_stages"]) for name, kw in launches)
+    seen = sorted((name, kw["PRECISION"], kw["num_warps"], kw["num_stages"]) for name, _, kw in launches)
     assert seen == [("_traj_attn_bwd_kernel", *want_opts), ("_traj_attn_fwd_kernel", *want_opts)]
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     want = trajectory_attention_reference(*ref, idx, valid, group=2)

@@ -90,12 +90,12 @@ def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, ke
     b, h, n, _ = q.shape
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
     if triton_path(q):
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dks, dvs = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
         _common.kernel_module("dual_cross_attention").dual_cross_attention_backward_launch(
             grad_out, q, keys, values, scales, full_mask, softmax_scale, lse.contiguous(),
             grad_lse.float().contiguous(), dq, dks, dvs, sm_count=_common.device_sm_count(q.device))
-        return dq.to(q.dtype), dks, dvs
+        return dq, dks, dvs
     return _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse)
 
 

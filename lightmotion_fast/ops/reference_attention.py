@@ -56,12 +56,12 @@ def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: 
     """Gradients [dq, dk, dv, dk_ref, dv_ref] of reference_attention_op's (out, lse) for incoming
     (grad_out, grad_lse)."""
     if triton_path(q):
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grads = [torch.empty_like(t) for t in (k, v, k_ref, v_ref)]
         _common.kernel_module("dual_cross_attention").reference_attention_backward_launch(
             grad_out, q, out, ((k, v), (k_ref, v_ref)), softmax_scale, lse.contiguous(),
             grad_lse.float().contiguous(), dq, (grads[0:2], grads[2:4]), sm_count=_common.device_sm_count(q.device))
-        return [dq.to(q.dtype), *grads]
+        return [dq, *grads]
     # One softmax over the concatenation: the single-condition dual backward over [k; k_ref].
     n_m = k.shape[2]
     dq, (dk_cat,), (dv_cat,) = _backward_torch(grad_out, q, [torch.cat([k, k_ref], 2)], [torch.cat([v, v_ref], 2)],
