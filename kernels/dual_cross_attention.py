@@ -72,6 +72,15 @@ def _program_ids(n_tiles):
 
 
 @triton.jit
+def _query_tile(n_q, heads, BLOCK_M: tl.constexpr):
+    """This program's (b·h index, b, h as int64, its BLOCK_M query rows, which of them exist) on the
+    1-D grid of (b·h) × query tiles."""
+    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_bh, (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64), offs_m, offs_m < n_q
+
+
+@triton.jit
 def _head_base(ptr, b, h, s_b8, s_h8):
     return ptr + _rows(b, s_b8) + _rows(h, s_h8)
 
@@ -249,11 +258,7 @@ def _dual_cross_attention_fwd_kernel(
     BLOCK_N3: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
+    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
     q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
                          D_LO, UPCAST)
     lse_stride = (tl.num_programs(0) // tl.cdiv(n_q, BLOCK_M)).to(tl.int64) * n_q    # lse: [conditions, b·h, n]
@@ -298,11 +303,7 @@ def _reference_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr,
     D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
+    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
     q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
                          D_LO, UPCAST)
     acc_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
@@ -695,11 +696,7 @@ def _dual_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
+    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
     q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
                          D_LO, UPCAST)
     do_hi, do_lo = _load_do(_head_base(do_ptr, b, h, sdo_b8, sdo_h8), offs_m, row_ok, sdo_n8, lam, BLOCK_M,
@@ -749,11 +746,7 @@ def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr):
     """out[b·h, n] = Σ_d a[b, h, n, d] · b[b, h, n, d] − sub[b·h, n], products and sum in fp32: Δ of the
     reference backward (a = dO, b = O, sub = the LSE's incoming gradient)."""
-    pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
+    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
     a_hi, a_lo = _load_q(_head_base(a_ptr, b, h, sa_b8, sa_h8), offs_m, row_ok, sa_n8, BLOCK_M, HEAD_DIM, D_HI,
                          D_LO, False)
     b_hi, b_lo = _load_q(_head_base(b_ptr, b, h, sb_b8, sb_h8), offs_m, row_ok, sb_n8, BLOCK_M, HEAD_DIM, D_HI,
