@@ -686,31 +686,22 @@ def _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, of
 
 
 @triton.jit
-def _dual_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, dqacc_ptr, mask_ptr,
-    n_q, heads, kv_len, qk_scale, softmax_scale, lam,
-    sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
-    sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DELTA_GIVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
-    q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
-                         D_LO, UPCAST)
-    do_hi, do_lo = _load_do(_head_base(do_ptr, b, h, sdo_b8, sdo_h8), offs_m, row_ok, sdo_n8, lam, BLOCK_M,
-                            HEAD_DIM, D_HI, D_LO, UPCAST)
-    row_base = pid_bh.to(tl.int64) * n_q
-    lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+def _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base, sdo_n8, lam,
+                  lse_row, glse_row, delta_row, k_ptr, v_ptr, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
+                  mask_base, sm_n, sm_m,
+                  HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                  DELTA_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D_HI: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(dq_hi, dq_lo) plus one key/value set's dS K (unscaled); without DELTA_GIVEN its Δ is formed
+    first (a walk over its keys) and stored for the dk/dv kernel."""
+    do_hi, do_lo = _load_do(do_base, offs_m, row_ok, sdo_n8, lam, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
+    lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     dead = lse == float("-inf")
     lse = tl.where(dead, 0.0, lse)
     k_base = _head_base(k_ptr, b, h, sk_b8, sk_h8)
     v_base = _head_base(v_ptr, b, h, sv_b8, sv_h8)
-    mask_base = mask_ptr + b * sm_b + h * sm_h
-
     if DELTA_GIVEN:
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
     else:
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, kv_len, BLOCK_N):
@@ -719,11 +710,8 @@ def _dual_bwd_dq_kernel(
                                         D_LO, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
             delta += tl.sum(p * dp, 1)
         # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
-        delta -= tl.load(glse_ptr + row_base + offs_m, mask=row_ok, other=0.0)
-        tl.store(delta_ptr + row_base + offs_m, delta, mask=row_ok)
-
-    dq_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
-    dq_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
+        delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
+        tl.store(delta_row + offs_m, delta, mask=row_ok)
     for start in range(0, kv_len, BLOCK_N):
         k_hi, k_lo, p, dp = _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, offs_m, n_q,
                                           kv_len, sk_n8, sv_n8, mask_base, sm_n, sm_m, qk_scale, HEAD_DIM, D_HI,
@@ -732,8 +720,66 @@ def _dual_bwd_dq_kernel(
         dq_hi += tl.dot(ds, k_hi, input_precision=PRECISION)
         if D_LO > 0:
             dq_lo += tl.dot(ds, k_lo, input_precision=PRECISION)
+    return dq_hi, dq_lo
+
+
+@triton.jit
+def _dual_bwd_dq_kernel(
+    q_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, dqacc_ptr, mask_ptr,
+    k0, v0, k1, v1, k2, v2, k3, v3,
+    n_q, heads, qk_scale, softmax_scale, cond_stride,
+    len0, len1, len2, len3,
+    lam0, lam1, lam2, lam3,
+    sq_b8, sq_h8, sq_n8, sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
+    sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+    sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+    sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
+    sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+    HEAD_DIM: tl.constexpr, NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DELTA_GIVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+    BLOCK_N3: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # dQ over up to four key/value sets in one program, summed in registers and written once in dq's
+    # dtype. Set j's LSE, its incoming gradient and its Δ are rows of [.., b·h, n] tensors cond_stride
+    # elements apart (0: the sets share one softmax, as reference attention's two sources do).
+    pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
+    q_hi, q_lo = _load_q(_head_base(q_ptr, b, h, sq_b8, sq_h8), offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI,
+                         D_LO, UPCAST)
+    do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
+    row = pid_bh.to(tl.int64) * n_q
+    stride = tl.cast(cond_stride, tl.int64)
+    dq_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    dq_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
+    dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base, sdo_n8,
+                                 lam0, lse_ptr + row, glse_ptr + row, delta_ptr + row,
+                                 k0, v0, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+                                 mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, HEAD_DIM, HAS_MASK, MASK_BOOL,
+                                 DELTA_GIVEN, BLOCK_M, BLOCK_N0, D_HI, D_LO, PRECISION, UPCAST)
+    if NUM_COND >= 2:
+        row += stride
+        dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
+                                     sdo_n8, lam1, lse_ptr + row, glse_ptr + row, delta_ptr + row,
+                                     k1, v1, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+                                     mask_ptr, 0, 0, HEAD_DIM, False, False,
+                                     DELTA_GIVEN, BLOCK_M, BLOCK_N1, D_HI, D_LO, PRECISION, UPCAST)
+    if NUM_COND >= 3:
+        row += stride
+        dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
+                                     sdo_n8, lam2, lse_ptr + row, glse_ptr + row, delta_ptr + row,
+                                     k2, v2, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
+                                     mask_ptr, 0, 0, HEAD_DIM, False, False,
+                                     DELTA_GIVEN, BLOCK_M, BLOCK_N2, D_HI, D_LO, PRECISION, UPCAST)
+    if NUM_COND >= 4:
+        row += stride
+        dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
+                                     sdo_n8, lam3, lse_ptr + row, glse_ptr + row, delta_ptr + row,
+                                     k3, v3, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+                                     mask_ptr, 0, 0, HEAD_DIM, False, False,
+                                     DELTA_GIVEN, BLOCK_M, BLOCK_N3, D_HI, D_LO, PRECISION, UPCAST)
     dq_hi, dq_lo = dq_hi * softmax_scale, dq_lo * softmax_scale
-    if ACCUMULATE:  # the earlier key/value sets' fp32 partial sum (dqacc may be dq itself)
+    if ACCUMULATE:  # more than four sets: the earlier launches' fp32 partial sum (dqacc may be dq itself)
         dq_hi, dq_lo = _add_chunks(_head_base(dqacc_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo,
                                    HEAD_DIM, D_HI, D_LO)
     _store_chunks(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo, HEAD_DIM, D_HI,
@@ -942,26 +988,55 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
         dv.copy_(dv_dst.sum(0))
 
 
-def _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, dq, dq_acc, mask_args, lam, softmax_scale, block_m,
-               block_n, accumulate, delta_given, flags, common):
-    """dq (written; any float dtype) = this key/value set's dQ, plus with `accumulate` the fp32 partial
-    sum in dq_acc (dq's strides; may be dq itself)."""
+def _dq_sets_per_launch(d_len: int) -> int:
+    """Key/value sets one dq launch takes: all (up to MAX_CONDITIONS) for heads up to 64 wide, one above.
+    sm_90, ptxas, SD1.5 fp16: two sets in one launch cost registers (8×40: 139-153 against 100-128, 3
+    blocks/SM against 4; 8×80: 162 against 112-116 and 1 block/SM against 2; 8×160: 155, 1 block),
+    and save the fp32 partial sum between launches and the second read of Q and dO: 18 → 6 bytes
+    of dq traffic per element. Below 80-wide heads that is taken; above, per-set launches keep 2
+    blocks/SM."""
+    return MAX_CONDITIONS if _d_pad(d_len) <= 64 else 1
+
+
+def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_args, flags, softmax_scale,
+               block_m, delta_given, common):
+    """dq (written; any float dtype) = Σ of the dQ of the key/value sets (k, v, λ, key tile): one launch
+    for up to `_dq_sets_per_launch` sets, summed in registers; more sets chain launches through an fp32
+    partial sum, and the last writes dq in its dtype. lse, grad_lse, delta: fp32 [.., b·h, n] buffers in which set
+    j's rows start j·cond_stride elements in (0: the sets share one softmax). The mask applies to set 0."""
     batch, heads, n_q, d_len = q.shape
-    block_n = _dq_block_n(block_n, q.dtype)
     d_hi, d_lo = _d_split(d_len, q.dtype)
-    _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
-        q, k, v, grad_out, lse, grad_lse, delta, dq, dq_acc, mask_args[0],
-        n_q, heads, k.shape[2], softmax_scale * LOG2E, softmax_scale, float(lam),
-        *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out), *_strides8(dq), *mask_args[1],
-        ACCUMULATE=accumulate, DELTA_GIVEN=delta_given, BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo,
-        **flags, **common,
-    )
+    per_launch = _dq_sets_per_launch(d_len)
+    chunks = [sets[i:i + per_launch] for i in range(0, len(sets), per_launch)]
+    flat = [t.reshape(-1) for t in (lse, grad_lse, delta)]
+    for c, (chunk, (dst, acc)) in enumerate(zip(chunks, _dq_targets(dq, len(chunks)))):
+        off = c * per_launch * cond_stride
+        used = len(chunk)
+        chunk = chunk + [chunk[0]] * (MAX_CONDITIONS - used)  # unused slots: NUM_COND keeps them out of the code
+        strides = []
+        for k, v, _, _ in chunk:
+            strides += [*_strides8(k), *_strides8(v)]
+        masked = flags["HAS_MASK"] and c == 0
+        _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
+            q, grad_out, *(t[off:] for t in flat), dst, acc, mask_args[0] if masked else q,
+            *(t for k, v, _, _ in chunk for t in (k, v)),
+            n_q, heads, softmax_scale * LOG2E, softmax_scale, cond_stride,
+            *(k.shape[2] for k, _, _, _ in chunk), *(float(lam) if i < used else 0.0 for i, (_, _, lam, _) in
+                                                     enumerate(chunk)),
+            *_strides8(q), *_strides8(grad_out), *_strides8(dst), *(mask_args[1] if masked else (0, 0, 0, 0)),
+            *strides,
+            NUM_COND=used, HAS_MASK=masked, MASK_BOOL=masked and flags["MASK_BOOL"],
+            ACCUMULATE=c > 0, DELTA_GIVEN=delta_given, BLOCK_M=block_m,
+            **{f"BLOCK_N{i}": _dq_block_n(bn, q.dtype) for i, (_, _, _, bn) in enumerate(chunk)},
+            D_HI=d_hi, D_LO=d_lo, **common,
+        )
 
 
 def _dq_targets(dq: torch.Tensor, launches: int) -> list:
-    """(destination, partial-sum buffer) of each of `launches` dq launches, one per key/value set: all
-    but the last write an fp32 partial sum that the next adds to, and the last writes dq in its own
-    dtype, so a 16-bit dq is never formed in fp32 and converted afterwards. fp32 dq is its own buffer."""
+    """(destination, partial-sum buffer) of each of `launches` dq launches (one per MAX_CONDITIONS key/value
+    sets): all but the last write an fp32 partial sum that the next adds to, and the last writes dq in
+    its own dtype, so a 16-bit dq is never formed in fp32 and converted afterwards. fp32 dq is its own
+    buffer."""
     if launches == 1 or dq.dtype == torch.float32:
         return [(dq, dq)] * launches
     acc = torch.empty_strided(dq.shape, dq.stride(), dtype=torch.float32, device=dq.device)
@@ -980,18 +1055,20 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     dq_dst = _writable(dq)
     common, block_m = _bwd_common(d_len, q.dtype)
-    delta = torch.empty((batch * heads, n_q), dtype=torch.float32, device=q.device)
-    dq_targets = _dq_targets(dq_dst, len(keys))
-    for j, (k, v, lam) in enumerate(zip(keys, values, scales)):
-        masked = mask is not None and j == 0
-        mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
-        flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
-        block_n = _block_n(k.shape[2], split=_d_split(d_len, q.dtype)[1] > 0)
-        _launch_dq(q, k, v, grad_out, lse[j], grad_lse[j], delta, *dq_targets[j], mask_args, lam, softmax_scale,
-                   block_m, block_n, j > 0, False, flags, common)
-        _launch_dkdv(q, k, v, grad_out, lse[j], delta, dks[j], dvs[j], mask_args, lam, softmax_scale,
-                     block_m, block_n, sm_count, flags, common)
+    delta = torch.empty((len(keys), batch * heads, n_q), dtype=torch.float32, device=q.device)
+    split = _d_split(d_len, q.dtype)[1] > 0
+    sets = [(k, v, lam, _block_n(k.shape[2], split=split)) for k, v, lam in zip(keys, values, scales)]
+    masked = mask is not None
+    mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
+    flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
+    # dq of every set first (it also writes each set's Δ), then each set's dk/dv.
+    _launch_dq(q, grad_out, sets, lse, grad_lse, delta, batch * heads * n_q, dq_dst, mask_args, flags, softmax_scale,
+               block_m, False, common)
     _copy_back(dq_dst, dq)
+    no_mask = dict(HAS_MASK=False, MASK_BOOL=False)
+    for j, (k, v, lam, block_n) in enumerate(sets):
+        _launch_dkdv(q, k, v, grad_out, lse[j], delta[j], dks[j], dvs[j], mask_args if j == 0 else (q, (0, 0, 0, 0)),
+                     lam, softmax_scale, block_m, block_n, sm_count, flags if j == 0 else no_mask, common)
 
 
 def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor, out: torch.Tensor, sources,
@@ -1015,12 +1092,15 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
     block_n = 64 if _d_pad(d_len) <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
     no_mask = (q, (0, 0, 0, 0))
-    dq_targets = _dq_targets(dq_dst, len(sources))
-    for i, ((k, v), (dk, dv)) in enumerate(zip(sources, grads)):
+    sets = []
+    for k, v in sources:
         k, v = _aligned(k), _aligned(v)
-        bn = min(block_n, max(32 if _d_split(d_len, q.dtype)[1] else 16, triton.next_power_of_2(k.shape[2])))
-        _launch_dq(q, k, v, grad_out, lse, grad_lse, delta, *dq_targets[i], no_mask, 1.0, softmax_scale,
-                   block_m, bn, i > 0, True, flags, common)
+        sets.append((k, v, 1.0, min(block_n, max(32 if _d_split(d_len, q.dtype)[1] else 16,
+                                                 triton.next_power_of_2(k.shape[2])))))
+    # One softmax over both sources: they share the LSE rows and Δ (cond_stride 0).
+    _launch_dq(q, grad_out, sets, lse, grad_lse, delta, 0, dq_dst, no_mask, flags, softmax_scale, block_m, True,
+               common)
+    _copy_back(dq_dst, dq)
+    for (k, v, _, bn), (dk, dv) in zip(sets, grads):
         _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, no_mask, 1.0, softmax_scale,
                      block_m, bn, sm_count, flags, common)
-    _copy_back(dq_dst, dq)

@@ -404,7 +404,8 @@ def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op
         out.backward(grad)
     assert {(name, kw["D_HI"], kw["D_LO"]) for name, _, kw in launches} == {("_dual_bwd_dq_kernel", *chunks),
                                                                          ("_dual_bwd_dkdv_kernel", *dkdv)}
-    assert len(launches) == 4  # a dq and a dk/dv launch per key/value set
+    dq_launches = 1 if attn_kernels._dq_sets_per_launch(d) > 1 else 2  # both sets in one up to 64-wide heads
+    assert len(launches) == dq_launches + 2  # and a dk/dv launch per set
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
     if op == "dual":
         want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6])
@@ -460,26 +461,31 @@ def test_forward_pipeline_stages_by_head_dim(device, poisoned, monkeypatch, d, s
     torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)
 
 
-@pytest.mark.parametrize("conditions", [1, 2, 3])
-def test_16bit_dq_is_written_in_its_dtype(device, poisoned, monkeypatch, conditions):
-    """The last dq launch writes dq in q's dtype, adding the fp32 partial sum the ones before it wrote:
-    no fp32 dq is formed and converted afterwards (6 more bytes an element), and one condition uses
-    no fp32 dq buffer at all. Gradients against float64."""
+@pytest.mark.parametrize("d", [40, 80])
+@pytest.mark.parametrize("conditions", [1, 2, 5])
+def test_16bit_dq_is_written_once_in_its_dtype(device, poisoned, monkeypatch, conditions, d):
+    """At heads up to 64 wide one dq launch takes up to four key/value sets, sums their dQ in registers
+    and writes dq once in q's dtype (no fp32 dq converted afterwards); a fifth set chains a second launch
+    that adds the first's fp32 partial sum; wider heads take a launch per set, chained the same way.
+    Gradients against float64."""
     launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel")
-    b, h, n, d = 1, 2, 24, 40
-    lengths = (9, 4, 3)[:conditions]
-    scales = [1.0, 0.6, 0.3][:conditions]
+    b, h, n = 1, 2, 24
+    lengths = (9, 4, 3, 5, 2)[:conditions]
+    scales = [1.0, 0.6, 0.3, 0.8, 0.5][:conditions]
     q = torch.randn(b, h, n, d, device=device, dtype=torch.float16, requires_grad=True)
     keys = [torch.randn(b, h, m, d, device=device, dtype=torch.float16, requires_grad=True) for m in lengths]
     values = [torch.randn(b, h, m, d, device=device, dtype=torch.float16, requires_grad=True) for m in lengths]
     grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
     with lightmotion_fast.backend("triton"):
         dual_cross_attention(q, keys, values, scales).backward(grad)
-    dq_args = [(args[7], args[8], kw["ACCUMULATE"]) for _, args, kw in launches]  # dq_ptr, dqacc_ptr
-    assert [dst.dtype for dst, _, _ in dq_args] == [torch.float32] * (conditions - 1) + [torch.float16]
-    assert [acc for _, _, acc in dq_args] == [False] + [True] * (conditions - 1)
-    for (dst, _, _), (_, acc, _) in zip(dq_args, dq_args[1:]):
-        assert acc is dst  # each launch adds the partial sum the one before wrote
+    # (NUM_COND, ACCUMULATE, dtype of dq_ptr, dqacc_ptr)
+    seen = [(kw["NUM_COND"], kw["ACCUMULATE"], args[5].dtype, args[6]) for _, args, kw in launches]
+    per_launch = 4 if d <= 64 else 1
+    sizes = [min(per_launch, conditions - i) for i in range(0, conditions, per_launch)]
+    dtypes = [torch.float32] * (len(sizes) - 1) + [torch.float16]
+    assert [s[:3] for s in seen] == [(n_sets, i > 0, dt) for i, (n_sets, dt) in enumerate(zip(sizes, dtypes))]
+    for (_, prev, _), (_, _, _, acc) in zip(launches, seen[1:]):
+        assert acc is prev[5]  # each launch adds the partial sum the one before wrote
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
     dual_cross_attention_reference(leaves[0], leaves[1:1 + conditions], leaves[1 + conditions:],
                                    scales).backward(grad.double().cpu())
