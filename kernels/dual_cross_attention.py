@@ -13,7 +13,8 @@ sources in turn (the feature map m, then the reference bank p), which is attenti
 concatenation [m; p] without building it. On Hopper (the caller passes tma=True) its 16-bit key/value
 tiles come through TMA descriptors (`_reference_attention_fwd_tma_kernel`: bulk copies by the copy
 engine, bounds zero-filled, no per-thread address math); otherwise cp.async. Its backward reuses the
-dual kernels (Δ = rowsum(dO ∘ O) given, one dq/dkdv launch per source).
+dual kernels (Δ = rowsum(dO ∘ O) from `_row_dot_kernel`, both sources in one dq launch up to 64-wide
+heads (`_dq_sets_per_launch`), a dk/dv launch per source).
 
 Memory layout contract (what makes the tiles 128-bit and the K/V loads asynchronous on sm_90):
 * HEAD_DIM is a compile-time constant, so the head-dim mask `offs_d < HEAD_DIM` is known to be
@@ -603,10 +604,10 @@ def _chunk_descriptors(layout, block_n: int, d_hi: int, d_lo: int) -> list:
 # reference attention's two sources share one softmax, so they share lse and Δ):
 #   P = exp(s·QKᵀ + mask − lse),  dO_j = λ_j dO,  dP = dO_j Vᵀ,  Δ = rowsum(P ∘ dP) over all keys,
 #   dS = P ∘ (dP − Δ),  dQ += s·dS K,  dK = s·dSᵀ Q,  dV = Pᵀ dO_j.
-# The dual dq kernel walks the (short) key list twice per query tile: first for Δ (the
-# per-condition output O_j is not stored, so Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)),
-# then for dQ; it writes Δ for the dk/dv kernel. Reference attention passes Δ = rowsum(dO ∘ O)
-# (DELTA_GIVEN) and skips the first walk. The dk/dv kernel owns one key tile and one n_split-th of
+# The dual dq kernel takes up to four key/value sets per launch and walks each (short) key list
+# twice per query tile: first for Δ (the per-condition output O_j is not stored, so
+# Δ = rowsum(dO_j ∘ O_j) is formed as rowsum(P ∘ dP)), then for dQ; it writes each set's Δ for its
+# dk/dv launch. Reference attention passes Δ = rowsum(dO ∘ O) (DELTA_GIVEN) and skips the first walk. The dk/dv kernel owns one key tile and one n_split-th of
 # the query tiles, so short key lists (77 text tokens: 3 tiles) still fill the GPU; with n_split > 1
 # it writes fp32 partial sums that the launcher adds up.
 
