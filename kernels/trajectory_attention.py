@@ -23,7 +23,9 @@ so nothing from the forward is saved besides the inputs), reads dO at the token'
 is applied to the fp32 products), and forms dQ = dS K/√d, dK = dSᵀ Q/√d, dV = Pᵀ dO/count with
 dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO/count Vᵀ (rowsum(P ∘ dP) = rowsum(dO/count ∘ O): O is not
 recomputed). It works on Pᵀ (keys on rows) so that k, v and dO are prefetched with cp.async (see the
-kernel); dQ and dV come out transposed and are written through transposed addresses.
+kernel); dQ and dV come out transposed and are written through transposed addresses. Where the
+whole-tile form spills (fp32 IEEE products at 64 rows) the backward takes the queries in chunks
+instead, FlashAttention-2 style (_bwd_query_chunks).
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
 
@@ -110,10 +112,10 @@ def _trajectory_rows(idx_ptr, valid_ptr, rowptr_ptr, n, n_traj, n_pix, nnz, b, f
 
 
 @triton.jit
-def _sequence_rows(frames, BLOCK_F: tl.constexpr, GROUP: tl.constexpr):
-    """Rows of one attention sequence: (frame, member of the group, row in use). GROUP = 1: row r is
-    frame r of the program's one trajectory; GROUP = G: row r is frame r mod F of member r div F."""
-    r = tl.arange(0, BLOCK_F)
+def _sequence_rows(r, frames, GROUP: tl.constexpr):
+    """Rows r (a block of row numbers) of one attention sequence: (frame, member of the group, row in
+    use). GROUP = 1: row r is frame r of the program's one trajectory; GROUP = G: row r is frame
+    r mod F of member r div F."""
     if GROUP == 1:
         fr = r
         member = 0
@@ -146,7 +148,7 @@ def _traj_attn_fwd_kernel(
     ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
-    fr, member, in_f = _sequence_rows(frames, BLOCK_F, GROUP)
+    fr, member, in_f = _sequence_rows(tl.arange(0, BLOCK_F), frames, GROUP)
     dd = tl.arange(0, BLOCK_D)
     for t in range(TRAJ_PER_PROG):
         m = pid_n * TRAJ_PER_PROG + t  # the program's t-th sequence: one trajectory or GROUP of them
@@ -181,10 +183,10 @@ def _traj_attn_bwd_kernel(
     sd_b, sd_x, sd_f, sd_h, sd_d,
     D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, TRAJ_PER_PROG: tl.constexpr,
     MASK_INVALID: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr, Q_CHUNK: tl.constexpr,
 ):
     pid_n, b = _program_ids(n_prog)
-    fr, member, in_f = _sequence_rows(frames, BLOCK_F, GROUP)
+    fr, member, in_f = _sequence_rows(tl.arange(0, BLOCK_F), frames, GROUP)
     dd = tl.arange(0, BLOCK_D)
     for t in range(TRAJ_PER_PROG):
         m = pid_n * TRAJ_PER_PROG + t  # the program's t-th sequence: one trajectory or GROUP of them
@@ -196,29 +198,89 @@ def _traj_attn_bwd_kernel(
             dst_cols = dd[None, :].to(tl.int64) * sd_d
             for h in range(heads):
                 h64 = tl.cast(h, tl.int64)
-                q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
-                k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
-                v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
-                do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D, ALIGN)
-                off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
-                # Transposed form (keys on rows). The pipeliner (Triton 3.9, sm_90) loads a gathered tile
-                # with cp.async, prefetching the next head, only when all its products read it in the same
-                # operand role (A, or A transposed); a tile read as B both ways is loaded synchronously.
-                # Here k and dO are read as A only (dQ and dV come out transposed and are written through
-                # transposed addresses), v by one product, and only q as B both ways: 3 of 4 tiles are
-                # prefetched (sm_90 AOT at 25 frames x 64: 9 LDGSTS, 1 LDG.E.128 per head loop).
-                pt = _probs_t(k, q, key_ok, qk_scale, PRECISION, UPCAST)         # [keys, queries]
-                dpt = tl.trans(_mm(do, tl.trans(v), PRECISION, UPCAST)) * inv_count[None, :]  # (dO/count Vᵀ)ᵀ
-                # rowsum(dO/count ∘ O) with O = P V is rowsum(P ∘ dP): no O to recompute.
-                delta = tl.sum(pt * dpt, axis=0)
-                dst_c = (pt * (dpt - delta[None, :])).to(q.dtype)                 # dSᵀ
-                dk = _mm(dst_c, q, PRECISION, UPCAST) * sm_scale
-                _write_grad(dk_ptr + off, dk, mask, ATOMIC)
-                p_c = tl.trans((pt * inv_count[None, :]).to(do.dtype))           # P / count
-                dvt = _mm(tl.trans(do), p_c, PRECISION, UPCAST)                   # (Pᵀ dO/count)ᵀ
-                _write_grad(dv_ptr + tl.trans(off), dvt, tl.trans(mask), ATOMIC)
-                dqt = _mm(tl.trans(k), dst_c, PRECISION, UPCAST) * sm_scale  # (dS K)ᵀ
-                _write_grad(dq_ptr + tl.trans(off), dqt, tl.trans(mask), ATOMIC)
+                if Q_CHUNK < BLOCK_F:
+                    _bwd_query_chunks(
+                        q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, valid_ptr, rowptr_ptr, dq_ptr, dk_ptr, dv_ptr,
+                        m, n_traj, n_pix, nnz, frames, b, h64, qk_scale, sm_scale,
+                        pix, fr, ok, key_ok, mask, dst_rows, dd,
+                        sq_b, sq_s, sq_f, sq_h, sq_d, sk_b, sk_s, sk_f, sk_h, sk_d,
+                        sv_b, sv_s, sv_f, sv_h, sv_d, so_b, so_s, so_f, so_h, so_d,
+                        sd_b, sd_x, sd_f, sd_h, sd_d,
+                        D, BLOCK_F, BLOCK_D, MASK_INVALID, ATOMIC, PRECISION, UPCAST, ALIGN, GROUP, Q_CHUNK)
+                else:
+                    q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix, fr, ok, dd, sq_s, sq_f, sq_d, D, ALIGN)
+                    k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+                    v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
+                    do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix, fr, ok, dd, so_s, so_f, so_d, D, ALIGN)
+                    off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
+                    # Transposed form (keys on rows). The pipeliner (Triton 3.9, sm_90) loads a gathered tile
+                    # with cp.async, prefetching the next head, only when all its products read it in the same
+                    # operand role (A, or A transposed); a tile read as B both ways is loaded synchronously.
+                    # Here k and dO are read as A only (dQ and dV come out transposed and are written through
+                    # transposed addresses), v by one product, and only q as B both ways: 3 of 4 tiles are
+                    # prefetched (sm_90 AOT at 25 frames x 64: 9 LDGSTS, 1 LDG.E.128 per head loop).
+                    pt = _probs_t(k, q, key_ok, qk_scale, PRECISION, UPCAST)         # [keys, queries]
+                    dpt = tl.trans(_mm(do, tl.trans(v), PRECISION, UPCAST)) * inv_count[None, :]  # (dO/count Vᵀ)ᵀ
+                    # rowsum(dO/count ∘ O) with O = P V is rowsum(P ∘ dP): no O to recompute.
+                    delta = tl.sum(pt * dpt, axis=0)
+                    dst_c = (pt * (dpt - delta[None, :])).to(q.dtype)                 # dSᵀ
+                    dk = _mm(dst_c, q, PRECISION, UPCAST) * sm_scale
+                    _write_grad(dk_ptr + off, dk, mask, ATOMIC)
+                    p_c = tl.trans((pt * inv_count[None, :]).to(do.dtype))           # P / count
+                    dvt = _mm(tl.trans(do), p_c, PRECISION, UPCAST)                   # (Pᵀ dO/count)ᵀ
+                    _write_grad(dv_ptr + tl.trans(off), dvt, tl.trans(mask), ATOMIC)
+                    dqt = _mm(tl.trans(k), dst_c, PRECISION, UPCAST) * sm_scale  # (dS K)ᵀ
+                    _write_grad(dq_ptr + tl.trans(off), dqt, tl.trans(mask), ATOMIC)
+
+
+@triton.jit
+def _bwd_query_chunks(
+    q_ptr, k_ptr, v_ptr, do_ptr, idx_ptr, valid_ptr, rowptr_ptr, dq_ptr, dk_ptr, dv_ptr,
+    m, n_traj, n_pix, nnz, frames, b, h64, qk_scale, sm_scale,
+    pix, fr, ok, key_ok, mask, dst_rows, dd,
+    sq_b, sq_s, sq_f, sq_h, sq_d, sk_b, sk_s, sk_f, sk_h, sk_d,
+    sv_b, sv_s, sv_f, sv_h, sv_d, so_b, so_s, so_f, so_h, so_d,
+    sd_b, sd_x, sd_f, sd_h, sd_d,
+    D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, MASK_INVALID: tl.constexpr,
+    ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    Q_CHUNK: tl.constexpr,
+):
+    """One head's backward with the queries taken Q_CHUNK rows at a time (FlashAttention-2's backward
+    order): fp32 dK and dV accumulators stay on chip for all BLOCK_F keys, and each chunk of queries
+    brings its q and dO rows, forms its columns of Pᵀ and dSᵀ (the softmax runs over the keys, all
+    present), adds its share to dK and dV and writes its dQ rows. Only [BLOCK_F, Q_CHUNK] probability
+    tiles are live instead of [BLOCK_F, BLOCK_F]. K and V are gathered again for every chunk (L1/L2
+    hits after the first) rather than held: k is read in two operand layouts, and a register copy kept
+    across the loop is what spilled. This is the launch for fp32 IEEE products at 64 rows (FMA loops;
+    the whole-tile form spills 0.9-1.1 KB there). sm_90, ptxas -v, 25 frames x 2 trajectories x 64
+    dims, 16 warps, 1 stage (2026-12-07): 107-109 registers, no spill, at Q_CHUNK = 32 (16 rows: 103,
+    no spill, K and V read four times; K and V held across chunks: 304-376 B spills at 16 or 32).
+    The key rows' tables (pix, fr, ok, key_ok, mask, dst_rows) come from the caller; each chunk reads
+    its own query rows' (a few bytes, L1-resident)."""
+    dk = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    dst_cols = dd[None, :].to(tl.int64) * sd_d
+    for c in range(0, BLOCK_F, Q_CHUNK):
+        fr_c, member_c, in_c = _sequence_rows(c + tl.arange(0, Q_CHUNK), frames, GROUP)
+        n_c = m if GROUP == 1 else m * GROUP + member_c
+        pix_c, ok_c, inv_c, _, mask_c, dst_rows_c = _trajectory_rows(
+            idx_ptr, valid_ptr, rowptr_ptr, n_c, n_traj, n_pix, nnz, b, fr_c, in_c, dd, sd_b, sd_x, sd_f,
+            D, MASK_INVALID, ATOMIC)
+        k = _gather_rows(k_ptr, b * sk_b + h64 * sk_h, pix, fr, ok, dd, sk_s, sk_f, sk_d, D, ALIGN)
+        v = _gather_rows(v_ptr, b * sv_b + h64 * sv_h, pix, fr, ok, dd, sv_s, sv_f, sv_d, D, ALIGN)
+        q = _gather_rows(q_ptr, b * sq_b + h64 * sq_h, pix_c, fr_c, ok_c, dd, sq_s, sq_f, sq_d, D, ALIGN)
+        do = _gather_rows(do_ptr, b * so_b + h64 * so_h, pix_c, fr_c, ok_c, dd, so_s, so_f, so_d, D, ALIGN)
+        pt = _probs_t(k, q, key_ok, qk_scale, PRECISION, UPCAST)                  # [keys, chunk queries]
+        dpt = tl.trans(_mm(do, tl.trans(v), PRECISION, UPCAST)) * inv_c[None, :]  # (dO/count Vᵀ)ᵀ
+        delta = tl.sum(pt * dpt, axis=0)
+        dst_c = (pt * (dpt - delta[None, :])).to(q.dtype)                         # dSᵀ
+        dk += _mm(dst_c, q, PRECISION, UPCAST)
+        dv += _mm((pt * inv_c[None, :]).to(do.dtype), do, PRECISION, UPCAST)
+        dq = _mm(tl.trans(dst_c), k, PRECISION, UPCAST) * sm_scale
+        _write_grad(dq_ptr + ((dst_rows_c + h64 * sd_h) * ALIGN)[:, None] + dst_cols, dq, mask_c, ATOMIC)
+    off = ((dst_rows + h64 * sd_h) * ALIGN)[:, None] + dst_cols
+    _write_grad(dk_ptr + off, dk * sm_scale, mask, ATOMIC)
+    _write_grad(dv_ptr + off, dv, mask, ATOMIC)
 
 
 @triton.jit
@@ -308,9 +370,9 @@ def _launch_options(block_f: int, block_d: int, dtype: torch.dtype) -> dict:
       takes 176-236 registers and does not spill (one block per SM either way: 115-123 KB of shared
       memory). (2026-11-22)
     - fp32, IEEE products (FMA loops that hold each operand row along the whole contraction): 16 warps,
-      1 stage: forward 64 registers, no spill (8 B at 3 stages, 172 B at 8 warps); the backward still
-      spills 0.9 KB (1.6 KB at 3 stages, 2.5 KB at 2, 1.9 KB at 8 warps), its five 64-long contractions
-      being more than the register file holds at any tile this kernel can take.
+      1 stage: forward 64 registers, no spill (8 B at 3 stages, 172 B at 8 warps); the backward takes
+      the queries 32 at a time (_query_chunk, _bwd_query_chunks): 107-109 registers, no spill (the
+      whole-tile backward spilled 0.9-1.1 KB here, 1.6 KB at 3 stages, 2.5 KB at 2, 1.9 KB at 8 warps).
     - fp32 with TF32 allowed (tensor-core products): 8 warps, 2 stages: forward 128, backward 255
       registers, no spill (40 B at 3 stages, 332-408 B at 16 warps). (2026-12-07)"""
     if block_f >= 64 and dtype == torch.float32:
@@ -318,6 +380,14 @@ def _launch_options(block_f: int, block_d: int, dtype: torch.dtype) -> dict:
             return dict(num_warps=16, num_stages=1)
         return dict(num_warps=8, num_stages=2)
     return dict(num_warps=_warps(block_f, block_d), num_stages=3)
+
+
+def _query_chunk(block_f: int, dtype: torch.dtype) -> int:
+    """Queries per step of the backward: all BLOCK_F rows at once, except for fp32 IEEE products at 64
+    rows, which take them 32 at a time (_bwd_query_chunks) because the whole-tile form spills there."""
+    if block_f >= 64 and dtype == torch.float32 and _precision(dtype) == "ieee":
+        return 32
+    return block_f
 
 
 def _alignment(*tensors: torch.Tensor) -> int:
@@ -436,7 +506,8 @@ def trajectory_attention_bwd(dout, q, k, v, idx, valid, rowptr, col, dq, dk, dv,
         *_strides(align, q, k, v, dout, bufs[0]),
         D=dim, BLOCK_F=block_f, BLOCK_D=block_d, TRAJ_PER_PROG=tpp,
         MASK_INVALID=mask_invalid, ATOMIC=not deterministic, PRECISION=_precision(q.dtype), UPCAST=_upcast(q),
-        ALIGN=align, GROUP=group, **_launch_options(block_f, block_d, q.dtype),
+        ALIGN=align, GROUP=group, Q_CHUNK=_query_chunk(block_f, q.dtype),
+        **_launch_options(block_f, block_d, q.dtype),
     )
     for buf, grad in zip(bufs, (dq, dk, dv)):
         if deterministic:

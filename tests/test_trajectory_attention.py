@@ -432,16 +432,20 @@ def test_offsets_past_two_to_the_31_elements(device):
         close(got, want, torch.float16, f"out (deterministic={deterministic})")
 
 
-@pytest.mark.parametrize("allow_tf32", [False, True])
-def test_fp32_long_sequences_launch_by_product_precision(poisoned, monkeypatch, allow_tf32):
+@pytest.mark.parametrize("allow_tf32,deterministic,mask_invalid,frames,group", [
+    (False, True, False, 25, 2), (False, False, True, 25, 2), (True, True, False, 25, 2),
+    (False, False, False, 40, 1), (False, True, True, 40, 1)])
+def test_fp32_long_sequences_launch_by_product_precision(poisoned, monkeypatch, allow_tf32, deterministic,
+                                                        mask_invalid, frames, group):
     """fp32 with 64-row sequences (25 frames, two trajectories per softmax, as the released semantics
-    runs): IEEE products (the default) at 16 warps and 1 stage; TF32 products, where the caller allows
-    them through torch.backends.cuda.matmul.allow_tf32, at 8 warps and 2 stages (the launches that
-    compile to the fewest spills on sm_90; see `_launch_options`). Forward and gradients still equal
-    float64's (the interpreter's TF32 dot is exact fp32)."""
+    runs; or 40 frames, one trajectory): IEEE products (the default) at 16 warps and 1 stage, the backward taking the queries 32 at a
+    time; TF32 products, where the caller allows them through torch.backends.cuda.matmul.allow_tf32, at
+    8 warps and 2 stages with whole tiles (the launches that compile without spills on sm_90; see
+    `_launch_options`, `_query_chunk`). Forward and gradients still equal float64's in both write modes
+    (the interpreter's TF32 dot is exact fp32)."""
     kernels = lightmotion_fast.ops._common.kernel_module("trajectory_attention")
     launches = record_launches(monkeypatch, kernels, "_traj_attn_fwd_kernel", "_traj_attn_bwd_kernel")
-    (q, k, v), idx, valid = make_case(1, 2, 3, 25, 1, 16, 4)
+    (q, k, v), idx, valid = make_case(1, 2, 3, frames, 2, 16, 4)
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(leaves[0])
     matmul = torch.backends.cuda.matmul
@@ -449,15 +453,18 @@ def test_fp32_long_sequences_launch_by_product_precision(poisoned, monkeypatch, 
     try:
         matmul.allow_tf32 = allow_tf32
         with lightmotion_fast.backend("triton"):
-            out = trajectory_attention(*leaves, idx, valid, group=2)
+            out = trajectory_attention(*leaves, idx, valid, group=group, deterministic=deterministic,
+                                       mask_invalid=mask_invalid)
             out.backward(grad)
     finally:
         matmul.allow_tf32 = before
     want_opts = ("tf32", 8, 2) if allow_tf32 else ("ieee", 16, 1)
     seen = sorted((name, kw["PRECISION"], kw["num_warps"], kw["num_stages"]) for name, _, kw in launches)
     assert seen == [("_traj_attn_bwd_kernel", *want_opts), ("_traj_attn_fwd_kernel", *want_opts)]
+    (bwd_kwargs,) = [kw for name, _, kw in launches if name == "_traj_attn_bwd_kernel"]
+    assert (bwd_kwargs["BLOCK_F"], bwd_kwargs["Q_CHUNK"]) == ((64, 64) if allow_tf32 else (64, 32))
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
-    want = trajectory_attention_reference(*ref, idx, valid, group=2)
+    want = trajectory_attention_reference(*ref, idx, valid, group=group, mask_invalid=mask_invalid)
     want.backward(grad.double())
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     for got, r in zip(leaves, ref):
