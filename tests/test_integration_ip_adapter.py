@@ -1,5 +1,6 @@
 """IP-Adapter drop-in and MotionFlow processors on small real diffusers models with random weights."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -180,6 +181,50 @@ def test_reference_processor_equals_width_concatenation():
         want = attn(torch.cat([x, bank], 1))[:, :12]
         torch.testing.assert_close(plain, attn(x), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_per_call_kwargs_do_not_warn_on_other_layers():
+    """The layers without our processors (self-attention for camera tokens, cross-attention for the
+    reference bank) ignore `camera_tokens` / `reference_bank`, as intended: diffusers' "not expected"
+    warning, one line per layer per call, is silenced for exactly these keys, and still logged for
+    any other unexpected key."""
+    logger = logging.getLogger("diffusers.models.attention_processor")
+    records = _Records()
+    logger.addHandler(records)
+    before = list(logger.filters)
+    try:
+        logger.filters = [f for f in before if not isinstance(f, ip_adapter._PerCallKwargsFilter)]
+        unet = tiny_unet()
+        sample, text, _ = unet_inputs()
+        cam = torch.randn(2, 6, 12)
+        with torch.no_grad(), lightmotion_fast.backend("reference"):
+            # Before any installer ran, diffusers warns (the test would pass vacuously otherwise).
+            unet(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam})
+            assert any("camera_tokens" in m for m in records.messages)
+            records.messages.clear()
+            cams = install_camera_token_processors(unet, camera_dim=12)
+            refs = install_reference_processors(unet)
+            name = next(iter(refs))
+            bank = {name: torch.randn(2, 9, unet.get_submodule(name).query_dim)}
+            unet(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam, "reference_bank": bank})
+            assert records.messages == []
+            unet(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam, "camera_token": cam})
+        assert len(records.messages) == len(cams) + len(refs)  # every layer warns about the typo
+        assert all("camera_token'" in m for m in records.messages)
+        install_camera_token_processors(unet, camera_dim=12)  # installed once, however often called
+        assert sum(isinstance(f, ip_adapter._PerCallKwargsFilter) for f in logger.filters) == 1
+    finally:
+        logger.removeHandler(records)
+        logger.filters = before
 
 
 def test_patch_animatediff_pipeline_with_ip_adapter_equals_unpatched():

@@ -21,9 +21,15 @@
 into a U-Net's spatial attention layers only (never AnimateDiff's motion modules), where the method
 has them; they add weights or change what the model computes, so they are not patch features.
 Camera tokens may be per level (`camera_encoder.CameraEncoder` makes them from Plücker maps).
+Both installers also silence diffusers' warning that the other layers (self-attention, motion
+modules) do not expect `camera_tokens` / `reference_bank`: those layers ignore them, as intended,
+and diffusers would otherwise log one line per layer per U-Net call (`_quiet_per_call_kwargs`).
 """
 from __future__ import annotations
 
+import ast
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Union
 
@@ -397,6 +403,36 @@ def _num_levels(model: torch.nn.Module) -> int:
     return len(model.down_blocks)
 
 
+# The keyword arguments our processors take per call through `cross_attention_kwargs`. diffusers'
+# Attention.forward passes the same dict to every attention layer and logs, for each layer whose
+# processor does not take a key, "cross_attention_kwargs [...] are not expected by ... and will be
+# ignored" before dropping the key; it keeps only its own IP-Adapter keys quiet.
+PER_CALL_KWARGS = frozenset({"camera_tokens", "reference_bank"})
+_UNEXPECTED = re.compile(r"cross_attention_kwargs (\[.*?\]) are not expected by ")
+
+
+class _PerCallKwargsFilter(logging.Filter):
+    """Drops diffusers' unexpected-kwargs record when every key it names is one of PER_CALL_KWARGS;
+    a record naming any other key (a user's typo, say) still goes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = _UNEXPECTED.match(record.getMessage())
+        if found is None:
+            return True
+        try:
+            names = ast.literal_eval(found.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        return not (names and set(names) <= PER_CALL_KWARGS)
+
+
+def _quiet_per_call_kwargs() -> None:
+    """Installs _PerCallKwargsFilter once on diffusers' attention-processor logger."""
+    logger = logging.getLogger("diffusers.models.attention_processor")
+    if not any(isinstance(f, _PerCallKwargsFilter) for f in logger.filters):
+        logger.addFilter(_PerCallKwargsFilter())
+
+
 def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Sequence[int], scale: float = 1.0,
                                     zero_init: bool = True) -> dict:
     """Give every spatial cross-attention of a U-Net (SD1.5 UNet2DConditionModel, AnimateDiff's
@@ -422,6 +458,7 @@ def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Se
             torch.nn.init.zeros_(proc.to_v_cam.weight)
         attn.set_processor(proc)
         installed[name] = proc
+    _quiet_per_call_kwargs()
     return installed
 
 
@@ -435,6 +472,7 @@ def install_reference_processors(model: torch.nn.Module, bank: ReferenceBank | N
         proc = ReferenceAttnProcessor(name, bank)
         attn.set_processor(proc)
         installed[name] = proc
+    _quiet_per_call_kwargs()
     return installed
 
 
