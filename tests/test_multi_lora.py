@@ -39,9 +39,9 @@ def make(m, d_in, d_out, ranks, dtype, device, bias=True, requires_grad=False):
         return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_(requires_grad)
 
     x = t(m, d_in)
-    w = t(d_out, d_in, scale=d_in ** -0.5)
+    w = t(d_out, d_in, scale=max(d_in, 1) ** -0.5)
     b = t(d_out) if bias else None
-    a = [t(r, d_in, scale=d_in ** -0.5) for r in ranks]
+    a = [t(r, d_in, scale=max(d_in, 1) ** -0.5) for r in ranks]
     bb = [t(d_out, r, scale=(0.5 + i) * r ** -0.5) for i, r in enumerate(ranks)]  # unequal norms
     scales = [1.0, 0.5, 2.0][: len(ranks)]
     return x, w, b, a, bb, scales
@@ -111,6 +111,23 @@ def test_strided_input_and_no_bias(device, poisoned):
         y = multi_lora_linear(xs, w[:, :35], None, a, bb, scales, norm="output")
     ref = multi_lora_linear_reference(f64(xs), f64(w[:, :35]), None, f64(a), f64(bb), scales, norm="output")
     assert_close_rel(y, ref, torch.float32, "strided")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_zero_input_features(norm, backend, device, poisoned):
+    """d_in = 0 (x [..., 0]): every product is empty, so y is the bias on every token and the
+    gradients are zero (were: a reshape error, '-1 is ambiguous')."""
+    x, w, b, a, bb, scales = make(6, 0, 10, [4, 8], torch.float32, device, requires_grad=True)
+    x3 = x.view(2, 3, 0)
+    with lightmotion_fast.backend(backend):
+        y = multi_lora_linear(x3, w, b, a, bb, scales, norm=norm)
+        y.backward(torch.randn_like(y))
+    assert y.shape == (2, 3, 10)
+    torch.testing.assert_close(y, b.detach().expand(2, 3, 10), atol=0, rtol=0)
+    assert x.grad.shape == (6, 0) and w.grad.shape == (10, 0)
+    for grad in [t.grad for t in bb]:
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=0, rtol=0)
 
 
 def test_reference_backend_matches_reference(device):

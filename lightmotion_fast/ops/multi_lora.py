@@ -679,7 +679,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     scales, eps, lora_scaling = _check(x, weight, bias, lora_a, lora_b, scales, norm, eps, lora_scaling)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])  # (-1 is ambiguous when d_in = 0)
     samples = sample_count(x.shape) if x2.shape[0] else 1
     y, _, _ = multi_lora_linear_op(x2, weight, bias, list(lora_a), list(lora_b), scales, norm, eps, separate,
                                    lora_scaling, samples)
