@@ -169,17 +169,32 @@ def _online_softmax_pass(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_base, v_base, k
 
 
 @triton.jit
-def _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile's step of the online softmax: scores s (log2 units, masked), values in chunks."""
+def _softmax_probs(s, m_i, l_i):
+    """The softmax half of an online-softmax step: scores s (log2 units, masked) against the running
+    max m_i and sum l_i. Returns (p, alpha, m_new, l_new): the tile's unnormalised probabilities and
+    the factor that rescales what was accumulated before it."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with every key masked so far keep m = -inf; shift by 0 there so no inf - inf appears.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate_pv(acc_hi, acc_lo, alpha, p, v_hi, v_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """acc ← acc·alpha + P V, in head-dim chunks."""
     acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v_hi.dtype), v_hi, input_precision=PRECISION)
     if D_LO > 0:
         acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo, input_precision=PRECISION)
+    return acc_hi, acc_lo
+
+
+@triton.jit
+def _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile's step of the online softmax: scores s (log2 units, masked), values in chunks."""
+    p, alpha, m_new, l_i = _softmax_probs(s, m_i, l_i)
+    acc_hi, acc_lo = _accumulate_pv(acc_hi, acc_lo, alpha, p, v_hi, v_lo, D_LO, PRECISION)
     return acc_hi, acc_lo, m_new, l_i
 
 
@@ -212,6 +227,57 @@ def _online_softmax_pass_tma(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_hi_desc, k_
             v_lo = v_hi  # (no second chunk: never read)
         s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, offs_m, 0, 0, False, False)  # (no mask)
         acc_hi, acc_lo, m_i, l_i = _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO, PRECISION)
+    return acc_hi, acc_lo, m_i, l_i
+
+
+@triton.jit
+def _tma_scores(q_hi, q_lo, k_hi_desc, k_lo_desc, b, h, start, kv_len, offs_m, n_q, qk_scale,
+                D_HI: tl.constexpr, D_LO: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Scores of the key tile at `start` (log2 units; keys past kv_len masked), K through TMA."""
+    k_hi = _desc_tile(k_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+    s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
+    if D_LO > 0:
+        k_lo = _desc_tile(k_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
+        s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, offs_m, 0, 0, False, False)  # (no mask)
+
+
+@triton.jit
+def _tma_accumulate(acc_hi, acc_lo, alpha, p, v_hi_desc, v_lo_desc, b, h, start, D_HI: tl.constexpr,
+                    D_LO: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc ← acc·alpha + P V for the value tile at `start`, V through TMA."""
+    v_hi = _desc_tile(v_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+    v_lo = _desc_tile(v_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST) if D_LO > 0 else v_hi
+    return _accumulate_pv(acc_hi, acc_lo, alpha, p, v_hi, v_lo, D_LO, PRECISION)
+
+
+@triton.jit
+def _online_softmax_pass_tma_lagged(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_hi_desc, k_lo_desc, v_hi_desc,
+                                    v_lo_desc, b, h, kv_len, offs_m, n_q, qk_scale, D_HI: tl.constexpr,
+                                    D_LO: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                                    UPCAST: tl.constexpr):
+    """_online_softmax_pass_tma with the P V product one tile behind (FlashAttention-3's
+    intra-warpgroup overlap): step j issues S_j = Q K_jᵀ, then acc ← acc·α_{j-1} + P_{j-1} V_{j-1},
+    then runs the softmax of S_j (exp2, row max and sum) while that P V product is still on the
+    tensor cores. The state between steps is (acc without tile j-1, P_{j-1}, α_{j-1}, m, l); the last
+    tile's P V is added after the loop. Each K and V tile is still loaded once."""
+    if kv_len > 0:
+        s = _tma_scores(q_hi, q_lo, k_hi_desc, k_lo_desc, b, h, 0, kv_len, offs_m, n_q, qk_scale,
+                        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+        p, alpha, m_i, l_i = _softmax_probs(s, m_i, l_i)
+        p = p.to(k_hi_desc.dtype)
+        for start in range(BLOCK_N, kv_len, BLOCK_N):
+            s = _tma_scores(q_hi, q_lo, k_hi_desc, k_lo_desc, b, h, start, kv_len, offs_m, n_q, qk_scale,
+                            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+            acc_hi, acc_lo = _tma_accumulate(acc_hi, acc_lo, alpha, p, v_hi_desc, v_lo_desc, b, h,
+                                             start - BLOCK_N, D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+            p, alpha, m_i, l_i = _softmax_probs(s, m_i, l_i)
+            p = p.to(k_hi_desc.dtype)
+        last = (kv_len - 1) // BLOCK_N * BLOCK_N
+        acc_hi, acc_lo = _tma_accumulate(acc_hi, acc_lo, alpha, p, v_hi_desc, v_lo_desc, b, h, last,
+                                         D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
     return acc_hi, acc_lo, m_i, l_i
 
 
@@ -334,10 +400,12 @@ def _reference_attention_fwd_tma_kernel(
     sq_b8, sq_h8, sq_n8,
     so_b8, so_h8, so_n8,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr,
-    D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LAG_PV: tl.constexpr,
 ):
     """_reference_attention_fwd_kernel with the K/V tiles of both sources through TMA descriptors
-    (Hopper, 16-bit): k0_hi.. are [b, n, h, d] descriptors with boxes [1, BLOCK_N, 1, D_HI | D_LO]."""
+    (Hopper, 16-bit): k0_hi.. are [b, n, h, d] descriptors with boxes [1, BLOCK_N, 1, D_HI | D_LO].
+    LAG_PV: the P V product one key tile behind the scores, so that each tile's softmax runs while the
+    previous tile's P V is on the tensor cores (_online_softmax_pass_tma_lagged)."""
     pid_m, pid_bh = _program_ids(tl.cdiv(n_q, BLOCK_M))
     b = pid_bh // heads
     h = pid_bh % heads
@@ -350,12 +418,20 @@ def _reference_attention_fwd_tma_kernel(
     acc_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
-        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
-        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
-    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
-        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
-        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    if LAG_PV:
+        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma_lagged(
+            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
+            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma_lagged(
+            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
+            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    else:
+        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
+            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
+            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
     inv_l = 1.0 / l_i
@@ -538,6 +614,17 @@ _REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3
 _REFERENCE_TILES_FP32 = {64: (16, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 32, 4, 2)}
 
 
+def _reference_lag_pv(d_pad: int) -> bool:
+    """Whether the TMA forward runs P V one key tile behind the scores (FlashAttention-3's softmax /
+    matrix-product overlap). sm_90 SASS at SD1.5 (2026-12-07): at 8×40 and 8×80 every MUFU.EX2 of a
+    tile's softmax is issued between the previous tile's P V HGMMAs and their wait (before: all after
+    the scores' wait, with no product in flight); 8×40 106 → 119 registers, 2 blocks/SM either way,
+    49.6 → 66 KB shared; 8×80 94 → 93 registers, 42 → 46 KB, 5 → 4 blocks/SM. At D_PAD 256 (8×160)
+    the carried tile spilled 436 B at 255 registers (163 without), so there it stays off. Not yet timed
+    on a GPU."""
+    return d_pad <= 128
+
+
 def _reference_tiles(n_q: int, d_pad: int, dtype: torch.dtype) -> dict:
     """Launch tiles of the reference forward (self-attention lengths), see the tables above."""
     table = _REFERENCE_TILES_FP32 if dtype == torch.float32 else _REFERENCE_TILES
@@ -566,7 +653,7 @@ def reference_attention_launch(q: torch.Tensor, k_m: torch.Tensor, v_m: torch.Te
             descs += _chunk_descriptors(layout, tiles["BLOCK_N"], d_hi, d_lo)
         _reference_attention_fwd_tma_kernel[grid](
             q, o, lse, *descs, n_q, heads, softmax_scale * LOG2E, k_m.shape[2], k_p.shape[2],
-            *_strides8(q), *_strides8(o), **consts)
+            *_strides8(q), *_strides8(o), LAG_PV=_reference_lag_pv(_d_pad(d_len)), **consts)
         _copy_back(o, out)
         return
     _reference_attention_fwd_kernel[grid](
@@ -895,9 +982,10 @@ def _bwd_common(d_len: int, dtype: torch.dtype) -> tuple[dict, int]:
 
 def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     """(D_HI, D_LO) of the dk/dv kernel: the forwards' chunks (`_d_split`) for heads up to 64 wide
-    (40 → 32 + 16); one power-of-two tile above. Its 32-key tiles at 80-wide heads keep K, V, dK and dV
-    for the whole query walk, and split 64 + 16 they compiled (sm_90, ptxas) to 255 registers and a
-    20 B spill, against 231 and none as one 128-wide tile. The dq kernel takes `_d_split` at every width
+    (40 → 32 + 16); one power-of-two tile above, except unmasked 16-bit 80-wide heads, which
+    `_dkdv_wgmma_80` takes as 64 + 16 with 64-key tiles. Its 32-key tiles at 80-wide heads keep K, V,
+    dK and dV for the whole query walk, and split 64 + 16 they compiled (sm_90, ptxas) to 255
+    registers and a 20 B spill, against 231 and none as one 128-wide tile. The dq kernel takes `_d_split` at every width
     (80 → 64 + 16: 116 registers and 2 blocks/SM, against 130 and 1). fp32 from 128-wide heads: two
     halves (128 → 64 + 64, 160 → 128 + 32, 256 → 128 + 128; sm_90: 168-208 registers at 128-wide heads
     where one tile took 255); there, from 160-wide heads, they are the dK, dV accumulators' and the Q,
@@ -909,6 +997,17 @@ def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
         hi = whole // 2
         return hi, max(16, triton.next_power_of_2(d_len - hi))
     return _d_split(d_len, dtype) if whole <= 64 else (whole, 0)
+
+
+def _dkdv_wgmma_80(d_len: int, dtype: torch.dtype, has_mask: bool) -> bool:
+    """16-bit heads 65-80 wide (SD1.5's 32×32 level: 8×80) without a mask take 64-key tiles, the head dim
+    as 64 + 16 and 4 warps in the dk/dv kernel, so that every product is wgmma. sm_90, ptxas, 8×80
+    (2026-12-07): Triton 3.9 252-255 registers, no spill, 81 KB shared, 2 blocks/SM, 26 HGMMA and no
+    HMMA; Triton 3.6 (the GPU machines') 214-228, no spill, 101 KB; against 32-key tiles, one 128-wide
+    chunk and 8 warps: 231-244 registers, 1 block/SM, 32 HGMMA + 32 HMMA (mma.sync). With a mask the
+    64-key form spilled 24-48 B under 3.9 (none under 3.6, where the 32-key form spills 80-96 B), so
+    masked launches keep the 32-key form."""
+    return dtype != torch.float32 and _d_pad(d_len) == 128 and _d_split(d_len, dtype)[1] == 16 and not has_mask
 
 
 def _dkdv_s_chunk(d_len: int, dtype: torch.dtype) -> int:
@@ -958,9 +1057,13 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     """dk, dv (like k, v; written) of one key/value set; splits the query walk when the grid is small."""
     batch, heads, n_q, d_len = q.shape
     kv_len = k.shape[2]
-    block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
-    d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)
-    common = dict(common, num_warps=_dkdv_warps(d_len, q.dtype, common["num_warps"]))
+    if _dkdv_wgmma_80(d_len, q.dtype, flags["HAS_MASK"]):
+        block_n, (d_hi, d_lo) = 64, _d_split(d_len, q.dtype)
+        common = dict(common, num_warps=4)
+    else:
+        block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
+        d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)
+        common = dict(common, num_warps=_dkdv_warps(d_len, q.dtype, common["num_warps"]))
     kv_tiles = triton.cdiv(kv_len, block_n)
     q_tiles = triton.cdiv(n_q, block_m)
     split = _dkdv_split(batch * heads * kv_tiles, q_tiles, sm_count)

@@ -378,13 +378,14 @@ def test_head_dim_chunks():
         assert lo == 0 or (lo >= 16 and lo & (lo - 1) == 0)
 
 
-@pytest.mark.parametrize("op", ["dual", "reference"])
-@pytest.mark.parametrize("d, chunks, dkdv", [(40, (32, 16), (32, 16)), (80, (64, 16), (128, 0)),
+@pytest.mark.parametrize("op", ["dual", "dual_masked", "reference"])
+@pytest.mark.parametrize("d, chunks, dkdv", [(40, (32, 16), (32, 16)), (80, (64, 16), (64, 16)),
                                             (96, (64, 32), (128, 0)), (64, (64, 0), (64, 0))])
 def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op, d, chunks, dkdv):
     """The 16-bit backwards hold the head dim in the forwards' chunks (40 → 32 + 16), not one tile padded
-    to the next power of two (40 → 64), dk/dv up to 64-wide heads only (`_dkdv_chunks`): every dq and
-    dk/dv launch says so, and the gradients hold."""
+    to the next power of two (40 → 64); dk/dv up to 64-wide heads, and at 80-wide heads without a mask
+    with 64-key tiles at 4 warps (`_dkdv_wgmma_80`; masked: one 128-wide chunk, 32 keys, 8 warps):
+    every dq and dk/dv launch says so, and the gradients hold."""
     from lightmotion_fast.ops.reference_attention import reference_attention
 
     launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel")
@@ -396,19 +397,30 @@ def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op
     keys = [view(m).requires_grad_() for m in lengths]
     values = [view(m).requires_grad_() for m in lengths]
     grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3 if op == "dual_masked" else None
     with lightmotion_fast.backend("triton"):
-        if op == "dual":
-            out = dual_cross_attention(q, keys, values, [1.0, 0.6])
-        else:
+        if op == "reference":
             out = reference_attention(q, keys[0], values[0], keys[1], values[1])
+        else:
+            out = dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask)
         out.backward(grad)
-    assert {(name, kw["D_HI"], kw["D_LO"]) for name, _, kw in launches} == {("_dual_bwd_dq_kernel", *chunks),
-                                                                         ("_dual_bwd_dkdv_kernel", *dkdv)}
+    if d == 80 and op == "dual_masked":
+        dkdv = (128, 0)  # only the first set's launch takes the mask
+    kinds = {(name, kw["D_HI"], kw["D_LO"]) for name, _, kw in launches}
+    assert ("_dual_bwd_dq_kernel", *chunks) in kinds and ("_dual_bwd_dkdv_kernel", *dkdv) in kinds
+    dkdv_launches = [kw for name, _, kw in launches if name == "_dual_bwd_dkdv_kernel"]
+    if d == 80:
+        want_tiles = [(32, 8) if kw["HAS_MASK"] else (64, 4) for kw in dkdv_launches]
+        assert [(kw["BLOCK_N"], kw["num_warps"]) for kw in dkdv_launches] == want_tiles
+        assert [kw["HAS_MASK"] for kw in dkdv_launches] == [op == "dual_masked", False]
+    else:
+        assert len(kinds) == 2
     dq_launches = 1 if attn_kernels._dq_sets_per_launch(d) > 1 else 2  # both sets in one up to 64-wide heads
     assert len(launches) == dq_launches + 2  # and a dk/dv launch per set
     leaves = [t.detach().double().cpu().requires_grad_() for t in (q, *keys, *values)]
-    if op == "dual":
-        want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6])
+    if op != "reference":
+        want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6],
+                                              mask=None if mask is None else mask.cpu())
     else:
         want = torch.nn.functional.scaled_dot_product_attention(
             leaves[0], torch.cat(leaves[1:3], 2), torch.cat(leaves[3:], 2))

@@ -188,14 +188,18 @@ def test_float64_accepted_and_differentiable(device, impl):
 # The TMA forward (Hopper, 16-bit): the interpreter runs it when the device query says sm_90.
 
 class _LaunchSpy:
-    """Stands in for a @triton.jit kernel and counts its launches."""
+    """Stands in for a @triton.jit kernel and counts its launches (and keeps their keyword arguments)."""
 
     def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
+        self.kernel, self.calls, self.kwargs = kernel, 0, []
 
     def __getitem__(self, grid):
         self.calls += 1
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.fixture
@@ -212,15 +216,19 @@ def hopper(monkeypatch):
 
 @pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tma_forward_model_head_dims(device, poisoned, hopper, d, dtype):
+@pytest.mark.parametrize("n,n_ref", [(19, 13), (70, 45)])
+def test_tma_forward_model_head_dims(device, poisoned, hopper, d, dtype, n, n_ref):
     """K/V through TMA descriptors ([b, n, h, d] boxes, head-dim chunks, zero-filled past n and d) on
-    diffusers' heads-last layout, source lengths that are not multiples of the key tile."""
-    b, h, n, n_ref = 2, 2, 19, 13
+    diffusers' heads-last layout, source lengths that are not multiples of the key tile: one tile
+    per source, and several (70 + 45 keys: 2 + 1 tiles of 64, 3 + 2 of 32), where heads up to 128
+    wide run P V one tile behind the scores (LAG_PV) and wider ones do not."""
+    b, h = 2, 2
     q, k, v = (_heads_view(b, n, h, d, dtype, device) for _ in range(3))
     kr, vr = (_heads_view(b, n_ref, h, d, dtype, device) for _ in range(2))
     with lightmotion_fast.backend("triton"):
         out = reference_attention(q, k, v, kr, vr)
     assert hopper.calls == 1
+    assert hopper.kwargs[0]["LAG_PV"] == (d <= 128)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.double().cpu(), sdpa_concat(q, k, v, kr, vr), atol=atol, rtol=rtol)
 
