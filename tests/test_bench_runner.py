@@ -1,5 +1,8 @@
 """The benchmark runner: ceilings, table, CSV with DESIGN.md's columns, plots, scenario loading."""
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,23 +25,26 @@ def test_unknown_op_is_named():
         runner.load_scenarios(["no_such_op"])
 
 
-def test_quick_run_writes_table_csv_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")     # time the CPU paths, as `bench` does on a CPU
-    printed = []
-    rows = runner.run(ops=["latent_permute"], quick=True, results_dir=tmp_path, device=torch.device("cpu"),
-                      printer=printed.append)
-    text = "\n".join(printed)
+def test_quick_run_writes_table_csv_and_plot(tmp_path):
+    """`python -m lightmotion_fast bench --quick` on a CPU, in its own process as a user runs it: with
+    TRITON_INTERPRET=0 it times the CPU paths, and its torch.compile peers then compile with Triton's
+    interpreter off, which leaves Triton's own @jit library functions (tl.randint4x, ...) unusable by
+    interpreted kernels for the rest of the process: run in this one, it broke later interpreter tests."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-m", "lightmotion_fast", "bench", "--quick", "--ops", "latent_permute",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
     assert "No CUDA device" in text and "copy bandwidth" in text
-    providers = {r["provider"] for r in rows}
-    assert {"lightmotion", "reference", "torch_gather", "grid_sample_nearest"} <= providers
-    assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in rows)
     assert "x ref" in text                                      # speedups are reported
     csv_path = tmp_path / f"{runner.device_slug(torch.device('cpu'))}.csv"
     with csv_path.open() as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == runner.CSV_COLUMNS
-        written = list(reader)
-    assert len(written) == len(rows)
+        rows = list(reader)
+    providers = {r["provider"] for r in rows}
+    assert {"lightmotion", "reference", "torch_gather", "grid_sample_nearest"} <= providers
+    assert all(float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 for r in rows)
     assert (tmp_path / f"{runner.device_slug(torch.device('cpu'))}-latent_permute.png").stat().st_size > 1000
 
 
@@ -141,3 +147,36 @@ def test_ceilings_stream_from_memory_and_the_deadline_leaves_cases_out(monkeypat
     report = runner.bench(ops=["latent_permute"], quick=True, device=torch.device("cpu"), printer=lambda s: None,
                           deadline=0.0)
     assert report.rows == [] and report.skipped and any("not timed" in n for n in report.notes)
+
+
+def test_ablations_are_shown_but_never_the_best_peer():
+    """"lightmotion/..." providers time ours with one design choice switched off: they are rows of the
+    table, never the peer a speedup is quoted against (runner and GPU report alike)."""
+    from lightmotion_fast.bench import gpu
+    from lightmotion_fast.bench.scenario import is_peer
+
+    assert is_peer("sdpa_concat") and not is_peer("lightmotion") and not is_peer("reference")
+    assert not is_peer("lightmotion/no_pv_lag")
+    rows = [dict(op="reference_attention", shape="s", mode="fwd", dtype="float16", provider=p, median_ms=ms)
+            for p, ms in (("lightmotion", 2.0), ("lightmotion/no_pv_lag", 1.0), ("sdpa_concat", 3.0))]
+    assert runner._speedups(rows)[("reference_attention", "s", "fwd")] == "1.50x sdpa_concat"
+    table = "\n".join(gpu.op_tables(rows, []))
+    assert "lightmotion/no_pv_lag ms" in table and "1.50x (sdpa_concat)" in table
+
+
+def test_ablated_provider_switches_the_choice_for_its_call_only():
+    """The attention scenarios' ablation wrapper: the kernels' choice function answers the ablated value
+    inside the call and is restored after it (also when the call raises)."""
+    from lightmotion_fast.ops import _common
+
+    kernels = _common.kernel_module("dual_cross_attention")
+    ablated = runner.load_scenarios(["dual_cross_attention"])["dual_cross_attention"].__globals__["ablated"]
+    original = kernels._reference_lag_pv
+    assert ablated(lambda: kernels._reference_lag_pv(64), "_reference_lag_pv", False)() is False
+    assert kernels._reference_lag_pv is original and original(64) is True
+
+    def boom():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        ablated(boom, "_dkdv_wgmma_80", False)()
+    assert kernels._dkdv_wgmma_80(80, torch.float16, False) is True
