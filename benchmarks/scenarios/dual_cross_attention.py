@@ -33,6 +33,24 @@ def sdpa_backend(device, dtype, heads, d, train, attn_mask=False):
         return f"unknown ({type(e).__name__})"
 
 
+def ablated(fn, choice, value):
+    """fn with the attention kernels' design choice `choice` (a function of kernels/dual_cross_attention.py
+    that answers whether to use it) answering `value` for the call: an ablation provider
+    ("lightmotion/...", bench/scenario.py), so a GPU run times each choice against its absence."""
+    from lightmotion_fast.ops import _common
+
+    kernels = _common.kernel_module("dual_cross_attention")
+
+    def call():
+        saved = getattr(kernels, choice)
+        setattr(kernels, choice, lambda *args: value)
+        try:
+            return fn()
+        finally:
+            setattr(kernels, choice, saved)
+    return call
+
+
 def _heads(x, heads):
     """[b n (h d)] -> the [b h n d] view a diffusers processor hands to SDPA."""
     b, n, hd = x.shape
@@ -58,12 +76,16 @@ def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", q
 
         ours = run(lambda: lm.dual_cross_attention(q, [kt, ki], [vt, vi], [1.0, 0.6]).transpose(1, 2).reshape(
             batch, n, heads * d))
-        return {
+        providers = {
             "lightmotion": ours,
             "reference": run(lambda: dual_cross_attention_reference(q, [kt, ki], [vt, vi], [1.0, 0.6]).transpose(
                 1, 2).reshape(batch, n, heads * d)),
             "ip_adapter_sdpa": run(lambda: ip_adapter_sdpa(q, kt, vt, ki, vi, 0.6)),
         }
+        if train and d == 80 and device.type == "cuda":
+            # dk/dv on 32-key tiles at 8 warps (half mma.sync, 1 block/SM) instead of 64-key wgmma tiles
+            providers["lightmotion/dkdv_32_keys"] = ablated(ours, "_dkdv_wgmma_80", False)
+        return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = elem * batch * heads * d * (2 * n + 2 * (n_text + n_img))

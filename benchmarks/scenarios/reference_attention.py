@@ -19,7 +19,8 @@ def _sibling(name):
     return module
 
 
-sdpa_backend = _sibling("dual_cross_attention").sdpa_backend
+_dual = _sibling("dual_cross_attention")
+sdpa_backend, ablated = _dual.sdpa_backend, _dual.ablated
 
 NOTE = "sdpa_concat: torch.cat of the keys and of the values of m and p, then F.scaled_dot_product_attention"
 
@@ -40,11 +41,18 @@ def _case(label, batch, n, n_ref, heads, d, device, dtype, mode="fwd", quick=Tru
         def run(fn):
             return fn if not train else (lambda: fn().backward(grad))
 
-        return {
-            "lightmotion": run(lambda: lm.reference_attention(q, k, v, kr, vr)),
+        ours = run(lambda: lm.reference_attention(q, k, v, kr, vr))
+        providers = {
+            "lightmotion": ours,
             "reference": run(lambda: reference_attention_reference(q, k, v, kr, vr)),
             "sdpa_concat": run(lambda: F.scaled_dot_product_attention(q, torch.cat([k, kr], 2), torch.cat([v, vr], 2))),
         }
+        if device.type == "cuda" and dtype != torch.float32:
+            if d <= 128:  # the TMA forward without P V one tile behind the scores (Hopper)
+                providers["lightmotion/no_pv_lag"] = ablated(ours, "_reference_lag_pv", False)
+            if train and d == 80:
+                providers["lightmotion/dkdv_32_keys"] = ablated(ours, "_dkdv_wgmma_80", False)
+        return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = elem * batch * heads * d * (4 * n + 2 * n_ref)

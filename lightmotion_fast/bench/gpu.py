@@ -492,7 +492,9 @@ def op_tables(rows: list[dict], verdicts: list) -> list[str]:
                   "|---|---|---|---:|" + "---:|" * len(peers) + "---:|---:|---|---|"]
         for (op_, shape, mode, dtype), provs in cases:
             ours = provs.get("lightmotion")
-            peer_times = {p: provs[p]["median_ms"] for p in peers if p in provs and p != "reference"}
+            # Ablations of ours ("lightmotion/...", bench/scenario.py) are shown, never the best peer.
+            peer_times = {p: provs[p]["median_ms"] for p in peers
+                          if p in provs and p != "reference" and not p.startswith("lightmotion/")}
             ratio = ""
             if ours and peer_times:
                 best = min(peer_times, key=peer_times.get)

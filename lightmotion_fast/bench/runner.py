@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lightmotion_fast.bench.scenario import Case
+from lightmotion_fast.bench.scenario import Case, is_peer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_DIR = REPO_ROOT / "benchmarks" / "scenarios"     # the source checkout's scenarios
@@ -483,7 +483,7 @@ def _speedups(rows: list[dict]) -> dict[tuple, str]:
         parts = []
         if "reference" in times:
             parts.append(f"{times['reference'] / ours:.1f}x ref")
-        peers = {k: v for k, v in times.items() if k not in ("lightmotion", "reference")}
+        peers = {k: v for k, v in times.items() if is_peer(k)}
         if peers:
             best = min(peers, key=peers.get)
             parts.append(f"{peers[best] / ours:.2f}x {best}")

@@ -4,8 +4,10 @@ A scenario file defines `cases(device: torch.device, quick: bool) -> Iterable[Ca
 calls each case's `setup()` only when it is about to time it (so inputs for one shape at a time live
 in memory), then times every provider it returns.
 
-Provider names: "lightmotion" is ours, "reference" is the library's PyTorch reference, any other
-name is a peer (e.g. "peft_loop", "sdpa_concat", "grid_sample_nearest").
+Provider names: "lightmotion" is ours, "reference" is the library's PyTorch reference, a name starting
+with "lightmotion/" is an ablation of ours (one design choice switched off, e.g. "lightmotion/no_pv_lag":
+timed and shown, never counted as a peer), any other name is a peer (e.g. "peft_loop", "sdpa_concat",
+"grid_sample_nearest").
 """
 from __future__ import annotations
 
@@ -28,3 +30,11 @@ class Case:
     cpu: bool = True                         # worth timing on a CPU
     note: str = ""                           # shown under the table (e.g. what a peer cannot do)
     skip: set[str] = field(default_factory=set)  # providers to leave out on this device
+
+
+ABLATION_PREFIX = "lightmotion/"
+
+
+def is_peer(provider: str) -> bool:
+    """A provider that is neither ours, nor the reference, nor an ablation of ours."""
+    return provider not in ("lightmotion", "reference") and not provider.startswith(ABLATION_PREFIX)
