@@ -211,22 +211,29 @@ def _desc_tile(desc, b, start, h, d0, ROWS: tl.constexpr, WIDTH: tl.constexpr, U
 @triton.jit
 def _online_softmax_pass_tma(q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_hi_desc, k_lo_desc, v_hi_desc, v_lo_desc,
                              b, h, kv_len, offs_m, n_q, qk_scale, D_HI: tl.constexpr, D_LO: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                             LAG_PV: tl.constexpr):
     """_online_softmax_pass with K/V tiles brought in by TMA (bulk asynchronous copies into shared
-    memory, bounds handled by the copy engine) instead of per-thread cp.async."""
-    for start in range(0, kv_len, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_hi = _desc_tile(k_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
-        v_hi = _desc_tile(v_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
-        s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
-        if D_LO > 0:
-            k_lo = _desc_tile(k_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
-            v_lo = _desc_tile(v_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
-            s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
-        else:
-            v_lo = v_hi  # (no second chunk: never read)
-        s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, offs_m, 0, 0, False, False)  # (no mask)
-        acc_hi, acc_lo, m_i, l_i = _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO, PRECISION)
+    memory, bounds handled by the copy engine) instead of per-thread cp.async; with LAG_PV, the P V
+    product one tile behind the scores (_online_softmax_pass_tma_lagged)."""
+    if LAG_PV:
+        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma_lagged(
+            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k_hi_desc, k_lo_desc, v_hi_desc, v_lo_desc, b, h, kv_len,
+            offs_m, n_q, qk_scale, D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    else:
+        for start in range(0, kv_len, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k_hi = _desc_tile(k_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+            v_hi = _desc_tile(v_hi_desc, b, start, h, 0, BLOCK_N, D_HI, UPCAST)
+            s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
+            if D_LO > 0:
+                k_lo = _desc_tile(k_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
+                v_lo = _desc_tile(v_lo_desc, b, start, h, D_HI, BLOCK_N, D_LO, UPCAST)
+                s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+            else:
+                v_lo = v_hi  # (no second chunk: never read)
+            s = _mask_scores(s * qk_scale, offs_m, offs_n, n_q, kv_len, offs_m, 0, 0, False, False)  # (no mask)
+            acc_hi, acc_lo, m_i, l_i = _softmax_update(s, acc_hi, acc_lo, m_i, l_i, v_hi, v_lo, D_LO, PRECISION)
     return acc_hi, acc_lo, m_i, l_i
 
 
@@ -418,20 +425,12 @@ def _reference_attention_fwd_tma_kernel(
     acc_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if LAG_PV:
-        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma_lagged(
-            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
-            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
-        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma_lagged(
-            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
-            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
-    else:
-        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
-            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
-            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
-        acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
-            q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
-            D_HI, D_LO, BLOCK_N, PRECISION, UPCAST)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k0_hi, k0_lo, v0_hi, v0_lo, b, h, len0, offs_m, n_q, qk_scale,
+        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST, LAG_PV)
+    acc_hi, acc_lo, m_i, l_i = _online_softmax_pass_tma(
+        q_hi, q_lo, acc_hi, acc_lo, m_i, l_i, k1_hi, k1_lo, v1_hi, v1_lo, b, h, len1, offs_m, n_q, qk_scale,
+        D_HI, D_LO, BLOCK_N, PRECISION, UPCAST, LAG_PV)
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     tl.store(lse_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
     inv_l = 1.0 / l_i
