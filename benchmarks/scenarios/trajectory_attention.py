@@ -27,7 +27,7 @@ NOTE = ("official: the official processor's computation (per-call subsampling an
         "index_put_(accumulate=True) over batch and frames); sdpa_index_add: precomputed indices, "
         "dense projection, gather, F.scaled_dot_product_attention on [b·n, h, f, d], index_add_ "
         "scatter-average; flex: FlexAttention (compiled) over the packed gathered tokens with a "
-        "block-diagonal mask, then index_add_; lightmotion_atomic: the one-launch atomic mode")
+        "block-diagonal mask, then index_add_; lightmotion/atomic: ours in the one-launch atomic mode")
 
 NOTE_CORE = ("attention core only: q, k, v given [b s f h d] (projections and to_out excluded): gather -> "
              "attend -> scatter-average. official: per-call subsampling and latent positions, advanced-indexing "
@@ -169,7 +169,7 @@ def branch_providers(x, tables, level, weights, batch, heads, device, with_flex=
     gen = torch.Generator().manual_seed(1)
     providers = {
         "lightmotion": lambda: lightmotion_branch(x, level, weights, batch, heads),
-        "lightmotion_atomic": lambda: lightmotion_branch(x, level, weights, batch, heads, deterministic=False),
+        "lightmotion/atomic": lambda: lightmotion_branch(x, level, weights, batch, heads, deterministic=False),
         "reference": lambda: reference_branch(x, level, weights, batch, heads),
         "sdpa_index_add": lambda: sdpa_index_add_branch(x, level, weights, batch, heads),
     }
@@ -189,7 +189,7 @@ def core_providers(q, k, v, tables, level, device, with_flex=True, with_official
     gen = torch.Generator().manual_seed(1)
     providers = {
         "lightmotion": lambda: lightmotion_core(q, k, v, level),
-        "lightmotion_atomic": lambda: lightmotion_core(q, k, v, level, deterministic=False),
+        "lightmotion/atomic": lambda: lightmotion_core(q, k, v, level, deterministic=False),
         "reference": lambda: reference_core(q, k, v, level),
         "sdpa_index_add": lambda: sdpa_index_add_core(q, k, v, level),
     }

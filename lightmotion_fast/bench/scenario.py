@@ -5,9 +5,9 @@ calls each case's `setup()` only when it is about to time it (so inputs for one 
 in memory), then times every provider it returns.
 
 Provider names: "lightmotion" is ours, "reference" is the library's PyTorch reference, a name starting
-with "lightmotion/" is an ablation of ours (one design choice switched off, e.g. "lightmotion/no_pv_lag":
-timed and shown, never counted as a peer), any other name is a peer (e.g. "peft_loop", "sdpa_concat",
-"grid_sample_nearest").
+with "lightmotion/" is ours in another configuration: an ablation (one design choice switched off, e.g.
+"lightmotion/no_pv_lag") or another mode ("lightmotion/atomic"), timed and shown, never counted as a
+peer; any other name is a peer (e.g. "peft_loop", "sdpa_concat", "grid_sample_nearest").
 """
 from __future__ import annotations
 
