@@ -85,6 +85,10 @@ def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", q
         if train and d == 80 and device.type == "cuda":
             # dk/dv on 32-key tiles at 8 warps (half mma.sync, 1 block/SM) instead of 64-key wgmma tiles
             providers["lightmotion/dkdv_32_keys"] = ablated(ours, "_dkdv_wgmma_80", False)
+        if train and d <= 64 and device.type == "cuda":
+            # one dq launch per key/value set, chained through an fp32 partial sum (4 blocks/SM at 8x40)
+            # instead of one launch summing both sets' dQ in registers (3 blocks/SM, 12 fewer bytes a dq element)
+            providers["lightmotion/dq_launch_per_set"] = ablated(ours, "_dq_sets_per_launch", 1)
         return providers
 
     elem = torch.empty((), dtype=dtype).element_size()

@@ -52,6 +52,8 @@ def _case(label, batch, n, n_ref, heads, d, device, dtype, mode="fwd", quick=Tru
                 providers["lightmotion/no_pv_lag"] = ablated(ours, "_reference_lag_pv", False)
             if train and d == 80:
                 providers["lightmotion/dkdv_32_keys"] = ablated(ours, "_dkdv_wgmma_80", False)
+            if train and d <= 64:  # a dq launch per source, chained, instead of both in one
+                providers["lightmotion/dq_launch_per_set"] = ablated(ours, "_dq_sets_per_launch", 1)
         return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
