@@ -464,13 +464,17 @@ def bench_worker(out: Path, seconds: float, quick: bool, ops: list[str] | None) 
 # report.md
 
 
-def _targets_module():
-    """targets.py loaded by path (no package import: this must work before the package is installed)."""
-    spec = importlib.util.spec_from_file_location("lightmotion_targets", Path(__file__).with_name("targets.py"))
+def _sibling_module(name: str):
+    """bench/<name>.py loaded by path (no package import: this must work before the package is installed)."""
+    spec = importlib.util.spec_from_file_location(f"lightmotion_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module      # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def _targets_module():
+    return _sibling_module("targets")
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -479,6 +483,7 @@ def _fmt(v, spec=".3f") -> str:
 
 def op_tables(rows: list[dict], verdicts: list) -> list[str]:
     """One markdown table per op: ours, each peer, best peer / ours, % of ceiling, SDPA backends, target."""
+    is_peer = _sibling_module("scenario").is_peer
     lines: list[str] = []
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -492,9 +497,8 @@ def op_tables(rows: list[dict], verdicts: list) -> list[str]:
                   "|---|---|---|---:|" + "---:|" * len(peers) + "---:|---:|---|---|"]
         for (op_, shape, mode, dtype), provs in cases:
             ours = provs.get("lightmotion")
-            # Ablations of ours ("lightmotion/...", bench/scenario.py) are shown, never the best peer.
-            peer_times = {p: provs[p]["median_ms"] for p in peers
-                          if p in provs and p != "reference" and not p.startswith("lightmotion/")}
+            # Ours in other configurations ("lightmotion/...") are shown, never the best peer.
+            peer_times = {p: provs[p]["median_ms"] for p in peers if p in provs and is_peer(p)}
             ratio = ""
             if ours and peer_times:
                 best = min(peer_times, key=peer_times.get)
