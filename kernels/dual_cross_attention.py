@@ -540,11 +540,13 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     return block_m, (8 if wide else 4)
 
 
-def _dual_fwd_stages(d_len: int) -> int:
-    """Pipeline stages of the dual forward: 2; 3 for heads wider than 192 (sm_90, ptxas, 256-wide heads
-    in 32 × 256 tiles: with 2 stages and two conditions ptxas held the kernel to 128 registers and
-    spilled 8-12 B; with 3, 142-212 registers and no spill)."""
-    return 3 if d_len > 192 else 2
+def _dual_fwd_stages(d_len: int, dtype: torch.dtype) -> int:
+    """Pipeline stages of the dual forward: 2; 4 for 16-bit heads wider than 192. At 256-wide heads
+    (32 × 256 tiles, two conditions, a mask) ptxas holds the kernel to 128 registers and spills 8 B
+    with 2 stages under both Triton 3.6 (the GPU machines') and 3.9, with 3 under 3.6; with 4, 128
+    registers and no spill under both (sm_90, 2026-12-07). fp32 (16 × 256 tiles) keeps 2: 80-89
+    registers and no spill under both, where 3 spilled 8 B under 3.6."""
+    return 4 if d_len > 192 and dtype != torch.float32 else 2
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -597,7 +599,7 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
             ACCUMULATE=first > 0,
             BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0], d_lo > 0), BLOCK_N1=_block_n(lens[1], d_lo > 0), BLOCK_N2=_block_n(lens[2], d_lo > 0),
             BLOCK_N3=_block_n(lens[3], d_lo > 0), D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=num_warps, num_stages=_dual_fwd_stages(d_len),
+            num_warps=num_warps, num_stages=_dual_fwd_stages(d_len, q.dtype),
         )
     _copy_back(o, out)
 
@@ -963,11 +965,12 @@ def _dual_bwd_dkdv_kernel(
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
     """(BLOCK_M, num_warps, num_stages) of the backward kernels; fp32 (FMA-loop dots) takes 16-query
-    tiles, 2 stages and 8 warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64). At D_PAD 256 the dq
-    kernel takes 4 warps (sm_90, ptxas: 106-156 registers, no spill; at 8 and 16 warps ptxas held some
-    launches to 64 registers and spilled 12-16 B) and dk/dv its own (`_dkdv_warps`)."""
+    tiles, 2 stages and 8 warps (4 warps spilled 0.2 KB in dk/dv at D_PAD 64; at D_PAD 256 they held the
+    dq kernel to 128 registers and spilled 24 B at 160-wide heads under Triton 3.6, where 8 warps take
+    64-80 registers and no spill under 3.6 and 3.9; sm_90, 2026-12-07), dk/dv its own warps at D_PAD
+    256 (`_dkdv_warps`)."""
     if dtype == torch.float32:
-        return 16, (8 if d_pad <= 128 else 4), 2
+        return 16, 8, 2
     return (64 if d_pad <= 128 else 32), (4 if d_pad <= 64 else 8), 3
 
 

@@ -324,6 +324,10 @@ _EXPAND_CONFIGS.update({
 for _separate in (False, True):
     for _tail in ((), ("sample",)):
         _EXPAND_CONFIGS[("16bit", _separate, *_tail, "unaligned")] = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
+# SEPARATE with SAMPLE_COEF there: 128×64 at 8 warps and 64×64 at 4 warps took 255 registers and spilled
+# 4-8 B under Triton 3.6 (the GPU machines'; 233 and none under 3.9); 64×64 at 8 warps and 32×64 at 4
+# take 114-161 and no spill under both (sm_90, 2026-12-07).
+_EXPAND_CONFIGS[("16bit", True, "sample", "unaligned")] = [_cfg(64, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
 EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE", "SAMPLE_COEF"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
                   for family, configs in _EXPAND_CONFIGS.items()}
@@ -378,7 +382,9 @@ def _shrink_tiles(dtype: torch.dtype, block_r: int, norms: bool = False) -> tupl
     if _INTERPRET:
         return 16, 32, 4, 1
     if dtype == torch.float32:  # (the ops send fp32 `output` above 64 ranks to cuBLAS)
-        return (64 if block_r <= 64 and not norms else 32), 32, 8 if norms else 4, 3
+        # The `output` kernel at 3 stages: ptxas held it to 128 registers and spilled 4 B under Triton
+        # 3.6 (the GPU machines'); at 2 stages 102-108 registers and no spill under 3.6 and 3.9.
+        return (32, 32, 8, 2) if norms else (64 if block_r <= 64 else 32, 32, 4, 3)
     block_m = 64 if norms and block_r >= 256 else 128
     return block_m, 64, 8, 3
 
@@ -457,8 +463,10 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         y.stride(0) if separate else 0, y2.stride(0), y2.stride(1),
     )
     # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
-    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, 32-deep do not.
-    chunk = min(rank_tile, 32 if x.dtype == torch.float32 else 64)
+    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, and 32-deep ones spilled
+    # 4-12 B in 64×128 tiles (2 stages under Triton 3.6, 3 under 3.9); 16-deep take 128-239 registers
+    # and no spill in every fp32 config under both (2026-12-07).
+    chunk = min(rank_tile, 16 if x.dtype == torch.float32 else 64)
     flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), SAMPLE_COEF=coef is not None, BLOCK_R=chunk,
                  **_dot_flags(x.dtype))
     if _INTERPRET:
