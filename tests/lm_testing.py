@@ -87,9 +87,10 @@ class TensorOutputs:
 
 
 def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
-    """Run tests/gpu_compile_check.py (default subset) in a subprocess with Triton out of interpreter mode and
-    a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier run's cache); `pythonpath`
-    goes first on PYTHONPATH (another Triton). Returns its JSON report plus "returncode" and "log"."""
+    """Run tests/gpu_compile_check.py (default subset, with ptxas -v statistics) in a subprocess with Triton
+    out of interpreter mode and a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier
+    run's cache); `pythonpath` goes first on PYTHONPATH (another Triton). Returns its JSON report plus
+    "returncode" and "log"."""
     import json
     import os
     import subprocess
@@ -105,7 +106,7 @@ def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
     env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = Path(tmp) / "report.json"
-    proc = subprocess.run([sys.executable, str(script), "--json", str(out)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), "--stats", "--json", str(out)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     if not out.exists():
         pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
@@ -113,6 +114,14 @@ def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
     data = json.loads(out.read_text())
     data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
     return data
+
+
+def spilling_launches(report: dict) -> str:
+    """The launches of a compile-check report that ptxas spilled to local memory, one line each ("" if none)."""
+    return "\n".join(
+        f"{r['kernel']} ({r['op']}, {r['dtype']}, warps={r['num_warps']}, stages={r['num_stages']}): "
+        f"{r['registers']} registers, {r['spill_stores']} B spill stores; {r['constexprs']}"
+        for r in report["results"] if r.get("spill_stores") or r.get("spill_loads"))
 
 
 def random_official_weights(unet, seed: int = 1, scale: float = 0.2) -> list:

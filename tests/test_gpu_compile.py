@@ -13,7 +13,7 @@ distinct launch (several minutes on 2 cores).
 import os
 
 import pytest
-from lm_testing import run_compile_check
+from lm_testing import run_compile_check, spilling_launches
 
 
 # op -> the kernels its Triton path launches (forward and backward).
@@ -71,6 +71,13 @@ def test_kernel_compiles_for_sm90(report, kernel):
         # the TMA forward is the 16-bit path on Hopper; fp32 keeps the FMA-dot kernel
         assert {r["dtype"] for r in results} == ({"float16", "bfloat16"} if kernel in SIXTEEN_BIT_ONLY
                                                  else {"float32", "float16", "bfloat16"})
+
+
+def test_no_launch_spills(report):
+    """ptxas -v: no launch of the subset keeps values in local memory (the static report holds the
+    benchmark shapes to the same, tests/test_sm90_invariants.py)."""
+    assert all(r.get("registers") for r in report["results"]), "ptxas -v statistics missing"
+    assert not spilling_launches(report), spilling_launches(report)
 
 
 def test_script_exit_status(report):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lm_testing import run_compile_check
+from lm_testing import run_compile_check, spilling_launches
 import triton
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,13 @@ def report(tmp_path_factory):
 
 def test_the_check_ran_with_triton_36(report):
     assert report["triton"].startswith(VERSION + "."), report["triton"]
+
+
+def test_no_launch_spills_under_triton_36(report):
+    """The GPU machines compile with 3.6, whose ptxas input differs from 3.9's: tiles chosen spill-free
+    under 3.9 spilled 4-24 B under 3.6 until 2026-12-07. Both versions are held to no spills."""
+    assert all(r.get("registers") for r in report["results"]), "ptxas -v statistics missing"
+    assert not spilling_launches(report), spilling_launches(report)
 
 
 def test_every_library_kernel_compiled_for_sm90(report):
