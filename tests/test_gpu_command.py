@@ -1,6 +1,7 @@
 """`./dev.sh gpu` without a GPU: the dry run's plan, report.md from fake rows (targets met/missed),
 the sanitizer and JUnit readers, the wheel-requirement walk, and the smoke script through the
 Triton interpreter (the script compute-sanitizer runs on a GPU)."""
+import csv
 import json
 import re
 import subprocess
@@ -234,3 +235,51 @@ def test_bench_worker_writes_json_csv_plots_and_the_report_reads_them(tmp_path, 
     assert (tmp_path / "plots" / f"{data['slug']}-plucker_embedding.png").stat().st_size > 1000
     report = gpu.build_report(data, [], dict(device=data["device"]))
     assert "### plucker_embedding" in report and "cameractrl_ray_condition ms" in report
+    # the kernels as compiled on the machine: none on a CPU (interpreted), but the table is written
+    assert (tmp_path / gpu.LOADED_CSV).read_text().splitlines() == [
+        "kernel,constexprs,num_warps,num_stages,registers,local_bytes,shared,blocks_per_sm,warps_per_sm"]
+
+
+def _fake_jit(loaded_regs: int):
+    """A JITFunction stand-in with one loaded and one never-loaded compiled kernel in its cache."""
+    from types import SimpleNamespace as NS
+
+    params = [NS(num=0, name="x_ptr", is_constexpr=False), NS(num=1, name="n", is_constexpr=False),
+              NS(num=2, name="BLOCK", is_constexpr=True), NS(num=3, name="MASKED", is_constexpr=True)]
+    loaded = NS(module=object(), n_regs=loaded_regs, n_spills=16, src=NS(constexprs={(1,): 1, (2,): 64, (3,): True}),
+                metadata=NS(shared=49152, num_warps=8, num_stages=3))
+    never_run = NS(module=None, src=NS(constexprs={(2,): 128}), metadata=NS(shared=0, num_warps=4, num_stages=2))
+    return NS(params=params, device_caches={0: ({"a": loaded, "b": never_run}, {}, None, None, None)})
+
+
+def test_loaded_kernels_reads_the_jit_caches(tmp_path):
+    """The bench worker's table of kernels as compiled on the GPU: only kernels the driver loaded, their
+    declared constexprs (not Triton's ==1 integer specialisation), the driver's registers and local bytes,
+    and occupancy: 168 registers × 256 threads = 43,008 of 65,536 leaves one block per SM."""
+    from lightmotion_fast.bench import static
+
+    rows = static.loaded_kernels({"_toy_kernel": _fake_jit(168)})
+    assert rows == [dict(kernel="_toy_kernel", constexprs="BLOCK=64,MASKED=True", num_warps=8, num_stages=3,
+                         registers=168, local_bytes=16, shared=49152, blocks_per_sm=1, warps_per_sm=8)]
+    static.write_loaded_kernels(rows, tmp_path / gpu.LOADED_CSV)
+    text = "\n".join(gpu.loaded_section(list(csv.DictReader((tmp_path / gpu.LOADED_CSV).open()))))
+    assert "1 kernels compiled and loaded" in text and "1 use local memory, 1 fit one block per SM" in text
+    assert text.count("| _toy_kernel | BLOCK=64,MASKED=True | 8 | 3 | 168 | 16 | 49152 | 1 |") == 2
+    assert "blocks/SM" in gpu.build_report(None, [], {}, static.loaded_kernels({"_toy_kernel": _fake_jit(96)}))
+    assert "## Kernels as compiled here" not in gpu.build_report(None, [], {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: kernels compiled and loaded by the driver")
+def test_loaded_kernels_after_a_launch_on_the_gpu():
+    """On the GPU machine: after one op call, the table holds its kernel with the driver's figures."""
+    import lightmotion_fast
+    from lightmotion_fast.bench import static
+
+    from lightmotion_fast.reference.snr_reinject import StepCoefficients
+
+    x = torch.randn(1, 3, 5, 7, 9, device="cuda", dtype=torch.float16)
+    with lightmotion_fast.backend("triton"):
+        lightmotion_fast.snr_reinject(x, x, StepCoefficients(0.9, 0.1, 0.3, 1.0, 0.0), seed=3)
+    torch.cuda.synchronize()
+    rows = [r for r in static.loaded_kernels() if r["kernel"] == "_snr_reinject_kernel"]
+    assert rows and all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in rows), rows

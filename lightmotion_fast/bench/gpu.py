@@ -16,8 +16,11 @@ Phases, each with a time budget, each failing on its own (a failed phase never s
              shapes), then racecheck over the kernels with shared memory or atomics; a machine that
              refuses the sanitizer is reported as such
   bench      the ceilings, then every op and scenario in full (--quick: the quick cases), CSV rows,
-             one plot per op, the SDPA backend of every attention provider
-  report     report.md: per op our time, each peer's, the ratio, % of ceiling, the target met/missed;
+             one plot per op, the SDPA backend of every attention provider; then every kernel the bench
+             compiled, as this machine's Triton and ptxas built it (registers and local memory per
+             thread from the driver, occupancy): loaded_kernels.csv
+  report     report.md: per op our time, each peer's, the ratio, % of ceiling, the target met/missed,
+             the compiled kernels that use local memory or fit one block per SM;
              gpu_report.tar.gz of the whole folder; --bundle DIR copies at most 8 files there (for the
              device tool's $OUT)
 
@@ -29,6 +32,7 @@ system python (3.12, torch 2.11, triton 3.6), without a virtualenv.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import importlib.util
 import json
@@ -51,6 +55,7 @@ WORK = Path(os.environ.get("LIGHTMOTION_GPU_WORK", "/tmp/lightmotion_gpu"))   # 
 WHEEL_SITE = WORK / "wheels-site"
 PKG_SITE = WORK / "package-site"
 DEFAULT_BUDGET_S = 560
+LOADED_CSV = "loaded_kernels.csv"   # the bench worker's kernels as compiled on the machine (static.loaded_kernels)
 # Packages the GPU machines already have (../.library/device/KINDS.md, "Python packages already there",
 # read 2026-11-17). `./dev.sh wheels` downloads what the project needs beyond these.
 GPU_HAS = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
@@ -449,6 +454,13 @@ def bench_worker(out: Path, seconds: float, quick: bool, ops: list[str] | None) 
     report = runner.bench(ops=ops, quick=quick, deadline=deadline, checkpoint=checkpoint,
                           printer=lambda s: print(s, flush=True))
     checkpoint(report)
+    try:   # the kernels as this machine's Triton and ptxas compiled them (the static report's columns)
+        from lightmotion_fast.bench import static
+        loaded = static.loaded_kernels()
+        static.write_loaded_kernels(loaded, out / LOADED_CSV)
+        print(f"{len(loaded)} compiled kernels loaded: {out / LOADED_CSV}", flush=True)
+    except Exception as exc:  # evidence about the timings, never a reason to lose them
+        print(f"loaded-kernel table failed: {type(exc).__name__}: {exc}", flush=True)
     print(runner.format_table(report.rows), flush=True)
     if report.rows:
         runner.write_csv(report.rows, out, report.slug)
@@ -515,8 +527,31 @@ def op_tables(rows: list[dict], verdicts: list) -> list[str]:
     return lines
 
 
-def build_report(bench: dict | None, phases: list[Phase], meta: dict) -> str:
-    """report.md from the bench data (runner.BenchReport.to_json()), the phase results and run metadata."""
+def loaded_section(rows: list[dict]) -> list[str]:
+    """report.md's account of the kernels as compiled on the GPU machine (bench worker's LOADED_CSV):
+    the ones with local memory (spills or stack) and the ones with one resident block per SM."""
+    def listing(picked):
+        return [f"| {r['kernel']} | {r['constexprs']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+                f"{r['local_bytes']} | {r['shared']} | {r['blocks_per_sm']} |" for r in picked[:30]]
+
+    head = ["| kernel | constexprs | warps | stages | registers | local B | shared B | blocks/SM |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    local = [r for r in rows if int(r["local_bytes"] or 0) > 0]
+    single = [r for r in rows if str(r["blocks_per_sm"]) == "1"]
+    out = ["## Kernels as compiled here", "",
+           f"{len(rows)} kernels compiled and loaded by the bench ({LOADED_CSV}: registers and local memory "
+           f"per thread as the driver reports them, occupancy by the sm_90 rules); {len(local)} use local "
+           f"memory, {len(single)} fit one block per SM.", ""]
+    if local:
+        out += ["Local memory (spills or stack):", ""] + head + listing(local) + [""]
+    if single:
+        out += ["One block per SM:", ""] + head + listing(single) + [""]
+    return out
+
+
+def build_report(bench: dict | None, phases: list[Phase], meta: dict, loaded: list[dict] | None = None) -> str:
+    """report.md from the bench data (runner.BenchReport.to_json()), the phase results, run metadata and
+    the loaded-kernel rows (None: none recorded)."""
     targets = _targets_module()
     rows = (bench or {}).get("rows", [])
     ceil = (bench or {}).get("ceilings", {})
@@ -562,6 +597,8 @@ def build_report(bench: dict | None, phases: list[Phase], meta: dict) -> str:
     skipped = (bench or {}).get("skipped", [])
     if skipped:
         out += ["## Cases not timed (budget)", ""] + [f"- {s}" for s in skipped] + [""]
+    if loaded is not None:
+        out += loaded_section(loaded)
     return "\n".join(out) + "\n"
 
 
@@ -570,7 +607,9 @@ def phase_report(ctx: Context, deadline: float, meta: dict) -> dict:
     bench = json.loads(data.read_text()) if data.exists() else None
     if bench and bench.get("device"):
         meta["device"] = bench["device"]
-    report = build_report(bench, list(ctx.phases.values()), meta)
+    table = ctx.out / LOADED_CSV
+    loaded = list(csv.DictReader(table.open(newline=""))) if table.exists() else None
+    report = build_report(bench, list(ctx.phases.values()), meta, loaded)
     (ctx.out / "report.md").write_text(report)
     (ctx.out / "phases.json").write_text(json.dumps({p.name: p.result for p in ctx.phases.values()}, indent=1,
                                                     default=str))
@@ -587,8 +626,9 @@ def bundle(out: Path, dest: Path | None) -> list[Path]:
     copied = []
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
+        timings = sorted(p for p in out.glob("*.csv") if p.name != LOADED_CSV)[:1]
         picks = [out / "report.md", out / "gpu_report.tar.gz", out / "junit.xml", out / "console.log",
-                 out / "memcheck.log", out / "racecheck.log"] + sorted(out.glob("*.csv"))[:2]
+                 out / "memcheck.log", out / "racecheck.log", *timings, out / LOADED_CSV]
         for p in picks[:8]:
             if p.exists():
                 shutil.copy2(p, dest / p.name)
@@ -730,7 +770,7 @@ def dry_run(ctx: Context, budgets: dict[str, float]) -> int:
             say(f"   $ {step.shell()}" + (f"    # {step.note}" if step.note else ""))
         if name == "report":
             say(f"   writes {ctx.out}/report.md, junit.xml, memcheck.log, racecheck.log, <device>.csv, "
-                f"plots/, bench.json, console.log, logs/, gpu_report.tar.gz")
+                f"{LOADED_CSV}, plots/, bench.json, console.log, logs/, gpu_report.tar.gz")
     return 0
 
 

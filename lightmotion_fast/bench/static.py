@@ -793,6 +793,64 @@ def versions_text():
 
 
 # ---------------------------------------------------------------------------------------------
+# On a GPU: what Triton compiled and the driver loaded in this process
+
+LOADED_COLUMNS = ["kernel", "constexprs", "num_warps", "num_stages", "registers", "local_bytes", "shared",
+                  "blocks_per_sm", "warps_per_sm"]
+
+
+def library_jit_functions():
+    """{name: JITFunction} of every `*_kernel` in lightmotion_fast.kernels (autotuner wrappers unwrapped)."""
+    import importlib
+    import pkgutil
+
+    import lightmotion_fast.kernels as pkg
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for obj in vars(module).values():
+            for _ in range(4):   # Autotuner(Heuristics(JITFunction)) nests a few levels
+                if isinstance(obj, _jit.JITFunction) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, _jit.JITFunction) and obj.fn.__name__.endswith("_kernel"):
+                found[obj.fn.__name__] = obj
+    return found
+
+
+def loaded_kernels(functions=None) -> list[dict]:
+    """One row per compiled kernel in the JIT caches of `functions` ({name: JITFunction}; default the
+    library's) that the driver has loaded (it ran at least once in this process): its constexprs and
+    launch options, the registers per thread and local-memory bytes per thread (spills and stack) as the
+    CUDA driver reports them, shared memory and the sm_90 occupancy they give. After a benchmark run on a
+    GPU these are the static report's columns from the Triton and ptxas that really ran."""
+    rows = []
+    for name, fn in sorted((functions if functions is not None else library_jit_functions()).items()):
+        params = {p.num: p for p in fn.params}
+        for caches in list(getattr(fn, "device_caches", {}).values()):
+            for compiled in list(caches[0].values()):
+                if getattr(compiled, "module", None) is None:   # compiled but never loaded
+                    continue
+                meta = compiled.metadata
+                consts = ",".join(f"{params[k[0]].name}={v}" for k, v in compiled.src.constexprs.items()
+                                  if len(k) == 1 and params[k[0]].is_constexpr)
+                blocks, warps = occupancy(compiled.n_regs, meta.shared, meta.num_warps)
+                rows.append(dict(kernel=name, constexprs=consts, num_warps=meta.num_warps,
+                                 num_stages=meta.num_stages, registers=compiled.n_regs,
+                                 local_bytes=compiled.n_spills, shared=meta.shared, blocks_per_sm=blocks,
+                                 warps_per_sm=warps))
+    return rows
+
+
+def write_loaded_kernels(rows, path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOADED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
