@@ -80,3 +80,27 @@ def test_16bit_backward_keeps_rank_space_tensors_in_the_input_dtype(norm, separa
                                 separate=separate).backward(grad.double())
     for got, ref in zip((x, *lora_a, *lora_b), want):
         assert_close_rel(got.grad, ref.grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_output_norm_backward_runs_its_rank_space_products_in_the_input_dtype(dtype):
+    """The `output` norms' gradient through nᵢ has two products over all M tokens per LoRA, (z q) G and
+    zᵀ(z q) with G = BᵀB (r × r): in 16-bit they take the input dtype's GEMM (tensor cores on a GPU), not
+    an fp32 one (FMA units), and the gradients still hold against float64."""
+    m, d, ranks = 40, 32, (16, 16)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(m, d, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(d, d, generator=g).to(dtype)
+    lora_a = [torch.randn(r, d, generator=g).to(dtype).requires_grad_() for r in ranks]
+    lora_b = [torch.randn(d, r, generator=g).to(dtype).requires_grad_() for r in ranks]
+    y = multi_lora_linear(x, w, None, lora_a, lora_b, [1.0, 0.5], norm="output")
+    grad = torch.randn(y.shape, generator=g).to(dtype)
+    with TensorOutputs() as outputs:
+        y.backward(grad)
+    products = [s for s in outputs.seen if s[0] in ("mm", "matmul", "addmm") and s[1] == (m, ranks[0])]
+    assert products and all(s[2] == dtype for s in products), products
+    want = [t.detach().double().requires_grad_() for t in (x, *lora_a, *lora_b)]
+    multi_lora_linear_reference(want[0], w.double(), None, want[1:3], want[3:], [1.0, 0.5],
+                                norm="output").backward(grad.double())
+    for got, ref in zip((x, *lora_a, *lora_b), want):
+        assert_close_rel(got.grad, ref.grad, dtype, "output-norm gradient")

@@ -559,9 +559,21 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         dz_terms = []
         for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
             bf = b.to(acc)
-            zq = zf[:, lo:hi] * q[:, i:i + 1]
-            dz_terms.append((lo, hi, zq @ (bf.T @ bf)))
-            d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
+            gram = bf.T @ bf  # Gⱼ = BⱼᵀBⱼ, r×r, its d_out-long sums in fp32
+            if dtype in (torch.float16, torch.bfloat16):
+                # The two [M, r]-long products on the tensor cores, operands in the input dtype: z in its
+                # own (exact) values, zq and G rounded once, products rounded once more: two roundings of
+                # the input dtype in terms that dz and dB are rounded to anyway. In fp32 on the FMA units
+                # (~4.7 GFLOP each per LoRA at CogVideoX-5B, M = 35,552, r = 256) they were the backward's
+                # only fp32 GEMMs.
+                z16 = z[:, lo:hi]
+                zq = (zf[:, lo:hi] * q[:, i:i + 1]).to(dtype)
+                dz_terms.append((lo, hi, (z16 @ gram.to(dtype)).to(acc) * q[:, i:i + 1]))
+                d_b[i] = d_b[i] + bf @ (z16.T @ zq).to(acc)
+            else:
+                zq = zf[:, lo:hi] * q[:, i:i + 1]
+                dz_terms.append((lo, hi, zq @ gram))
+                d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
         for lo, hi, term in dz_terms:  # dz = hb * rho is a fresh tensor here
             dz[:, lo:hi] += term
     elif norm == "weight":
