@@ -541,12 +541,16 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
 
 
 def _dual_fwd_stages(d_len: int, dtype: torch.dtype) -> int:
-    """Pipeline stages of the dual forward: 2; 4 for 16-bit heads wider than 192. At 256-wide heads
-    (32 × 256 tiles, two conditions, a mask) ptxas holds the kernel to 128 registers and spills 8 B
-    with 2 stages under both Triton 3.6 (the GPU machines') and 3.9, with 3 under 3.6; with 4, 128
-    registers and no spill under both (sm_90, 2026-12-07). fp32 (16 × 256 tiles) keeps 2: 80-89
-    registers and no spill under both, where 3 spilled 8 B under 3.6."""
-    return 4 if d_len > 192 and dtype != torch.float32 else 2
+    """Pipeline stages of the dual forward: 2, except where ptxas caps the registers of an 8-warp
+    program and spills (sm_90, Triton 3.6, the GPU machines', and 3.9; 2026-12-07):
+    - 16-bit heads wider than 192 (32 × 256 tiles, two conditions, a mask): held to 128 registers,
+      8 B spilled with 2 stages under both, with 3 under 3.6; 4 stages: 128 and no spill under both.
+    - fp32 at D_PAD 128 (16 × 128 tiles, 80- to 128-wide heads): held to 64 registers, 8 B spilled with
+      a mask at 2 stages under both; 3 stages: 64 and no spill. fp32 at D_PAD 256 keeps 2 (80-89
+      registers, no spill; 3 spilled 8 B under 3.6)."""
+    if dtype == torch.float32:
+        return 3 if _d_pad(d_len) == 128 else 2
+    return 4 if d_len > 192 else 2
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -984,7 +988,7 @@ def _bwd_common(d_len: int, dtype: torch.dtype) -> tuple[dict, int]:
 
 def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     """(D_HI, D_LO) of the dk/dv kernel: the forwards' chunks (`_d_split`) for heads up to 64 wide
-    (40 → 32 + 16); one power-of-two tile above, except unmasked 16-bit 80-wide heads, which
+    (40 → 32 + 16); one power-of-two tile above, except 16-bit 80-wide heads, which
     `_dkdv_wgmma_80` takes as 64 + 16 with 64-key tiles. Its 32-key tiles at 80-wide heads keep K, V,
     dK and dV for the whole query walk, and split 64 + 16 they compiled (sm_90, ptxas) to 255
     registers and a 20 B spill, against 231 and none as one 128-wide tile. The dq kernel takes `_d_split` at every width
@@ -1002,14 +1006,19 @@ def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _dkdv_wgmma_80(d_len: int, dtype: torch.dtype, has_mask: bool) -> bool:
-    """16-bit heads 65-80 wide (SD1.5's 32×32 level: 8×80) without a mask take 64-key tiles, the head dim
-    as 64 + 16 and 4 warps in the dk/dv kernel, so that every product is wgmma. sm_90, ptxas, 8×80
-    (2026-12-07): Triton 3.9 252-255 registers, no spill, 81 KB shared, 2 blocks/SM, 26 HGMMA and no
-    HMMA; Triton 3.6 (the GPU machines') 214-228, no spill, 101 KB; against 32-key tiles, one 128-wide
-    chunk and 8 warps: 231-244 registers, 1 block/SM, 32 HGMMA + 32 HMMA (mma.sync). With a mask the
-    64-key form spilled 24-48 B under 3.9 (none under 3.6, where the 32-key form spills 80-96 B), so
-    masked launches keep the 32-key form."""
-    return dtype != torch.float32 and _d_pad(d_len) == 128 and _d_split(d_len, dtype)[1] == 16 and not has_mask
+    """16-bit heads 65-80 wide (SD1.5's 32×32 level: 8×80) take 64-key tiles and the head dim as 64 + 16
+    in the dk/dv kernel, so that every product is wgmma; 4 warps, 8 with a mask (`_dkdv_wgmma_80_warps`).
+    sm_90, ptxas, 8×80 (2026-12-07): without a mask, Triton 3.9 252-255 registers, no spill, 81 KB
+    shared, 2 blocks/SM, 26 HGMMA and no HMMA; Triton 3.6 (the GPU machines') 214-228, no spill, 101 KB.
+    With a mask at 4 warps 3.9 spilled 24-48 B; at 8 warps 244-252 registers, no spill under 3.6 and
+    3.9, 1 block/SM, 36 HGMMA and no HMMA. The 32-key form they replace (one 128-wide chunk, 8 warps):
+    231-244 registers, 1 block/SM, 32 HGMMA + 32 HMMA (mma.sync), and 80-96 B of spills under 3.6
+    with a mask. `has_mask` stays an argument so that an ablation can keep the old form for either."""
+    return dtype != torch.float32 and _d_pad(d_len) == 128 and _d_split(d_len, dtype)[1] == 16
+
+
+def _dkdv_wgmma_80_warps(has_mask: bool) -> int:
+    return 8 if has_mask else 4
 
 
 def _dkdv_s_chunk(d_len: int, dtype: torch.dtype) -> int:
@@ -1061,7 +1070,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     kv_len = k.shape[2]
     if _dkdv_wgmma_80(d_len, q.dtype, flags["HAS_MASK"]):
         block_n, (d_hi, d_lo) = 64, _d_split(d_len, q.dtype)
-        common = dict(common, num_warps=4)
+        common = dict(common, num_warps=_dkdv_wgmma_80_warps(flags["HAS_MASK"]))
     else:
         block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
         d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)
