@@ -283,3 +283,21 @@ def test_loaded_kernels_after_a_launch_on_the_gpu():
     torch.cuda.synchronize()
     rows = [r for r in static.loaded_kernels() if r["kernel"] == "_snr_reinject_kernel"]
     assert rows and all(r["registers"] > 0 and r["blocks_per_sm"] >= 1 for r in rows), rows
+
+
+def test_ablation_section_says_what_each_choice_buys():
+    """report.md's Ablations: per "lightmotion/<choice>" row, without / with per case and the geometric
+    mean per choice with its verdict; rows without our time or without a median are left out."""
+    def row(provider, ms, shape="8x80", mode="fwd+bwd"):
+        return dict(op="reference_attention", shape=shape, mode=mode, dtype="fp16", provider=provider, median_ms=ms)
+    rows = [row("lightmotion", 1.0), row("lightmotion/no_pv_lag", 1.21), row("sdpa_concat", 1.5),
+            row("lightmotion", 2.0, "8x40"), row("lightmotion/no_pv_lag", 2.0 * 1.1, "8x40"),
+            row("lightmotion", 1.0, "8x160"), row("lightmotion/dkdv_32_keys", 0.5, "8x160"),
+            row("lightmotion/dkdv_32_keys", 3.0, "no ours here"), row("lightmotion/dq_launch_per_set", None)]
+    text = "\n".join(gpu.ablation_section(rows))
+    assert "| lightmotion/no_pv_lag | reference_attention | 8x80 | fwd+bwd | fp16 | 1.0000 | 1.2100 | 1.21x |" in text
+    assert "`lightmotion/no_pv_lag`: geometric mean 1.15x over 2 case(s), range 1.10-1.21x: the choice pays" in text
+    assert "`lightmotion/dkdv_32_keys`: geometric mean 0.50x over 1 case(s), range 0.50-0.50x: the choice costs" in text
+    assert "no ours here" not in text and "dq_launch_per_set" not in text and "sdpa_concat" not in text
+    assert gpu.ablation_section([row("lightmotion", 1.0), row("sdpa_concat", 1.5)]) == []
+    assert "## Ablations" in gpu.build_report(dict(rows=rows), [], {})

@@ -36,6 +36,7 @@ import csv
 import datetime as _dt
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -527,6 +528,38 @@ def op_tables(rows: list[dict], verdicts: list) -> list[str]:
     return lines
 
 
+def ablation_section(rows: list[dict]) -> list[str]:
+    """Each design choice that a "lightmotion/<choice>" row times without: per case, ours and the row's
+    median and what the choice buys (row / ours: above 1 it pays, below 1 it costs), then per choice the
+    geometric mean over its cases: the table a session with a GPU reads to keep or drop each choice."""
+    prefix = _sibling_module("scenario").ABLATION_PREFIX
+    ours = {(r["op"], r["shape"], r["mode"], r.get("dtype", "")): r["median_ms"] for r in rows
+            if r["provider"] == "lightmotion" and r.get("median_ms")}
+    found: dict[str, list[tuple]] = {}
+    for r in rows:
+        key = (r["op"], r["shape"], r["mode"], r.get("dtype", ""))
+        if r["provider"].startswith(prefix) and r.get("median_ms") and key in ours:
+            found.setdefault(r["provider"], []).append((*key, ours[key], r["median_ms"]))
+    if not found:
+        return []
+    out = ["## Ablations", "",
+           "Ours against ours with one design choice switched off (or in another mode); "
+           "without / with > 1: the choice pays.", "",
+           "| row | op | shape | mode | dtype | with ms | without ms | without / with |",
+           "|---|---|---|---|---|---:|---:|---:|"]
+    summary = []
+    for provider, cases in found.items():
+        for op, shape, mode, dtype, with_ms, without_ms in cases:
+            out.append(f"| {provider} | {op} | {shape} | {mode} | {dtype} | {with_ms:.4f} | {without_ms:.4f} | "
+                       f"{without_ms / with_ms:.2f}x |")
+        ratios = [without / with_ for *_, with_, without in cases]
+        mean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        verdict = "pays" if mean > 1.02 else "costs" if mean < 0.98 else "within 2 %"
+        summary.append(f"- `{provider}`: geometric mean {mean:.2f}x over {len(cases)} case(s), range "
+                       f"{min(ratios):.2f}-{max(ratios):.2f}x: the choice {verdict}")
+    return out + [""] + summary + [""]
+
+
 def loaded_section(rows: list[dict]) -> list[str]:
     """report.md's account of the kernels as compiled on the GPU machine (bench worker's LOADED_CSV):
     the ones with local memory (spills or stack) and the ones with one resident block per SM."""
@@ -590,7 +623,7 @@ def build_report(bench: dict | None, phases: list[Phase], meta: dict, loaded: li
     counts = {s: sum(v.status == s for v in verdicts) for s in ("met", "missed", "not measured")}
     out += ["", f"{counts['met']} met, {counts['missed']} missed, {counts['not measured']} not measured.", ""]
     if rows:
-        out += ["## Per op", ""] + op_tables(rows, verdicts)
+        out += ["## Per op", ""] + op_tables(rows, verdicts) + ablation_section(rows)
     notes = (bench or {}).get("notes", [])
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
