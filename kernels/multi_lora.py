@@ -23,6 +23,9 @@ expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K 
               same launch ([k, M, d_out]). With SAMPLE_COEF (`output`), zs is the unscaled z and each
               LoRA's z chunks are scaled on load by the row's cᵢ(b) (the LoRA loop then runs per LoRA,
               as with SEPARATE); the other normalisations compile exactly as without it.
+expand_tma    the 16-bit single-output expand on sm_90+ (`none`, `weight`): the same two loops with
+              every operand tile brought in by TMA descriptors instead of cp.async (`_tma_expand`
+              says where the operands allow it; the backward's dx expand reads Wᵀ and stays cp.async).
 
 Everything accumulates in fp32; z, zs and y are stored in the input dtype (with SAMPLE_COEF the
 scaled z chunk is rounded to it too, as the shrink's zs is). fp32 inputs use IEEE dots
@@ -208,6 +211,33 @@ def _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, r_start, n_chunks
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile of W and B_cat in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _bias_start(bias_ptr, offs_n, mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The accumulator's start: the bias row broadcast over the tile, or zeros. Read as [BLOCK_N] over
+    128–256 threads, the row is one 2-byte scalar load a thread; read as 16 aliased rows (row stride 0)
+    it is 128-bit loads, and a max over the identical rows gives it back exactly. Before the K loop, not
+    in the epilogue, it costs no registers beside the live accumulator (sm_90: 116 vs 123 at 128×128,
+    8 warps)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + tl.zeros((16, 1), tl.int32) + offs_n[None, :]
+        bias = tl.max(tl.load(bias_ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32), axis=0)
+        acc += bias[None, :]
+    return acc
+
+
+@triton.jit
 def _multi_lora_expand_kernel(
     x_ptr, w_ptr, bias_ptr, zs_ptr, b_ptr, offsets_ptr, coef_ptr, y_ptr,
     M, N, K, R, M_BUCKET, n_lora, T,
@@ -218,16 +248,7 @@ def _multi_lora_expand_kernel(
 ):
     # M_BUCKET (the power of two ≥ M) is only the autotuning key. SAMPLE_COEF (`output`): zs is the
     # unscaled z, and row t's LoRA-i chunks are scaled by coef[t // T, i] on load (T tokens a sample).
-    # Grouped program order: GROUP_M row tiles share each column tile of W and B_cat in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,15 +261,7 @@ def _multi_lora_expand_kernel(
 
     x_ptrs = x_ptr + rows[:, None] * sxm + offs_k[None, :] * sxk
     w_ptrs = w_ptr + cols[None, :] * swn + offs_k[:, None] * swk  # Wᵀ tile [BLOCK_K, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_BIAS:
-        # The accumulator starts at the bias row. Read as [BLOCK_N] over 128–256 threads, the row is one
-        # 2-byte scalar load a thread; read as 16 aliased rows (row stride 0) it is 128-bit loads, and a
-        # max over the identical rows gives it back exactly. Before the K loop, not in the epilogue,
-        # it costs no registers beside the live accumulator (sm_90: 116 vs 123 at 128×128, 8 warps).
-        bias_ptrs = bias_ptr + tl.zeros((16, 1), tl.int32) + offs_n[None, :]
-        bias = tl.max(tl.load(bias_ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32), axis=0)
-        acc += bias[None, :]
+    acc = _bias_start(bias_ptr, offs_n, mask_n, BLOCK_M, BLOCK_N, HAS_BIAS)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -281,6 +294,33 @@ def _multi_lora_expand_kernel(
         out = _lora_tail(acc, zs_ptr, b_ptr, rows, cols, mask_m, mask_n, 0, R // BLOCK_R, szm, sbn,
                          0.0, BLOCK_R, False, DOT_PRECISION, UPCAST)
         tl.store(out_ptrs, out.to(dtype), mask=out_mask)
+
+
+@triton.jit
+def _multi_lora_expand_tma_kernel(
+    x_desc, w_desc, z_desc, b_desc, bias_ptr, y_ptr,
+    M, N, K, R, M_BUCKET, sym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The expand (y = x Wᵀ + b + zs B_catᵀ, one accumulator) with every operand tile brought in by
+    the copy engine (Hopper's TMA: bulk asynchronous copies into shared memory, zero-filled past M, N,
+    K and R): no address arithmetic, masks or register staging in the two loops, which Triton
+    software-pipelines as it does the cp.async kernel's. 16-bit, one output (no SEPARATE, no
+    SAMPLE_COEF); the rank loop takes BLOCK_K ranks a step (padding past R arrives as zeros)."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = _bias_start(bias_ptr, offs_n, mask_n, BLOCK_M, BLOCK_N, HAS_BIAS)
+    for k0 in range(0, K, BLOCK_K):
+        acc = _dot(x_desc.load([off_m, k0]), tl.trans(w_desc.load([off_n, k0])), acc, "tf32", UPCAST)
+    for r0 in range(0, R, BLOCK_K):
+        acc = _dot(z_desc.load([off_m, r0]), tl.trans(b_desc.load([off_n, r0])), acc, "tf32", UPCAST)
+    out_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sym + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +371,21 @@ _EXPAND_CONFIGS[("16bit", True, "sample", "unaligned")] = [_cfg(64, 64, 32, 8, 3
 EXPAND_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "SEPARATE", "SAMPLE_COEF"]
 _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY)(_multi_lora_expand_kernel)
                   for family, configs in _EXPAND_CONFIGS.items()}
+
+
+def _tma_blocks(nargs) -> None:
+    """Config pre-hook of the TMA expand: the descriptors' boxes follow the config's tiles."""
+    for name, rows in (("x_desc", "BLOCK_M"), ("z_desc", "BLOCK_M"), ("w_desc", "BLOCK_N"), ("b_desc", "BLOCK_N")):
+        nargs[name].block_shape = [nargs[rows], nargs["BLOCK_K"]]
+
+
+# The TMA expand takes the 16-bit single-output candidates (the same tiles and stages: the copy engine
+# moves what cp.async moved, without the address math).
+_TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_blocks)
+                for c in _EXPAND_CONFIGS[("16bit", False)]]
+_INTERPRETER_TMA = triton.Config(dict(_INTERPRETER_EXPAND.kwargs), num_warps=4, num_stages=1, pre_hook=_tma_blocks)
+TMA_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "HAS_BIAS"]
+_TMA_TUNER = triton.autotune(configs=_TMA_CONFIGS, key=TMA_TUNING_KEY)(_multi_lora_expand_tma_kernel)
 _TUNED: set = set()  # (family, key values) the autotuner has benchmarked, outside any graph capture
 
 
@@ -441,15 +496,58 @@ def multi_lora_sample_norm_launch(sq: torch.Tensor, norms: torch.Tensor, coef: t
     )
 
 
+def _tma_expand(x: torch.Tensor, weight: torch.Tensor, zs: torch.Tensor, b_cat: torch.Tensor, y: torch.Tensor,
+                separate: bool, coef: torch.Tensor | None) -> bool:
+    """Whether an expand on a TMA-capable GPU takes the TMA kernel: 16-bit, one output, no per-sample
+    coefficient, and every operand a 2-D tensor a descriptor can address (unit inner stride, rows and
+    base on 16 bytes, not empty). The dx expand of the backward reads Wᵀ (inner stride d_in): cp.async."""
+    def addressable(t):
+        return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                and t.data_ptr() % 16 == 0)
+    return (x.dtype in (torch.float16, torch.bfloat16) and not separate and coef is None
+            and all(addressable(t) for t in (x, weight, zs, b_cat, y)))
+
+
+def _expand_tma_launch(x, weight, bias, zs, b_cat, y) -> None:
+    """The TMA expand: descriptors over x [M, d_in], W [d_out, d_in], zs [M, R], B_cat [d_out, R]
+    (boxes set per config by `_tma_blocks`), autotuned per key like the cp.async kernel."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = x.shape
+    N, R = weight.shape[0], zs.shape[1]
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, weight, zs, b_cat)]
+    args = (*descs, bias if bias is not None else weight, y, M, N, K, R, m_bucket(M), y.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
+    key = ("tma", m_bucket(M), N, K, R, bias is not None)
+    cfg = None
+    if _INTERPRET:
+        cfg = _INTERPRETER_TMA
+    elif _capturing(x.device) and key not in _TUNED:
+        cfg = _TMA_CONFIGS[0]
+    else:
+        _TUNED.add(key)
+    if cfg is None:
+        _TMA_TUNER[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        return
+    _tma_blocks(dict(zip(("x_desc", "w_desc", "z_desc", "b_desc"), descs), **cfg.kwargs))
+    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+    _multi_lora_expand_tma_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages)
+
+
 def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              zs: torch.Tensor, b_cat: torch.Tensor, offsets: torch.Tensor,
                              y: torch.Tensor, separate: bool, rank_tile: int,
-                             coef: torch.Tensor | None = None) -> None:
+                             coef: torch.Tensor | None = None, tma: bool = False) -> None:
     """y = x Wᵀ + b + zs B_catᵀ (or per LoRA with separate). x: [M, d_in]; weight: [d_out, d_in];
     bias: [d_out] or None; zs: [M, R] contiguous (z with its per-token coefficient applied, or, with
     coef, the unscaled z); coef: None or [b, k] float32 per-sample cᵢ(b) (M = b·T, samples consecutive);
     b_cat: [d_out, R] contiguous, scales folded in; offsets: [k+1] int32 padded rank offsets;
-    y: [M, d_out], or [k, M, d_out] with separate (written)."""
+    y: [M, d_out], or [k, M, d_out] with separate (written). tma: the device has the copy engine's
+    tensor loads (sm_90+): where `_tma_expand` allows, the TMA kernel runs."""
+    if tma and _tma_expand(x, weight, zs, b_cat, y, separate, coef):
+        _expand_tma_launch(x, weight, bias, zs, b_cat, y)
+        return
     M, K = x.shape
     N = weight.shape[0]
     R = zs.shape[1]

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import lightmotion_fast
 from lightmotion_fast.bench import runner
 from lightmotion_fast.bench.scenario import Case
 
@@ -180,3 +181,23 @@ def test_ablated_provider_switches_the_choice_for_its_call_only():
     with pytest.raises(RuntimeError):
         ablated(boom, "_dkdv_wgmma_80", False)()
     assert kernels._dkdv_wgmma_80(80, torch.float16, False) is True
+
+
+def test_multi_lora_no_tma_ablation_runs_the_cp_async_expand(monkeypatch):
+    """On an sm_90 device the multi-LoRA case (k = 3, norm none) carries "lightmotion/no_tma": the same
+    call with the forward's expand on the cp.async kernel instead of the TMA one."""
+    from lm_testing import record_launches
+    from lightmotion_fast.ops import _common
+
+    kernels = _common.kernel_module("multi_lora")
+    monkeypatch.setattr(_common, "device_capability", lambda device: (9, 0))
+    launches = record_launches(monkeypatch, kernels, "_multi_lora_expand_tma_kernel", "_multi_lora_expand_kernel")
+    case = runner.load_scenarios(["multi_lora"])["multi_lora"].__globals__["_case"](
+        "tiny", 24, 32, [16] * 3, torch.device("cpu"), torch.float16, "fwd")
+    with lightmotion_fast.backend("triton"):
+        providers = case.setup()
+        assert "lightmotion/no_tma" in providers
+        providers["lightmotion"]()
+        providers["lightmotion/no_tma"]()
+    assert [name for name, _, _ in launches] == ["_multi_lora_expand_tma_kernel", "_multi_lora_expand_kernel"]
+    assert kernels._tma_expand.__name__ == "_tma_expand"   # restored after the ablated call

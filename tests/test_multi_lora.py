@@ -637,3 +637,56 @@ def test_bad_lora_scaling_and_samples_raise():
     with pytest.raises(ValueError, match="samples must be"):
         multi_lora_linear_op(k["x"], k["weight"], k["bias"], k["lora_a"], k["lora_b"], k["scales"], "output", 1e-6,
                              False, [1.0, 1.0], 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TMA expand (Hopper): the interpreter runs it when the device query says sm_90.
+
+@pytest.fixture
+def hopper_expand(monkeypatch):
+    """Device queries answer sm_90; the two expand kernels' launches are recorded."""
+    from lm_testing import record_launches
+
+    kernels = _common.kernel_module("multi_lora")
+    monkeypatch.setattr(_common, "device_capability", lambda device: (9, 0))
+    return record_launches(monkeypatch, kernels, "_multi_lora_expand_tma_kernel", "_multi_lora_expand_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["none", "weight"])
+@pytest.mark.parametrize("shape", [(19, 40, 24, [16, 8]), (33, 64, 48, [32]), (5, 8, 72, [4, 16, 8])],
+                         ids=lambda s: f"M{s[0]}-din{s[1]}-dout{s[2]}")
+def test_tma_expand_matches_reference(shape, norm, dtype, device, poisoned, hopper_expand):
+    """On sm_90 the 16-bit single-output expand brings x, W, zs and B_cat in through TMA descriptors
+    (zero-filled past M, d_out, d_in and R: d_in 40 and 8 are not multiples of the 32-wide K step);
+    the output holds against float64, and the cp.async kernel is not launched."""
+    m, d_in, d_out, ranks = shape
+    x, w, b, a, bb, scales = make(m, d_in, d_out, ranks, dtype, device)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_tma_kernel"]
+    want = multi_lora_linear_reference(f64(x), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm)
+    assert_close_rel(y, want, dtype, f"TMA expand {norm}")
+
+
+def test_tma_expand_only_where_descriptors_address_the_operands(device, poisoned, hopper_expand):
+    """fp32, SEPARATE, the per-sample `output` coefficient, an x whose rows are not 16-byte strided and
+    the backward's dx expand (it reads Wᵀ, inner stride d_in) keep the cp.async kernel; the backward of
+    a TMA forward holds against float64."""
+    x, w, b, a, bb, scales = make(12, 32, 24, [16], torch.float16, device, requires_grad=True)
+    with lightmotion_fast.backend("triton"):
+        multi_lora_linear(x.detach().float(), w.float(), b.float(), [t.detach().float() for t in a],
+                          [t.detach().float() for t in bb], scales)
+        multi_lora_linear(x, w, b, a, bb, scales, separate=True)
+        multi_lora_linear(x.reshape(2, 6, 32), w, b, a, bb, scales, norm="output")
+        wide = torch.randn(12, 36, device=device).to(torch.float16)[:, :32]   # rows 72 B apart
+        multi_lora_linear(wide, w, b, a, bb, scales)
+        assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_kernel"] * 4
+        hopper_expand.clear()
+        y = multi_lora_linear(x, w, b, a, bb, scales)
+        grads = torch.autograd.grad(y, [x, *a, *bb], torch.ones_like(y))
+    assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_tma_kernel", "_multi_lora_expand_kernel"]
+    xs, as_, bbs = f64(x), f64(a), f64(bb)
+    ref = multi_lora_linear_reference(xs, f64(w), f64(b), as_, bbs, scales)
+    for got, want in zip(grads, torch.autograd.grad(ref, [xs, *as_, *bbs], torch.ones_like(ref))):
+        assert_close_rel(got, want, torch.float16, "gradient after a TMA forward")

@@ -71,6 +71,7 @@ _SNR_FP16 = r"snr_reinject \| AnimateDiff .*\| float16 \|"
 _SNR_FP32 = r"snr_reinject \| bandwidth .*\| float32 \|"
 _PLUCKER = r"plucker_embedding \| SVD 1x25x576x1024 \| float16"
 _LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd$"
+_LORA_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd\+bwd$"
 _DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
 _DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
 _DUAL_ALIGNED = (r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SD1.5/AnimateDiff 16x16 .* "
@@ -101,11 +102,18 @@ INVARIANTS = [
     I("_multi_lora_shrink_kernel", _LORA, "async loads"),
     I("_multi_lora_shrink_kernel", _LORA, "wgmma"),
     I("_multi_lora_shrink_kernel", _LORA, "128-bit stores"),
-    I("_multi_lora_expand_kernel", _LORA, "no spills"),
-    I("_multi_lora_expand_kernel", _LORA, "async loads"),
-    I("_multi_lora_expand_kernel", _LORA, "wgmma"),
-    I("_multi_lora_expand_kernel", _LORA, "128-bit stores"),
-    I("_multi_lora_expand_kernel", _LORA, "no 2-byte loads"),   # LoRA tail and bias row
+    # the forward's expand on sm_90: every operand tile by TMA
+    I("_multi_lora_expand_tma_kernel", _LORA, "no spills"),
+    I("_multi_lora_expand_tma_kernel", _LORA, "TMA loads"),
+    I("_multi_lora_expand_tma_kernel", _LORA, "wgmma"),
+    I("_multi_lora_expand_tma_kernel", _LORA, "128-bit stores"),
+    I("_multi_lora_expand_tma_kernel", _LORA, "no 2-byte loads"),   # bias row
+    # the cp.async expand: the backward's dx = g W + dz A_cat (reads Wᵀ, which no descriptor addresses)
+    I("_multi_lora_expand_kernel", _LORA_BWD, "no spills"),
+    I("_multi_lora_expand_kernel", _LORA_BWD, "async loads"),
+    I("_multi_lora_expand_kernel", _LORA_BWD, "wgmma"),
+    I("_multi_lora_expand_kernel", _LORA_BWD, "128-bit stores"),
+    I("_multi_lora_expand_kernel", _LORA_BWD, "no 2-byte loads"),   # LoRA tail
     # --- dual cross-attention: d=40 (SD1.5 64x64) and the 16-B-aligned head dims
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "no spills"),
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit loads"),

@@ -33,13 +33,13 @@ def sdpa_backend(device, dtype, heads, d, train, attn_mask=False):
         return f"unknown ({type(e).__name__})"
 
 
-def ablated(fn, choice, value):
-    """fn with the attention kernels' design choice `choice` (a function of kernels/dual_cross_attention.py
-    that answers whether to use it) answering `value` for the call: an ablation provider
-    ("lightmotion/...", bench/scenario.py), so a GPU run times each choice against its absence."""
+def ablated(fn, choice, value, module="dual_cross_attention"):
+    """fn with a kernels' design choice `choice` (a function of kernels/<module>.py that answers whether
+    to use it) answering `value` for the call: an ablation provider ("lightmotion/...",
+    bench/scenario.py), so a GPU run times each choice against its absence."""
     from lightmotion_fast.ops import _common
 
-    kernels = _common.kernel_module("dual_cross_attention")
+    kernels = _common.kernel_module(module)
 
     def call():
         saved = getattr(kernels, choice)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lightmotion_fast as lm
-from lightmotion_fast.bench.scenario import Case
+from lightmotion_fast.bench.scenario import Case, sibling
+from lightmotion_fast.ops import _common
 from lightmotion_fast.reference.multi_lora import multi_lora_linear_reference
 
 M_COGVIDEOX = 2 * (13 * 30 * 45 + 226)  # 49 frames 480x720 + text, x2 for CFG: 35,552 tokens
@@ -18,6 +19,9 @@ NOTE_MERGED = ("fuse_lora_merged: W + sum s_i B_i A_i merged once (diffusers fus
 NOTE_VLLM = ("vllm_shrink_expand: base GEMM, then one shrink GEMM over A_cat (adapter scales folded in once) "
              "and one expand GEMM over B_cat added into y (cuBLAS via torch.matmul; the two-launch LoRA design "
              "of vLLM/punica)")
+
+
+ablated = sibling(__file__, "dual_cross_attention").ablated
 
 
 def flops(m, d_in, d_out, ranks, mode):
@@ -87,6 +91,9 @@ def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=
             providers["vllm_shrink_expand"] = fwd_bwd(lambda: vllm_shrink_expand(x, w, b, a_cat, b_cat))
             if not train:
                 providers["fuse_lora_merged"] = lambda: F.linear(x, merged, b)
+            if k == 3 and _common.has_tma(x.device):
+                # the forward's expand on cp.async (what the backward's dx expand runs) instead of TMA
+                providers["lightmotion/no_tma"] = ablated(providers["lightmotion"], "_tma_expand", False, "multi_lora")
         return providers
 
     elem = torch.empty((), dtype=dtype).element_size()

@@ -5,21 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import lightmotion_fast as lm
-from lightmotion_fast.bench.scenario import Case
+from lightmotion_fast.bench.scenario import Case, sibling
 from lightmotion_fast.reference.reference_attention import reference_attention_reference
 
 
-def _sibling(name):
-    """A scenario file next to this one (the runner loads scenarios by path, not as a package)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(f"lightmotion_bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_dual = _sibling("dual_cross_attention")
+_dual = sibling(__file__, "dual_cross_attention")
 sdpa_backend, ablated = _dual.sdpa_backend, _dual.ablated
 
 NOTE = "sdpa_concat: torch.cat of the keys and of the values of m and p, then F.scaled_dot_product_attention"

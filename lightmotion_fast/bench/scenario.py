@@ -35,6 +35,18 @@ class Case:
 ABLATION_PREFIX = "lightmotion/"
 
 
+def sibling(path: str, name: str):
+    """The scenario file `name`.py in the folder of `path` (a scenario's __file__), loaded as the runner
+    loads scenarios: by path, not as a package."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"lightmotion_bench_{name}", Path(path).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def is_peer(provider: str) -> bool:
     """A provider that is neither ours, nor the reference, nor an ablation of ours."""
     return provider not in ("lightmotion", "reference") and not provider.startswith(ABLATION_PREFIX)

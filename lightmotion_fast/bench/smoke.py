@@ -276,11 +276,13 @@ def run_smoke(ops: list[str], dtypes: list[torch.dtype], device: torch.device,
 
 def device_gated(device: torch.device, dtypes: list[torch.dtype]) -> set[str]:
     """Kernels this device and these dtypes never launch, so the smoke does not expect them: the TMA
-    reference forward runs only on sm_90+ with 16-bit inputs (tests/test_reference_attention.py runs
-    it through the interpreter by answering the device query as sm_90)."""
+    kernels (the reference forward, the multi-LoRA expand) run only on sm_90+ with 16-bit inputs
+    (tests/test_reference_attention.py and tests/test_multi_lora.py run them through the interpreter by
+    answering the device query as sm_90)."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     sixteen_bit = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
-    return set() if capability and capability >= (9, 0) and sixteen_bit else {"_reference_attention_fwd_tma_kernel"}
+    tma = {"_reference_attention_fwd_tma_kernel", "_multi_lora_expand_tma_kernel"}
+    return set() if capability and capability >= (9, 0) and sixteen_bit else tma
 
 
 def main(argv: list[str] | None = None) -> int:

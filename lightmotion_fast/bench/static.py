@@ -129,6 +129,8 @@ def _autotune_run(self, *args, **kwargs):
     RECORDER.context["autotuned"] = True
     try:
         for config in self.configs:
+            if config.pre_hook:   # e.g. TMA descriptors' boxes per config, as the autotuner sets them
+                config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
             self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
     finally:
         RECORDER.context["autotuned"] = False

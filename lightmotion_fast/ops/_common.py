@@ -152,6 +152,12 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return None
 
 
+def has_tma(device: torch.device) -> bool:
+    """Hopper or newer (compute capability 9+): the copy engine's bulk tensor loads (TMA)."""
+    capability = device_capability(device)
+    return capability is not None and capability >= (9, 0)
+
+
 def device_sm_count(device: torch.device) -> int:
     """Streaming multiprocessors on a CUDA device; a small stand-in elsewhere (interpreter, CPU)."""
     if device.type == "cuda":

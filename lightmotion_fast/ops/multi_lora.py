@@ -412,7 +412,8 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm,
     else:
         zs, norms = z, x.new_empty((0, k), dtype=torch.float32)
         kernel.multi_lora_shrink_launch(x, a_cat, z, layout.rank_tile)
-    kernel.multi_lora_expand_launch(x, weight, bias, zs, b_cat, offsets, y, separate, layout.rank_tile, coef=coef)
+    kernel.multi_lora_expand_launch(x, weight, bias, zs, b_cat, offsets, y, separate, layout.rank_tile, coef=coef,
+                                    tma=_common.has_tma(x.device))
     return y, z, norms
 
 
@@ -486,7 +487,7 @@ def _grad_x(g_sum, weight, dz, a_cat, pack, lora_a, layout: RankLayout, triton_p
         if dx.shape[0]:
             _common.kernel_module("multi_lora").multi_lora_expand_launch(
                 g_sum, weight.T, None, dz.contiguous(), _a_cat_t(pack, lora_a, layout),
-                _offsets(pack, layout, g_sum.device), dx, False, layout.rank_tile)
+                _offsets(pack, layout, g_sum.device), dx, False, layout.rank_tile, tma=_common.has_tma(dx.device))
         return dx
     return torch.addmm(g_sum @ weight, dz, a_cat)  # base and all LoRAs accumulated in one
 

@@ -39,8 +39,7 @@ def reference_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 
 def _tma(q: torch.Tensor) -> bool:
     """Whether the forward brings K/V in through TMA: Hopper or newer (compute capability 9+)."""
-    capability = _common.device_capability(q.device)
-    return capability is not None and capability >= (9, 0)
+    return _common.has_tma(q.device)
 
 
 @reference_attention_op.register_fake
