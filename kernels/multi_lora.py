@@ -300,14 +300,17 @@ def _multi_lora_expand_kernel(
 def _multi_lora_expand_tma_kernel(
     x_desc, w_desc, z_desc, b_desc, bias_ptr, y_ptr,
     M, N, K, R, M_BUCKET, sym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The expand (y = x Wᵀ + b + zs B_catᵀ, one accumulator) with every operand tile brought in by
     the copy engine (Hopper's TMA: bulk asynchronous copies into shared memory, zero-filled past M, N,
     K and R): no address arithmetic, masks or register staging in the two loops, which Triton
     software-pipelines as it does the cp.async kernel's. 16-bit, one output (no SEPARATE, no
-    SAMPLE_COEF); the rank loop takes BLOCK_K ranks a step (padding past R arrives as zeros)."""
+    SAMPLE_COEF); the rank loop takes BLOCK_K ranks a step (padding past R arrives as zeros).
+    W_KN: w_desc walks a [K, N] row-major matrix (Wᵀ's storage: the backward's dx = g W + dz A_cat
+    reads W [d_out, d_in] as its [K, N] operand) in [BLOCK_K, BLOCK_N] boxes; else [N, K] in
+    [BLOCK_N, BLOCK_K] boxes, transposed in shared memory for the product."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -316,7 +319,11 @@ def _multi_lora_expand_tma_kernel(
     mask_n = offs_n < N
     acc = _bias_start(bias_ptr, offs_n, mask_n, BLOCK_M, BLOCK_N, HAS_BIAS)
     for k0 in range(0, K, BLOCK_K):
-        acc = _dot(x_desc.load([off_m, k0]), tl.trans(w_desc.load([off_n, k0])), acc, "tf32", UPCAST)
+        if W_KN:
+            wt = w_desc.load([k0, off_n])
+        else:
+            wt = tl.trans(w_desc.load([off_n, k0]))
+        acc = _dot(x_desc.load([off_m, k0]), wt, acc, "tf32", UPCAST)
     for r0 in range(0, R, BLOCK_K):
         acc = _dot(z_desc.load([off_m, r0]), tl.trans(b_desc.load([off_n, r0])), acc, "tf32", UPCAST)
     out_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sym + offs_n[None, :]
@@ -377,6 +384,8 @@ def _tma_blocks(nargs) -> None:
     """Config pre-hook of the TMA expand: the descriptors' boxes follow the config's tiles."""
     for name, rows in (("x_desc", "BLOCK_M"), ("z_desc", "BLOCK_M"), ("w_desc", "BLOCK_N"), ("b_desc", "BLOCK_N")):
         nargs[name].block_shape = [nargs[rows], nargs["BLOCK_K"]]
+    if nargs["W_KN"]:
+        nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
 # The TMA expand takes the 16-bit single-output candidates (the same tiles and stages: the copy engine
@@ -384,7 +393,7 @@ def _tma_blocks(nargs) -> None:
 _TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_blocks)
                 for c in _EXPAND_CONFIGS[("16bit", False)]]
 _INTERPRETER_TMA = triton.Config(dict(_INTERPRETER_EXPAND.kwargs), num_warps=4, num_stages=1, pre_hook=_tma_blocks)
-TMA_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "HAS_BIAS"]
+TMA_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "W_KN"]
 _TMA_TUNER = triton.autotune(configs=_TMA_CONFIGS, key=TMA_TUNING_KEY)(_multi_lora_expand_tma_kernel)
 _TUNED: set = set()  # (family, key values) the autotuner has benchmarked, outside any graph capture
 
@@ -500,25 +509,29 @@ def _tma_expand(x: torch.Tensor, weight: torch.Tensor, zs: torch.Tensor, b_cat: 
                 separate: bool, coef: torch.Tensor | None) -> bool:
     """Whether an expand on a TMA-capable GPU takes the TMA kernel: 16-bit, one output, no per-sample
     coefficient, and every operand a 2-D tensor a descriptor can address (unit inner stride, rows and
-    base on 16 bytes, not empty). The dx expand of the backward reads Wᵀ (inner stride d_in): cp.async."""
+    base on 16 bytes, not empty), the weight either way round (the backward's dx expand passes Wᵀ, a
+    transposed view of a row-major W)."""
     def addressable(t):
         return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                 and t.data_ptr() % 16 == 0)
     return (x.dtype in (torch.float16, torch.bfloat16) and not separate and coef is None
-            and all(addressable(t) for t in (x, weight, zs, b_cat, y)))
+            and (addressable(weight) or addressable(weight.T))
+            and all(addressable(t) for t in (x, zs, b_cat, y)))
 
 
 def _expand_tma_launch(x, weight, bias, zs, b_cat, y) -> None:
-    """The TMA expand: descriptors over x [M, d_in], W [d_out, d_in], zs [M, R], B_cat [d_out, R]
-    (boxes set per config by `_tma_blocks`), autotuned per key like the cp.async kernel."""
+    """The TMA expand: descriptors over x [M, K], the weight ([N, K], or its row-major [K, N] storage when
+    it is a transposed view), zs [M, R], B_cat [N, R] (boxes set per config by `_tma_blocks`), autotuned
+    per key like the cp.async kernel."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = x.shape
     N, R = weight.shape[0], zs.shape[1]
-    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, weight, zs, b_cat)]
-    args = (*descs, bias if bias is not None else weight, y, M, N, K, R, m_bucket(M), y.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
-    key = ("tma", m_bucket(M), N, K, R, bias is not None)
+    w_kn = weight.stride(1) != 1
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, weight.T if w_kn else weight, zs, b_cat)]
+    args = (*descs, bias if bias is not None else y, y, M, N, K, R, m_bucket(M), y.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, W_KN=w_kn, UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
+    key = ("tma", m_bucket(M), N, K, R, bias is not None, w_kn)
     cfg = None
     if _INTERPRET:
         cfg = _INTERPRETER_TMA
@@ -529,7 +542,7 @@ def _expand_tma_launch(x, weight, bias, zs, b_cat, y) -> None:
     if cfg is None:
         _TMA_TUNER[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
         return
-    _tma_blocks(dict(zip(("x_desc", "w_desc", "z_desc", "b_desc"), descs), **cfg.kwargs))
+    _tma_blocks(dict(zip(("x_desc", "w_desc", "z_desc", "b_desc"), descs), W_KN=w_kn, **cfg.kwargs))
     grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
     _multi_lora_expand_tma_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages)

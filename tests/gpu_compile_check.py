@@ -143,6 +143,14 @@ def calls_multi_lora(dtype):
                        lm.multi_lora_linear(x, w, bias if norm != "weight" else None, a, bb,
                                             [1.0] * len(a), norm=norm, separate=separate))
 
+        def train(x=x, w=w, bias=bias, ranks=ranks, d_in=d_in, d_out=d_out):
+            # the backward's launches: dx = g W + dz A_cat (the expand on Wᵀ: TMA walks W as [K, N])
+            a, bb = lora(ranks, d_in, d_out)
+            leaves = [x.clone().requires_grad_()] + [t.requires_grad_() for t in a + bb]
+            y = lm.multi_lora_linear(leaves[0], w, bias, leaves[1:len(a) + 1], leaves[len(a) + 1:], [1.0] * len(a))
+            y.backward(torch.ones_like(y))
+        yield train
+
 
 def calls_plucker(dtype):
     import lightmotion_fast as lm

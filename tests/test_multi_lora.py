@@ -670,9 +670,10 @@ def test_tma_expand_matches_reference(shape, norm, dtype, device, poisoned, hopp
 
 
 def test_tma_expand_only_where_descriptors_address_the_operands(device, poisoned, hopper_expand):
-    """fp32, SEPARATE, the per-sample `output` coefficient, an x whose rows are not 16-byte strided and
-    the backward's dx expand (it reads Wᵀ, inner stride d_in) keep the cp.async kernel; the backward of
-    a TMA forward holds against float64."""
+    """fp32, SEPARATE, the per-sample `output` coefficient and an x whose rows are not 16-byte strided
+    keep the cp.async kernel; the backward's dx expand (g W + dz A_cat: the weight passed as Wᵀ, a
+    transposed view) takes TMA with W's own storage walked as the [K, N] operand (W_KN); the
+    gradients hold against float64."""
     x, w, b, a, bb, scales = make(12, 32, 24, [16], torch.float16, device, requires_grad=True)
     with lightmotion_fast.backend("triton"):
         multi_lora_linear(x.detach().float(), w.float(), b.float(), [t.detach().float() for t in a],
@@ -685,7 +686,8 @@ def test_tma_expand_only_where_descriptors_address_the_operands(device, poisoned
         hopper_expand.clear()
         y = multi_lora_linear(x, w, b, a, bb, scales)
         grads = torch.autograd.grad(y, [x, *a, *bb], torch.ones_like(y))
-    assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_tma_kernel", "_multi_lora_expand_kernel"]
+    assert [(name, kw["W_KN"]) for name, _, kw in hopper_expand] == [("_multi_lora_expand_tma_kernel", False),
+                                                                      ("_multi_lora_expand_tma_kernel", True)]
     xs, as_, bbs = f64(x), f64(a), f64(bb)
     ref = multi_lora_linear_reference(xs, f64(w), f64(b), as_, bbs, scales)
     for got, want in zip(grads, torch.autograd.grad(ref, [xs, *as_, *bbs], torch.ones_like(ref))):

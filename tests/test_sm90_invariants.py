@@ -108,12 +108,13 @@ INVARIANTS = [
     I("_multi_lora_expand_tma_kernel", _LORA, "wgmma"),
     I("_multi_lora_expand_tma_kernel", _LORA, "128-bit stores"),
     I("_multi_lora_expand_tma_kernel", _LORA, "no 2-byte loads"),   # bias row
-    # the cp.async expand: the backward's dx = g W + dz A_cat (reads Wᵀ, which no descriptor addresses)
-    I("_multi_lora_expand_kernel", _LORA_BWD, "no spills"),
-    I("_multi_lora_expand_kernel", _LORA_BWD, "async loads"),
-    I("_multi_lora_expand_kernel", _LORA_BWD, "wgmma"),
-    I("_multi_lora_expand_kernel", _LORA_BWD, "128-bit stores"),
-    I("_multi_lora_expand_kernel", _LORA_BWD, "no 2-byte loads"),   # LoRA tail
+    # the backward's dx = g W + dz A_cat: the same kernel walking W's storage as its [K, N] operand
+    I("_multi_lora_expand_tma_kernel", _LORA_BWD, "no spills"),
+    I("_multi_lora_expand_tma_kernel", _LORA_BWD, "TMA loads"),
+    I("_multi_lora_expand_tma_kernel", _LORA_BWD, "wgmma"),
+    I("_multi_lora_expand_tma_kernel", _LORA_BWD, "128-bit stores"),
+    # (the cp.async expand no longer runs at these shapes on sm_90; the compile checks still compile
+    # every launch of it, spill-free under Triton 3.6 and 3.9)
     # --- dual cross-attention: d=40 (SD1.5 64x64) and the 16-B-aligned head dims
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "no spills"),
     I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit loads"),
