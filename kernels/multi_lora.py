@@ -23,9 +23,10 @@ expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K 
               same launch ([k, M, d_out]). With SAMPLE_COEF (`output`), zs is the unscaled z and each
               LoRA's z chunks are scaled on load by the row's cᵢ(b) (the LoRA loop then runs per LoRA,
               as with SEPARATE); the other normalisations compile exactly as without it.
-expand_tma    the 16-bit single-output expand on sm_90+ (`none`, `weight`): the same two loops with
-              every operand tile brought in by TMA descriptors instead of cp.async (`_tma_expand`
-              says where the operands allow it; the backward's dx expand reads Wᵀ and stays cp.async).
+expand_tma    the 16-bit single-output expand on sm_90+ (`none`, `weight`, and the backward's dx, which
+              reads W's own storage as its [K, N] operand: W_KN): the same two loops with every operand
+              tile brought in by TMA descriptors instead of cp.async (`_tma_expand` says where the
+              operands allow it).
 
 Everything accumulates in fp32; z, zs and y are stored in the input dtype (with SAMPLE_COEF the
 scaled z chunk is rounded to it too, as the shrink's zs is). fp32 inputs use IEEE dots
