@@ -246,7 +246,8 @@ def _fake_jit(loaded_regs: int):
 
     params = [NS(num=0, name="x_ptr", is_constexpr=False), NS(num=1, name="n", is_constexpr=False),
               NS(num=2, name="BLOCK", is_constexpr=True), NS(num=3, name="MASKED", is_constexpr=True)]
-    loaded = NS(module=object(), n_regs=loaded_regs, n_spills=16, src=NS(constexprs={(1,): 1, (2,): 64, (3,): True}),
+    # n_spills as Triton's driver counts it: local-memory bytes / 4
+    loaded = NS(module=object(), n_regs=loaded_regs, n_spills=4, src=NS(constexprs={(1,): 1, (2,): 64, (3,): True}),
                 metadata=NS(shared=49152, num_warps=8, num_stages=3))
     never_run = NS(module=None, src=NS(constexprs={(2,): 128}), metadata=NS(shared=0, num_warps=4, num_stages=2))
     return NS(params=params, device_caches={0: ({"a": loaded, "b": never_run}, {}, None, None, None)})

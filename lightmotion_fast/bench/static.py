@@ -838,9 +838,10 @@ def loaded_kernels(functions=None) -> list[dict]:
                 consts = ",".join(f"{params[k[0]].name}={v}" for k, v in compiled.src.constexprs.items()
                                   if len(k) == 1 and params[k[0]].is_constexpr)
                 blocks, warps = occupancy(compiled.n_regs, meta.shared, meta.num_warps)
+                # n_spills is CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4 (Triton's driver counts 32-bit words)
                 rows.append(dict(kernel=name, constexprs=consts, num_warps=meta.num_warps,
                                  num_stages=meta.num_stages, registers=compiled.n_regs,
-                                 local_bytes=compiled.n_spills, shared=meta.shared, blocks_per_sm=blocks,
+                                 local_bytes=4 * compiled.n_spills, shared=meta.shared, blocks_per_sm=blocks,
                                  warps_per_sm=warps))
     return rows
 
