@@ -1005,20 +1005,16 @@ def _dkdv_chunks(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     return _d_split(d_len, dtype) if whole <= 64 else (whole, 0)
 
 
-def _dkdv_wgmma_80(d_len: int, dtype: torch.dtype, has_mask: bool) -> bool:
+def _dkdv_wgmma_80(d_len: int, dtype: torch.dtype) -> bool:
     """16-bit heads 65-80 wide (SD1.5's 32×32 level: 8×80) take 64-key tiles and the head dim as 64 + 16
-    in the dk/dv kernel, so that every product is wgmma; 4 warps, 8 with a mask (`_dkdv_wgmma_80_warps`).
+    in the dk/dv kernel, so that every product is wgmma; 4 warps, 8 with a mask.
     sm_90, ptxas, 8×80 (2026-12-07): without a mask, Triton 3.9 252-255 registers, no spill, 81 KB
     shared, 2 blocks/SM, 26 HGMMA and no HMMA; Triton 3.6 (the GPU machines') 214-228, no spill, 101 KB.
     With a mask at 4 warps 3.9 spilled 24-48 B; at 8 warps 244-252 registers, no spill under 3.6 and
     3.9, 1 block/SM, 36 HGMMA and no HMMA. The 32-key form they replace (one 128-wide chunk, 8 warps):
     231-244 registers, 1 block/SM, 32 HGMMA + 32 HMMA (mma.sync), and 80-96 B of spills under 3.6
-    with a mask. `has_mask` stays an argument so that an ablation can keep the old form for either."""
+    with a mask."""
     return dtype != torch.float32 and _d_pad(d_len) == 128 and _d_split(d_len, dtype)[1] == 16
-
-
-def _dkdv_wgmma_80_warps(has_mask: bool) -> int:
-    return 8 if has_mask else 4
 
 
 def _dkdv_s_chunk(d_len: int, dtype: torch.dtype) -> int:
@@ -1068,9 +1064,9 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     """dk, dv (like k, v; written) of one key/value set; splits the query walk when the grid is small."""
     batch, heads, n_q, d_len = q.shape
     kv_len = k.shape[2]
-    if _dkdv_wgmma_80(d_len, q.dtype, flags["HAS_MASK"]):
+    if _dkdv_wgmma_80(d_len, q.dtype):
         block_n, (d_hi, d_lo) = 64, _d_split(d_len, q.dtype)
-        common = dict(common, num_warps=_dkdv_wgmma_80_warps(flags["HAS_MASK"]))
+        common = dict(common, num_warps=8 if flags["HAS_MASK"] else 4)
     else:
         block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
         d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)

@@ -180,7 +180,7 @@ def test_ablated_provider_switches_the_choice_for_its_call_only():
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
         ablated(boom, "_dkdv_wgmma_80", False)()
-    assert kernels._dkdv_wgmma_80(80, torch.float16, False) is True
+    assert kernels._dkdv_wgmma_80(80, torch.float16) is True
 
 
 def test_multi_lora_no_tma_ablation_runs_the_cp_async_expand(monkeypatch):
