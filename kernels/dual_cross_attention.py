@@ -540,6 +540,24 @@ def _tiles(n_q: int, d_pad: int, dtype: torch.dtype):
     return block_m, (8 if wide else 4)
 
 
+# The installed Triton's (major, minor): ptxas and code generation come with it.
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def _dual_fwd_four_warps(d_len: int, dtype: torch.dtype, conditions: int) -> bool:
+    """Whether the 16-bit dual forward at 32 × 256 tiles runs 4 warps instead of 8 (heads 129-192 wide,
+    at most two conditions per launch, Triton before 3.9). sm_90, SD1.5's 16×16 level (8×160, 77 + 4
+    keys, 2 stages), 2026-12-07:
+    - 8 warps: 139-140 registers under Triton 3.6 (the GPU machines'): one block (8 warps) per SM;
+      128 under 3.9: two blocks (16 warps). maxnreg=128 spills 16 B under both; 3-5 stages do not help.
+    - 4 warps: 226-241 registers, no spill, two blocks (8 warps) per SM under both. With three or four
+      conditions in the launch 4 warps spill 72-872 B, so those keep 8 warps (174-231 registers, one
+      block under both). 16-row tiles would fit 8 warps in 106-120 registers but read every K/V tile
+      from L2 twice as often, which is most of this shape's traffic (81 keys, 160 wide, per 32 queries).
+    Heads wider than 192 (4 stages) fit 8 warps in 128 registers under both, so they keep 8."""
+    return (dtype != torch.float32 and 128 < d_len <= 192 and conditions <= 2 and _TRITON_VERSION < (3, 9))
+
+
 def _dual_fwd_stages(d_len: int, dtype: torch.dtype) -> int:
     """Pipeline stages of the dual forward: 2, except where ptxas caps the registers of an 8-warp
     program and spills (sm_90, Triton 3.6, the GPU machines', and 3.9; 2026-12-07):
@@ -603,7 +621,8 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
             ACCUMULATE=first > 0,
             BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0], d_lo > 0), BLOCK_N1=_block_n(lens[1], d_lo > 0), BLOCK_N2=_block_n(lens[2], d_lo > 0),
             BLOCK_N3=_block_n(lens[3], d_lo > 0), D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=num_warps, num_stages=_dual_fwd_stages(d_len, q.dtype),
+            num_warps=4 if _dual_fwd_four_warps(d_len, q.dtype, len(chunk)) else num_warps,
+            num_stages=_dual_fwd_stages(d_len, q.dtype),
         )
     _copy_back(o, out)
 

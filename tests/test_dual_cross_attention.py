@@ -474,6 +474,31 @@ def test_forward_pipeline_stages_by_head_dim(device, poisoned, monkeypatch, dtyp
     torch.testing.assert_close(out.double().cpu(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("triton_version, d, conditions, warps", [
+    ((3, 6), 160, 2, [4]), ((3, 6), 160, 3, [8]), ((3, 6), 160, 5, [8, 4]), ((3, 6), 256, 2, [8]),
+    ((3, 9), 160, 2, [8])])
+def test_forward_warps_at_160_wide_heads_by_compiler(device, poisoned, monkeypatch, triton_version, d, conditions,
+                                                    warps):
+    """16-bit heads 129-192 wide (32 × 256 tiles): Triton before 3.9 fits 8 warps in 139 registers on
+    sm_90, one block per SM, so launches of up to two conditions take 4 warps (two blocks); three or
+    four conditions (4 warps spill there), 256-wide heads and Triton 3.9 keep 8. The output holds at
+    each against float64."""
+    monkeypatch.setattr(attn_kernels, "_TRITON_VERSION", triton_version)
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel")
+    b, h, n = 1, 1, 33
+    lengths = (9, 4, 5, 3, 6)[:conditions]
+    q = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    keys = [torch.randn(b, h, m, d, device=device, dtype=torch.float16) for m in lengths]
+    values = [torch.randn(b, h, m, d, device=device, dtype=torch.float16) for m in lengths]
+    scales = [1.0, 0.5, 0.25, 0.75, 0.4][:conditions]
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, scales)
+    assert [(kw["BLOCK_M"], kw["num_warps"]) for _, _, kw in launches] == [(32, w) for w in warps]
+    want = dual_cross_attention_reference(q.double().cpu(), [k.double().cpu() for k in keys],
+                                          [v.double().cpu() for v in values], scales)
+    torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)
+
+
 @pytest.mark.parametrize("d", [40, 80])
 @pytest.mark.parametrize("conditions", [1, 2, 5])
 def test_16bit_dq_is_written_once_in_its_dtype(device, poisoned, monkeypatch, conditions, d):

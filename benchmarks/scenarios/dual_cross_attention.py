@@ -33,13 +33,17 @@ def sdpa_backend(device, dtype, heads, d, train, attn_mask=False):
         return f"unknown ({type(e).__name__})"
 
 
+def _kernels(module="dual_cross_attention"):
+    from lightmotion_fast.ops import _common
+
+    return _common.kernel_module(module)
+
+
 def ablated(fn, choice, value, module="dual_cross_attention"):
     """fn with a kernels' design choice `choice` (a function of kernels/<module>.py that answers whether
     to use it) answering `value` for the call: an ablation provider ("lightmotion/...",
     bench/scenario.py), so a GPU run times each choice against its absence."""
-    from lightmotion_fast.ops import _common
-
-    kernels = _common.kernel_module(module)
+    kernels = _kernels(module)
 
     def call():
         saved = getattr(kernels, choice)
@@ -82,6 +86,9 @@ def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", q
                 1, 2).reshape(batch, n, heads * d)),
             "ip_adapter_sdpa": run(lambda: ip_adapter_sdpa(q, kt, vt, ki, vi, 0.6)),
         }
+        if not train and device.type == "cuda" and _kernels()._dual_fwd_four_warps(d, dtype, 2):
+            # the forward's 32 x 256 tiles at 8 warps (one block per SM under Triton 3.6) instead of 4 (two)
+            providers["lightmotion/fwd_8_warps"] = ablated(ours, "_dual_fwd_four_warps", False)
         if train and d == 80 and device.type == "cuda":
             # dk/dv on 32-key tiles at 8 warps (half mma.sync, 1 block/SM) instead of 64-key wgmma tiles
             providers["lightmotion/dkdv_32_keys"] = ablated(ours, "_dkdv_wgmma_80", False)
