@@ -1,12 +1,23 @@
 """Triton kernels for dual-condition cross-attention and reference attention (specs/motionflow.md).
 
-Forward, dual-condition: a program owns BLOCK_M queries of one (batch, head). It reads its Q tile
-once, then for each condition j runs a flash-attention loop over that condition's keys with its
-own online-softmax state (running max m, sum l, accumulator), folds λⱼ · acc / l into one fp32
-output tile, and writes O once, plus each condition's log-sum-exp for the backward. Up to
-MAX_CONDITIONS key/value sets go through one launch; more are chained with ACCUMULATE (the next
-launch adds to O). The optional mask (additive float or keep-bool, broadcast through strides)
-applies to the first condition.
+Forward, dual-condition: for each condition j, softmax(Q Kⱼᵀ s [+ mask]) Vⱼ, folded as λⱼ · acc / l
+into one fp32 output tile; O is written once, plus each condition's log-sum-exp for the backward.
+Up to MAX_CONDITIONS key/value sets go through one launch; more are chained with ACCUMULATE (the
+next launch adds to O). The optional mask (additive float or keep-bool, broadcast through strides)
+applies to the first condition. Two kernels:
+* Short key lists (16-bit, heads up to 128 wide, at most RESIDENT_MAX_KEYS keys in every condition:
+  text prompts of 77 tokens, 4-16 image tokens), `_dual_cross_attention_fwd_resident_kernel`: a
+  program loads every condition's keys and values of its (batch, head) once and keeps them on chip
+  (shared memory, as wgmma's B operand), then walks up to 8 consecutive 64-query tiles
+  (`_tiles_per_program`). Each condition's keys are two power-of-two blocks (77 → 64 + 16) scored in
+  one softmax pass, with no running rescale; the query-tile loop is software-pipelined, so the next
+  tile's Q is in flight while this one's products and softmax run. Key/value reads from L2 drop
+  (SD1.5 64×64, 8×40, 77 + 4 keys, batch 32: from ~106 MB, the 81 keys read again for every 128
+  queries, to ~27 MB, once per 512).
+* Otherwise (long key lists, 160- and 256-wide heads, fp32), `_dual_cross_attention_fwd_kernel`: a
+  program owns BLOCK_M queries of one (batch, head), reads its Q tile once, then for each condition
+  runs a flash-attention loop over that condition's key tiles with its own online-softmax state
+  (running max m, sum l, accumulator).
 
 Forward, reference attention: the same loop with ONE softmax state running over two key/value
 sources in turn (the feature map m, then the reference bank p), which is attention over the
@@ -367,6 +378,163 @@ def _dual_cross_attention_fwd_kernel(
 
 
 @triton.jit
+def _resident_kv(k_ptr, v_ptr, b, h, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8, HEAD_DIM: tl.constexpr,
+                 KEYS_A: tl.constexpr, KEYS_B: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """All kv_len ≤ KEYS_A + KEYS_B keys and values of one condition of head (b, h), as two key blocks
+    (keys [0, KEYS_A) and [KEYS_A, KEYS_A + KEYS_B); KEYS_B = 0: one block) of head-dim chunks:
+    (ka_hi, ka_lo, va_hi, va_lo, kb_hi, kb_lo, vb_hi, vb_lo). Rows past kv_len are zero; without a
+    second chunk or block the placeholders are never read."""
+    k_base, v_base = _head_base(k_ptr, b, h, sk_b8, sk_h8), _head_base(v_ptr, b, h, sv_b8, sv_h8)
+    ka_hi, ka_lo, va_hi, va_lo = _key_block(k_base, v_base, 0, kv_len, sk_n8, sv_n8, HEAD_DIM, KEYS_A, D_HI, D_LO,
+                                            UPCAST)
+    if KEYS_B > 0:
+        kb_hi, kb_lo, vb_hi, vb_lo = _key_block(k_base, v_base, KEYS_A, kv_len, sk_n8, sv_n8, HEAD_DIM, KEYS_B, D_HI,
+                                                D_LO, UPCAST)
+    else:
+        kb_hi, kb_lo, vb_hi, vb_lo = ka_hi, ka_lo, va_hi, va_lo
+    return ka_hi, ka_lo, va_hi, va_lo, kb_hi, kb_lo, vb_hi, vb_lo
+
+
+@triton.jit
+def _key_block(k_base, v_base, start, kv_len, sk_n8, sv_n8, HEAD_DIM: tl.constexpr, KEYS: tl.constexpr,
+               D_HI: tl.constexpr, D_LO: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys/values start .. start + KEYS (zero past kv_len) as head-dim chunks (k_hi, k_lo, v_hi, v_lo)."""
+    offs_n = start + tl.arange(0, KEYS)
+    n_ok = offs_n < kv_len
+    k_hi = _load_chunk(k_base, offs_n, n_ok, sk_n8, 0, D_HI, HEAD_DIM, UPCAST)
+    v_hi = _load_chunk(v_base, offs_n, n_ok, sv_n8, 0, D_HI, HEAD_DIM, UPCAST)
+    if D_LO > 0:
+        k_lo = _load_chunk(k_base, offs_n, n_ok, sk_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
+        v_lo = _load_chunk(v_base, offs_n, n_ok, sv_n8, D_HI, D_LO, HEAD_DIM, UPCAST)
+    else:
+        k_lo, v_lo = k_hi, v_hi
+    return k_hi, k_lo, v_hi, v_lo
+
+
+@triton.jit
+def _block_scores(q_hi, q_lo, k_hi, k_lo, start, kv_len, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m,
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEYS: tl.constexpr, D_LO: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Scaled, masked scores (log2 units) of a query tile against the key block at `start`."""
+    s = tl.dot(q_hi, tl.trans(k_hi), input_precision=PRECISION)
+    if D_LO > 0:
+        s = tl.dot(q_lo, tl.trans(k_lo), s, input_precision=PRECISION)
+    return _mask_scores(s * qk_scale, offs_m, start + tl.arange(0, KEYS), n_q, kv_len, mask_base, sm_n, sm_m,
+                        HAS_MASK, MASK_BOOL)
+
+
+@triton.jit
+def _resident_condition(q_hi, q_lo, kv, kv_len, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m, lse_ptr,
+                        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, KEYS_A: tl.constexpr, KEYS_B: tl.constexpr,
+                        D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """softmax(q kᵀ s + mask) v of one query tile against one condition's resident keys `kv` (from
+    _resident_kv): one softmax pass over both key blocks (a shared row max, no running rescale), as
+    fp32 chunks (o_hi, o_lo); stores the row log-sum-exp (natural log, -inf for a fully masked row)
+    as _condition does."""
+    ka_hi, ka_lo, va_hi, va_lo, kb_hi, kb_lo, vb_hi, vb_lo = kv
+    sa = _block_scores(q_hi, q_lo, ka_hi, ka_lo, 0, kv_len, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m,
+                       HAS_MASK, MASK_BOOL, KEYS_A, D_LO, PRECISION)
+    m = tl.max(sa, 1)
+    if KEYS_B > 0:
+        sb = _block_scores(q_hi, q_lo, kb_hi, kb_lo, KEYS_A, kv_len, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m,
+                           HAS_MASK, MASK_BOOL, KEYS_B, D_LO, PRECISION)
+        m = tl.maximum(m, tl.max(sb, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)   # a fully masked row: no inf - inf
+    pa = tl.exp2(sa - m[:, None])
+    l = tl.sum(pa, 1)
+    o_hi = tl.dot(pa.to(va_hi.dtype), va_hi, input_precision=PRECISION)
+    if D_LO > 0:
+        o_lo = tl.dot(pa.to(va_lo.dtype), va_lo, input_precision=PRECISION)
+    else:
+        o_lo = tl.zeros([o_hi.shape[0], 16], dtype=tl.float32)
+    if KEYS_B > 0:
+        pb = tl.exp2(sb - m[:, None])
+        l += tl.sum(pb, 1)
+        o_hi = tl.dot(pb.to(vb_hi.dtype), vb_hi, o_hi, input_precision=PRECISION)
+        if D_LO > 0:
+            o_lo = tl.dot(pb.to(vb_lo.dtype), vb_lo, o_lo, input_precision=PRECISION)
+    lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_q)
+    inv_l = 1.0 / tl.where(l > 0, l, 1.0)
+    return o_hi * inv_l[:, None], o_lo * inv_l[:, None]
+
+
+@triton.jit
+def _dual_cross_attention_fwd_resident_kernel(
+    q_ptr, o_ptr, lse_ptr, mask_ptr,
+    k0, v0, k1, v1, k2, v2, k3, v3,
+    n_q, heads, qk_scale, tiles_per_program,
+    sq_b8, sq_h8, sq_n8,
+    so_b8, so_h8, so_n8,
+    sm_b, sm_h, sm_n, sm_m,
+    len0, len1, len2, len3,
+    lam0, lam1, lam2, lam3,
+    sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+    sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+    sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
+    sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+    HEAD_DIM: tl.constexpr,
+    NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEYS0_A: tl.constexpr, KEYS0_B: tl.constexpr, KEYS1_A: tl.constexpr,
+    KEYS1_B: tl.constexpr, KEYS2_A: tl.constexpr, KEYS2_B: tl.constexpr, KEYS3_A: tl.constexpr,
+    KEYS3_B: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """_dual_cross_attention_fwd_kernel for short key lists (each condition's keys fit on chip, at most
+    RESIDENT_MAX_KEYS: text prompts, image tokens): the program loads every condition's keys and values
+    of its head once, keeps them on chip, and walks `tiles_per_program` consecutive query tiles of
+    that head. Condition j's keys are two blocks, KEYSj_A (a power of two) + KEYSj_B (a power of two
+    or 0), so few padded columns are scored (77 text keys: 64 + 16). A query tile is one softmax pass
+    per condition over both blocks (no running max or rescale), and the loop over query tiles is what the compiler software-pipelines: the next tile's
+    Q (and mask) loads are in flight while this tile's products and softmax run. Same arguments,
+    outputs and lse as _dual_cross_attention_fwd_kernel."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_q, BLOCK_M)
+    splits = tl.cdiv(n_tiles, tiles_per_program)
+    pid_bh = pid // splits
+    first = (pid % splits) * tiles_per_program
+    b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)
+    lse_stride = (tl.num_programs(0) // splits).to(tl.int64) * n_q    # lse: [conditions, b·h, n]
+    lse_row = lse_ptr + pid_bh.to(tl.int64) * n_q
+    q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
+    o_base = _head_base(o_ptr, b, h, so_b8, so_h8)
+    mask_base = mask_ptr + b * sm_b + h * sm_h
+
+    kv0 = _resident_kv(k0, v0, b, h, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, HEAD_DIM, KEYS0_A, KEYS0_B,
+                       D_HI, D_LO, UPCAST)
+    if NUM_COND >= 2:
+        kv1 = _resident_kv(k1, v1, b, h, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8, HEAD_DIM, KEYS1_A,
+                           KEYS1_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 3:
+        kv2 = _resident_kv(k2, v2, b, h, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, HEAD_DIM, KEYS2_A,
+                           KEYS2_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 4:
+        kv3 = _resident_kv(k3, v3, b, h, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8, HEAD_DIM, KEYS3_A,
+                           KEYS3_B, D_HI, D_LO, UPCAST)
+    for tile in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_q
+        q_hi, q_lo = _load_q(q_base, offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
+        c_hi, c_lo = _resident_condition(q_hi, q_lo, kv0, len0, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m,
+                                         lse_row, HAS_MASK, MASK_BOOL, KEYS0_A, KEYS0_B, D_LO, PRECISION)
+        o_hi, o_lo = lam0 * c_hi, lam0 * c_lo
+        if NUM_COND >= 2:
+            c_hi, c_lo = _resident_condition(q_hi, q_lo, kv1, len1, offs_m, n_q, qk_scale, mask_base, 0, 0,
+                                             lse_row + lse_stride, False, False, KEYS1_A, KEYS1_B, D_LO, PRECISION)
+            o_hi, o_lo = o_hi + lam1 * c_hi, o_lo + lam1 * c_lo
+        if NUM_COND >= 3:
+            c_hi, c_lo = _resident_condition(q_hi, q_lo, kv2, len2, offs_m, n_q, qk_scale, mask_base, 0, 0,
+                                             lse_row + 2 * lse_stride, False, False, KEYS2_A, KEYS2_B, D_LO, PRECISION)
+            o_hi, o_lo = o_hi + lam2 * c_hi, o_lo + lam2 * c_lo
+        if NUM_COND >= 4:
+            c_hi, c_lo = _resident_condition(q_hi, q_lo, kv3, len3, offs_m, n_q, qk_scale, mask_base, 0, 0,
+                                             lse_row + 3 * lse_stride, False, False, KEYS3_A, KEYS3_B, D_LO, PRECISION)
+            o_hi, o_lo = o_hi + lam3 * c_hi, o_lo + lam3 * c_lo
+        _store_chunks(o_base, offs_m, row_ok, so_n8, o_hi, o_lo, HEAD_DIM, D_HI, D_LO, ACCUMULATE)
+
+
+@triton.jit
 def _reference_attention_fwd_kernel(
     q_ptr, o_ptr, lse_ptr, k0, v0, k1, v1,
     n_q, heads, qk_scale, len0, len1,
@@ -515,12 +683,17 @@ def _d_split(d_len: int, dtype: torch.dtype) -> tuple[int, int]:
     return (hi, lo) if lo and hi + lo < whole else (whole, 0)
 
 
-def _block_n(kv_len: int, split: bool = False) -> int:
+def _block_n(kv_len: int, split: bool = False, masked: bool = False) -> int:
     """Key tile for a short key list: the least padded work, counting each loop iteration's softmax
     rescale as about 16 columns (77 text tokens -> 32: 96 columns in 3 steps, not 128 in 2). With a
     16-wide second head-dim chunk (`split`) at least 32 keys: a 16 × 16 chunk is one element per
-    thread of 8 warps, a 2-byte scalar load (sm_90 SASS), 32 × 16 at least 4 bytes."""
+    thread of 8 warps, a 2-byte scalar load (sm_90 SASS), 32 × 16 at least 4 bytes. A masked
+    condition's tiles hold the mask tile too: at most 32 keys there (64-key masked tiles at 40-wide
+    heads spilled 240-624 B in the 16-bit forward, 96 B in fp32 and 100-144 B in dq; sm_90, Triton
+    3.6 and 3.9)."""
     sizes = (32, 64) if split else (16, 32, 64)
+    if masked:
+        sizes = tuple(bn for bn in sizes if bn <= 32)
     return min(sizes, key=lambda bn: (triton.cdiv(max(kv_len, 1), bn) * (bn + 16), -bn))
 
 
@@ -585,18 +758,54 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+RESIDENT_MAX_KEYS = 128
+
+
+def _resident_keys(d_pad: int, dtype: torch.dtype, lens) -> bool:
+    """Whether a forward launch keeps its conditions' keys on chip (_dual_cross_attention_fwd_resident_kernel):
+    16-bit inputs, heads up to 128 wide, at most RESIDENT_MAX_KEYS keys in every condition of the launch
+    (text prompts: 77; image tokens: 4-16)."""
+    return dtype != torch.float32 and d_pad <= 128 and max(lens) <= RESIDENT_MAX_KEYS
+
+
+def _resident_key_blocks(kv_len: int) -> tuple[int, int]:
+    """(KEYS_A, KEYS_B): a resident condition's keys as a power-of-two block and a power-of-two rest (or
+    0), each ≥ 16 (the MMA's minimum): 77 → 64 + 16, 4 → 16 + 0, 100 → 64 + 64, 128 → 128 + 0."""
+    a = max(16, triton.next_power_of_2(max(kv_len, 1)))
+    if a > 16 and kv_len < a:
+        a //= 2
+        return a, max(16, triton.next_power_of_2(kv_len - a))
+    return a, 0
+
+
+# Resident forward: 64-query tiles (one warpgroup's wgmma), 4 warps, 3 stages (two query tiles' loads in
+# flight). sm_90 at the benchmark shapes (77 + 4 keys: blocks 64 + 16 and 16), Triton 3.6 / 3.9, no spills:
+#   8×40  137 / 152 registers, 41 / 32 KB shared: 3 blocks (12 warps) per SM
+#   8×80  202 / 204 registers, 70 / 54 KB: 2 blocks (8 warps)
+#   10×64 100 / 101 registers, 57 / 45 KB: 4 blocks (16 warps)
+# 128-query tiles at 8 warps took 132-137 registers at 8×40 (1 block); 64-query tiles at 8 warps split
+# the head dim between warpgroups and took 163-244 (1 block). A whole 128-key tile per condition (77
+# keys padded to 128, not 64 + 16) took 171-219.
+RESIDENT_TILE = dict(BLOCK_M=64, num_warps=4, num_stages=3)
+
+
+def _tiles_per_program(n_tiles: int, heads_total: int, sm_count: int) -> int:
+    """Query tiles a resident program walks: up to 8 (each extra one reuses the keys already on chip and
+    pipelines its loads behind the previous tile's work), but never so many that fewer than about
+    four programs per SM remain."""
+    return max(1, min(8, n_tiles, n_tiles * heads_total // (4 * sm_count)))
+
+
 def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, softmax_scale: float,
-                                out: torch.Tensor, lse: torch.Tensor) -> None:
+                                out: torch.Tensor, lse: torch.Tensor, sm_count: int = 132) -> None:
     """q, out: [b h n d] views (any strides); keys[j], values[j]: [b h mⱼ d]; scales: λ per condition;
     mask: None or a [b h n m₀] (expanded, any strides) float or bool tensor; lse: [conditions, b·h, n]
-    float32 contiguous. Writes out and lse."""
+    float32 contiguous; sm_count: the device's SMs (sizes the resident kernel's grid). Writes out and lse."""
     batch, heads, n_q, d_len = q.shape
     q = _aligned(q)
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
     o = _writable(out)
     d_hi, d_lo = _d_split(d_len, q.dtype)
-    block_m, num_warps = _tiles(n_q, d_hi + d_lo, q.dtype)
-    grid = (triton.cdiv(n_q, block_m) * batch * heads,)
     has_mask = mask is not None
     sm = mask.stride() if has_mask else (0, 0, 0, 0)
     for first in range(0, len(keys), MAX_CONDITIONS):
@@ -611,19 +820,31 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
         for k, v in zip(ks, vs):
             strides += [*_strides8(k), *_strides8(v)]
         masked = has_mask and first == 0
+        args = [q, o, lse[first:], mask if masked else q, ks[0], vs[0], ks[1], vs[1], ks[2], vs[2], ks[3], vs[3],
+                n_q, heads, softmax_scale * LOG2E]
+        rest = [*_strides8(q), *_strides8(o), *(sm if masked else (0, 0, 0, 0)), *lens, *lams, *strides]
+        consts = dict(HEAD_DIM=d_len, NUM_COND=len(chunk), HAS_MASK=masked,
+                      MASK_BOOL=masked and mask.dtype == torch.bool, ACCUMULATE=first > 0, D_HI=d_hi, D_LO=d_lo,
+                      PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype))
+        if _resident_keys(d_hi + d_lo, q.dtype, lens[:len(chunk)]):
+            block_m = max(16, min(RESIDENT_TILE["BLOCK_M"], triton.next_power_of_2(n_q)))
+            n_tiles = triton.cdiv(n_q, block_m)
+            per_program = _tiles_per_program(n_tiles, batch * heads, sm_count)
+            grid = (triton.cdiv(n_tiles, per_program) * batch * heads,)
+            blocks = {}
+            for j, n in enumerate(lens):
+                blocks[f"KEYS{j}_A"], blocks[f"KEYS{j}_B"] = _resident_key_blocks(n)
+            _dual_cross_attention_fwd_resident_kernel[grid](
+                *args, per_program, *rest, BLOCK_M=block_m, **blocks, **consts,
+                num_warps=RESIDENT_TILE["num_warps"], num_stages=RESIDENT_TILE["num_stages"])
+            continue
+        block_m, num_warps = _tiles(n_q, d_hi + d_lo, q.dtype)
+        grid = (triton.cdiv(n_q, block_m) * batch * heads,)
+        blocks = {f"BLOCK_N{j}": _block_n(n, d_lo > 0, masked and j == 0) for j, n in enumerate(lens)}
         _dual_cross_attention_fwd_kernel[grid](
-            q, o, lse[first:], mask if masked else q,
-            ks[0], vs[0], ks[1], vs[1], ks[2], vs[2], ks[3], vs[3],
-            n_q, heads, softmax_scale * LOG2E,
-            *_strides8(q), *_strides8(o), *(sm if masked else (0, 0, 0, 0)),
-            *lens, *lams, *strides,
-            HEAD_DIM=d_len, NUM_COND=len(chunk), HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool,
-            ACCUMULATE=first > 0,
-            BLOCK_M=block_m, BLOCK_N0=_block_n(lens[0], d_lo > 0), BLOCK_N1=_block_n(lens[1], d_lo > 0), BLOCK_N2=_block_n(lens[2], d_lo > 0),
-            BLOCK_N3=_block_n(lens[3], d_lo > 0), D_HI=d_hi, D_LO=d_lo, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+            *args, *rest, BLOCK_M=block_m, **blocks, **consts,
             num_warps=4 if _dual_fwd_four_warps(d_len, q.dtype, len(chunk)) else num_warps,
-            num_stages=_dual_fwd_stages(d_len, q.dtype),
-        )
+            num_stages=_dual_fwd_stages(d_len, q.dtype))
     _copy_back(o, out)
 
 
@@ -1053,17 +1274,18 @@ def _dkdv_warps(d_len: int, dtype: torch.dtype, warps: int) -> int:
     return warps
 
 
-def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype) -> int:
+def _dkdv_block_n(block_n: int, d_pad: int, dtype: torch.dtype, masked: bool = False) -> int:
     """Key tile of the dk/dv kernel: it keeps K, V and the fp32 dK, dV accumulators of its tile in
     registers for the whole query walk, so wide heads take fewer keys; fp32 takes 16 (32 keys at
-    D_PAD 64 spilled 396 B under ptxas, 64 × 256 6.6 KB)."""
+    D_PAD 64 spilled 396 B under ptxas, 64 × 256 6.6 KB). With a mask, 16 above 64-wide heads too
+    (96-wide heads, 32 keys, 8 warps: 84 B spilled under Triton 3.6; 16 keys: 226 registers, none)."""
     if dtype == torch.float32:
         return min(block_n, 16)
     if d_pad <= 64:
         # The tile's rows are keys in all four products (Sᵀ, dPᵀ, dV, dK), and wgmma needs 64 of them:
         # a short key list (77 text tokens, 4 image tokens) still takes 64-key tiles, mostly masked.
         return 64
-    return min(block_n, 32 if d_pad <= 128 else 16)
+    return min(block_n, 32 if d_pad <= 128 and not masked else 16)
 
 
 def _dq_block_n(block_n: int, dtype: torch.dtype) -> int:
@@ -1087,7 +1309,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
         block_n, (d_hi, d_lo) = 64, _d_split(d_len, q.dtype)
         common = dict(common, num_warps=8 if flags["HAS_MASK"] else 4)
     else:
-        block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype)
+        block_n = _dkdv_block_n(block_n, _d_pad(d_len), q.dtype, flags["HAS_MASK"])
         d_hi, d_lo = _dkdv_chunks(d_len, q.dtype)
         common = dict(common, num_warps=_dkdv_warps(d_len, q.dtype, common["num_warps"]))
     kv_tiles = triton.cdiv(kv_len, block_n)
@@ -1187,8 +1409,9 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     common, block_m = _bwd_common(d_len, q.dtype)
     delta = torch.empty((len(keys), batch * heads, n_q), dtype=torch.float32, device=q.device)
     split = _d_split(d_len, q.dtype)[1] > 0
-    sets = [(k, v, lam, _block_n(k.shape[2], split=split)) for k, v, lam in zip(keys, values, scales)]
     masked = mask is not None
+    sets = [(k, v, lam, _block_n(k.shape[2], split=split, masked=masked and j == 0))
+            for j, (k, v, lam) in enumerate(zip(keys, values, scales))]
     mask_args = (mask, mask.stride()) if masked else (q, (0, 0, 0, 0))
     flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
     # dq of every set first (it also writes each set's Δ), then each set's dk/dv.

@@ -167,11 +167,13 @@ def calls_plucker(dtype):
 
 def calls_dual_cross_attention(dtype):
     import lightmotion_fast as lm
-    # head dims: 40 (SD1.5 / AnimateDiff), 64, 80, 128, 160 (padded), 256; conditions: 2 (text + image) and 5
-    # (chained).
+    # head dims: 40 (SD1.5 / AnimateDiff), 64, 80, 96, 128, 160 (padded), 256; conditions: 2 (text + image) and 5
+    # (chained). Up to 128 keys per condition at heads up to 128 wide the 16-bit forward keeps the keys resident;
+    # (200, 4) keys and the wider heads take the online-softmax forward.
     for (b, h, n, d, lens, mask_kind) in ((2, 3, 19, 40, (13, 4), "float"), (1, 2, 256, 64, (77, 4), "bool"),
                                           (1, 2, 64, 80, (77, 16), None), (1, 2, 64, 80, (77, 16), "bool"),
-                                          (1, 1, 200, 128, (77, 4), None),
+                                          (1, 1, 200, 128, (77, 4), None), (1, 1, 64, 128, (128, 128), None),
+                                          (1, 1, 40, 96, (5, 5, 3, 3, 2), "float"), (1, 2, 70, 40, (200, 4), "bool"),
                                           (1, 1, 40, 160, (5, 5, 3, 3, 2), "float"), (1, 1, 24, 256, (9, 4), "bool")):
         def call(b=b, h=h, n=n, d=d, lens=lens, mask_kind=mask_kind):
             q = _randn(b, h, n, d, dtype=dtype, grad=True)

@@ -287,8 +287,8 @@ def test_grids_fit_cuda_limits_when_batch_times_heads_is_large(monkeypatch):
     # CUDA grids allow 2³¹ − 1 programs on axis 0 but only 65,535 on axes 1 and 2; b·h = 70,000
     # (e.g. a temporal attention over (b·h·w) sequences) must not land on axis 1.
     kern = attn_kernels
-    names = ("_dual_cross_attention_fwd_kernel", "_reference_attention_fwd_kernel", "_dual_bwd_dq_kernel",
-             "_dual_bwd_dkdv_kernel")
+    names = ("_dual_cross_attention_fwd_kernel", "_dual_cross_attention_fwd_resident_kernel",
+             "_reference_attention_fwd_kernel", "_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel")
     recorders = {name: _GridRecorder() for name in names}
     for name, rec in recorders.items():
         monkeypatch.setattr(kern, name, rec)
@@ -297,6 +297,8 @@ def test_grids_fit_cuda_limits_when_batch_times_heads_is_large(monkeypatch):
     k = torch.randn(b, h, 2, d)
     lse = torch.empty(1, b * h, n)
     kern.dual_cross_attention_launch(q, [k], [k], [1.0], None, 0.3, torch.empty_like(q), lse)
+    q16, k16 = q.half(), k.half()
+    kern.dual_cross_attention_launch(q16, [k16], [k16], [1.0], None, 0.3, torch.empty_like(q16), lse)
     kern.reference_attention_launch(q, k, k, k, k, 0.3, torch.empty_like(q), lse[0])
     kern.dual_cross_attention_backward_launch(q, q, [k], [k], [1.0], None, 0.3, lse, lse, torch.empty_like(q),
                                               [torch.empty_like(k)], [torch.empty_like(k)])
@@ -497,6 +499,127 @@ def test_forward_warps_at_160_wide_heads_by_compiler(device, poisoned, monkeypat
     want = dual_cross_attention_reference(q.double().cpu(), [k.double().cpu() for k in keys],
                                           [v.double().cpu() for v in values], scales)
     torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("dtype, d, lengths, resident", [
+    (torch.float16, 40, (77, 4), True), (torch.bfloat16, 80, (128, 16), True), (torch.float16, 128, (5, 9), True),
+    (torch.float16, 40, (129, 4), False), (torch.float16, 160, (77, 4), False), (torch.float32, 40, (77, 4), False)])
+def test_forward_keeps_short_key_lists_resident(device, poisoned, monkeypatch, dtype, d, lengths, resident):
+    """16-bit heads up to 128 wide whose every condition has at most 128 keys take the resident-keys
+    forward (keys loaded once per program, one softmax pass per condition over two key blocks); longer
+    key lists, wider heads and fp32 the online-softmax kernel. Output and lse hold against float64."""
+    from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention_op, scores_lse
+
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel",
+                               "_dual_cross_attention_fwd_resident_kernel")
+    b, h, n = 1, 2, 70
+    q, keys, values = make_inputs(b, h, n, d, lengths, dtype, device)
+    with lightmotion_fast.backend("triton"):
+        out, lse = dual_cross_attention_op(q, keys, values, [1.0, 0.6], None, d ** -0.5)
+    name = "_dual_cross_attention_fwd_resident_kernel" if resident else "_dual_cross_attention_fwd_kernel"
+    assert [launch[0] for launch in launches] == [name]
+    if resident:
+        kw = launches[0][2]
+        assert [(kw[f"KEYS{j}_A"], kw[f"KEYS{j}_B"]) for j in range(2)] == [
+            attn_kernels._resident_key_blocks(m) for m in lengths]
+    want = dual_cross_attention_reference(as64([q])[0], as64(keys), as64(values), [1.0, 0.6])
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), want, atol=atol * 2, rtol=rtol)
+    for j, k in enumerate(keys):
+        want_lse = scores_lse(q.double().cpu(), k.double().cpu(), d ** -0.5).reshape(b * h, n)
+        torch.testing.assert_close(lse[j].double().cpu(), want_lse.double(), atol=1e-2, rtol=1e-3)
+
+
+def test_online_softmax_forward_still_holds_for_short_key_lists(device, poisoned, monkeypatch):
+    """The key-streaming forward that the resident one replaced for short key lists (the benchmark's
+    `lightmotion/online_softmax_fwd` row runs it there): same outputs at 16 bits, masked and not."""
+    monkeypatch.setattr(attn_kernels, "_resident_keys", lambda *args: False)
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel")
+    b, h, n, d, lengths = 1, 2, 70, 80, (77, 16)
+    q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device)
+    mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
+    for m in (None, mask):
+        with lightmotion_fast.backend("triton"):
+            out = dual_cross_attention(q, keys, values, [1.0, 0.6], mask=m)
+        want = dual_cross_attention_reference(as64([q])[0], as64(keys), as64(values), [1.0, 0.6],
+                                              None if m is None else m.cpu())
+        torch.testing.assert_close(out.double().cpu(), want, atol=8e-3, rtol=4e-3)
+    assert len(launches) == 2
+
+
+@pytest.mark.parametrize("d, lengths, fwd_blocks, dq_blocks, dkdv_blocks", [
+    (40, (200, 4), (32, 32), (32, 32), (64, 64)),    # 40-wide: a masked set at most 32 keys a tile
+    (96, (9, 4), None, (32, 32), (16, 32)),          # 96-wide: masked dk/dv 16 keys
+])
+def test_masked_set_takes_narrow_key_tiles(device, poisoned, monkeypatch, d, lengths, fwd_blocks, dq_blocks,
+                                           dkdv_blocks):
+    """A masked key/value set holds the mask tile beside its scores: the online-softmax forward and dq
+    take at most 32 keys a tile for it (64 spilled 96-624 B on sm_90), dk/dv above 64-wide heads 16
+    (32 spilled 84 B under Triton 3.6); the unmasked set keeps its tile. Gradients hold."""
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel", "_dual_bwd_dq_kernel",
+                               "_dual_bwd_dkdv_kernel")
+    b, h, n = 1, 2, 21
+    q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device, requires_grad=True)
+    mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
+    grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    with lightmotion_fast.backend("triton"):
+        dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask).backward(grad)
+    by_name = {}
+    for name, _, kw in launches:
+        by_name.setdefault(name, []).append(kw)
+    if fwd_blocks:
+        (fwd,) = by_name["_dual_cross_attention_fwd_kernel"]
+        assert (fwd["BLOCK_N0"], fwd["BLOCK_N1"]) == fwd_blocks
+    dq = by_name["_dual_bwd_dq_kernel"][0]
+    assert (dq["BLOCK_N0"], dq["BLOCK_N1"]) == dq_blocks
+    assert tuple(kw["BLOCK_N"] for kw in by_name["_dual_bwd_dkdv_kernel"]) == dkdv_blocks
+    leaves = as64([q, *keys, *values])
+    want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], mask=mask.cpu())
+    want.backward(grad.double().cpu())
+    for got, ref in zip((q, *keys, *values), leaves):
+        scale = ref.grad.abs().max().item() + 1e-6
+        assert (got.grad.double().cpu() - ref.grad).abs().max().item() <= 2e-2 * scale
+
+
+def test_resident_key_blocks():
+    """A resident condition's keys: a power-of-two block plus a power-of-two rest, each at least 16."""
+    blocks = {m: attn_kernels._resident_key_blocks(m) for m in (0, 1, 16, 17, 33, 64, 65, 77, 100, 128)}
+    assert blocks == {0: (16, 0), 1: (16, 0), 16: (16, 0), 17: (16, 16), 33: (32, 16), 64: (64, 0), 65: (64, 16),
+                      77: (64, 16), 100: (64, 64), 128: (128, 0)}
+    for m, (a, rest) in blocks.items():
+        assert a + rest >= m and (rest == 0 or a < m)
+
+
+@pytest.mark.parametrize("per_program", [1, 2, 3, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_resident_programs_walk_several_query_tiles(device, poisoned, monkeypatch, per_program, masked):
+    """A resident program walks `per_program` consecutive 64-query tiles of its head (the last program
+    of a head fewer): 300 queries are 5 tiles, so 2 and 3 leave a short last program and 8 one program
+    per head. Every query row, its lse and a first-condition mask land where they belong."""
+    from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention_op, scores_lse
+
+    monkeypatch.setattr(attn_kernels, "_tiles_per_program", lambda *args: per_program)
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_resident_kernel")
+    b, h, n, d, lengths = 2, 2, 300, 40, (77, 4)
+    q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device)
+    mask = torch.randn(b, h, n, lengths[0], device=device).to(torch.float16) if masked else None
+    with lightmotion_fast.backend("triton"):
+        out, lse = dual_cross_attention_op(q, keys, values, [1.0, 0.6], mask, d ** -0.5)
+    (args,) = [launch[1] for launch in launches]
+    assert args[15] == per_program   # tiles_per_program
+    m64 = None if mask is None else mask.double().cpu()
+    want = dual_cross_attention_reference(as64([q])[0], as64(keys), as64(values), [1.0, 0.6], m64)
+    torch.testing.assert_close(out.double().cpu(), want, atol=8e-3, rtol=4e-3)
+    want_lse = scores_lse(q.double().cpu(), keys[0].double().cpu(), d ** -0.5, m64).reshape(b * h, n)
+    torch.testing.assert_close(lse[0].double().cpu(), want_lse.double(), atol=1e-2, rtol=1e-3)
+
+
+def test_tiles_per_program():
+    """Up to 8 query tiles a program, fewer when that would leave under ~4 programs per SM."""
+    f = attn_kernels._tiles_per_program
+    assert f(64, 256, 132) == 8          # SD1.5 64×64: 16,384 tiles -> 2,048 programs
+    assert f(64, 20, 132) == 2           # SDXL 64×64 at b = 2: 1,280 tiles -> 640 programs
+    assert f(4, 20, 132) == 1 and f(3, 1, 132) == 1 and f(1, 10 ** 6, 132) == 1
 
 
 @pytest.mark.parametrize("d", [40, 80])

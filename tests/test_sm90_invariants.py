@@ -74,9 +74,9 @@ _LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \
 _LORA_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd\+bwd$"
 _DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
 _DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
-_DUAL_ALIGNED = (r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SD1.5/AnimateDiff 16x16 .* "
-                 r"keys=77\+4|SDXL b=2 n=4096 10x64 keys=77\+4) \| float16 \| fwd$")
-_DUAL_WGMMA = r"dual_cross_attention \| (SD1.5/AnimateDiff 32x32 .* keys=77\+4|SDXL b=2 n=4096) .*\| fwd$"
+_DUAL_RESIDENT = (r"dual_cross_attention \| (SD1.5/AnimateDiff (64x64|32x32) .* keys=77\+(4|16)|SDXL b=2 n=\d+ "
+                  r"\d+x64 keys=77\+4) \| float16 \| fwd$")
+_DUAL_WIDE = r"dual_cross_attention \| SD1.5/AnimateDiff 16x16 .* keys=77\+(4|16) \| float16 \| fwd$"
 _REF_D40 = r"reference_attention \| SD1.5/AnimateDiff 64x64 .*\| float16 \| fwd$"
 _REF_ALIGNED = r"reference_attention \| SD1.5/AnimateDiff (32x32|16x16) .*\| float16 \| fwd$"
 _REF_WGMMA = r"reference_attention \| SD1.5/AnimateDiff 32x32 .*\| float16 \| fwd$"
@@ -115,19 +115,19 @@ INVARIANTS = [
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "128-bit stores"),
     # (the cp.async expand no longer runs at these shapes on sm_90; the compile checks still compile
     # every launch of it, spill-free under Triton 3.6 and 3.9)
-    # --- dual cross-attention: d=40 (SD1.5 64x64) and the 16-B-aligned head dims
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "no spills"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit loads"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "128-bit stores"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "async loads"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, ">=2 blocks/SM"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_D40, "wgmma"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "no spills"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "128-bit loads"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, "async loads"),
-    I("_dual_cross_attention_fwd_kernel", _DUAL_ALIGNED, ">=2 blocks/SM"),
-    # d=160 runs 32-query tiles: below wgmma's 64 rows per warpgroup, so mma.sync there is the design.
-    I("_dual_cross_attention_fwd_kernel", _DUAL_WGMMA, "wgmma"),
+    # --- dual cross-attention forward: 77 + 4 keys at heads up to 128 wide keep the keys resident (d=40 at
+    # SD1.5 64x64, d=80 at 32x32, SDXL's d=64); 160-wide heads (16x16) run the online-softmax kernel on
+    # 32-query tiles, below wgmma's 64 rows per warpgroup, so mma.sync there is the design.
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_D40, "128-bit stores"),
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_RESIDENT, "no spills"),
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_RESIDENT, "128-bit loads"),
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_RESIDENT, "async loads"),
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_RESIDENT, ">=2 blocks/SM"),
+    I("_dual_cross_attention_fwd_resident_kernel", _DUAL_RESIDENT, "wgmma"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_WIDE, "no spills"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_WIDE, "128-bit loads"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_WIDE, "async loads"),
+    I("_dual_cross_attention_fwd_kernel", _DUAL_WIDE, ">=2 blocks/SM"),
     I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "no spills"),
     I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "128-bit loads"),
     I("_dual_bwd_dq_kernel", _DUAL_D40_BWD, "async loads"),

@@ -60,7 +60,7 @@ def dual_cross_attention_op(q: torch.Tensor, keys: list[torch.Tensor], values: l
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
     if triton_path(q):
         _common.kernel_module("dual_cross_attention").dual_cross_attention_launch(
-            q, keys, values, scales, full_mask, softmax_scale, out, lse)
+            q, keys, values, scales, full_mask, softmax_scale, out, lse, sm_count=_common.device_sm_count(q.device))
     else:
         out.copy_(dual_cross_attention_reference(q, keys, values, scales, full_mask, softmax_scale))
         for j, k in enumerate(keys):
