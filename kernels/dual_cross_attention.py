@@ -18,6 +18,9 @@ applies to the first condition. Two kernels:
   program owns BLOCK_M queries of one (batch, head), reads its Q tile once, then for each condition
   runs a flash-attention loop over that condition's key tiles with its own online-softmax state
   (running max m, sum l, accumulator).
+The dual backward's dq follows the same split: `_dual_bwd_dq_resident_kernel` for short key lists
+(keys resident, query tiles walked; each set's P and dP formed once per tile, Δ = rowsum(P ∘ dP)
+from them), `_dual_bwd_dq_kernel` otherwise (a Δ walk over the key tiles, then the dq walk).
 
 Forward, reference attention: the same loop with ONE softmax state running over two key/value
 sources in turn (the feature map m, then the reference bank p), which is attention over the
@@ -1120,6 +1123,145 @@ def _dual_bwd_dq_kernel(
 
 
 @triton.jit
+def _scaled(t, lam, UPCAST: tl.constexpr):
+    """t · λ rounded back to t's dtype (the dots' operand type, as `_load_do` does), widened under UPCAST."""
+    t = (t.to(tl.float32) * lam).to(t.dtype)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _dq_resident_block(q_hi, q_lo, do_hi, do_lo, k_hi, k_lo, v_hi, v_lo, start, kv_len, lse, dead, offs_m, n_q,
+                       qk_scale, mask_base, sm_n, sm_m, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                       KEYS: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """P = exp2(S - lse) (0 on dead rows) and dP = dO Vᵀ of a query tile against one resident key block."""
+    s = _block_scores(q_hi, q_lo, k_hi, k_lo, start, kv_len, offs_m, n_q, qk_scale, mask_base, sm_n, sm_m,
+                      HAS_MASK, MASK_BOOL, KEYS, D_LO, PRECISION)
+    p = tl.where(dead[:, None], 0.0, tl.exp2(s - lse[:, None]))
+    return p, _dot_t(do_hi, do_lo, v_hi, v_lo, D_LO, PRECISION)
+
+
+@triton.jit
+def _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, do_hi, do_lo, kv, kv_len, offs_m, row_ok, n_q, qk_scale, lse_row,
+                     glse_row, delta_row, mask_base, sm_n, sm_m, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                     KEYS_A: tl.constexpr, KEYS_B: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """(dq_hi, dq_lo) plus one key/value set's dS K (unscaled), its keys resident (`kv` from _resident_kv,
+    dO already scaled by the set's λ): P and dP of both key blocks in one pass, Δ = rowsum(P ∘ dP) − g_lse
+    from them (stored for the dk/dv kernel), then dS = P ∘ (dP − Δ)."""
+    ka_hi, ka_lo, va_hi, va_lo, kb_hi, kb_lo, vb_hi, vb_lo = kv
+    lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    dead = lse == float("-inf")
+    lse = tl.where(dead, 0.0, lse)
+    pa, dpa = _dq_resident_block(q_hi, q_lo, do_hi, do_lo, ka_hi, ka_lo, va_hi, va_lo, 0, kv_len, lse, dead, offs_m,
+                                 n_q, qk_scale, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL, KEYS_A, D_LO, PRECISION)
+    delta = tl.sum(pa * dpa, 1)
+    if KEYS_B > 0:
+        pb, dpb = _dq_resident_block(q_hi, q_lo, do_hi, do_lo, kb_hi, kb_lo, vb_hi, vb_lo, KEYS_A, kv_len, lse, dead,
+                                     offs_m, n_q, qk_scale, mask_base, sm_n, sm_m, HAS_MASK, MASK_BOOL, KEYS_B, D_LO,
+                                     PRECISION)
+        delta += tl.sum(pb * dpb, 1)
+    # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
+    delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
+    tl.store(delta_row + offs_m, delta, mask=row_ok)
+    ds = (pa * (dpa - delta[:, None])).to(ka_hi.dtype)
+    dq_hi += tl.dot(ds, ka_hi, input_precision=PRECISION)
+    if D_LO > 0:
+        dq_lo += tl.dot(ds, ka_lo, input_precision=PRECISION)
+    if KEYS_B > 0:
+        ds = (pb * (dpb - delta[:, None])).to(kb_hi.dtype)
+        dq_hi += tl.dot(ds, kb_hi, input_precision=PRECISION)
+        if D_LO > 0:
+            dq_lo += tl.dot(ds, kb_lo, input_precision=PRECISION)
+    return dq_hi, dq_lo
+
+
+@triton.jit
+def _dual_bwd_dq_resident_kernel(
+    q_ptr, do_ptr, lse_ptr, glse_ptr, delta_ptr, dq_ptr, dqacc_ptr, mask_ptr,
+    k0, v0, k1, v1, k2, v2, k3, v3,
+    n_q, heads, qk_scale, softmax_scale, cond_stride, tiles_per_program,
+    len0, len1, len2, len3,
+    lam0, lam1, lam2, lam3,
+    sq_b8, sq_h8, sq_n8, sdo_b8, sdo_h8, sdo_n8, sdq_b8, sdq_h8, sdq_n8, sm_b, sm_h, sm_n, sm_m,
+    sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
+    sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+    sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
+    sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+    HEAD_DIM: tl.constexpr, NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEYS0_A: tl.constexpr, KEYS0_B: tl.constexpr, KEYS1_A: tl.constexpr,
+    KEYS1_B: tl.constexpr, KEYS2_A: tl.constexpr, KEYS2_B: tl.constexpr, KEYS3_A: tl.constexpr,
+    KEYS3_B: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """_dual_bwd_dq_kernel for short key lists, as _dual_cross_attention_fwd_resident_kernel is for the
+    forward: every set's keys and values of the head loaded once, up to `tiles_per_program` query tiles
+    walked (their Q and dO loads pipelined), and each set's P and dP formed once per tile (Δ from them,
+    no second walk over the keys). Same arguments and outputs as _dual_bwd_dq_kernel with Δ computed
+    (DELTA_GIVEN off), one softmax per set."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_q, BLOCK_M)
+    splits = tl.cdiv(n_tiles, tiles_per_program)
+    pid_bh = pid // splits
+    first = (pid % splits) * tiles_per_program
+    b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)
+    q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
+    do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
+    mask_base = mask_ptr + b * sm_b + h * sm_h
+    row0 = pid_bh.to(tl.int64) * n_q
+    stride = tl.cast(cond_stride, tl.int64)
+
+    kv0 = _resident_kv(k0, v0, b, h, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, HEAD_DIM, KEYS0_A, KEYS0_B,
+                       D_HI, D_LO, UPCAST)
+    if NUM_COND >= 2:
+        kv1 = _resident_kv(k1, v1, b, h, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8, HEAD_DIM, KEYS1_A,
+                           KEYS1_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 3:
+        kv2 = _resident_kv(k2, v2, b, h, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, HEAD_DIM, KEYS2_A,
+                           KEYS2_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 4:
+        kv3 = _resident_kv(k3, v3, b, h, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8, HEAD_DIM, KEYS3_A,
+                           KEYS3_B, D_HI, D_LO, UPCAST)
+    for tile in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_q
+        q_hi, q_lo = _load_q(q_base, offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
+        do_hi, do_lo = _load_q(do_base, offs_m, row_ok, sdo_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, False)
+        dq_hi = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+        dq_lo = tl.zeros([BLOCK_M, D_LO if D_LO > 0 else 16], dtype=tl.float32)
+        row = row0
+        dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam0, UPCAST),
+                                        _scaled(do_lo, lam0, UPCAST), kv0, len0, offs_m, row_ok, n_q, qk_scale,
+                                        lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, sm_n, sm_m,
+                                        HAS_MASK, MASK_BOOL, KEYS0_A, KEYS0_B, D_LO, PRECISION)
+        if NUM_COND >= 2:
+            row += stride
+            dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam1, UPCAST),
+                                            _scaled(do_lo, lam1, UPCAST), kv1, len1, offs_m, row_ok, n_q, qk_scale,
+                                            lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
+                                            False, False, KEYS1_A, KEYS1_B, D_LO, PRECISION)
+        if NUM_COND >= 3:
+            row += stride
+            dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam2, UPCAST),
+                                            _scaled(do_lo, lam2, UPCAST), kv2, len2, offs_m, row_ok, n_q, qk_scale,
+                                            lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
+                                            False, False, KEYS2_A, KEYS2_B, D_LO, PRECISION)
+        if NUM_COND >= 4:
+            row += stride
+            dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam3, UPCAST),
+                                            _scaled(do_lo, lam3, UPCAST), kv3, len3, offs_m, row_ok, n_q, qk_scale,
+                                            lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
+                                            False, False, KEYS3_A, KEYS3_B, D_LO, PRECISION)
+        dq_hi, dq_lo = dq_hi * softmax_scale, dq_lo * softmax_scale
+        if ACCUMULATE:  # more than four sets: the earlier launches' fp32 partial sum (dqacc may be dq itself)
+            dq_hi, dq_lo = _add_chunks(_head_base(dqacc_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi,
+                                       dq_lo, HEAD_DIM, D_HI, D_LO)
+        _store_chunks(_head_base(dq_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo, HEAD_DIM, D_HI,
+                      D_LO, False)
+
+
+@triton.jit
 def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
                     sa_b8, sa_h8, sa_n8, sb_b8, sb_h8, sb_n8,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr):
@@ -1350,14 +1492,19 @@ def _dq_sets_per_launch(d_len: int) -> int:
     return MAX_CONDITIONS if _d_pad(d_len) <= 64 else 1
 
 
+# Resident dq launches: 64-query tiles, 4 warps, 3 stages (see the register notes at RESIDENT_TILE).
+_RESIDENT_DQ_OPTIONS = dict(num_warps=4, num_stages=3)
+
+
 def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_args, flags, softmax_scale,
-               block_m, delta_given, common):
+               block_m, delta_given, common, sm_count=132):
     """dq (written; any float dtype) = Σ of the dQ of the key/value sets (k, v, λ, key tile): one launch
     for up to `_dq_sets_per_launch` sets, summed in registers; more sets chain launches through an fp32
     partial sum, and the last writes dq in its dtype. lse, grad_lse, delta: fp32 [.., b·h, n] buffers in which set
     j's rows start j·cond_stride elements in (0: the sets share one softmax). The mask applies to set 0."""
     batch, heads, n_q, d_len = q.shape
     d_hi, d_lo = _d_split(d_len, q.dtype)
+    resident = not delta_given and _resident_keys(d_hi + d_lo, q.dtype, [k.shape[2] for k, _, _, _ in sets])
     per_launch = _dq_sets_per_launch(d_len)
     chunks = [sets[i:i + per_launch] for i in range(0, len(sets), per_launch)]
     flat = [t.reshape(-1) for t in (lse, grad_lse, delta)]
@@ -1369,19 +1516,28 @@ def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_ar
         for k, v, _, _ in chunk:
             strides += [*_strides8(k), *_strides8(v)]
         masked = flags["HAS_MASK"] and c == 0
+        lens = [k.shape[2] for k, _, _, _ in chunk]
+        lams = [float(lam) if i < used else 0.0 for i, (_, _, lam, _) in enumerate(chunk)]
+        head = [q, grad_out, *(t[off:] for t in flat), dst, acc, mask_args[0] if masked else q,
+                *(t for k, v, _, _ in chunk for t in (k, v)), n_q, heads, softmax_scale * LOG2E, softmax_scale,
+                cond_stride]
+        tail = [*lens, *lams, *_strides8(q), *_strides8(grad_out), *_strides8(dst),
+                *(mask_args[1] if masked else (0, 0, 0, 0)), *strides]
+        consts = dict(NUM_COND=used, HAS_MASK=masked, MASK_BOOL=masked and flags["MASK_BOOL"], ACCUMULATE=c > 0,
+                      D_HI=d_hi, D_LO=d_lo, **common)
+        if resident:
+            rows = max(16, min(RESIDENT_TILE["BLOCK_M"], triton.next_power_of_2(n_q)))
+            n_tiles = triton.cdiv(n_q, rows)
+            per_program = _tiles_per_program(n_tiles, batch * heads, sm_count)
+            keys = {}
+            for j, n in enumerate(lens):
+                keys[f"KEYS{j}_A"], keys[f"KEYS{j}_B"] = _resident_key_blocks(n)
+            _dual_bwd_dq_resident_kernel[(triton.cdiv(n_tiles, per_program) * batch * heads,)](
+                *head, per_program, *tail, BLOCK_M=rows, **keys, **dict(consts, **_RESIDENT_DQ_OPTIONS))
+            continue
         _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
-            q, grad_out, *(t[off:] for t in flat), dst, acc, mask_args[0] if masked else q,
-            *(t for k, v, _, _ in chunk for t in (k, v)),
-            n_q, heads, softmax_scale * LOG2E, softmax_scale, cond_stride,
-            *(k.shape[2] for k, _, _, _ in chunk), *(float(lam) if i < used else 0.0 for i, (_, _, lam, _) in
-                                                     enumerate(chunk)),
-            *_strides8(q), *_strides8(grad_out), *_strides8(dst), *(mask_args[1] if masked else (0, 0, 0, 0)),
-            *strides,
-            NUM_COND=used, HAS_MASK=masked, MASK_BOOL=masked and flags["MASK_BOOL"],
-            ACCUMULATE=c > 0, DELTA_GIVEN=delta_given, BLOCK_M=block_m,
-            **{f"BLOCK_N{i}": _dq_block_n(bn, q.dtype) for i, (_, _, _, bn) in enumerate(chunk)},
-            D_HI=d_hi, D_LO=d_lo, **common,
-        )
+            *head, *tail, DELTA_GIVEN=delta_given, BLOCK_M=block_m,
+            **{f"BLOCK_N{i}": _dq_block_n(bn, q.dtype) for i, (_, _, _, bn) in enumerate(chunk)}, **consts)
 
 
 def _dq_targets(dq: torch.Tensor, launches: int) -> list:
@@ -1416,7 +1572,7 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     flags = dict(HAS_MASK=masked, MASK_BOOL=masked and mask.dtype == torch.bool)
     # dq of every set first (it also writes each set's Δ), then each set's dk/dv.
     _launch_dq(q, grad_out, sets, lse, grad_lse, delta, batch * heads * n_q, dq_dst, mask_args, flags, softmax_scale,
-               block_m, False, common)
+               block_m, False, common, sm_count)
     _copy_back(dq_dst, dq)
     no_mask = dict(HAS_MASK=False, MASK_BOOL=False)
     for j, (k, v, lam, block_n) in enumerate(sets):

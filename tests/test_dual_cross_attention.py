@@ -390,7 +390,8 @@ def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op
     gradients hold."""
     from lightmotion_fast.ops.reference_attention import reference_attention
 
-    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel")
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dq_resident_kernel",
+                               "_dual_bwd_dkdv_kernel")
     b, h, n, lengths = 1, 2, 21, (11, 5)
 
     def view(m):
@@ -407,7 +408,8 @@ def test_backward_kernels_take_head_dim_chunks(device, poisoned, monkeypatch, op
             out = dual_cross_attention(q, keys, values, [1.0, 0.6], mask=mask)
         out.backward(grad)
     kinds = {(name, kw["D_HI"], kw["D_LO"]) for name, _, kw in launches}
-    assert ("_dual_bwd_dq_kernel", *chunks) in kinds and ("_dual_bwd_dkdv_kernel", *dkdv) in kinds
+    dq_name = "_dual_bwd_dq_kernel" if op == "reference" else "_dual_bwd_dq_resident_kernel"   # short key lists
+    assert (dq_name, *chunks) in kinds and ("_dual_bwd_dkdv_kernel", *dkdv) in kinds
     dkdv_launches = [kw for name, _, kw in launches if name == "_dual_bwd_dkdv_kernel"]
     if d == 80:
         want_tiles = [(64, 8) if kw["HAS_MASK"] else (64, 4) for kw in dkdv_launches]
@@ -532,7 +534,7 @@ def test_forward_keeps_short_key_lists_resident(device, poisoned, monkeypatch, d
 
 def test_online_softmax_forward_still_holds_for_short_key_lists(device, poisoned, monkeypatch):
     """The key-streaming forward that the resident one replaced for short key lists (the benchmark's
-    `lightmotion/online_softmax_fwd` row runs it there): same outputs at 16 bits, masked and not."""
+    `lightmotion/streamed_keys` row runs it there): same outputs at 16 bits, masked and not."""
     monkeypatch.setattr(attn_kernels, "_resident_keys", lambda *args: False)
     launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel")
     b, h, n, d, lengths = 1, 2, 70, 80, (77, 16)
@@ -549,7 +551,7 @@ def test_online_softmax_forward_still_holds_for_short_key_lists(device, poisoned
 
 @pytest.mark.parametrize("d, lengths, fwd_blocks, dq_blocks, dkdv_blocks", [
     (40, (200, 4), (32, 32), (32, 32), (64, 64)),    # 40-wide: a masked set at most 32 keys a tile
-    (96, (9, 4), None, (32, 32), (16, 32)),          # 96-wide: masked dk/dv 16 keys
+    (96, (9, 4), None, None, (16, 32)),              # 96-wide: masked dk/dv 16 keys (short keys: resident fwd, dq)
 ])
 def test_masked_set_takes_narrow_key_tiles(device, poisoned, monkeypatch, d, lengths, fwd_blocks, dq_blocks,
                                            dkdv_blocks):
@@ -557,7 +559,7 @@ def test_masked_set_takes_narrow_key_tiles(device, poisoned, monkeypatch, d, len
     take at most 32 keys a tile for it (64 spilled 96-624 B on sm_90), dk/dv above 64-wide heads 16
     (32 spilled 84 B under Triton 3.6); the unmasked set keeps its tile. Gradients hold."""
     launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_kernel", "_dual_bwd_dq_kernel",
-                               "_dual_bwd_dkdv_kernel")
+                               "_dual_bwd_dq_resident_kernel", "_dual_bwd_dkdv_kernel")
     b, h, n = 1, 2, 21
     q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device, requires_grad=True)
     mask = torch.rand(b, 1, n, lengths[0], device=device) > 0.3
@@ -570,8 +572,11 @@ def test_masked_set_takes_narrow_key_tiles(device, poisoned, monkeypatch, d, len
     if fwd_blocks:
         (fwd,) = by_name["_dual_cross_attention_fwd_kernel"]
         assert (fwd["BLOCK_N0"], fwd["BLOCK_N1"]) == fwd_blocks
-    dq = by_name["_dual_bwd_dq_kernel"][0]
-    assert (dq["BLOCK_N0"], dq["BLOCK_N1"]) == dq_blocks
+    if dq_blocks:
+        dq = by_name["_dual_bwd_dq_kernel"][0]
+        assert (dq["BLOCK_N0"], dq["BLOCK_N1"]) == dq_blocks
+    else:
+        assert "_dual_bwd_dq_resident_kernel" in by_name and "_dual_bwd_dq_kernel" not in by_name
     assert tuple(kw["BLOCK_N"] for kw in by_name["_dual_bwd_dkdv_kernel"]) == dkdv_blocks
     leaves = as64([q, *keys, *values])
     want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], mask=mask.cpu())
@@ -599,19 +604,29 @@ def test_resident_programs_walk_several_query_tiles(device, poisoned, monkeypatc
     from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention_op, scores_lse
 
     monkeypatch.setattr(attn_kernels, "_tiles_per_program", lambda *args: per_program)
-    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_resident_kernel")
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_cross_attention_fwd_resident_kernel",
+                               "_dual_bwd_dq_resident_kernel")
     b, h, n, d, lengths = 2, 2, 300, 40, (77, 4)
-    q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device)
+    q, keys, values = make_inputs(b, h, n, d, lengths, torch.float16, device, requires_grad=True)
     mask = torch.randn(b, h, n, lengths[0], device=device).to(torch.float16) if masked else None
+    grad = torch.randn(b, h, n, d, device=device, dtype=torch.float16)
+    g_lse = torch.randn(2, b * h, n, device=device)
     with lightmotion_fast.backend("triton"):
         out, lse = dual_cross_attention_op(q, keys, values, [1.0, 0.6], mask, d ** -0.5)
-    (args,) = [launch[1] for launch in launches]
-    assert args[15] == per_program   # tiles_per_program
+        ((out.float() * grad).sum() + (lse * g_lse).sum()).backward()
+    at = {"_dual_cross_attention_fwd_resident_kernel": 15, "_dual_bwd_dq_resident_kernel": 21}  # tiles_per_program
+    assert [(name, args[at[name]]) for name, args, _ in launches] == [(name, per_program) for name in at]
     m64 = None if mask is None else mask.double().cpu()
-    want = dual_cross_attention_reference(as64([q])[0], as64(keys), as64(values), [1.0, 0.6], m64)
-    torch.testing.assert_close(out.double().cpu(), want, atol=8e-3, rtol=4e-3)
-    want_lse = scores_lse(q.double().cpu(), keys[0].double().cpu(), d ** -0.5, m64).reshape(b * h, n)
-    torch.testing.assert_close(lse[0].double().cpu(), want_lse.double(), atol=1e-2, rtol=1e-3)
+    leaves = as64([q, *keys, *values])
+    want = dual_cross_attention_reference(leaves[0], leaves[1:3], leaves[3:], [1.0, 0.6], m64)
+    torch.testing.assert_close(out.double().cpu(), want.detach(), atol=8e-3, rtol=4e-3)
+    want_lse = torch.stack([scores_lse(leaves[0], k, d ** -0.5, m64 if j == 0 else None).reshape(b * h, n)
+                            for j, k in enumerate(leaves[1:3])]).double()
+    torch.testing.assert_close(lse.double().cpu(), want_lse.detach(), atol=1e-2, rtol=1e-3)
+    ((want * grad.double().cpu()).sum() + (want_lse * g_lse.double().cpu()).sum()).backward()
+    for got, ref in zip((q, *keys, *values), leaves):
+        scale = ref.grad.abs().max().item()
+        assert (got.grad.double().cpu() - ref.grad).abs().max().item() <= 1e-2 * scale
 
 
 def test_tiles_per_program():
@@ -628,8 +643,8 @@ def test_16bit_dq_is_written_once_in_its_dtype(device, poisoned, monkeypatch, co
     """At heads up to 64 wide one dq launch takes up to four key/value sets, sums their dQ in registers
     and writes dq once in q's dtype (no fp32 dq converted afterwards); a fifth set chains a second launch
     that adds the first's fp32 partial sum; wider heads take a launch per set, chained the same way.
-    Gradients against float64."""
-    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel")
+    Gradients against float64. (Short key lists: the resident dq kernel, chained the same way.)"""
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dq_resident_kernel")
     b, h, n = 1, 2, 24
     lengths = (9, 4, 3, 5, 2)[:conditions]
     scales = [1.0, 0.6, 0.3, 0.8, 0.5][:conditions]

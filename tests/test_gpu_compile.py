@@ -25,7 +25,8 @@ EXPECTED = {
     "multi_lora": ["_multi_lora_expand_kernel", "_multi_lora_expand_tma_kernel", "_multi_lora_sample_norm_kernel",
                    "_multi_lora_shrink_kernel", "_multi_lora_shrink_norm_kernel"],
     "plucker": ["_plucker_kernel"],
-    "dual_cross_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_dual_cross_attention_fwd_kernel"],
+    "dual_cross_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_dual_bwd_dq_resident_kernel",
+                             "_dual_cross_attention_fwd_kernel", "_dual_cross_attention_fwd_resident_kernel"],
     "reference_attention": ["_dual_bwd_dkdv_kernel", "_dual_bwd_dq_kernel", "_reference_attention_fwd_kernel",
                             "_reference_attention_fwd_tma_kernel", "_row_dot_kernel"],
 }
@@ -34,7 +35,8 @@ KERNELS = sorted({k for ks in EXPECTED.values() for k in ks})
 # Kernels whose pointer dtypes follow the op's input dtype. Not: the noise generator (writes float32) and
 # the per-sample norm reduce (reads and writes float32 norms whatever x's dtype).
 DTYPE_FOLLOWING = [k for k in KERNELS if k not in ("_snr_noise_kernel", "_multi_lora_sample_norm_kernel")]
-SIXTEEN_BIT_ONLY = ("_reference_attention_fwd_tma_kernel", "_multi_lora_expand_tma_kernel")
+SIXTEEN_BIT_ONLY = ("_reference_attention_fwd_tma_kernel", "_multi_lora_expand_tma_kernel",
+                    "_dual_cross_attention_fwd_resident_kernel", "_dual_bwd_dq_resident_kernel")
 
 
 @pytest.fixture(scope="module")

@@ -86,10 +86,10 @@ def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", q
                 1, 2).reshape(batch, n, heads * d)),
             "ip_adapter_sdpa": run(lambda: ip_adapter_sdpa(q, kt, vt, ki, vi, 0.6)),
         }
-        if not train and device.type == "cuda" and d <= 128:
-            # the online-softmax forward (key tiles streamed from L2 for every query tile) instead of the
-            # resident-keys one (keys loaded once per program, query tiles pipelined)
-            providers["lightmotion/online_softmax_fwd"] = ablated(ours, "_resident_keys", False)
+        if device.type == "cuda" and d <= 128:
+            # the online-softmax forward and the two-walk dq (key tiles streamed from L2 for every query
+            # tile) instead of the resident-keys kernels (keys loaded once per program, query tiles pipelined)
+            providers["lightmotion/streamed_keys"] = ablated(ours, "_resident_keys", False)
         if not train and device.type == "cuda" and _kernels()._dual_fwd_four_warps(d, dtype, 2):
             # the forward's 32 x 256 tiles at 8 warps (one block per SM under Triton 3.6) instead of 4 (two)
             providers["lightmotion/fwd_8_warps"] = ablated(ours, "_dual_fwd_four_warps", False)
