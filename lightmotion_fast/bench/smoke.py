@@ -278,11 +278,14 @@ def device_gated(device: torch.device, dtypes: list[torch.dtype]) -> set[str]:
     """Kernels this device and these dtypes never launch, so the smoke does not expect them: the TMA
     kernels (the reference forward, the multi-LoRA expand) run only on sm_90+ with 16-bit inputs
     (tests/test_reference_attention.py and tests/test_multi_lora.py run them through the interpreter by
-    answering the device query as sm_90)."""
+    answering the device query as sm_90), the dual attention's resident-keys kernels only with 16-bit
+    inputs (tests/test_dual_cross_attention.py runs them through the interpreter in fp16 and bf16)."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     sixteen_bit = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
     tma = {"_reference_attention_fwd_tma_kernel", "_multi_lora_expand_tma_kernel"}
-    return set() if capability and capability >= (9, 0) and sixteen_bit else tma
+    resident = {"_dual_cross_attention_fwd_resident_kernel", "_dual_bwd_dq_resident_kernel"}
+    gated = set() if sixteen_bit else resident
+    return gated if capability and capability >= (9, 0) and sixteen_bit else gated | tma
 
 
 def main(argv: list[str] | None = None) -> int:
