@@ -400,6 +400,45 @@ def _resident_kv(k_ptr, v_ptr, b, h, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, 
 
 
 @triton.jit
+def _resident_program(n_q, heads, tiles_per_program, BLOCK_M: tl.constexpr):
+    """(b·h index, b, h as int64, first and end query tile, programs per head) of a resident-keys
+    program: a 1-D grid of (b·h) × ⌈tiles / tiles_per_program⌉ programs, each walking up to
+    tiles_per_program consecutive query tiles of its head."""
+    n_tiles = tl.cdiv(n_q, BLOCK_M)
+    splits = tl.cdiv(n_tiles, tiles_per_program)
+    pid = tl.program_id(0)
+    pid_bh = pid // splits
+    first = (pid % splits) * tiles_per_program
+    last = tl.minimum(first + tiles_per_program, n_tiles)
+    return pid_bh, (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64), first, last, splits
+
+
+@triton.jit
+def _resident_sets(b, h, k0, v0, k1, v1, k2, v2, k3, v3, len0, len1, len2, len3,
+                   sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+                   sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+                   HEAD_DIM: tl.constexpr, NUM_COND: tl.constexpr, KEYS0_A: tl.constexpr, KEYS0_B: tl.constexpr,
+                   KEYS1_A: tl.constexpr, KEYS1_B: tl.constexpr, KEYS2_A: tl.constexpr, KEYS2_B: tl.constexpr,
+                   KEYS3_A: tl.constexpr, KEYS3_B: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """The resident keys/values (_resident_kv) of the launch's NUM_COND sets; unused slots repeat set
+    0's (never read: NUM_COND keeps them out of the code)."""
+    kv0 = _resident_kv(k0, v0, b, h, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, HEAD_DIM, KEYS0_A, KEYS0_B,
+                       D_HI, D_LO, UPCAST)
+    kv1, kv2, kv3 = kv0, kv0, kv0
+    if NUM_COND >= 2:
+        kv1 = _resident_kv(k1, v1, b, h, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8, HEAD_DIM, KEYS1_A,
+                           KEYS1_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 3:
+        kv2 = _resident_kv(k2, v2, b, h, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, HEAD_DIM, KEYS2_A,
+                           KEYS2_B, D_HI, D_LO, UPCAST)
+    if NUM_COND >= 4:
+        kv3 = _resident_kv(k3, v3, b, h, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8, HEAD_DIM, KEYS3_A,
+                           KEYS3_B, D_HI, D_LO, UPCAST)
+    return kv0, kv1, kv2, kv3
+
+
+@triton.jit
 def _key_block(k_base, v_base, start, kv_len, sk_n8, sv_n8, HEAD_DIM: tl.constexpr, KEYS: tl.constexpr,
                D_HI: tl.constexpr, D_LO: tl.constexpr, UPCAST: tl.constexpr):
     """Keys/values start .. start + KEYS (zero past kv_len) as head-dim chunks (k_hi, k_lo, v_hi, v_lo)."""
@@ -492,30 +531,19 @@ def _dual_cross_attention_fwd_resident_kernel(
     per condition over both blocks (no running max or rescale), and the loop over query tiles is what the compiler software-pipelines: the next tile's
     Q (and mask) loads are in flight while this tile's products and softmax run. Same arguments,
     outputs and lse as _dual_cross_attention_fwd_kernel."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(n_q, BLOCK_M)
-    splits = tl.cdiv(n_tiles, tiles_per_program)
-    pid_bh = pid // splits
-    first = (pid % splits) * tiles_per_program
-    b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)
+    pid_bh, b, h, first, last, splits = _resident_program(n_q, heads, tiles_per_program, BLOCK_M)
     lse_stride = (tl.num_programs(0) // splits).to(tl.int64) * n_q    # lse: [conditions, b·h, n]
     lse_row = lse_ptr + pid_bh.to(tl.int64) * n_q
     q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
     o_base = _head_base(o_ptr, b, h, so_b8, so_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
 
-    kv0 = _resident_kv(k0, v0, b, h, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, HEAD_DIM, KEYS0_A, KEYS0_B,
-                       D_HI, D_LO, UPCAST)
-    if NUM_COND >= 2:
-        kv1 = _resident_kv(k1, v1, b, h, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8, HEAD_DIM, KEYS1_A,
-                           KEYS1_B, D_HI, D_LO, UPCAST)
-    if NUM_COND >= 3:
-        kv2 = _resident_kv(k2, v2, b, h, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, HEAD_DIM, KEYS2_A,
-                           KEYS2_B, D_HI, D_LO, UPCAST)
-    if NUM_COND >= 4:
-        kv3 = _resident_kv(k3, v3, b, h, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8, HEAD_DIM, KEYS3_A,
-                           KEYS3_B, D_HI, D_LO, UPCAST)
-    for tile in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
+    kv0, kv1, kv2, kv3 = _resident_sets(
+        b, h, k0, v0, k1, v1, k2, v2, k3, v3, len0, len1, len2, len3,
+        sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+        sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+        HEAD_DIM, NUM_COND, KEYS0_A, KEYS0_B, KEYS1_A, KEYS1_B, KEYS2_A, KEYS2_B, KEYS3_A, KEYS3_B, D_HI, D_LO, UPCAST)
+    for tile in range(first, last):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_q
         q_hi, q_lo = _load_q(q_base, offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
@@ -1200,30 +1228,19 @@ def _dual_bwd_dq_resident_kernel(
     walked (their Q and dO loads pipelined), and each set's P and dP formed once per tile (Δ from them,
     no second walk over the keys). Same arguments and outputs as _dual_bwd_dq_kernel with Δ computed
     (DELTA_GIVEN off), one softmax per set."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(n_q, BLOCK_M)
-    splits = tl.cdiv(n_tiles, tiles_per_program)
-    pid_bh = pid // splits
-    first = (pid % splits) * tiles_per_program
-    b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)
+    pid_bh, b, h, first, last, _ = _resident_program(n_q, heads, tiles_per_program, BLOCK_M)
     q_base = _head_base(q_ptr, b, h, sq_b8, sq_h8)
     do_base = _head_base(do_ptr, b, h, sdo_b8, sdo_h8)
     mask_base = mask_ptr + b * sm_b + h * sm_h
     row0 = pid_bh.to(tl.int64) * n_q
     stride = tl.cast(cond_stride, tl.int64)
 
-    kv0 = _resident_kv(k0, v0, b, h, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, HEAD_DIM, KEYS0_A, KEYS0_B,
-                       D_HI, D_LO, UPCAST)
-    if NUM_COND >= 2:
-        kv1 = _resident_kv(k1, v1, b, h, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8, HEAD_DIM, KEYS1_A,
-                           KEYS1_B, D_HI, D_LO, UPCAST)
-    if NUM_COND >= 3:
-        kv2 = _resident_kv(k2, v2, b, h, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, HEAD_DIM, KEYS2_A,
-                           KEYS2_B, D_HI, D_LO, UPCAST)
-    if NUM_COND >= 4:
-        kv3 = _resident_kv(k3, v3, b, h, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8, HEAD_DIM, KEYS3_A,
-                           KEYS3_B, D_HI, D_LO, UPCAST)
-    for tile in range(first, tl.minimum(first + tiles_per_program, n_tiles)):
+    kv0, kv1, kv2, kv3 = _resident_sets(
+        b, h, k0, v0, k1, v1, k2, v2, k3, v3, len0, len1, len2, len3,
+        sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
+        sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
+        HEAD_DIM, NUM_COND, KEYS0_A, KEYS0_B, KEYS1_A, KEYS1_B, KEYS2_A, KEYS2_B, KEYS3_A, KEYS3_B, D_HI, D_LO, UPCAST)
+    for tile in range(first, last):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_q
         q_hi, q_lo = _load_q(q_base, offs_m, row_ok, sq_n8, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
