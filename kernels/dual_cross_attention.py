@@ -820,6 +820,19 @@ def _resident_key_blocks(kv_len: int) -> tuple[int, int]:
 RESIDENT_TILE = dict(BLOCK_M=64, num_warps=4, num_stages=3)
 
 
+def _resident_plan(n_q: int, heads_total: int, lens, sm_count: int) -> tuple[tuple, int, dict]:
+    """(grid, tiles_per_program, launch keywords) of a resident-keys launch (forward or dq): 64-query
+    tiles (fewer rows for short sequences), up to `_tiles_per_program` of them a program, each set's
+    key blocks, and RESIDENT_TILE's warps and stages."""
+    block_m = max(16, min(RESIDENT_TILE["BLOCK_M"], triton.next_power_of_2(n_q)))
+    n_tiles = triton.cdiv(n_q, block_m)
+    per_program = _tiles_per_program(n_tiles, heads_total, sm_count)
+    kw = dict(RESIDENT_TILE, BLOCK_M=block_m)
+    for j, n in enumerate(lens):
+        kw[f"KEYS{j}_A"], kw[f"KEYS{j}_B"] = _resident_key_blocks(n)
+    return (triton.cdiv(n_tiles, per_program) * heads_total,), per_program, kw
+
+
 def _tiles_per_program(n_tiles: int, heads_total: int, sm_count: int) -> int:
     """Query tiles a resident program walks: up to 8 (each extra one reuses the keys already on chip and
     pipelines its loads behind the previous tile's work), but never so many that fewer than about
@@ -858,16 +871,8 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
                       MASK_BOOL=masked and mask.dtype == torch.bool, ACCUMULATE=first > 0, D_HI=d_hi, D_LO=d_lo,
                       PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype))
         if _resident_keys(d_hi + d_lo, q.dtype, lens[:len(chunk)]):
-            block_m = max(16, min(RESIDENT_TILE["BLOCK_M"], triton.next_power_of_2(n_q)))
-            n_tiles = triton.cdiv(n_q, block_m)
-            per_program = _tiles_per_program(n_tiles, batch * heads, sm_count)
-            grid = (triton.cdiv(n_tiles, per_program) * batch * heads,)
-            blocks = {}
-            for j, n in enumerate(lens):
-                blocks[f"KEYS{j}_A"], blocks[f"KEYS{j}_B"] = _resident_key_blocks(n)
-            _dual_cross_attention_fwd_resident_kernel[grid](
-                *args, per_program, *rest, BLOCK_M=block_m, **blocks, **consts,
-                num_warps=RESIDENT_TILE["num_warps"], num_stages=RESIDENT_TILE["num_stages"])
+            grid, per_program, plan = _resident_plan(n_q, batch * heads, lens, sm_count)
+            _dual_cross_attention_fwd_resident_kernel[grid](*args, per_program, *rest, **plan, **consts)
             continue
         block_m, num_warps = _tiles(n_q, d_hi + d_lo, q.dtype)
         grid = (triton.cdiv(n_q, block_m) * batch * heads,)
@@ -1509,10 +1514,6 @@ def _dq_sets_per_launch(d_len: int) -> int:
     return MAX_CONDITIONS if _d_pad(d_len) <= 64 else 1
 
 
-# Resident dq launches: 64-query tiles, 4 warps, 3 stages (see the register notes at RESIDENT_TILE).
-_RESIDENT_DQ_OPTIONS = dict(num_warps=4, num_stages=3)
-
-
 def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_args, flags, softmax_scale,
                block_m, delta_given, common, sm_count=132):
     """dq (written; any float dtype) = Σ of the dQ of the key/value sets (k, v, λ, key tile): one launch
@@ -1543,14 +1544,8 @@ def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_ar
         consts = dict(NUM_COND=used, HAS_MASK=masked, MASK_BOOL=masked and flags["MASK_BOOL"], ACCUMULATE=c > 0,
                       D_HI=d_hi, D_LO=d_lo, **common)
         if resident:
-            rows = max(16, min(RESIDENT_TILE["BLOCK_M"], triton.next_power_of_2(n_q)))
-            n_tiles = triton.cdiv(n_q, rows)
-            per_program = _tiles_per_program(n_tiles, batch * heads, sm_count)
-            keys = {}
-            for j, n in enumerate(lens):
-                keys[f"KEYS{j}_A"], keys[f"KEYS{j}_B"] = _resident_key_blocks(n)
-            _dual_bwd_dq_resident_kernel[(triton.cdiv(n_tiles, per_program) * batch * heads,)](
-                *head, per_program, *tail, BLOCK_M=rows, **keys, **dict(consts, **_RESIDENT_DQ_OPTIONS))
+            grid, per_program, plan = _resident_plan(n_q, batch * heads, lens, sm_count)
+            _dual_bwd_dq_resident_kernel[grid](*head, per_program, *tail, **dict(consts, **plan))
             continue
         _dual_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * batch * heads,)](
             *head, *tail, DELTA_GIVEN=delta_given, BLOCK_M=block_m,
