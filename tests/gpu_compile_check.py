@@ -2,7 +2,7 @@
 
 Run as a script (tests/test_gpu_compile.py does, in a subprocess):
 
-    python tests/gpu_compile_check.py [--all] [--ops a,b] [--stats] [--json PATH]
+    python tests/gpu_compile_check.py [--all] [--ops a,b] [--stats] [--json PATH] [--shard I/N]
 
 1. Capture. Triton must NOT be in interpreter mode here (TRITON_INTERPRET unset), so the kernels are
    real JITFunctions. `JITFunction.run` is replaced by a recorder that binds the launch's arguments
@@ -222,6 +222,7 @@ def capture(ops):
     import lightmotion_fast as lm
     install_gpu_view()
     errors = []
+    torch.manual_seed(0)  # launches do not depend on values, but --shard wants the same capture in every shard
     with lm.backend("triton"):
         for op in ops:
             for dtype in DTYPES:
@@ -335,20 +336,28 @@ def main(argv=None):
     parser.add_argument("--stats", action="store_true", help="ptxas -v registers / spills per kernel")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--list", action="store_true", help="capture and select only; compile nothing")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="compile only every N-th selected launch from the I-th (run N of these side by side "
+                             "on N cores; the capture and selection are deterministic, so the shards partition it)")
     args = parser.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"unknown ops {unknown}; known: {sorted(OPS)}")
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    if not 0 <= shard < n_shards:
+        parser.error(f"--shard I/N needs 0 <= I < N, got {args.shard}")
 
     t0 = time.time()
     bad = selftest()
     print(f"self-test: a tl.dot with 8-wide tiles {'is rejected (good)' if not bad['ok'] else 'COMPILED (bad)'}: "
           f"{bad.get('error', '').strip().splitlines()[-1] if not bad['ok'] else ''}", flush=True)
     records, capture_errors = capture(ops)
-    chosen = select(records, args.all)
+    selected = select(records, args.all)
+    chosen = selected[shard::n_shards]
     print(f"captured {len(records)} launches ({len({_key(r) for r in records})} distinct) in "
-          f"{time.time() - t0:.1f}s; compiling {len(chosen)} for sm_90", flush=True)
+          f"{time.time() - t0:.1f}s; compiling {len(chosen)} for sm_90"
+          + (f" (shard {shard} of {n_shards})" if n_shards > 1 else ""), flush=True)
     if args.list:
         for rec in chosen:
             print(f"     {_name(rec):34s} {rec['dtype']:8s} tiles={_tile_volume(rec)} flags={_flags(rec)}")
@@ -367,6 +376,7 @@ def main(argv=None):
         print(f"CAPTURE ERROR {err['op']} {err['dtype']} call {err['call']}:\n{err['error']}", flush=True)
     kernels = sorted({_name(r) for r in records})
     report = dict(target=repr(TARGET), triton=triton.__version__, torch=torch.__version__, selftest=bad,
+                  shard=[shard, n_shards], selection=[static.launch_id(r) for r in selected],
                   kernels=kernels, capture_errors=capture_errors, results=results,
                   ops_launching={op: sorted({_name(r) for r in records if r["op"] == op}) for op in ops})
     if args.json:

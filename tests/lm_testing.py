@@ -86,15 +86,18 @@ class TensorOutputs:
         return [s for s in self.seen if s[1] == tuple(shape) and (dtype is None or s[2] == dtype)]
 
 
-def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
-    """Run tests/gpu_compile_check.py (default subset, with ptxas -v statistics) in a subprocess with Triton
-    out of interpreter mode and a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier
-    run's cache); `pythonpath` goes first on PYTHONPATH (another Triton). Returns its JSON report plus
-    "returncode" and "log"."""
+def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800, jobs: int | None = None) -> dict:
+    """Run tests/gpu_compile_check.py (default subset, with ptxas -v statistics) with Triton out of
+    interpreter mode and a fresh TRITON_CACHE_DIR under `tmp` (compile for real, not from an earlier
+    run's cache); `pythonpath` goes first on PYTHONPATH (another Triton). The launches are split over
+    `jobs` subprocesses run side by side (`--shard`; default: one per core, at most 2, or
+    LIGHTMOTION_COMPILE_JOBS), whose reports are merged. Returns the JSON report plus "returncode"
+    and "log"."""
     import json
     import os
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     import pytest
@@ -105,14 +108,30 @@ def run_compile_check(tmp, pythonpath: str = "", timeout: float = 1800) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath] + [p for p in [env.get("PYTHONPATH", "")] if p])
     env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = Path(tmp) / "report.json"
-    proc = subprocess.run([sys.executable, str(script), "--stats", "--json", str(out)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if not out.exists():
-        pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    data = json.loads(out.read_text())
-    data["returncode"], data["log"] = proc.returncode, proc.stdout[-20000:]
+    if jobs is None:
+        jobs = int(os.environ.get("LIGHTMOTION_COMPILE_JOBS", min(2, os.cpu_count() or 1)))
+    outs = [Path(tmp) / f"report-{i}.json" for i in range(jobs)]
+    procs = [subprocess.Popen([sys.executable, str(script), "--stats", "--json", str(out), "--shard", f"{i}/{jobs}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, out in enumerate(outs)]
+    logs, deadline = [], time.monotonic() + timeout
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    finally:
+        for proc in procs:
+            proc.kill()
+    reports = []
+    for proc, out, (stdout, stderr) in zip(procs, outs, logs):
+        if not out.exists():
+            pytest.fail(f"gpu_compile_check.py wrote no report (exit {proc.returncode}):\n"
+                        f"{stdout[-6000:]}\n{stderr[-6000:]}")
+        reports.append(json.loads(out.read_text()))
+    data = reports[0]
+    assert all(r["selection"] == data["selection"] for r in reports), "the shards captured different launches"
+    data["results"] = [res for r in reports for res in r["results"]]
+    data["returncode"] = max(proc.returncode for proc in procs)
+    data["log"] = "\n".join(stdout[-20000 // jobs:] for stdout, _ in logs)
     return data
 
 
