@@ -348,9 +348,22 @@ class _CudaDevice:
         return "cuda:0 (static capture)"
 
 
+class _CaseParams(dict):
+    """A case's parameters; a missing one names the case and what its setup does close over."""
+
+    def __init__(self, case):
+        super().__init__(inspect.getclosurevars(case.setup).nonlocals)
+        self.label = f"{case.op} | {case.shape}"
+
+    def __missing__(self, key):
+        raise KeyError(f"the static capture reads {key!r} from the setup closure of case '{self.label}', whose "
+                       f"setup closes over {sorted(self)}: the scenario's setup must use it (or the capture must "
+                       f"read another name)")
+
+
 def _params(case):
-    """The shape parameters a case's setup closes over (its `_case(...)` arguments)."""
-    return inspect.getclosurevars(case.setup).nonlocals
+    """The shape parameters a case's setup closes over (its `_case(...)` arguments, those it uses)."""
+    return _CaseParams(case)
 
 
 def _scenario(case):
@@ -406,15 +419,15 @@ def calls_plucker(case):
 def calls_multi_lora(case):
     import lightmotion_fast as lm
     p = _params(case)
-    m, d, ranks, dtype, train = p["m"], p["d"], p["ranks"], p["dtype"], case.mode == "fwd+bwd"
+    rows, d, ranks, dtype, train = p["rows"], p["d"], p["ranks"], p["dtype"], case.mode == "fwd+bwd"
     g = torch.Generator().manual_seed(0)
     # LoRA factors hold real values: the `weight` normalisation reads them on the host.
     lora_a = [(torch.randn(r, d, generator=g) * d ** -0.5).to(dtype).requires_grad_(train) for r in ranks]
     lora_b = [(torch.randn(d, r, generator=g) * r ** -0.5).to(dtype).requires_grad_(train) for r in ranks]
-    x, w, b = _empty(m, d, dtype=dtype, grad=train), _empty(d, d, dtype=dtype), _empty(d, dtype=dtype)
+    x, w, b = _empty(*rows, d, dtype=dtype, grad=train), _empty(d, d, dtype=dtype), _empty(d, dtype=dtype)
     scales = [1.0, 0.5, 0.8][:len(ranks)]
-    yield "", lambda: _maybe_backward(lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=p["norm"]),
-                                      case.mode)
+    yield "", lambda: _maybe_backward(lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=p["norm"],
+                                                           separate=p["separate"]), case.mode)
 
 
 def calls_trajectory_attention(case):
