@@ -29,6 +29,17 @@ instead, FlashAttention-2 style (_bwd_query_chunks).
 Each token's gradient goes back to the dense position it was gathered from: atomically, or through
 token buffers and the same CSR reduction (the tokens that read (f, p) are exactly those landing on it).
 
+Why one head at a time, not all heads of a token as one [F, heads, d] row with batched per-head
+products (the sm_90 review's proposal): each head's 64-element fp16 row is 128 bytes at a 128-byte
+offset in the token's row, so the per-head gathers already fetch whole lines, the same lines a
+full-row gather would; the head loop is software-pipelined (the next head's rows arrive by cp.async
+while this head computes); and a full-row tile pads 5 heads to 8. A compile experiment of the
+full-row forward at SVD-xt L0 (25 frames, 5 x 64, fp16, sm_90, 2026-12-07): 8 warps 136 registers
+(Triton 3.9, 1 block/SM) or 128 (3.6, 2 blocks/SM), 4 warps 227-240 (2 blocks/SM), synchronous
+128-bit loads only (no cp.async: the whole tile must arrive before the first product) and 64
+mma.sync per trajectory, against this kernel's 72 registers, 3 blocks/SM under 3.9, 9 cp.async and
+12 mma.sync per head. It has no occupancy or traffic to gain, so it is not built.
+
 Safety and limits: every index read from the tables (idx, rowptr, col) is clamped into its tensor and
 the reduction reads only token rows the first launch wrote, so no table content reads or writes out of
 bounds (ops/trajectory_attention.py checks the tables once, when a TrajectoryIndex is built). Grids are
