@@ -13,7 +13,8 @@ shrink_norm   `output` and `output_per_token`. Program m owns BLOCK_M tokens and
               lora_alpha/r): nᵢ² = ‖zᵢ Fᵢᵀ‖², one small dot per chunk, no pass over d_out.
               `output_per_token`: its epilogue, once all k norms of its rows are known, writes
               zsᵢ = cᵢ(t) zᵢ with cᵢ(t) = α_t/(nᵢ(t)+ε), α_t = meanᵢ nᵢ(t) (reading back its own z
-              rows, which are still in L2). `output` (per sample): it writes the squared norms only.
+              rows, which are still in L2). `output` (per sample): it writes the squared norms only,
+              and a program takes one LoRA (grid: k × the row tiles), not all k.
 sample_norm   `output` only: one program per sample sums its tokens' nᵢ(t)² ([M, k] float32, k floats a
               token) into nᵢ(b), and writes cᵢ(b) = α_b/(nᵢ(b)+ε), α_b = meanᵢ nᵢ(b) ([b, k]).
 expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K = d_in + R, a K loop over
@@ -23,7 +24,8 @@ expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K 
               same launch ([k, M, d_out]). With SAMPLE_COEF (`output`), zs is the unscaled z and each
               LoRA's z chunks are scaled on load by the row's cᵢ(b) (the LoRA loop then runs per LoRA,
               as with SEPARATE); the other normalisations compile exactly as without it.
-expand_tma    the 16-bit single-output expand on sm_90+ (`none`, `weight`, and the backward's dx, which
+expand_tma    the 16-bit expand on sm_90+ (every normalisation, SEPARATE and SAMPLE_COEF as above, and
+              the backward's dx, which
               reads W's own storage as its [K, N] operand: W_KN): the same two loops with every operand
               tile brought in by TMA descriptors instead of cp.async (`_tma_expand` says where the
               operands allow it).
@@ -84,10 +86,11 @@ def _multi_lora_shrink_kernel(
     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # The rank tile is the fastest grid axis: the programs reading the same x rows run side by side,
-    # so x comes from HBM once.
-    pid_r = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # One folded grid axis (axis 1 stops at 65,535 programs), the rank tile fastest: the programs
+    # reading the same x rows run side by side, so x comes from HBM once.
+    n_r = tl.cdiv(R, BLOCK_R)
+    pid_r = tl.program_id(0) % n_r
+    pid_m = tl.program_id(0) // n_r
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m.to(tl.int64)
@@ -108,21 +111,29 @@ def _multi_lora_shrink_norm_kernel(
     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NORM_CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # PER_TOKEN: norms_ptr gets nᵢ(t) and zs_ptr the scaled zs (`output_per_token`). Otherwise
-    # (`output`, per sample) pass 1 alone: norms_ptr gets the squared norms nᵢ(t)², which
-    # _multi_lora_sample_norm_kernel sums over each sample's tokens; zs_ptr is not touched.
-    pid_m = tl.program_id(0)
+    # PER_TOKEN: norms_ptr gets nᵢ(t) and zs_ptr the scaled zs (`output_per_token`); a program takes
+    # every LoRA of its rows (the scale needs all k norms). Otherwise (`output`, per sample) pass 1
+    # alone, one LoRA a program (3x the programs at k = 3: 1,668 instead of 556 one-block-per-SM
+    # programs at CogVideoX-5B, 12.6 waves on 132 SMs instead of 4.2), the LoRAs fastest on the grid
+    # so the programs reading the same x rows run side by side: norms_ptr gets the squared norms
+    # nᵢ(t)², which _multi_lora_sample_norm_kernel sums over each sample's tokens; zs_ptr is not touched.
+    if PER_TOKEN:
+        pid_m, first = tl.program_id(0), 0
+        last = n_lora
+    else:
+        pid_m, first = tl.program_id(0) // n_lora, tl.program_id(0) % n_lora
+        last = first + 1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m.to(tl.int64)
     dtype = x_ptr.dtype.element_ty
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, NORM_CHUNK)
-    f_base = factor_t_ptr
+    f_base = factor_t_ptr + first * BLOCK_R * BLOCK_R
 
     # Pass 1, per LoRA: zᵢ (unscaled, kept for the backward) and nᵢ(t)² = ‖zᵢ Fᵢᵀ‖². Fᵢᵀ is
     # zero-padded to BLOCK_R × BLOCK_R, and so are the columns of acc past rᵢ, so padding adds nothing.
-    for i in range(n_lora):
+    for i in range(first, last):
         r_start = tl.multiple_of(tl.load(offsets_ptr + i), RANK_TILE)
         n_rows = tl.multiple_of(tl.load(offsets_ptr + i + 1) - r_start, RANK_TILE)
         acc = _shrink_tile(x_ptr, a_ptr, rows, mask_m, r_start, n_rows, K, sxm, sxk, sar, sak,
@@ -298,17 +309,35 @@ def _multi_lora_expand_kernel(
 
 
 @triton.jit
+def _lora_tail_tma(acc, z_desc, b_desc, off_m, off_n, r_start, r_end, coef,
+                   BLOCK_R: tl.constexpr, SCALE_Z: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + zs[rows, r_start:r_end] @ B_cat[cols, r_start:r_end]ᵀ in BLOCK_R-wide boxes; SCALE_Z: each
+    z tile scaled by coef (this LoRA's cᵢ(b) per row) between shared memory and the product."""
+    for r0 in range(r_start, r_end, BLOCK_R):
+        zt = z_desc.load([off_m, r0])
+        if SCALE_Z:
+            zt = (zt.to(tl.float32) * coef[:, None]).to(zt.dtype)
+        acc = _dot(zt, tl.trans(b_desc.load([off_n, r0])), acc, "tf32", UPCAST)
+    return acc
+
+
+@triton.jit
 def _multi_lora_expand_tma_kernel(
-    x_desc, w_desc, z_desc, b_desc, bias_ptr, y_ptr,
-    M, N, K, R, M_BUCKET, sym,
-    HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    x_desc, w_desc, z_desc, b_desc, bias_ptr, offsets_ptr, coef_ptr, y_ptr,
+    M, N, K, R, M_BUCKET, n_lora, T, syl, sym,
+    HAS_BIAS: tl.constexpr, W_KN: tl.constexpr, SEPARATE: tl.constexpr, SAMPLE_COEF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The expand (y = x Wᵀ + b + zs B_catᵀ, one accumulator) with every operand tile brought in by
     the copy engine (Hopper's TMA: bulk asynchronous copies into shared memory, zero-filled past M, N,
     K and R): no address arithmetic, masks or register staging in the two loops, which Triton
-    software-pipelines as it does the cp.async kernel's. 16-bit, one output (no SEPARATE, no
-    SAMPLE_COEF); the rank loop takes BLOCK_K ranks a step (padding past R arrives as zeros).
+    software-pipelines as it does the cp.async kernel's. 16-bit. The rank loop takes BLOCK_K ranks a
+    step (padding past R arrives as zeros), except with SEPARATE or SAMPLE_COEF (as in the cp.async
+    kernel), where it runs per LoRA in BLOCK_R steps (the z and B_cat boxes are BLOCK_R wide, so no
+    step straddles two LoRAs): SEPARATE writes yᵢ = base + zsᵢ Bᵢᵀ for each LoRA from the kept base
+    tile ([k, M, N], syl apart); SAMPLE_COEF (`output` per sample): zs is the unscaled z and each z
+    tile is scaled by its rows' cᵢ(b) between shared memory and the product.
     W_KN: w_desc walks a [K, N] row-major matrix (Wᵀ's storage: the backward's dx = g W + dz A_cat
     reads W [d_out, d_in] as its [K, N] operand) in [BLOCK_K, BLOCK_N] boxes; else [N, K] in
     [BLOCK_N, BLOCK_K] boxes, transposed in shared memory for the product."""
@@ -325,10 +354,27 @@ def _multi_lora_expand_tma_kernel(
         else:
             wt = tl.trans(w_desc.load([off_n, k0]))
         acc = _dot(x_desc.load([off_m, k0]), wt, acc, "tf32", UPCAST)
-    for r0 in range(0, R, BLOCK_K):
-        acc = _dot(z_desc.load([off_m, r0]), tl.trans(b_desc.load([off_n, r0])), acc, "tf32", UPCAST)
     out_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sym + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+    out_mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if SEPARATE or SAMPLE_COEF:
+        coef_rows = coef_ptr + (offs_m // T) * n_lora  # read only with SAMPLE_COEF; int32: no 64-bit division
+        for i in range(n_lora):
+            coef = tl.load(coef_rows + i, mask=offs_m < M, other=0.0) if SAMPLE_COEF else 0.0
+            r_start, r_end = tl.load(offsets_ptr + i), tl.load(offsets_ptr + i + 1)
+            if SEPARATE:
+                out = _lora_tail_tma(acc, z_desc, b_desc, off_m, off_n, r_start, r_end, coef, BLOCK_R, SAMPLE_COEF,
+                                     UPCAST)
+                tl.store(out_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+                out_ptrs += syl  # advanced, not i·syl: that overflows int32 past 2³¹ elements
+            else:
+                acc = _lora_tail_tma(acc, z_desc, b_desc, off_m, off_n, r_start, r_end, coef, BLOCK_R, SAMPLE_COEF,
+                                     UPCAST)
+        if not SEPARATE:
+            tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        for r0 in range(0, R, BLOCK_K):
+            acc = _dot(z_desc.load([off_m, r0]), tl.trans(b_desc.load([off_n, r0])), acc, "tf32", UPCAST)
+        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,20 +428,28 @@ _EXPAND_TUNERS = {family: triton.autotune(configs=configs, key=EXPAND_TUNING_KEY
 
 
 def _tma_blocks(nargs) -> None:
-    """Config pre-hook of the TMA expand: the descriptors' boxes follow the config's tiles."""
-    for name, rows in (("x_desc", "BLOCK_M"), ("z_desc", "BLOCK_M"), ("w_desc", "BLOCK_N"), ("b_desc", "BLOCK_N")):
-        nargs[name].block_shape = [nargs[rows], nargs["BLOCK_K"]]
+    """Config pre-hook of the TMA expand: the descriptors' boxes follow the config's tiles (the rank
+    boxes of zs and B_cat are BLOCK_R wide with SEPARATE or SAMPLE_COEF, else BLOCK_K)."""
+    rank = nargs["BLOCK_R"] if nargs["SEPARATE"] or nargs["SAMPLE_COEF"] else nargs["BLOCK_K"]
+    for name, rows, cols in (("x_desc", "BLOCK_M", nargs["BLOCK_K"]), ("w_desc", "BLOCK_N", nargs["BLOCK_K"]),
+                             ("z_desc", "BLOCK_M", rank), ("b_desc", "BLOCK_N", rank)):
+        nargs[name].block_shape = [nargs[rows], cols]
     if nargs["W_KN"]:
         nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
-# The TMA expand takes the 16-bit single-output candidates (the same tiles and stages: the copy engine
-# moves what cp.async moved, without the address math).
-_TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_blocks)
-                for c in _EXPAND_CONFIGS[("16bit", False)]]
+# The TMA expand takes the 16-bit candidates of the cp.async kernel (the same tiles and stages: the copy
+# engine moves what cp.async moved, without the address math), with the per-sample coefficient too: the
+# tiles left out of the cp.async "sample" families because scaling z in registers spilled there do not
+# spill with TMA (sm_90, Triton 3.6 / 3.9, CogVideoX-5B with SAMPLE_COEF: 128×256 190 / 197 registers,
+# 128×128 at 4 warps 223 / 236; with SEPARATE too, 64×128 at 4 warps 206 / 212, 64×256 206 / 213).
+_TMA_CONFIGS = {separate: [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                                         pre_hook=_tma_blocks) for c in _EXPAND_CONFIGS[("16bit", separate)]]
+                for separate in (False, True)}
 _INTERPRETER_TMA = triton.Config(dict(_INTERPRETER_EXPAND.kwargs), num_warps=4, num_stages=1, pre_hook=_tma_blocks)
-TMA_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "HAS_BIAS", "W_KN"]
-_TMA_TUNER = triton.autotune(configs=_TMA_CONFIGS, key=TMA_TUNING_KEY)(_multi_lora_expand_tma_kernel)
+TMA_TUNING_KEY = ["M_BUCKET", "N", "K", "R", "n_lora", "HAS_BIAS", "W_KN", "SEPARATE", "SAMPLE_COEF"]
+_TMA_TUNERS = {separate: triton.autotune(configs=configs, key=TMA_TUNING_KEY)(_multi_lora_expand_tma_kernel)
+               for separate, configs in _TMA_CONFIGS.items()}
 _TUNED: set = set()  # (family, key values) the autotuner has benchmarked, outside any graph capture
 
 
@@ -463,7 +517,7 @@ def multi_lora_shrink_launch(x: torch.Tensor, a_cat: torch.Tensor, z: torch.Tens
     block_r = min(block_r, 32) if _INTERPRET else block_r
     block_r = max(block_r, rank_tile)
     block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(M, block_m))
+    grid = (triton.cdiv(R, block_r) * triton.cdiv(M, block_m),)
     _multi_lora_shrink_kernel[grid](
         x, a_cat, z, M, K, R,
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0),
@@ -484,7 +538,7 @@ def multi_lora_shrink_norm_launch(x: torch.Tensor, a_cat: torch.Tensor, offsets:
     n_lora = offsets.numel() - 1
     block_r = factor_t.shape[-1]
     block_m, block_k, warps, stages = _shrink_tiles(x.dtype, block_r, norms=True)
-    _multi_lora_shrink_norm_kernel[(triton.cdiv(M, block_m),)](
+    _multi_lora_shrink_norm_kernel[(triton.cdiv(M, block_m) * (1 if per_token else n_lora),)](
         x, a_cat, offsets, factor_t, z, zs, norms,
         M, K, n_lora, float(eps),
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), z.stride(0), norms.stride(0),
@@ -508,42 +562,48 @@ def multi_lora_sample_norm_launch(sq: torch.Tensor, norms: torch.Tensor, coef: t
 
 def _tma_expand(x: torch.Tensor, weight: torch.Tensor, zs: torch.Tensor, b_cat: torch.Tensor, y: torch.Tensor,
                 separate: bool, coef: torch.Tensor | None) -> bool:
-    """Whether an expand on a TMA-capable GPU takes the TMA kernel: 16-bit, one output, no per-sample
-    coefficient, and every operand a 2-D tensor a descriptor can address (unit inner stride, rows and
-    base on 16 bytes, not empty), the weight either way round (the backward's dx expand passes Wᵀ, a
-    transposed view of a row-major W)."""
+    """Whether an expand on a TMA-capable GPU takes the TMA kernel: 16-bit (every normalisation, SEPARATE
+    and the per-sample coefficient included), and every operand a 2-D tensor a descriptor can address
+    (unit inner stride, rows and base on 16 bytes, not empty; y per LoRA with SEPARATE), the weight either
+    way round (the backward's dx expand passes Wᵀ, a transposed view of a row-major W)."""
     def addressable(t):
         return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                 and t.data_ptr() % 16 == 0)
-    return (x.dtype in (torch.float16, torch.bfloat16) and not separate and coef is None
+    return (x.dtype in (torch.float16, torch.bfloat16)
             and (addressable(weight) or addressable(weight.T))
-            and all(addressable(t) for t in (x, zs, b_cat, y)))
+            and all(addressable(t) for t in (x, zs, b_cat, y[0] if separate else y)))
 
 
-def _expand_tma_launch(x, weight, bias, zs, b_cat, y) -> None:
+def _expand_tma_launch(x, weight, bias, zs, b_cat, offsets, coef, y, separate, rank_chunk) -> None:
     """The TMA expand: descriptors over x [M, K], the weight ([N, K], or its row-major [K, N] storage when
     it is a transposed view), zs [M, R], B_cat [N, R] (boxes set per config by `_tma_blocks`), autotuned
-    per key like the cp.async kernel."""
+    per key like the cp.async kernel. coef: None or the per-sample [b, k] cᵢ(b); with it or with
+    `separate` (y [k, M, N]) the LoRAs are walked one by one in rank steps of rank_chunk."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = x.shape
     N, R = weight.shape[0], zs.shape[1]
+    n_lora = offsets.numel() - 1
     w_kn = weight.stride(1) != 1
+    separate, sample = bool(separate), coef is not None
     descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, weight.T if w_kn else weight, zs, b_cat)]
-    args = (*descs, bias if bias is not None else y, y, M, N, K, R, m_bucket(M), y.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, W_KN=w_kn, UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
-    key = ("tma", m_bucket(M), N, K, R, bias is not None, w_kn)
+    args = (*descs, bias if bias is not None else y, offsets, coef if sample else y, y, M, N, K, R, m_bucket(M),
+            n_lora, M // coef.shape[0] if sample else 1, y.stride(0) if separate else 0, y.stride(-2))
+    flags = dict(HAS_BIAS=bias is not None, W_KN=w_kn, SEPARATE=separate, SAMPLE_COEF=sample,
+                 BLOCK_R=rank_chunk if separate or sample else None, UPCAST=_INTERPRET and x.dtype == torch.bfloat16)
+    key = ("tma", separate, sample, m_bucket(M), N, K, R, n_lora, bias is not None, w_kn)
     cfg = None
     if _INTERPRET:
         cfg = _INTERPRETER_TMA
     elif _capturing(x.device) and key not in _TUNED:
-        cfg = _TMA_CONFIGS[0]
+        cfg = _TMA_CONFIGS[separate][0]
     else:
         _TUNED.add(key)
     if cfg is None:
-        _TMA_TUNER[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _TMA_TUNERS[separate][lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+            *args, **flags)
         return
-    _tma_blocks(dict(zip(("x_desc", "w_desc", "z_desc", "b_desc"), descs), W_KN=w_kn, **cfg.kwargs))
+    _tma_blocks(dict(zip(("x_desc", "w_desc", "z_desc", "b_desc"), descs), **flags, **cfg.kwargs))
     grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
     _multi_lora_expand_tma_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages)
@@ -559,8 +619,13 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     b_cat: [d_out, R] contiguous, scales folded in; offsets: [k+1] int32 padded rank offsets;
     y: [M, d_out], or [k, M, d_out] with separate (written). tma: the device has the copy engine's
     tensor loads (sm_90+): where `_tma_expand` allows, the TMA kernel runs."""
+    # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
+    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, and 32-deep ones spilled
+    # 4-12 B in 64×128 tiles (2 stages under Triton 3.6, 3 under 3.9); 16-deep take 128-239 registers
+    # and no spill in every fp32 config under both (2026-12-07).
+    chunk = min(rank_tile, 16 if x.dtype == torch.float32 else 64)
     if tma and _tma_expand(x, weight, zs, b_cat, y, separate, coef):
-        _expand_tma_launch(x, weight, bias, zs, b_cat, y)
+        _expand_tma_launch(x, weight, bias, zs, b_cat, offsets, coef, y, separate, chunk)
         return
     M, K = x.shape
     N = weight.shape[0]
@@ -574,11 +639,6 @@ def multi_lora_expand_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), zs.stride(0), b_cat.stride(0),
         y.stride(0) if separate else 0, y2.stride(0), y2.stride(1),
     )
-    # The rank chunk of the LoRA loop (a divisor of the rank tile, so chunks stay aligned). fp32 FMA
-    # dots hold both operands in registers: 64-deep chunks spill there on sm_90, and 32-deep ones spilled
-    # 4-12 B in 64×128 tiles (2 stages under Triton 3.6, 3 under 3.9); 16-deep take 128-239 registers
-    # and no spill in every fp32 config under both (2026-12-07).
-    chunk = min(rank_tile, 16 if x.dtype == torch.float32 else 64)
     flags = dict(HAS_BIAS=bias is not None, SEPARATE=bool(separate), SAMPLE_COEF=coef is not None, BLOCK_R=chunk,
                  **_dot_flags(x.dtype))
     if _INTERPRET:

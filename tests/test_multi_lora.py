@@ -361,11 +361,9 @@ def test_unaligned_rows_take_their_own_expand_configs():
 requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: CUDA-graph capture and host-sync checks")
 
 
-@requires_cuda
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("separate", [False, True])
-def test_cuda_graph_capture_replay_and_no_host_sync(norm, separate):
-    x, w, b, a, bb, scales = make(300, 128, 96, [16, 64], torch.bfloat16, "cuda")
+def _check_capture_replay_and_no_host_sync(x, x_new, w, b, a, bb, scales, norm, separate):
+    """After a first call (cache built, tuned) a second runs with no host synchronisation; a call on an
+    x of a new M bucket (not tuned yet) is captured in a CUDA graph, and its replay on new values holds."""
     multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)  # builds the cache, tunes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
@@ -373,7 +371,6 @@ def test_cuda_graph_capture_replay_and_no_host_sync(norm, separate):
         multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    x_new = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)  # M bucket 1024: not tuned yet
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -385,7 +382,26 @@ def test_cuda_graph_capture_replay_and_no_host_sync(norm, separate):
     torch.cuda.synchronize()
     ref = multi_lora_linear_reference(f64(x_new), f64(w), f64(b), f64(a), f64(bb), scales, norm=norm,
                                       separate=separate)
-    assert_close_rel(y_static, ref, torch.bfloat16, f"graph replay norm={norm}")
+    assert_close_rel(y_static, ref, torch.bfloat16, f"graph replay norm={norm} x {tuple(x_new.shape)}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("separate", [False, True])
+def test_cuda_graph_capture_replay_and_no_host_sync(norm, separate):
+    x, w, b, a, bb, scales = make(300, 128, 96, [16, 64], torch.bfloat16, "cuda")
+    x_new = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)  # M bucket 1024: not tuned yet
+    _check_capture_replay_and_no_host_sync(x, x_new, w, b, a, bb, scales, norm, separate)
+
+
+@requires_cuda
+@pytest.mark.parametrize("separate", [False, True])
+def test_cuda_graph_capture_per_sample_output(separate):
+    """`output` per sample (x [b, T, d]: three launches, the coefficient applied in the TMA expand on
+    sm_90) captures and replays too."""
+    x, w, b, a, bb, scales = make_samples(3, 100, 128, 96, [16, 64], torch.bfloat16, "cuda")
+    x_new = torch.randn(7, 100, 128, device="cuda", dtype=torch.bfloat16)  # M bucket 1024: not tuned yet
+    _check_capture_replay_and_no_host_sync(x, x_new, w, b, a, bb, scales, "output", separate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,20 +685,40 @@ def test_tma_expand_matches_reference(shape, norm, dtype, device, poisoned, hopp
     assert_close_rel(y, want, dtype, f"TMA expand {norm}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm,separate", [("output", False), ("output", True), ("none", True), ("weight", True)])
+@pytest.mark.parametrize("shape", [(3, 11, 40, 24, [16, 8, 32]), (2, 9, 64, 48, [32, 16])],
+                         ids=lambda s: f"b{s[0]}-T{s[1]}-k{len(s[4])}")
+def test_tma_expand_per_lora_matches_reference(shape, norm, separate, dtype, device, poisoned, hopper_expand):
+    """The TMA expand's per-LoRA rank loop on sm_90: `output` per sample (the paper's reading, what a
+    patched CogVideoX runs) scales each LoRA's z tiles by their rows' cᵢ(b) (SAMPLE_COEF; samples of 11
+    and 9 tokens end inside a 16-row tile, so one tile holds rows of two samples), and SEPARATE (the
+    LiON-LoRA fusion processor's q/k/v) writes one output per LoRA from the kept base tile; both hold
+    against float64."""
+    b, n, d_in, d_out, ranks = shape
+    x, w, bias, a, bb, scales = make_samples(b, n, d_in, d_out, ranks, dtype, device)
+    gammas = GAMMAS[: len(ranks)]
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, bias, a, bb, scales, norm=norm, separate=separate, lora_scaling=gammas)
+    assert [(name, kw["SEPARATE"], kw["SAMPLE_COEF"]) for name, _, kw in hopper_expand] == [
+        ("_multi_lora_expand_tma_kernel", separate, norm == "output")]
+    want = multi_lora_linear_reference(f64(x), f64(w), f64(bias), f64(a), f64(bb), scales, norm=norm,
+                                       separate=separate, lora_scaling=gammas)
+    assert y.shape == want.shape
+    assert_close_rel(y, want, dtype, f"TMA expand, {norm}, separate={separate}")
+
+
 def test_tma_expand_only_where_descriptors_address_the_operands(device, poisoned, hopper_expand):
-    """fp32, SEPARATE, the per-sample `output` coefficient and an x whose rows are not 16-byte strided
-    keep the cp.async kernel; the backward's dx expand (g W + dz A_cat: the weight passed as Wᵀ, a
+    """fp32 and an x whose rows are not 16-byte strided keep the cp.async kernel; the backward's dx expand (g W + dz A_cat: the weight passed as Wᵀ, a
     transposed view) takes TMA with W's own storage walked as the [K, N] operand (W_KN); the
     gradients hold against float64."""
     x, w, b, a, bb, scales = make(12, 32, 24, [16], torch.float16, device, requires_grad=True)
     with lightmotion_fast.backend("triton"):
         multi_lora_linear(x.detach().float(), w.float(), b.float(), [t.detach().float() for t in a],
                           [t.detach().float() for t in bb], scales)
-        multi_lora_linear(x, w, b, a, bb, scales, separate=True)
-        multi_lora_linear(x.reshape(2, 6, 32), w, b, a, bb, scales, norm="output")
         wide = torch.randn(12, 36, device=device).to(torch.float16)[:, :32]   # rows 72 B apart
         multi_lora_linear(wide, w, b, a, bb, scales)
-        assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_kernel"] * 4
+        assert [name for name, _, _ in hopper_expand] == ["_multi_lora_expand_kernel"] * 2
         hopper_expand.clear()
         y = multi_lora_linear(x, w, b, a, bb, scales)
         grads = torch.autograd.grad(y, [x, *a, *bb], torch.ones_like(y))

@@ -71,6 +71,7 @@ _SNR_FP16 = r"snr_reinject \| AnimateDiff .*\| float16 \|"
 _SNR_FP32 = r"snr_reinject \| bandwidth .*\| float32 \|"
 _PLUCKER = r"plucker_embedding \| SVD 1x25x576x1024 \| float16"
 _LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd$"
+_LORA_SAMPLE = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=output per sample x2( separate)? \| bfloat16 \| fwd$"
 _LORA_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd\+bwd$"
 _DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
 _DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
@@ -108,6 +109,12 @@ INVARIANTS = [
     I("_multi_lora_expand_tma_kernel", _LORA, "wgmma"),
     I("_multi_lora_expand_tma_kernel", _LORA, "128-bit stores"),
     I("_multi_lora_expand_tma_kernel", _LORA, "no 2-byte loads"),   # bias row
+    # `output` per sample (the paper's reading): z tiles scaled by cᵢ(b) between shared memory and wgmma;
+    # with `separate` (the LiON-LoRA fusion processor's q/k/v) one output per LoRA from the kept base tile
+    I("_multi_lora_expand_tma_kernel", _LORA_SAMPLE, "no spills"),
+    I("_multi_lora_expand_tma_kernel", _LORA_SAMPLE, "TMA loads"),
+    I("_multi_lora_expand_tma_kernel", _LORA_SAMPLE, "wgmma"),
+    I("_multi_lora_expand_tma_kernel", _LORA_SAMPLE, "no 2-byte loads"),
     # the backward's dx = g W + dz A_cat: the same kernel walking W's storage as its [K, N] operand
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "no spills"),
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "TMA loads"),

@@ -49,8 +49,13 @@ def vllm_shrink_expand(x, w, b, a_cat, b_cat):
     return y.addmm_(z, b_cat.T) if not y.requires_grad else torch.addmm(y, z, b_cat.T)
 
 
-def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=False):
+def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=False, samples=None,
+          separate=False):
+    """samples: x as [samples, m / samples, d] (`output` is then per sample, the paper's reading and what a
+    patched model's [batch, tokens, d] activations get); else x is [m, d] (`output` per row). separate:
+    one output per LoRA (the LiON-LoRA fusion processor's q/k/v projections; forward only)."""
     k = len(ranks)
+    rows = (samples, m // samples) if samples else (m,)
 
     def setup():
         g = torch.Generator(device=device).manual_seed(0)
@@ -60,7 +65,7 @@ def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=
             return t.requires_grad_(grad)
 
         train = mode == "fwd+bwd"
-        x = rnd(m, d, grad=train)
+        x = rnd(*rows, d, grad=train)
         w, b = rnd(d, d, scale=d ** -0.5), rnd(d)
         lora_a = [rnd(r, d, scale=d ** -0.5, grad=train) for r in ranks]
         lora_b = [rnd(d, r, scale=r ** -0.5, grad=train) for r in ranks]
@@ -71,7 +76,7 @@ def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=
             b_cat = torch.cat([bb.detach() for bb in lora_b], dim=1)
         a_cat.requires_grad_(train)
         b_cat.requires_grad_(train)
-        grad = rnd(m, d) if train else None
+        grad = rnd(*rows, d) if train else None
 
         def fwd_bwd(fn):
             if not train:
@@ -83,24 +88,28 @@ def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=
             return run
 
         providers = {
-            "lightmotion": fwd_bwd(lambda: lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=norm)),
-            "reference": fwd_bwd(lambda: multi_lora_linear_reference(x, w, b, lora_a, lora_b, scales, norm=norm)),
+            "lightmotion": fwd_bwd(lambda: lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=norm,
+                                                                separate=separate)),
+            "reference": fwd_bwd(lambda: multi_lora_linear_reference(x, w, b, lora_a, lora_b, scales, norm=norm,
+                                                                     separate=separate)),
         }
         if norm == "none":
             providers["peft_loop"] = fwd_bwd(lambda: peft_loop(x, w, b, lora_a, lora_b, scales))
             providers["vllm_shrink_expand"] = fwd_bwd(lambda: vllm_shrink_expand(x, w, b, a_cat, b_cat))
             if not train:
                 providers["fuse_lora_merged"] = lambda: F.linear(x, merged, b)
-            if k == 3 and _common.has_tma(x.device):
-                # the forward's expand on cp.async (what the backward's dx expand runs) instead of TMA
-                providers["lightmotion/no_tma"] = ablated(providers["lightmotion"], "_tma_expand", False, "multi_lora")
+        if k == 3 and (norm == "none" or samples or separate) and _common.has_tma(x.device):
+            # the expands (forward, and the backward's dx) on cp.async instead of TMA
+            providers["lightmotion/no_tma"] = ablated(providers["lightmotion"], "_tma_expand", False, "multi_lora")
         return providers
 
     elem = torch.empty((), dtype=dtype).element_size()
     rank = sum(ranks)
-    nbytes = elem * (2 * m * d + d * d + 2 * rank * d + m * rank)
+    outputs = k if separate else 1
+    nbytes = elem * ((1 + outputs) * m * d + d * d + 2 * rank * d + m * rank)
     note = NOTE_MERGED + "; " + NOTE_VLLM if norm == "none" else "peers have no normalised multi-LoRA"
-    return Case(op="multi_lora_linear", shape=f"{label} M={m} d={d} k={k} r={ranks[0]} norm={norm}",
+    per_sample = (f" per sample x{samples}" if samples else "") + (" separate" if separate else "")
+    return Case(op="multi_lora_linear", shape=f"{label} M={m} d={d} k={k} r={ranks[0]} norm={norm}{per_sample}",
                 setup=setup, mode=mode, dtype=str(dtype).replace("torch.", ""), bytes=nbytes,
                 flops=flops(m, d, d, ranks, mode), quick=quick, cpu=cpu, note=note)
 
@@ -113,7 +122,13 @@ def cases(device, quick):
         for norm in ("weight", "output"):
             yield _case("CogVideoX-5B", M_COGVIDEOX, 3072, [256] * 3, device, dtype, mode, norm=norm,
                         quick=(norm == "output" and mode == "fwd"))
+        # `output` per sample: two samples (CFG) of 17,776 tokens, the shape a patched CogVideoX gives the layer
+        yield _case("CogVideoX-5B", M_COGVIDEOX, 3072, [256] * 3, device, dtype, mode, norm="output",
+                    quick=(mode == "fwd"), samples=2)
         yield _case("CogVideoX-2B", M_COGVIDEOX, 1920, [256] * 3, device, dtype, mode, quick=False)
+    # the LiON-LoRA fusion processor's q/k/v: one output per LoRA, per-sample `output` (forward only)
+    yield _case("CogVideoX-5B", M_COGVIDEOX, 3072, [256] * 3, device, dtype, "fwd", norm="output", quick=False,
+                samples=2, separate=True)
     # Small enough for a CPU (our op takes its torch path there).
     cpu_dtype = torch.float32
     for mode in ("fwd", "fwd+bwd"):
