@@ -72,6 +72,7 @@ _SNR_FP32 = r"snr_reinject \| bandwidth .*\| float32 \|"
 _PLUCKER = r"plucker_embedding \| SVD 1x25x576x1024 \| float16"
 _LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd$"
 _LORA_SAMPLE = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=output per sample x2( separate)? \| bfloat16 \| fwd$"
+_LORA_SAMPLE_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=output per sample x2 \| bfloat16 \| fwd\+bwd$"
 _LORA_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd\+bwd$"
 _DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
 _DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
@@ -120,6 +121,13 @@ INVARIANTS = [
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "TMA loads"),
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "wgmma"),
     I("_multi_lora_expand_tma_kernel", _LORA_BWD, "128-bit stores"),
+    # the `output` norms' backward passes over the [M, R] tensors: 16-byte accesses, no spills
+    I("_multi_lora_output_bwd_scale_kernel", _LORA_SAMPLE_BWD, "no spills"),
+    I("_multi_lora_output_bwd_scale_kernel", _LORA_SAMPLE_BWD, "128-bit loads"),
+    I("_multi_lora_output_bwd_scale_kernel", _LORA_SAMPLE_BWD, "128-bit stores"),
+    I("_multi_lora_output_bwd_dz_kernel", _LORA_SAMPLE_BWD, "no spills"),
+    I("_multi_lora_output_bwd_dz_kernel", _LORA_SAMPLE_BWD, "128-bit loads"),
+    I("_multi_lora_output_bwd_dz_kernel", _LORA_SAMPLE_BWD, "128-bit stores"),
     # (the cp.async expand no longer runs at these shapes on sm_90; the compile checks still compile
     # every launch of it, spill-free under Triton 3.6 and 3.9)
     # --- dual cross-attention forward: 77 + 4 keys at heads up to 128 wide keep the keys resident (d=40 at
@@ -180,7 +188,7 @@ def _case_regex():
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
+def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -192,7 +200,32 @@ def rows(tmp_path_factory):
                     f"{proc.stderr[-6000:]}")
     data = json.loads(out.read_text())
     assert data["capture_errors"] == [], "\n".join(e["case"] + "\n" + e["error"] for e in data["capture_errors"])
-    return [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in data["rows"]]
+    return data
+
+
+@pytest.fixture(scope="module")
+def rows(report):
+    return [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in report["rows"]]
+
+
+def test_pytorch_work_inside_the_ops_is_recorded(report):
+    """The capture's second call (the steady state) records PyTorch's own work inside the ops: the multi-LoRA
+    backward's three token-long GEMMs, never the library's own ops (their kernels are the launch rows), and
+    nothing of size for the trajectory core, whose index tables are built once in a TrajectoryIndex."""
+    work = report["torch_work"]
+    assert not [t for t in work if t["aten"] in ("multi_lora_linear", "trajectory_attention", "dual_cross_attention",
+                                                  "reference_attention")]
+    lora = [t for t in work if re.search(_LORA_BWD, t["case"])]
+    mms = sorted((t["shapes"], t["flops"]) for t in lora if t["aten"] == "mm")
+    m, d, r = 35552, 3072, 768
+    assert mms == sorted([(f"{m}x{d} @ {d}x{r}", 2 * m * d * r), (f"{d}x{m} @ {m}x{r}", 2 * m * d * r),
+                          (f"{r}x{m} @ {m}x{d}", 2 * m * d * r)]), mms
+    traj = [t for t in work if re.search(_TRAJ + " deterministic", t["case"])]
+    assert all(t["bytes"] < 1e6 for t in traj), traj
+    # the `output` norms' backward: its [M, R] elementwise work is in the two Triton passes, so no PyTorch op
+    # but a matrix product moves as much as one [M, R] bf16 tensor (55 MB)
+    sample = [t for t in work if re.search(_LORA_SAMPLE_BWD, t["case"])]
+    assert sample and not [t for t in sample if t["aten"] != "mm" and t["bytes"] >= m * r * 2], sample
 
 
 def test_every_hot_launch_compiled(rows):
@@ -275,6 +308,39 @@ def test_sass_counts_read_widths_and_units():
     assert (c["ldg_128"], c["ldg_16"], c["ldg_32"], c["stg_128"]) == (1, 1, 1, 1)
     assert (c["ldgsts"], c["ldgsts_128"], c["hgmma"], c["hmma"], c["atomics"]) == (1, 1, 1, 1, 1)
     assert c["backward_branches"] == 1 and c["instructions"] == 13
+
+
+def test_torch_entries_count_bytes_and_flops_and_skip_views():
+    import torch
+
+    from lightmotion_fast.bench import static
+    recorder = static.RECORDER
+    saved = recorder.torch_case, list(recorder.torch_ops)
+    recorder.torch_case, recorder.torch_ops[:] = "case", []
+    try:
+        a, b = torch.empty(64, 32, dtype=torch.bfloat16), torch.empty(32, 16, dtype=torch.bfloat16)
+        with static.SkipMatmuls():
+            c = a @ b                       # mm on meta tensors: 2·64·32·16 FLOPs, reads a and b, writes c
+            d = c.float()                   # _to_copy: reads 2 B, writes 4 B per element
+            d.view(-1).t()                  # views move nothing
+            d.zero_()                       # a fill writes only
+            torch.empty(1000)               # an allocation moves nothing
+            e = torch.empty(64, 16)
+            torch.mm(d, torch.empty(16, 16), out=e)   # an out= argument is written, not read
+        entries = list(recorder.torch_ops)
+    finally:
+        recorder.torch_case, recorder.torch_ops[:] = saved[0], saved[1]
+    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "mm"], entries
+    out_mm = entries.pop()
+    assert out_mm["shapes"] == "64x16 @ 16x16" and out_mm["bytes"] == 4 * (64 * 16 + 16 * 16 + 64 * 16)
+    by_op = {e["aten"]: e for e in entries}
+    assert (by_op["mm"]["flops"], by_op["mm"]["bytes"]) == (2 * 64 * 32 * 16, 2 * (64 * 32 + 32 * 16 + 64 * 16))
+    assert by_op["mm"]["shapes"] == "64x32 @ 32x16"
+    assert (by_op["_to_copy"]["flops"], by_op["_to_copy"]["bytes"]) == (0, 64 * 16 * (2 + 4))
+    assert by_op["zero_"]["bytes"] == 64 * 16 * 4
+    rows = static.torch_rows(entries + entries)
+    mm = next(r for r in rows if r["aten"] == "mm")
+    assert mm["calls"] == 2 and mm["flops"] == 4 * 64 * 32 * 16 and mm["bound"] == "memory"
 
 
 def test_partial_regeneration_keeps_the_other_cases():

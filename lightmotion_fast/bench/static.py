@@ -85,6 +85,13 @@ class Recorder:
         self.binders = {}
         self.records = []
         self.context = {}
+        self.torch_case = None      # the case label while an op's call is being captured
+        self.torch_ops = []
+
+    def record_torch(self, func, args, kwargs, out):
+        entry = torch_entry(func, args, kwargs, out)
+        if entry is not None:
+            self.torch_ops.append(dict(entry, case=self.torch_case, op=self.context.get("op", "")))
 
     def record(self, fn, args, kwargs, grid=None):
         kwargs = dict(kwargs)
@@ -374,9 +381,12 @@ def _empty(*shape, dtype, grad=False):
     return torch.empty(*shape, dtype=dtype).requires_grad_(grad)
 
 
-def _maybe_backward(out, mode):
+def _maybe_backward(out, mode, inputs):
+    """For a fwd+bwd case, the gradients of `inputs` (those that require them), returned rather than
+    accumulated into `.grad`: a second call does the same work as the first, as in a training step after
+    the optimiser's `zero_grad`."""
     if mode == "fwd+bwd":
-        out.backward(torch.empty_like(out))
+        torch.autograd.grad(out, [t for t in inputs if t.requires_grad], torch.empty_like(out))
 
 
 def _view_bcfhw(z, layout):
@@ -427,7 +437,7 @@ def calls_multi_lora(case):
     x, w, b = _empty(*rows, d, dtype=dtype, grad=train), _empty(d, d, dtype=dtype), _empty(d, dtype=dtype)
     scales = [1.0, 0.5, 0.8][:len(ranks)]
     yield "", lambda: _maybe_backward(lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=p["norm"],
-                                                           separate=p["separate"]), case.mode)
+                                                           separate=p["separate"]), case.mode, [x, *lora_a, *lora_b])
 
 
 def calls_trajectory_attention(case):
@@ -447,9 +457,9 @@ def calls_trajectory_attention(case):
     for variant in VARIANTS["trajectory_attention"]:
         def call(deterministic=(variant == "deterministic")):
             q, k, v = (_empty(*shape, dtype=p["dtype"], grad=train) for _ in range(3))
-            out = lm.trajectory_attention(q, k, v, level.idx, level.valid, level.rowptr, level.col,
-                                          deterministic=deterministic)
-            _maybe_backward(out, case.mode)
+            # as the benchmark's provider calls it: with the level's TrajectoryIndex, built once
+            out = lm.trajectory_attention(q, k, v, level.index, deterministic=deterministic)
+            _maybe_backward(out, case.mode, [q, k, v])
         yield variant, call
 
 
@@ -465,7 +475,7 @@ def calls_dual_cross_attention(case):
     view = [_heads_view(p["batch"], t, p["heads"], p["d"], p["dtype"], train)
             for t in (p["n"], p["n_text"], p["n_text"], p["n_img"], p["n_img"])]
     q, kt, vt, ki, vi = view
-    yield "", lambda: _maybe_backward(lm.dual_cross_attention(q, [kt, ki], [vt, vi], [1.0, 0.6]), case.mode)
+    yield "", lambda: _maybe_backward(lm.dual_cross_attention(q, [kt, ki], [vt, vi], [1.0, 0.6]), case.mode, view)
 
 
 def calls_reference_attention(case):
@@ -474,7 +484,7 @@ def calls_reference_attention(case):
     train = case.mode == "fwd+bwd"
     q, k, v, kr, vr = (_heads_view(p["batch"], t, p["heads"], p["d"], p["dtype"], train)
                        for t in (p["n"], p["n"], p["n"], p["n_ref"], p["n_ref"]))
-    yield "", lambda: _maybe_backward(lm.reference_attention(q, k, v, kr, vr), case.mode)
+    yield "", lambda: _maybe_backward(lm.reference_attention(q, k, v, kr, vr), case.mode, [q, k, v, kr, vr])
 
 
 # scenario file name -> the calls of one of its cases (scenarios without kernels are not listed).
@@ -526,18 +536,100 @@ class SkipMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "lightmotion":
+            # The library's own op: run its implementation with this mode active again, so that the PyTorch
+            # work inside it (its output allocations, casts, the reductions around the kernels) is seen too.
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
         if func._schema.name.split("::")[-1] not in self.SKIP or func._schema.is_mutable:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        else:
+            def meta(t):
+                if isinstance(t, torch.Tensor):
+                    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                return t
 
-        def meta(t):
-            if isinstance(t, torch.Tensor):
-                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            return t
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            out = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+            out = tree_map(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                           if isinstance(t, torch.Tensor) else t, out)
+        if RECORDER.torch_case is not None:
+            RECORDER.record_torch(func, args, kwargs, out)
+        return out
 
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        out = func(*tree_map(meta, args), **tree_map(meta, kwargs))
-        return tree_map(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
-                        if isinstance(t, torch.Tensor) else t, out)
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own work inside an op's call (matrix products, copies, elementwise), by bytes and FLOPs
+
+# ATen ops that move no data of their own: allocations, metadata and host-side reads.
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+               "lift_fresh", "_local_scalar_dense", "set_", "resize_", "is_same_size", "record_stream",
+               "_has_compatible_shallow_copy_type", "is_nonzero", "equal"}
+# In-place ops that overwrite their first argument without reading it.
+_WRITE_ONLY = {"fill_", "zero_", "copy_", "normal_", "uniform_", "random_", "bernoulli_"}
+
+
+def _tensors(tree):
+    out = []
+    tree_map(lambda t: out.append(t) if isinstance(t, torch.Tensor) else None, tree)
+    return out
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def _is_view(func):
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+def _shape(t):
+    return "x".join(str(s) for s in t.shape) or "scalar"
+
+
+def _matmul_flops(name, args, out):
+    """FLOPs of a matrix product (2 per multiply-add) or of CPU flash attention (forward 2 products,
+    backward 5), else 0."""
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+        return 2 * out.numel() * a.shape[-1] if b.shape[-1] == out.shape[-1] else 0
+    if name.startswith("_scaled_dot_product_flash_attention_for_cpu"):
+        q, k = args[:2] if not name.endswith("_backward") else args[1:3]
+        per_product = 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        return per_product * (5 if name.endswith("_backward") else 2)
+    return 0
+
+
+def torch_entry(func, args, kwargs, out):
+    """What one ATen op inside an op's call moves and computes: None for views and allocations. Bytes:
+    every tensor argument read once and every output written once (an in-place op reads and writes its
+    first argument; fills and copies only write it); FLOPs for matrix products and attention only."""
+    name = func._schema.name.split("::")[-1]
+    if name in _NO_TRAFFIC or _is_view(func):
+        return None
+    ins = _tensors((args, kwargs))
+    outs = _tensors(out)
+    if func._schema.is_mutable:
+        bound = {arg.name: kwargs.get(arg.name, args[i] if i < len(args) else None)
+                 for i, arg in enumerate(func._schema.arguments)}
+        written = {arg.name: bound[arg.name] for arg in func._schema.arguments
+                   if isinstance(bound[arg.name], torch.Tensor) and arg.alias_info is not None
+                   and arg.alias_info.is_write}
+        outs = list(written.values()) or outs
+        # an `out=` argument or a fill's target is written, not read
+        unread = [t for n, t in written.items() if n == "out" or name in _WRITE_ONLY]
+        ins = [t for t in ins if all(t is not w for w in unread)]
+    nbytes = sum(_nbytes(t) for t in ins) + sum(_nbytes(t) for t in outs)
+    if nbytes == 0:
+        return None
+    flops = _matmul_flops(name, args, outs[0]) if outs else 0
+    if flops:
+        shapes = " @ ".join(_shape(t) for t in ins if t.dim() >= 2)
+    else:
+        shapes = " ".join(_shape(t) for t in ins) + " -> " + " ".join(_shape(t) for t in outs)
+    dtype = str((outs or ins)[0].dtype).replace("torch.", "")
+    return dict(aten=name, shapes=shapes, dtype=dtype, flops=flops, bytes=nbytes)
 
 
 def capture(ops=None, cases_regex=None):
@@ -562,9 +654,15 @@ def capture(ops=None, cases_regex=None):
                     continue
                 RECORDER.context = dict(op=case.op, scenario=name, case=label, case_obj=case, autotuned=False)
                 try:
+                    # Twice: the first call builds what the op caches across calls (the multi-LoRA weight
+                    # pack); PyTorch's work is recorded in the second, the steady state of a sampling loop.
+                    call()
+                    RECORDER.torch_case = label
                     call()
                 except Exception:  # noqa: BLE001
                     errors.append(dict(case=label, error=traceback.format_exc(limit=8)))
+                finally:
+                    RECORDER.torch_case = None
     return RECORDER.records, errors
 
 
@@ -675,18 +773,39 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, columns=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns or COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def merge(old_rows, new_rows):
-    """The new rows replace every old row of the cases they cover; other cases keep their old rows."""
-    covered = {r["case"] for r in new_rows}
+def merge(old_rows, new_rows, covered=None):
+    """The new rows replace every old row of the cases they cover (default: the cases of `new_rows`);
+    other cases keep their old rows."""
+    covered = {r["case"] for r in new_rows} if covered is None else set(covered)
     return [r for r in old_rows if r["case"] not in covered] + list(new_rows)
+
+
+TORCH_COLUMNS = ["case", "op", "aten", "shapes", "dtype", "calls", "flops", "bytes",
+                 "floor_us_h100", "floor_us_h100_peak", "floor_us_h200", "bound"]
+
+
+def torch_rows(entries):
+    """One row per (case, ATen op, shapes, dtype) of PyTorch's own work, with its calls, total FLOPs and
+    bytes, and the roofline floor of those totals."""
+    groups = {}
+    for e in entries:
+        g = groups.setdefault((e["case"], e["aten"], e["shapes"], e["dtype"]),
+                              dict(case=e["case"], op=e["op"], aten=e["aten"], shapes=e["shapes"], dtype=e["dtype"],
+                                   calls=0, flops=0, bytes=0))
+        g["calls"] += 1
+        g["flops"] += e["flops"]
+        g["bytes"] += e["bytes"]
+    for g in groups.values():
+        g.update(floors(g["bytes"], g["flops"]))
+    return list(groups.values())
 
 
 MD_HEADER = """# sm_90 static report: every Triton launch at the benchmark shapes (compiled, not run)
@@ -719,8 +838,12 @@ widths, async copies, MMA kind and atomics from the SASS (`cuobjdump -sass`), 64
   matmul rate) in µs from the scenario's byte and FLOP counts, at the measured ceilings (H100 SXM 3.0 TB/s,
   798 TFLOP/s; H200 4.3 TB/s, 788 TFLOP/s) and at H100's peaks (3.35 TB/s, 989 TFLOP/s). One floor per case
   covers all its launches; a fwd+bwd case lists its forward launches again.
-- Only Triton launches appear: PyTorch's own work inside an op (the multi-LoRA backward's GEMMs, projections)
-  is not here.
+- The launch tables hold Triton launches only. PyTorch's own work inside an op's call (the multi-LoRA
+  backward's GEMMs, casts, copies, reductions) is recorded op by op during the same capture and listed under
+  "PyTorch work inside the ops" (`sm90-static-torch.csv`): per ATen op its operand shapes, calls, FLOPs
+  (matrix products and attention only), bytes (every tensor argument read once, every output written once)
+  and its own roofline floor; *PyTorch floor* in the cases table is their sum, a lower bound on the time
+  PyTorch adds to the case (kernel launches and caching-allocator work not counted).
 - Static counts are not timings; everything here is a prediction aid, to be confirmed on a GPU.
 
 **Invariants.** `tests/test_sm90_invariants.py` (part of the default test run) recompiles the hot launches and
@@ -765,19 +888,27 @@ def _compact(constexprs):
     return " ".join(out)
 
 
-def render_md(rows, versions):
+def _torch_floor(trs, device="h100"):
+    return round(sum(float(t[f"floor_us_{device}"] or 0) for t in trs), 2) if trs else ""
+
+
+def render_md(rows, versions, torch_work=()):
     lines = [MD_HEADER.format(versions=versions), "## Cases and roofline floors\n",
-             "| case | bytes | FLOPs | floor H100 µs | floor H100 peak µs | floor H200 µs | bound | launches |",
-             "|---|---|---|---|---|---|---|---|"]
-    cases = {}
+             "| case | bytes | FLOPs | floor H100 µs | floor H100 peak µs | floor H200 µs | bound | launches | "
+             "PyTorch ops | PyTorch floor H100 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    cases, torch_by_case = {}, {}
     for r in rows:
         cases.setdefault(r["case"], []).append(r)
+    for t in torch_work:
+        torch_by_case.setdefault(t["case"], []).append(t)
     for case, rs in cases.items():
-        r = rs[0]
+        r, trs = rs[0], torch_by_case.get(case, [])
         flops = f"{float(r['flops']):.3g}" if r["flops"] else ""
         nbytes = f"{float(r['bytes']):.3g}" if r["bytes"] else ""
         lines.append(f"| {_cell(case)} | {nbytes} | {flops} | {r['floor_us_h100']} | {r['floor_us_h100_peak']} | "
-                     f"{r['floor_us_h200']} | {r['bound']} | {len(rs)} |")
+                     f"{r['floor_us_h200']} | {r['bound']} | {len(rs)} | "
+                     f"{sum(int(t['calls']) for t in trs)} | {_torch_floor(trs)} |")
     by_op = {}
     for r in rows:
         by_op.setdefault(r["op"], []).append(r)
@@ -800,7 +931,38 @@ def render_md(rows, versions):
                 f"{_kb(r['shared'])} | {r['blocks_per_sm']} ({r['warps_per_sm']}) | {_widths(r, 'ldg')} | "
                 f"{_widths(r, 'stg')} | {r['ldgsts']} ({r['ldgsts_128']}) | {r['tma']} | {_mma(r)} | "
                 f"{r['atomics']} | {r['div64']} | {instr} |")
+    lines += _render_torch(torch_work)
     return "\n".join(lines) + "\n"
+
+
+def _render_torch(torch_work, min_us=0.5):
+    """The PyTorch-work section: per case, its ATen ops whose floor is at least `min_us` (the rest summed
+    in one line; all are in the CSV)."""
+    if not torch_work:
+        return []
+    lines = ["\n## PyTorch work inside the ops\n",
+             f"PyTorch's own ATen work inside each case's call, recorded during the capture (matrix products ran on "
+             f"meta tensors). Ops whose floor is under {min_us} µs are summed in a last line per case; every op is "
+             f"in `sm90-static-torch.csv`.\n",
+             "| case | ATen op | operands | dtype | calls | GFLOP | MB | floor H100 µs | floor H200 µs | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_case = {}
+    for t in torch_work:
+        by_case.setdefault(t["case"], []).append(t)
+    for case, trs in by_case.items():
+        trs = sorted(trs, key=lambda t: -float(t["floor_us_h100"] or 0))
+        big = [t for t in trs if float(t["floor_us_h100"] or 0) >= min_us]
+        small = trs[len(big):]
+        for t in big:
+            lines.append(f"| {_cell(case)} | {t['aten']} | {_cell(t['shapes'])} | {t['dtype']} | {t['calls']} | "
+                         f"{float(t['flops'] or 0) / 1e9:.1f} | {float(t['bytes']) / 1e6:.1f} | "
+                         f"{t['floor_us_h100']} | {t['floor_us_h200']} | {t['bound']} |")
+        if small:
+            lines.append(f"| {_cell(case)} | {len(small)} smaller ops | | | {sum(int(t['calls']) for t in small)} | "
+                         f"{sum(float(t['flops'] or 0) for t in small) / 1e9:.1f} | "
+                         f"{sum(float(t['bytes']) for t in small) / 1e6:.1f} | {_torch_floor(small)} | "
+                         f"{_torch_floor(small, 'h200')} | |")
+    return lines
 
 
 def versions_text():
@@ -880,17 +1042,26 @@ def run(ops=None, cases_regex=None, results_dir=RESULTS_DIR, json_path=None, wri
     for err in errors:
         log(f"CAPTURE ERROR {err['case']}:\n{err['error']}")
     rows = build_rows(records, log=log)
+    torch_work = torch_rows(RECORDER.torch_ops)
     if json_path:
         Path(json_path).write_text(json.dumps(dict(versions=versions_text(), triton=triton.__version__,
-                                                   rows=rows, capture_errors=errors), indent=1, default=str))
+                                                   rows=rows, torch_work=torch_work, capture_errors=errors),
+                                              indent=1, default=str))
     if write:
         csv_path = Path(results_dir) / "sm90-static.csv"
+        torch_path = Path(results_dir) / "sm90-static-torch.csv"
         partial = bool(ops or cases_regex)
         all_rows = merge(read_csv(csv_path), rows) if partial and csv_path.exists() else rows
-        all_rows = [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in all_rows]
+        covered = {r["case"] for r in rows} | {t["case"] for t in torch_work}
+        all_torch = (merge(read_csv(torch_path), torch_work, covered) if partial and torch_path.exists()
+                     else torch_work)
+        all_rows, all_torch = ([{k: ("" if v is None else str(v)) for k, v in r.items()} for r in rs]
+                               for rs in (all_rows, all_torch))
         write_csv(all_rows, csv_path)
-        (Path(results_dir) / "sm90-static.md").write_text(render_md(all_rows, versions_text()))
-        log(f"wrote {csv_path} and sm90-static.md ({len(all_rows)} rows)")
+        write_csv(all_torch, torch_path, TORCH_COLUMNS)
+        (Path(results_dir) / "sm90-static.md").write_text(render_md(all_rows, versions_text(), all_torch))
+        log(f"wrote {csv_path}, {torch_path.name} and sm90-static.md ({len(all_rows)} launch rows, "
+            f"{len(all_torch)} PyTorch rows)")
     failed = [r for r in rows if not r["ok"]]
     log(f"{len(rows)} rows, {len(failed)} failed launches, {len(errors)} capture errors, {time.time() - t0:.0f}s")
     return rows, errors
