@@ -24,6 +24,11 @@ expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K 
               same launch ([k, M, d_out]). With SAMPLE_COEF (`output`), zs is the unscaled z and each
               LoRA's z chunks are scaled on load by the row's cᵢ(b) (the LoRA loop then runs per LoRA,
               as with SEPARATE); the other normalisations compile exactly as without it.
+output_bwd    the `output` norms' backward on the [M, R] tensors, two elementwise passes (row tiles, every
+              LoRA of the rows in one program): pass 1 writes zs = ρ z (ρᵢ = α/(nᵢ+ε) of the row's group)
+              and the per-row sums psᵢ(t) = Σ hbᵢ zᵢ (hb = g B_cat); pass 2, once the [groups, k]
+              coefficients qᵢ = ∂L/∂nᵢ·γᵢ²/nᵢ are known and zg = z Gᵢ (per-LoRA GEMMs), writes
+              dz = ρ hb + q zg and zq = q z. Each replaces about ten PyTorch passes over fp32 copies.
 expand_tma    the 16-bit expand on sm_90+ (every normalisation, SEPARATE and SAMPLE_COEF as above, and
               the backward's dx, which
               reads W's own storage as its [K, N] operand: W_KN): the same two loops with every operand
@@ -178,6 +183,70 @@ def _per_token_scale(z_ptr, zs_ptr, norms_ptr, offsets_ptr, rows, mask_m, n_lora
             zt = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask_m[:, None], other=0.0)
             tl.store(zs_ptr + rows[:, None] * szm + cols[None, :], (zt.to(tl.float32) * coef[:, None]).to(dtype),
                      mask=mask_m[:, None])
+
+
+@triton.jit
+def _row_group_norms(norms_ptr, offs_m, mask_m, rows_per_group, n_lora, snm, BLOCK_L: tl.constexpr):
+    """The norms row of each row's group ([groups, k] float32, row stride snm) and α = meanⱼ nⱼ there."""
+    nrow = norms_ptr + (offs_m // rows_per_group).to(tl.int64) * snm
+    offs_l = tl.arange(0, BLOCK_L)
+    n = tl.load(nrow[:, None] + offs_l[None, :], mask=mask_m[:, None] & (offs_l < n_lora)[None, :], other=0.0)
+    return nrow, tl.sum(n, axis=1) / n_lora
+
+
+@triton.jit
+def _multi_lora_output_bwd_scale_kernel(z_ptr, hb_ptr, norms_ptr, offsets_ptr, zs_ptr, ps_ptr,
+                                        M, rows_per_group, n_lora, eps, szm, shm, snm,
+                                        RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """`output` backward, pass 1, for BLOCK_M rows and every LoRA: zsᵢ = ρᵢ zᵢ (stored in z's dtype) and
+    psᵢ(t) = Σ_c hbᵢ(t, c) zᵢ(t, c) in fp32 ([M, k] contiguous), over the padded ranks (z and hb are 0
+    in the padding)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    nrow, alpha = _row_group_norms(norms_ptr, offs_m, mask_m, rows_per_group, n_lora, snm, BLOCK_L)
+    offs_t = tl.arange(0, RANK_TILE)
+    dtype = zs_ptr.dtype.element_ty
+    for i in range(n_lora):
+        r_start = tl.multiple_of(tl.load(offsets_ptr + i), RANK_TILE)
+        chunks = (tl.load(offsets_ptr + i + 1) - r_start) // RANK_TILE
+        rho = alpha / (tl.load(nrow + i, mask=mask_m, other=0.0) + eps)
+        ps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in range(chunks):
+            cols = r_start + c * RANK_TILE + offs_t
+            zt = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+            ht = tl.load(hb_ptr + rows[:, None] * shm + cols[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+            tl.store(zs_ptr + rows[:, None] * szm + cols[None, :], (zt * rho[:, None]).to(dtype),
+                     mask=mask_m[:, None])
+            ps += tl.sum(ht * zt, axis=1)
+        tl.store(ps_ptr + rows * n_lora + i, ps, mask=mask_m)
+
+
+@triton.jit
+def _multi_lora_output_bwd_dz_kernel(z_ptr, hb_ptr, zg_ptr, norms_ptr, q_ptr, offsets_ptr, dz_ptr, zq_ptr,
+                                     M, rows_per_group, n_lora, eps, szm, shm, sgm, snm, sqm,
+                                     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """`output` backward, pass 2: dzᵢ = ρᵢ hbᵢ + qᵢ zgᵢ and zqᵢ = qᵢ zᵢ, fp32 math, both stored in z's
+    dtype (dz and zq share z's row stride); qᵢ per group ([groups, k] float32, row stride sqm)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    nrow, alpha = _row_group_norms(norms_ptr, offs_m, mask_m, rows_per_group, n_lora, snm, BLOCK_L)
+    qrow = q_ptr + (offs_m // rows_per_group).to(tl.int64) * sqm
+    offs_t = tl.arange(0, RANK_TILE)
+    dtype = dz_ptr.dtype.element_ty
+    for i in range(n_lora):
+        r_start = tl.multiple_of(tl.load(offsets_ptr + i), RANK_TILE)
+        chunks = (tl.load(offsets_ptr + i + 1) - r_start) // RANK_TILE
+        rho = (alpha / (tl.load(nrow + i, mask=mask_m, other=0.0) + eps))[:, None]
+        q = tl.load(qrow + i, mask=mask_m, other=0.0)[:, None]
+        for c in range(chunks):
+            cols = (r_start + c * RANK_TILE + offs_t)[None, :]
+            zt = tl.load(z_ptr + rows[:, None] * szm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            ht = tl.load(hb_ptr + rows[:, None] * shm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            gt = tl.load(zg_ptr + rows[:, None] * sgm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            tl.store(dz_ptr + rows[:, None] * szm + cols, (ht * rho + gt * q).to(dtype), mask=mask_m[:, None])
+            tl.store(zq_ptr + rows[:, None] * szm + cols, (zt * q).to(dtype), mask=mask_m[:, None])
 
 
 @triton.jit
@@ -557,6 +626,45 @@ def multi_lora_sample_norm_launch(sq: torch.Tensor, norms: torch.Tensor, coef: t
     _multi_lora_sample_norm_kernel[(samples,)](
         sq, norms, coef, tokens, n_lora, float(eps), sq.stride(0),
         BLOCK_T=block_t, BLOCK_L=triton.next_power_of_2(n_lora), num_warps=4,
+    )
+
+
+def _output_bwd_tiles(rank_tile: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of the `output` backward passes: 32 elements a thread per [M, R] tensor and
+    chunk in 16 bits (16-byte accesses; 80-128 registers on sm_90), 16 in fp32 (32 took 234 registers
+    in the dz pass)."""
+    if _INTERPRET:
+        return 16, 4
+    elements = 2048 if dtype == torch.float32 else 4096
+    return max(16, elements // rank_tile), 4
+
+
+def multi_lora_output_bwd_scale_launch(z: torch.Tensor, hb: torch.Tensor, norms: torch.Tensor,
+                                       offsets: torch.Tensor, eps: float, rank_tile: int,
+                                       zs: torch.Tensor, ps: torch.Tensor) -> None:
+    """`output` backward, pass 1. z, hb: [M, R] (unit column stride; z's padding columns 0); norms:
+    [groups, k] float32, groups dividing M (each group M/groups consecutive rows); offsets: [k+1] int32
+    padded rank offsets. Writes zs [M, R] (z's dtype and strides) and ps [M, k] float32 contiguous."""
+    M, n_lora = z.shape[0], norms.shape[1]
+    block_m, warps = _output_bwd_tiles(rank_tile, z.dtype)
+    _multi_lora_output_bwd_scale_kernel[(triton.cdiv(M, block_m),)](
+        z, hb, norms, offsets, zs, ps, M, M // norms.shape[0], n_lora, float(eps),
+        z.stride(0), hb.stride(0), norms.stride(0),
+        RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_L=triton.next_power_of_2(n_lora), num_warps=warps,
+    )
+
+
+def multi_lora_output_bwd_dz_launch(z: torch.Tensor, hb: torch.Tensor, zg: torch.Tensor, norms: torch.Tensor,
+                                    q: torch.Tensor, offsets: torch.Tensor, eps: float, rank_tile: int,
+                                    dz: torch.Tensor, zq: torch.Tensor) -> None:
+    """`output` backward, pass 2. z, hb, zg: [M, R] (unit column stride); norms, q: [groups, k] float32
+    (unit column stride). Writes dz and zq, [M, R] in z's dtype with z's strides."""
+    M, n_lora = z.shape[0], norms.shape[1]
+    block_m, warps = _output_bwd_tiles(rank_tile, z.dtype)
+    _multi_lora_output_bwd_dz_kernel[(triton.cdiv(M, block_m),)](
+        z, hb, zg, norms, q, offsets, dz, zq, M, M // norms.shape[0], n_lora, float(eps),
+        z.stride(0), hb.stride(0), zg.stride(0), norms.stride(0), q.stride(0),
+        RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_L=triton.next_power_of_2(n_lora), num_warps=warps,
     )
 
 

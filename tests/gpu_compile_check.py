@@ -143,13 +143,17 @@ def calls_multi_lora(dtype):
                        lm.multi_lora_linear(x, w, bias if norm != "weight" else None, a, bb,
                                             [1.0] * len(a), norm=norm, separate=separate))
 
-        def train(x=x, w=w, bias=bias, ranks=ranks, d_in=d_in, d_out=d_out):
-            # the backward's launches: dx = g W + dz A_cat (the expand on Wᵀ: TMA walks W as [K, N])
+        def train(x=x, w=w, bias=bias, ranks=ranks, d_in=d_in, d_out=d_out, norm="none"):
+            # the backward's launches: dx = g W + dz A_cat (the expand on Wᵀ: TMA walks W as [K, N]), and
+            # for the `output` norms the two passes over the [M, R] tensors
             a, bb = lora(ranks, d_in, d_out)
-            leaves = [x.clone().requires_grad_()] + [t.requires_grad_() for t in a + bb]
-            y = lm.multi_lora_linear(leaves[0], w, bias, leaves[1:len(a) + 1], leaves[len(a) + 1:], [1.0] * len(a))
+            xs = x.reshape(2, m // 2, d_in) if norm == "output" else x
+            leaves = [xs.clone().requires_grad_()] + [t.requires_grad_() for t in a + bb]
+            y = lm.multi_lora_linear(leaves[0], w, bias, leaves[1:len(a) + 1], leaves[len(a) + 1:], [1.0] * len(a),
+                                     norm=norm)
             y.backward(torch.ones_like(y))
-        yield train
+        for norm in ("none", "output", "output_per_token"):
+            yield lambda norm=norm, train=train: train(norm=norm)
 
 
 def calls_plucker(dtype):

@@ -104,3 +104,73 @@ def test_16bit_output_norm_backward_runs_its_rank_space_products_in_the_input_dt
                                 norm="output").backward(grad.double())
     for got, ref in zip((x, *lora_a, *lora_b), want):
         assert_close_rel(got.grad, ref.grad, dtype, "output-norm gradient")
+
+
+def _count_output_bwd(monkeypatch):
+    kernel = _common.kernel_module("multi_lora")
+    calls = []
+    for name in ("multi_lora_output_bwd_scale_launch", "multi_lora_output_bwd_dz_launch"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm,lead,separate", [("output_per_token", (21,), False), ("output", (21,), False),
+                                                ("output", (3, 7), False), ("output", (3, 7), True)],
+                         ids=["per_token", "output_2d", "per_sample", "per_sample_separate"])
+def test_output_norm_backward_is_two_fused_passes_equal_to_reference(norm, lead, separate, dtype, device,
+                                                                     monkeypatch, poisoned):
+    """On the Triton path the `output` norms' [M, R] elementwise backward is two kernel passes (zs and the
+    per-row sums, then dz and q z), with every buffer poisoned beforehand; every gradient (x, each Aᵢ,
+    each Bᵢ) equals the float64 reference, per token, per sample and with separate outputs; in 16 bits no
+    fp32 [M, R] tensor is made."""
+    ranks = [4, 16, 12]
+    m = 1
+    for n in lead:
+        m *= n
+    x2, w, b, a, bb, scales = _inputs(m, 24, 40, ranks, dtype, device)
+    x = x2.detach().reshape(*lead, 24).requires_grad_()
+    calls = _count_output_bwd(monkeypatch)
+    with lightmotion_fast.backend("triton"):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm, separate=separate)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    with TensorOutputs() as outputs:
+        got = torch.autograd.grad(y, [x, *a, *bb], grad)
+    assert calls == ["multi_lora_output_bwd_scale_launch", "multi_lora_output_bwd_dz_launch"]
+    if dtype != torch.float32:
+        assert not outputs.of((m, 48), torch.float32), "an fp32 copy of an [M, R] tensor"  # R: 3 ranks padded to 16
+    f64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    want_in = [f64(t) for t in (x, *a, *bb)]
+    ref = multi_lora_linear_reference(want_in[0], f64(w), f64(b), want_in[1:4], want_in[4:], scales, norm=norm,
+                                      separate=separate)
+    want = torch.autograd.grad(ref, want_in, grad.double())
+    for name, g_got, g_want in zip(["x", "A0", "A1", "A2", "B0", "B1", "B2"], got, want):
+        assert torch.isfinite(g_got).all(), name
+        assert_close_rel(g_got, g_want, dtype, f"d{name} norm={norm} lead={lead} separate={separate}")
+
+
+@pytest.mark.parametrize("groups", [1, 3, 12])
+def test_output_bwd_kernels_match_their_formulas(groups, device):
+    """The two passes against their formulas on random data (outputs NaN-filled beforehand): zs = ρ z,
+    psᵢ = Σ hbᵢ zᵢ per row, dz = ρ hb + q zg, zq = q z, with ρᵢ = α/(nᵢ+ε) and α = meanⱼ nⱼ of each row's
+    group (M/groups consecutive rows); the ranks 16 and 32 padded to 32."""
+    kernel = _common.kernel_module("multi_lora")
+    gen = torch.Generator().manual_seed(7)
+    m, offsets, eps = 36, [0, 32, 64], 1e-3
+    r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    z, hb, zg = (r(m, 64).to(torch.bfloat16) for _ in range(3))
+    norms, q = r(groups, 2).abs(), r(groups, 2)
+    off = torch.tensor(offsets, dtype=torch.int32, device=device)
+    zs, dz, zq = (torch.full_like(z, float("nan")) for _ in range(3))
+    ps = torch.full((m, 2), float("nan"), device=device)
+    kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, off, eps, 32, zs, ps)
+    kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q, off, eps, 32, dz, zq)
+    rows = torch.arange(m, device=device) // (m // groups)
+    rho = (norms.mean(1, keepdim=True) / (norms + eps))[rows].repeat_interleave(32, dim=1)
+    qr = q[rows].repeat_interleave(32, dim=1)
+    zf, hf, gf = z.double(), hb.double(), zg.double()
+    want_ps = (hf * zf).reshape(m, 2, 32).sum(-1)
+    torch.testing.assert_close(ps.double(), want_ps, rtol=1e-5, atol=1e-4)
+    for got, want in ((zs, zf * rho), (dz, hf * rho + gf * qr), (zq, zf * qr)):
+        torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)

@@ -495,6 +495,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scales, norm, eps, separate, lora_scaling, samples = inputs
     _, z, norms = output
     ctx.mark_non_differentiable(z, norms)
+    # Their gradients reach the backward as None, not as zeros autograd would otherwise allocate and
+    # fill ([M, R] for z: 55 MB at CogVideoX-5B, every call).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, z, norms, *lora_a, *lora_b)
     ctx.k = len(lora_a)
     ctx.scales, ctx.norm, ctx.eps, ctx.separate = list(scales), norm, eps, separate
@@ -506,6 +509,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_z, grad_norms):
     x, weight, z, norms, *ab = ctx.saved_tensors
+    if grad_y is None:  # y unused (only z or norms were): no gradient flows back
+        return (None,) * 11
     k, scales, norm = ctx.k, ctx.scales, ctx.norm
     lora_a, lora_b = ab[:k], ab[k:]
     layout = rank_layout(tuple(a.shape[0] for a in lora_a))
@@ -519,29 +524,41 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     m = z.shape[0]
     padded = list(zip(layout.offsets, layout.offsets[1:]))
     output = norm in OUTPUT_NORMS
+    # The `output` norms' elementwise work on the [M, R] tensors in two Triton passes (see
+    # _output_backward_fused) where the forward ran the kernels; else in PyTorch below.
+    fused = output and m > 0 and ctx.triton_path and _kernel_handles(dtype, norm, layout)
+    kernel = _common.kernel_module("multi_lora") if fused else None
 
     # y = base + Σᵢ ρᵢ zᵢ (fᵢ Bᵢ)ᵀ with ρᵢ = α/(nᵢ+ε) per row group for the `output` norms, else 1:
     # norms is [groups, k]; per row, its group's values. Without ρ the [M, R] tensors stay in the
     # input dtype (z, hb and dz round-tripped through fp32 are the same values): at CogVideoX-5B in bf16
     # that is four [M, R] conversion passes (~0.65 GB, ~0.2 ms at 3.35 TB/s) fewer per layer call.
     if output:
-        zf = z.to(acc)
         alpha = norms.mean(1, keepdim=True)
         inv = 1.0 / (norms + ctx.eps)
+    if output and not fused:
+        zf = z.to(acc)
         rho = _per_row(_column_expand(alpha * inv, layout), m)
         zs = (zf * rho).to(dtype)
-    else:
+    elif not output:
         zs = z
     # hb = g (f B)_cat: hbᵢ = fᵢ gᵢ Bᵢ;  dB_cat' = gᵀ zs: dL/dBᵢ = fᵢ dB_cat'ᵢ.
     if ctx.separate:
         hb = torch.cat([g[i] @ b_cat[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1)
-        db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
         g_sum = g.sum(0)
     else:
         hb = g @ b_cat
-        db = (g.T @ zs).to(acc)
         g_sum = g
-    if output:
+    if fused:
+        # pass 1: zs = ρ z and the per-row psᵢ(t) = Σ hbᵢ(t)·zᵢ(t), one read of z and hb
+        zs, ps_rows = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=z.device)
+        kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, _offsets(pack, layout, z.device), ctx.eps,
+                                                  layout.rank_tile, zs, ps_rows)
+    if ctx.separate:
+        db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
+    else:
+        db = (g.T @ zs).to(acc)
+    if output and not fused:
         hb = hb.to(acc)
         dz = hb * rho
     d_b = [f * db[:, lo:hi] for f, (lo, hi) in zip(factors, layout.spans())]
@@ -552,11 +569,18 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         # ∂L/∂nⱼ = Σᵢ psᵢ/(k(nᵢ+ε)) − psⱼ α/(nⱼ+ε)²; nⱼ(g)² = γⱼ² Σ_{t∈g} zⱼ(t)Gⱼzⱼ(t)ᵀ gives
         # ∂nⱼ/∂zⱼ(t) = γⱼ²Gⱼzⱼ(t)/nⱼ and ∂nⱼ/∂Gⱼ = γⱼ² Σₜ zⱼᵀzⱼ/(2nⱼ).
         groups = norms.shape[0]
-        ps = torch.stack([(hb[:, lo:hi] * zf[:, lo:hi]).sum(1).reshape(groups, -1).sum(1)
-                          for lo, hi in layout.spans()], dim=1)
+        if fused:
+            ps = ps_rows.reshape(groups, -1, k).sum(1)
+        else:
+            ps = torch.stack([(hb[:, lo:hi] * zf[:, lo:hi]).sum(1).reshape(groups, -1).sum(1)
+                              for lo, hi in layout.spans()], dim=1)
         d_n = (ps * inv).sum(1, keepdim=True) / k - ps * alpha * inv * inv
         d_n = torch.stack([d_n[:, j] * (gm * gm) for j, gm in enumerate(gammas)], dim=1)  # γⱼ² ∂L/∂nⱼ
-        q = _per_row(torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0), m)
+        q_groups = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)
+    if fused:
+        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, pack, ctx.eps, d_b)
+    elif output:
+        q = _per_row(q_groups, m)
         dz_terms = []
         for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
             bf = b.to(acc)
@@ -577,6 +601,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
                 d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
         for lo, hi, term in dz_terms:  # dz = hb * rho is a fresh tensor here
             dz[:, lo:hi] += term
+        dz_d = dz.to(dtype)
     elif norm == "weight":
         # fᵢ = sᵢ α/Nᵢ, α = mean Nⱼ: with dcᵢ = sᵢ Σ_t gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩,
         # ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² (over Nᵢ > 0); N² = γ² tr(AAᵀ BᵀB) gives
@@ -594,7 +619,8 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
             d_a[i] = w_n_i * ((bf.T @ bf) @ af)
             d_b[i] = d_b[i] + w_n_i * (bf @ (af @ af.T))
 
-    dz_d = dz.to(dtype) if output else hb
+    if not output:
+        dz_d = hb
     grad_x = grad_w = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = _grad_x(g_sum, weight, dz_d, a_cat, pack, lora_a, layout, ctx.triton_path)
@@ -609,6 +635,28 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         grad_a.append((da if d_a[i] is None else da + d_a[i]).to(lora_a[i].dtype))
     grad_b = [db_i.to(b.dtype) for db_i, b in zip(d_b, lora_b)]
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, pack, eps, d_b):
+    """The `output` norms' backward through nᵢ on the Triton path: dz = ρ hb + q (z G) in z's dtype,
+    and d_b[i] += Bᵢ (zᵢᵀ (q zᵢ)), as the PyTorch branch of _backward computes them. zg = zᵢ Gᵢ
+    (Gᵢ = BᵢᵀBᵢ zero-padded to the padded rank, so zg is 0 in the padding) are the input dtype's GEMMs
+    (16-bit: tensor cores), then one pass forms dz and zq = q z. At CogVideoX-5B (M = 35,552, k = 3,
+    r = 256, bf16) the two passes move ~0.44 GB where the PyTorch branch's ~20 elementwise passes over
+    fp32 copies move ~3.7 GB (sm90-static.md, "PyTorch work inside the ops")."""
+    dtype, acc = z.dtype, _acc_dtype(z)
+    zg = torch.empty_like(z)
+    for b, (lo, hi), p in zip(lora_b, layout.spans(), layout.padded):
+        bf = b.to(acc)
+        gram = bf.new_zeros((p, p))
+        gram[: hi - lo, : hi - lo] = bf.T @ bf
+        torch.mm(z[:, lo:lo + p], gram.to(dtype), out=zg[:, lo:lo + p])
+    dz, zq = torch.empty_like(z), torch.empty_like(z)
+    kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q_groups, _offsets(pack, layout, z.device), eps,
+                                           layout.rank_tile, dz, zq)
+    for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
+        d_b[i] = d_b[i] + b.to(acc) @ (z[:, lo:hi].T @ zq[:, lo:hi]).to(acc)
+    return dz
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
