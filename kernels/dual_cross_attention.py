@@ -1303,17 +1303,22 @@ def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
 
 @triton.jit
 def _dual_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, count_ptr, dkf_ptr, dvf_ptr,
     n_q, heads, kv_len, qk_scale, softmax_scale, lam, n_split, rows_per_split,
     sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
-    sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8, sm_b, sm_h, sm_n, sm_m,
+    sdo_b8, sdo_h8, sdo_n8, sdk_s8, sdk_b8, sdk_h8, sdk_n8, sdv_s8, sdv_b8, sdv_h8, sdv_n8,
+    sdkf_b8, sdkf_h8, sdkf_n8, sdvf_b8, sdvf_h8, sdvf_n8, sm_b, sm_h, sm_n, sm_m,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-    S_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    S_CHUNK: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Program = (b·h, key tile, query split), the splits of one key tile neighbours. S_CHUNK > 0: S and
     # dP are formed from memory S_CHUNK head-dim columns at a time (`_dot_t_streamed`) and K, V are not
     # held; 0: K, V stay in registers as their chunks for the whole query walk.
+    # Without REDUCE (one split) dk_ptr/dv_ptr are the results. With REDUCE every split stores its fp32
+    # partial sums at dk_ptr/dv_ptr[split] and counts itself in count_ptr[tile] (zeroed by the launcher);
+    # the last split of a key tile to finish adds the others' partials to its own and writes the results
+    # at dkf_ptr/dvf_ptr in their dtype: no second launch, no fp32 result tensor.
     pid_ns, pid_bh = _program_ids(tl.cdiv(kv_len, BLOCK_N) * n_split)
     pid_n = pid_ns // n_split
     pid_s = pid_ns % n_split
@@ -1364,11 +1369,32 @@ def _dual_bwd_dkdv_kernel(
         if D_LO > 0:
             dv_lo += tl.dot(pt, do_lo, input_precision=PRECISION)
             dk_lo += tl.dot(dst, q_lo, input_precision=PRECISION)
+    dk_hi *= softmax_scale
+    dk_lo *= softmax_scale
     split = pid_s.to(tl.int64) * 8
     _store_chunks(_head_base(dk_ptr + split * sdk_s8, b, h, sdk_b8, sdk_h8), offs_n, n_ok, sdk_n8,
-                  dk_hi * softmax_scale, dk_lo * softmax_scale, HEAD_DIM, D_HI, D_LO, False)
+                  dk_hi, dk_lo, HEAD_DIM, D_HI, D_LO, False)
     _store_chunks(_head_base(dv_ptr + split * sdv_s8, b, h, sdv_b8, sdv_h8), offs_n, n_ok, sdv_n8, dv_hi, dv_lo,
                   HEAD_DIM, D_HI, D_LO, False)
+    if REDUCE:
+        # Every thread's partial stores come before the count (the barrier), the count is a release and
+        # an acquire (acq_rel, gpu scope): the last split reads every other split's finished partials.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_bh.to(tl.int64) * tl.cdiv(kv_len, BLOCK_N) + pid_n, 1,
+                                sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:
+            zero64 = pid_s.to(tl.int64) * 0   # the split offsets below in 64 bits
+            for other in range(0, n_split):
+                if other != pid_s:
+                    at = (zero64 + other) * 8
+                    dk_hi, dk_lo = _add_chunks(_head_base(dk_ptr + at * sdk_s8, b, h, sdk_b8, sdk_h8), offs_n, n_ok,
+                                               sdk_n8, dk_hi, dk_lo, HEAD_DIM, D_HI, D_LO)
+                    dv_hi, dv_lo = _add_chunks(_head_base(dv_ptr + at * sdv_s8, b, h, sdv_b8, sdv_h8), offs_n, n_ok,
+                                               sdv_n8, dv_hi, dv_lo, HEAD_DIM, D_HI, D_LO)
+            _store_chunks(_head_base(dkf_ptr, b, h, sdkf_b8, sdkf_h8), offs_n, n_ok, sdkf_n8, dk_hi, dk_lo,
+                          HEAD_DIM, D_HI, D_LO, False)
+            _store_chunks(_head_base(dvf_ptr, b, h, sdvf_b8, sdvf_h8), offs_n, n_ok, sdvf_n8, dv_hi, dv_lo,
+                          HEAD_DIM, D_HI, D_LO, False)
 
 
 def _bwd_tiles(d_pad: int, dtype: torch.dtype):
@@ -1479,29 +1505,29 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, mask_args, lam, softmax_
     kv_tiles = triton.cdiv(kv_len, block_n)
     q_tiles = triton.cdiv(n_q, block_m)
     split = _dkdv_split(batch * heads * kv_tiles, q_tiles, sm_count)
+    dk_out, dv_out = _writable(dk), _writable(dv)
     if split == 1:
-        dk_dst, dv_dst = _writable(dk), _writable(dv)
+        dk_dst, dv_dst, count = dk_out, dv_out, dk_out   # (count unused)
         dk_s8 = dv_s8 = 0
     else:
+        # fp32 partial sums per split, added up by the last split of each key tile (see the kernel)
         dk_dst = _aligned_empty((split, *k.shape), torch.float32, k.device)
         dv_dst = _aligned_empty((split, *v.shape), torch.float32, v.device)
         dk_s8, dv_s8 = dk_dst.stride(0) // ALIGN, dv_dst.stride(0) // ALIGN
+        count = torch.zeros(batch * heads * kv_tiles, dtype=torch.int32, device=k.device)
     rows_per_split = triton.cdiv(q_tiles, split) * block_m
     dk_view, dv_view = (dk_dst, dv_dst) if split == 1 else (dk_dst[0], dv_dst[0])
     _dual_bwd_dkdv_kernel[(batch * heads * kv_tiles * split,)](
-        q, k, v, grad_out, lse, delta, dk_dst, dv_dst, mask_args[0],
+        q, k, v, grad_out, lse, delta, dk_dst, dv_dst, mask_args[0], count, dk_out, dv_out,
         n_q, heads, kv_len, softmax_scale * LOG2E, softmax_scale, float(lam), split, rows_per_split,
         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(grad_out),
-        dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *mask_args[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo, S_CHUNK=_dkdv_s_chunk(d_len, q.dtype), **flags,
-        **common,
+        dk_s8, *_strides8(dk_view), dv_s8, *_strides8(dv_view), *_strides8(dk_out), *_strides8(dv_out),
+        *mask_args[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, D_HI=d_hi, D_LO=d_lo, S_CHUNK=_dkdv_s_chunk(d_len, q.dtype),
+        REDUCE=split > 1, **flags, **common,
     )
-    if split == 1:
-        _copy_back(dk_dst, dk)
-        _copy_back(dv_dst, dv)
-    else:
-        dk.copy_(dk_dst.sum(0))
-        dv.copy_(dv_dst.sum(0))
+    _copy_back(dk_out, dk)
+    _copy_back(dv_out, dv)
 
 
 def _dq_sets_per_launch(d_len: int) -> int:

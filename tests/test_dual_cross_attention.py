@@ -273,6 +273,28 @@ def test_dkdv_query_split_matches_reference(device, poisoned):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dkdv_query_split_adds_its_partials_in_the_last_program(dtype, device, poisoned, monkeypatch):
+    """16-bit with the dk/dv walk split over programs: each split stores fp32 partial sums and the last
+    split of a key tile to finish adds them and writes dk, dv in their dtype, in the same launch (no
+    PyTorch reduction or cast after it); equal to the float64 reference."""
+    from lm_testing import TensorOutputs
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dkdv_kernel")
+    q, keys, values = make_inputs(1, 1, 640, 16, (5, 3), dtype, device, requires_grad=True)
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    with TensorOutputs() as outputs:
+        out.backward(grad)
+    assert launches and all(kw["REDUCE"] for _, _, kw in launches), [kw.get("REDUCE") for _, _, kw in launches]
+    assert not [s for s in outputs.seen if s[0] == "sum" and s[2] == torch.float32], outputs.seen
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    dual_cross_attention_reference(q64, k64, v64, [1.0, 0.5]).backward(grad.double().cpu())
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        scale = ref.grad.abs().max().item()
+        assert (got.grad.double().cpu() - ref.grad).abs().max().item() <= 1e-2 * scale
+
+
 class _GridRecorder:
     """Stands in for a Triton kernel: records the grids it is launched with, runs nothing."""
     def __init__(self):
