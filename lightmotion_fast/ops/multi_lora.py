@@ -510,7 +510,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_z, grad_norms):
     x, weight, z, norms, *ab = ctx.saved_tensors
     if grad_y is None:  # y unused (only z or norms were): no gradient flows back
-        return (None,) * 11
+        return None, None, None, [None] * ctx.k, [None] * ctx.k, None, None, None, None, None, None
     k, scales, norm = ctx.k, ctx.scales, ctx.norm
     lora_a, lora_b = ab[:k], ab[k:]
     layout = rank_layout(tuple(a.shape[0] for a in lora_a))
@@ -555,13 +555,18 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, _offsets(pack, layout, z.device), ctx.eps,
                                                   layout.rank_tile, zs, ps_rows)
     if ctx.separate:
-        db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1).to(acc)
+        db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1)
     else:
-        db = (g.T @ zs).to(acc)
+        db = g.T @ zs
     if output and not fused:
         hb = hb.to(acc)
         dz = hb * rho
-    d_b = [f * db[:, lo:hi] for f, (lo, hi) in zip(factors, layout.spans())]
+    # dL/dBᵢ = fᵢ dB_cat'ᵢ (+ the norms' terms below, summed in fp32). Without such terms (`none`) it
+    # stays in the input dtype: a 16-bit product by a Python float computes in fp32 and rounds once,
+    # the same values as a trip through fp32, without the conversion passes.
+    extra_b = output or norm == "weight"
+    d_b = [(f * db[:, lo:hi].to(acc)) if extra_b else db[:, lo:hi] * f
+           for f, (lo, hi) in zip(factors, layout.spans())]
     d_a = [None] * k
 
     if output:
@@ -628,11 +633,11 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         grad_w = g_sum.T @ x
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = g_sum.sum(0)
-    da_cat = (dz_d.T @ x).to(acc)  # all k LoRAs in one GEMM
+    da_cat = dz_d.T @ x  # all k LoRAs in one GEMM; each LoRA's rows a contiguous slice
     grad_a = []
     for i, (lo, hi) in enumerate(layout.spans()):
         da = da_cat[lo:hi]
-        grad_a.append((da if d_a[i] is None else da + d_a[i]).to(lora_a[i].dtype))
+        grad_a.append((da if d_a[i] is None else da.to(acc) + d_a[i]).to(lora_a[i].dtype))
     grad_b = [db_i.to(b.dtype) for db_i, b in zip(d_b, lora_b)]
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
