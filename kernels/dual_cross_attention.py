@@ -1059,10 +1059,11 @@ def _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale,
                   lse_row, glse_row, delta_row, k_ptr, v_ptr, kv_len, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8,
                   mask_base, sm_n, sm_m,
                   HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                  DELTA_GIVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DELTA_GIVEN: tl.constexpr, HAS_GLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   D_HI: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """(dq_hi, dq_lo) plus one key/value set's dS K (unscaled); without DELTA_GIVEN its Δ is formed
-    first (a walk over its keys) and stored for the dk/dv kernel."""
+    first (a walk over its keys) and stored for the dk/dv kernel, less the LSE's incoming gradient
+    under HAS_GLSE (without it, none flows: the public ops never return the LSE)."""
     do_hi, do_lo = _load_do(do_base, offs_m, row_ok, sdo_n8, lam, BLOCK_M, HEAD_DIM, D_HI, D_LO, UPCAST)
     lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     dead = lse == float("-inf")
@@ -1079,7 +1080,8 @@ def _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale,
                                         D_LO, HAS_MASK, MASK_BOOL, BLOCK_N, PRECISION, UPCAST)
             delta += tl.sum(p * dp, 1)
         # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
-        delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
+        if HAS_GLSE:
+            delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
         tl.store(delta_row + offs_m, delta, mask=row_ok)
     for start in range(0, kv_len, BLOCK_N):
         k_hi, k_lo, p, dp = _probs_and_dp(q_hi, q_lo, do_hi, do_lo, lse, dead, k_base, v_base, start, offs_m, n_q,
@@ -1105,7 +1107,7 @@ def _dual_bwd_dq_kernel(
     sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
     sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
     HEAD_DIM: tl.constexpr, NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DELTA_GIVEN: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DELTA_GIVEN: tl.constexpr, HAS_GLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
     BLOCK_N3: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -1125,28 +1127,28 @@ def _dual_bwd_dq_kernel(
                                  lam0, lse_ptr + row, glse_ptr + row, delta_ptr + row,
                                  k0, v0, len0, sk0_b8, sk0_h8, sk0_n8, sv0_b8, sv0_h8, sv0_n8,
                                  mask_ptr + b * sm_b + h * sm_h, sm_n, sm_m, HEAD_DIM, HAS_MASK, MASK_BOOL,
-                                 DELTA_GIVEN, BLOCK_M, BLOCK_N0, D_HI, D_LO, PRECISION, UPCAST)
+                                 DELTA_GIVEN, HAS_GLSE, BLOCK_M, BLOCK_N0, D_HI, D_LO, PRECISION, UPCAST)
     if NUM_COND >= 2:
         row += stride
         dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
                                      sdo_n8, lam1, lse_ptr + row, glse_ptr + row, delta_ptr + row,
                                      k1, v1, len1, sk1_b8, sk1_h8, sk1_n8, sv1_b8, sv1_h8, sv1_n8,
                                      mask_ptr, 0, 0, HEAD_DIM, False, False,
-                                     DELTA_GIVEN, BLOCK_M, BLOCK_N1, D_HI, D_LO, PRECISION, UPCAST)
+                                     DELTA_GIVEN, HAS_GLSE, BLOCK_M, BLOCK_N1, D_HI, D_LO, PRECISION, UPCAST)
     if NUM_COND >= 3:
         row += stride
         dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
                                      sdo_n8, lam2, lse_ptr + row, glse_ptr + row, delta_ptr + row,
                                      k2, v2, len2, sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
                                      mask_ptr, 0, 0, HEAD_DIM, False, False,
-                                     DELTA_GIVEN, BLOCK_M, BLOCK_N2, D_HI, D_LO, PRECISION, UPCAST)
+                                     DELTA_GIVEN, HAS_GLSE, BLOCK_M, BLOCK_N2, D_HI, D_LO, PRECISION, UPCAST)
     if NUM_COND >= 4:
         row += stride
         dq_hi, dq_lo = _dq_condition(dq_hi, dq_lo, q_hi, q_lo, offs_m, row_ok, n_q, b, h, qk_scale, do_base,
                                      sdo_n8, lam3, lse_ptr + row, glse_ptr + row, delta_ptr + row,
                                      k3, v3, len3, sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
                                      mask_ptr, 0, 0, HEAD_DIM, False, False,
-                                     DELTA_GIVEN, BLOCK_M, BLOCK_N3, D_HI, D_LO, PRECISION, UPCAST)
+                                     DELTA_GIVEN, HAS_GLSE, BLOCK_M, BLOCK_N3, D_HI, D_LO, PRECISION, UPCAST)
     dq_hi, dq_lo = dq_hi * softmax_scale, dq_lo * softmax_scale
     if ACCUMULATE:  # more than four sets: the earlier launches' fp32 partial sum (dqacc may be dq itself)
         dq_hi, dq_lo = _add_chunks(_head_base(dqacc_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi, dq_lo,
@@ -1178,7 +1180,8 @@ def _dq_resident_block(q_hi, q_lo, do_hi, do_lo, k_hi, k_lo, v_hi, v_lo, start, 
 @triton.jit
 def _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, do_hi, do_lo, kv, kv_len, offs_m, row_ok, n_q, qk_scale, lse_row,
                      glse_row, delta_row, mask_base, sm_n, sm_m, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                     KEYS_A: tl.constexpr, KEYS_B: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr):
+                     KEYS_A: tl.constexpr, KEYS_B: tl.constexpr, D_LO: tl.constexpr, PRECISION: tl.constexpr,
+                     HAS_GLSE: tl.constexpr):
     """(dq_hi, dq_lo) plus one key/value set's dS K (unscaled), its keys resident (`kv` from _resident_kv,
     dO already scaled by the set's λ): P and dP of both key blocks in one pass, Δ = rowsum(P ∘ dP) − g_lse
     from them (stored for the dk/dv kernel), then dS = P ∘ (dP − Δ)."""
@@ -1195,7 +1198,8 @@ def _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, do_hi, do_lo, kv, kv_len, offs_m,
                                      PRECISION)
         delta += tl.sum(pb * dpb, 1)
     # A gradient flowing into the LSE output adds P ∘ g to dS: the same as lowering Δ by g.
-    delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
+    if HAS_GLSE:
+        delta -= tl.load(glse_row + offs_m, mask=row_ok, other=0.0)
     tl.store(delta_row + offs_m, delta, mask=row_ok)
     ds = (pa * (dpa - delta[:, None])).to(ka_hi.dtype)
     dq_hi += tl.dot(ds, ka_hi, input_precision=PRECISION)
@@ -1222,7 +1226,7 @@ def _dual_bwd_dq_resident_kernel(
     sk2_b8, sk2_h8, sk2_n8, sv2_b8, sv2_h8, sv2_n8,
     sk3_b8, sk3_h8, sk3_n8, sv3_b8, sv3_h8, sv3_n8,
     HEAD_DIM: tl.constexpr, NUM_COND: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HAS_GLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, KEYS0_A: tl.constexpr, KEYS0_B: tl.constexpr, KEYS1_A: tl.constexpr,
     KEYS1_B: tl.constexpr, KEYS2_A: tl.constexpr, KEYS2_B: tl.constexpr, KEYS3_A: tl.constexpr,
     KEYS3_B: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
@@ -1256,25 +1260,25 @@ def _dual_bwd_dq_resident_kernel(
         dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam0, UPCAST),
                                         _scaled(do_lo, lam0, UPCAST), kv0, len0, offs_m, row_ok, n_q, qk_scale,
                                         lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, sm_n, sm_m,
-                                        HAS_MASK, MASK_BOOL, KEYS0_A, KEYS0_B, D_LO, PRECISION)
+                                        HAS_MASK, MASK_BOOL, KEYS0_A, KEYS0_B, D_LO, PRECISION, HAS_GLSE)
         if NUM_COND >= 2:
             row += stride
             dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam1, UPCAST),
                                             _scaled(do_lo, lam1, UPCAST), kv1, len1, offs_m, row_ok, n_q, qk_scale,
                                             lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
-                                            False, False, KEYS1_A, KEYS1_B, D_LO, PRECISION)
+                                            False, False, KEYS1_A, KEYS1_B, D_LO, PRECISION, HAS_GLSE)
         if NUM_COND >= 3:
             row += stride
             dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam2, UPCAST),
                                             _scaled(do_lo, lam2, UPCAST), kv2, len2, offs_m, row_ok, n_q, qk_scale,
                                             lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
-                                            False, False, KEYS2_A, KEYS2_B, D_LO, PRECISION)
+                                            False, False, KEYS2_A, KEYS2_B, D_LO, PRECISION, HAS_GLSE)
         if NUM_COND >= 4:
             row += stride
             dq_hi, dq_lo = _dq_resident_set(dq_hi, dq_lo, q_hi, q_lo, _scaled(do_hi, lam3, UPCAST),
                                             _scaled(do_lo, lam3, UPCAST), kv3, len3, offs_m, row_ok, n_q, qk_scale,
                                             lse_ptr + row, glse_ptr + row, delta_ptr + row, mask_base, 0, 0,
-                                            False, False, KEYS3_A, KEYS3_B, D_LO, PRECISION)
+                                            False, False, KEYS3_A, KEYS3_B, D_LO, PRECISION, HAS_GLSE)
         dq_hi, dq_lo = dq_hi * softmax_scale, dq_lo * softmax_scale
         if ACCUMULATE:  # more than four sets: the earlier launches' fp32 partial sum (dqacc may be dq itself)
             dq_hi, dq_lo = _add_chunks(_head_base(dqacc_ptr, b, h, sdq_b8, sdq_h8), offs_m, row_ok, sdq_n8, dq_hi,
@@ -1286,7 +1290,8 @@ def _dual_bwd_dq_resident_kernel(
 @triton.jit
 def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
                     sa_b8, sa_h8, sa_n8, sb_b8, sb_h8, sb_n8,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
+                    HAS_SUB: tl.constexpr):
     """out[b·h, n] = Σ_d a[b, h, n, d] · b[b, h, n, d] − sub[b·h, n], products and sum in fp32: Δ of the
     reference backward (a = dO, b = O, sub = the LSE's incoming gradient)."""
     pid_bh, b, h, offs_m, row_ok = _query_tile(n_q, heads, BLOCK_M)
@@ -1298,7 +1303,9 @@ def _row_dot_kernel(a_ptr, b_ptr, sub_ptr, out_ptr, n_q, heads,
     if D_LO > 0:
         dot += tl.sum(a_lo.to(tl.float32) * b_lo.to(tl.float32), 1)
     rows = pid_bh.to(tl.int64) * n_q + offs_m
-    tl.store(out_ptr + rows, dot - tl.load(sub_ptr + rows, mask=row_ok, other=0.0), mask=row_ok)
+    if HAS_SUB:   # (without it sub_ptr is not read)
+        dot -= tl.load(sub_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(out_ptr + rows, dot, mask=row_ok)
 
 
 @triton.jit
@@ -1551,7 +1558,8 @@ def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_ar
     resident = not delta_given and _resident_keys(d_hi + d_lo, q.dtype, [k.shape[2] for k, _, _, _ in sets])
     per_launch = _dq_sets_per_launch(d_len)
     chunks = [sets[i:i + per_launch] for i in range(0, len(sets), per_launch)]
-    flat = [t.reshape(-1) for t in (lse, grad_lse, delta)]
+    has_glse = grad_lse is not None
+    flat = [t.reshape(-1) for t in (lse, grad_lse if has_glse else lse, delta)]   # (lse: a pointer not read)
     for c, (chunk, (dst, acc)) in enumerate(zip(chunks, _dq_targets(dq, len(chunks)))):
         off = c * per_launch * cond_stride
         used = len(chunk)
@@ -1568,7 +1576,7 @@ def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_ar
         tail = [*lens, *lams, *_strides8(q), *_strides8(grad_out), *_strides8(dst),
                 *(mask_args[1] if masked else (0, 0, 0, 0)), *strides]
         consts = dict(NUM_COND=used, HAS_MASK=masked, MASK_BOOL=masked and flags["MASK_BOOL"], ACCUMULATE=c > 0,
-                      D_HI=d_hi, D_LO=d_lo, **common)
+                      HAS_GLSE=has_glse, D_HI=d_hi, D_LO=d_lo, **common)
         if resident:
             grid, per_program, plan = _resident_plan(n_q, batch * heads, lens, sm_count)
             _dual_bwd_dq_resident_kernel[grid](*head, per_program, *tail, **dict(consts, **plan))
@@ -1593,7 +1601,7 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
                                          softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
                                          dq: torch.Tensor, dks, dvs, sm_count: int = 132) -> None:
     """grad_out, q: [b h n d]; keys/values[j]: [b h mⱼ d]; mask: None or expanded [b h n m₀];
-    lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient);
+    lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient, or None);
     dq: [b h n d], fp32 or q's dtype (written); dks/dvs[j]: like keys/values[j] (written); sm_count:
     the device's SMs (sizes the dk/dv query split)."""
     batch, heads, n_q, d_len = q.shape
@@ -1622,7 +1630,7 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
                                         softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
                                         dq: torch.Tensor, grads, sm_count: int = 132) -> None:
     """grad_out, q, out: [b h n d]; sources: ((k_m, v_m), (k_p, v_p)), each [b h mᵢ d]; lse, grad_lse:
-    [b·h, n] float32; dq: [b h n d], fp32 or q's dtype (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
+    [b·h, n] float32 (grad_lse None: no gradient into the LSE); dq: [b h n d], fp32 or q's dtype (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
     sources (written). One softmax spans both sources, so Δ = rowsum(dO ∘ O) − g_lse is shared."""
     batch, heads, n_q, d_len = q.shape
     q, grad_out, out = _aligned(q), _aligned(grad_out), _aligned(out)
@@ -1632,8 +1640,9 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
     d_hi, d_lo = _d_split(d_len, q.dtype)
     rows = max(16, 4096 // _d_pad(d_len)) // (2 if q.dtype == torch.float32 else 1)  # ≤ 16 values a thread
     _row_dot_kernel[(triton.cdiv(n_q, rows) * batch * heads,)](
-        grad_out, out, grad_lse.contiguous(), delta, n_q, heads, *_strides8(grad_out), *_strides8(out),
-        HEAD_DIM=d_len, BLOCK_M=rows, D_HI=d_hi, D_LO=d_lo, num_warps=4)
+        grad_out, out, delta if grad_lse is None else grad_lse.contiguous(), delta, n_q, heads,
+        *_strides8(grad_out), *_strides8(out),
+        HEAD_DIM=d_len, BLOCK_M=rows, D_HI=d_hi, D_LO=d_lo, HAS_SUB=grad_lse is not None, num_warps=4)
     dq_dst = _writable(dq)
     common, block_m = _bwd_common(d_len, q.dtype)
     block_n = 64 if _d_pad(d_len) <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM

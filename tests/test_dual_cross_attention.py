@@ -187,6 +187,20 @@ def test_gradient_through_lse_output(device, impl):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)
 
 
+def test_unused_lse_gradient_is_neither_made_nor_read(device, monkeypatch):
+    """The public op returns only the output: the backward gets no LSE gradient, and neither a zero
+    [conditions, b·h, n] tensor is made for it nor do the dq kernels read one (HAS_GLSE off)."""
+    from lm_testing import TensorOutputs
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dq_resident_kernel")
+    q, keys, values = make_inputs(1, 2, 9, 16, (5, 3), torch.float32, device, requires_grad=True)
+    with lightmotion_fast.backend("triton"):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.5])
+    with TensorOutputs() as outputs:
+        out.backward(torch.ones_like(out))
+    assert launches and not any(kw["HAS_GLSE"] for _, _, kw in launches)
+    assert not [s for s in outputs.seen if s[1] == (2, 2, 9) and s[0] != "detach"], outputs.seen  # (saved lse)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real models' head dims, memory layouts, large grids, NaN, float64 (issue 10, issue 14 items 8/10)
 

@@ -75,6 +75,7 @@ def _(q, keys, values, scales, mask, softmax_scale):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None, not as zeros
     q, keys, values, scales, mask, softmax_scale = inputs
     _, lse = output
     ctx.save_for_backward(q, lse, *keys, *values)
@@ -85,8 +86,9 @@ def _setup_context(ctx, inputs, output):
 def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, keys: list[torch.Tensor],
                                      values: list[torch.Tensor], scales: list[float], mask: torch.Tensor | None,
                                      softmax_scale: float, lse: torch.Tensor,
-                                     grad_lse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients (dq, dks, dvs) of dual_cross_attention_op's (out, lse) for incoming (grad_out, grad_lse)."""
+                                     grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients (dq, dks, dvs) of dual_cross_attention_op's (out, lse) for incoming (grad_out, grad_lse);
+    grad_lse None when no gradient reaches the LSE (the public op never returns it): nothing is read for it."""
     b, h, n, _ = q.shape
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
     if triton_path(q):
@@ -94,7 +96,8 @@ def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, ke
         dks, dvs = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
         _common.kernel_module("dual_cross_attention").dual_cross_attention_backward_launch(
             grad_out, q, keys, values, scales, full_mask, softmax_scale, lse.contiguous(),
-            grad_lse.float().contiguous(), dq, dks, dvs, sm_count=_common.device_sm_count(q.device))
+            None if grad_lse is None else grad_lse.float().contiguous(), dq, dks, dvs,
+            sm_count=_common.device_sm_count(q.device))
         return dq, dks, dvs
     return _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse)
 
@@ -124,7 +127,8 @@ def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse,
         do_j = lam * dout
         dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype))
         dp = do_j @ vf.transpose(-1, -2)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True) + grad_lse[j].to(c).reshape(b, h, n, 1))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True)
+                  + (0.0 if grad_lse is None else grad_lse[j].to(c).reshape(b, h, n, 1)))
         dq += (ds @ kf) * s
         dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype))
     return dq.to(q.dtype), dks, dvs
@@ -134,7 +138,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, lse, *kv = ctx.saved_tensors
     keys, values = kv[:ctx.conditions], kv[ctx.conditions:]
     grad_out = torch.zeros_like(q) if grad_out is None else grad_out
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    # grad_lse stays None (no [conditions, b·h, n] zeros made and read) when nothing uses the LSE
     dq, dks, dvs = dual_cross_attention_backward_op(grad_out, q, keys, values, ctx.scales, ctx.mask,
                                                     ctx.softmax_scale, lse, grad_lse)
     return dq, dks, dvs, None, None, None

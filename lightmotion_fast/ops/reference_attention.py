@@ -51,20 +51,22 @@ def _(q, k, v, k_ref, v_ref, softmax_scale):
 @torch.library.custom_op("lightmotion::reference_attention_backward", mutates_args=())
 def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     k_ref: torch.Tensor, v_ref: torch.Tensor, out: torch.Tensor, softmax_scale: float,
-                                    lse: torch.Tensor, grad_lse: torch.Tensor) -> list[torch.Tensor]:
+                                    lse: torch.Tensor, grad_lse: torch.Tensor | None) -> list[torch.Tensor]:
     """Gradients [dq, dk, dv, dk_ref, dv_ref] of reference_attention_op's (out, lse) for incoming
-    (grad_out, grad_lse)."""
+    (grad_out, grad_lse); grad_lse None when no gradient reaches the LSE."""
     if triton_path(q):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grads = [torch.empty_like(t) for t in (k, v, k_ref, v_ref)]
         _common.kernel_module("dual_cross_attention").reference_attention_backward_launch(
             grad_out, q, out, ((k, v), (k_ref, v_ref)), softmax_scale, lse.contiguous(),
-            grad_lse.float().contiguous(), dq, (grads[0:2], grads[2:4]), sm_count=_common.device_sm_count(q.device))
+            None if grad_lse is None else grad_lse.float().contiguous(), dq, (grads[0:2], grads[2:4]),
+            sm_count=_common.device_sm_count(q.device))
         return [dq, *grads]
     # One softmax over the concatenation: the single-condition dual backward over [k; k_ref].
     n_m = k.shape[2]
     dq, (dk_cat,), (dv_cat,) = _backward_torch(grad_out, q, [torch.cat([k, k_ref], 2)], [torch.cat([v, v_ref], 2)],
-                                               [1.0], None, softmax_scale, lse[None], grad_lse[None])
+                                               [1.0], None, softmax_scale, lse[None],
+                                               None if grad_lse is None else grad_lse[None])
     # clone: the slices may be views of one buffer, and custom-op outputs must not alias.
     return [dq, dk_cat[:, :, :n_m].clone(), dv_cat[:, :, :n_m].clone(), dk_cat[:, :, n_m:].clone(),
             dv_cat[:, :, n_m:].clone()]
@@ -76,6 +78,7 @@ def _(grad_out, q, k, v, k_ref, v_ref, out, softmax_scale, lse, grad_lse):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # an unused output's gradient arrives as None, not as zeros
     ctx.save_for_backward(*inputs[:5], *output)
     ctx.softmax_scale = inputs[5]
 
@@ -83,7 +86,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, k_ref, v_ref, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    # grad_lse stays None (no [b·h, n] zeros made and read) when nothing uses the LSE
     grads = reference_attention_backward_op(grad_out, q, k, v, k_ref, v_ref, out, ctx.softmax_scale, lse, grad_lse)
     return (*grads, None)
 
