@@ -889,10 +889,15 @@ def dual_cross_attention_launch(q: torch.Tensor, keys, values, scales, mask, sof
 #   D_PAD 64:  128×64, 8 warps, 3 stages: 126 regs, 64 KB smem -> 2 blocks (16 warps)
 #   D_PAD 128:  64×32, 4 warps, 3 stages: 128 regs, 64 KB -> 3 blocks (64×64 at 8 warps: 139 regs, 1 block)
 #   D_PAD 256:  32×32, 4 warps, 3 stages: 166 regs, 82 KB -> 2 blocks (64×32 at 8 warps: 172 regs, 1 block)
-_REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 3)}
+# D_PAD 256 (heads 129-256 wide) at 8 warps: 4 warps took 163-168 registers and spilled 8-16 B where
+# the query count is not a multiple of 16 (n = 40: 160-, 144- and 192-wide heads, Triton 3.9); 8 warps:
+# 125-128 registers, no spill under 3.6 and 3.9, 2 blocks/SM (sm_90, 2026-12-08).
+_REFERENCE_TILES = {64: (128, 64, 8, 3), 128: (64, 32, 4, 3), 256: (32, 32, 8, 3)}
 # fp32 (IEEE dots are FMA loops): 64×64 spilled 2.9 KB, 64×32 0.8 KB, 32×32 24 B–1.1 KB, 16×32 at
-# D_PAD 128 0.5 KB (4 warps); the tiles below: 140 / 48 / 196 regs, 0 spills.
-_REFERENCE_TILES_FP32 = {64: (16, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 32, 4, 2)}
+# D_PAD 128 0.5 KB (4 warps); the tiles below: 140 / 48 / 62-64 regs, 0 spills. D_PAD 256 takes 16 warps:
+# at 4 warps ptxas kept 32 registers and spilled 19.5 KB where the head dim is not a power of two or the
+# query count not a multiple of 16 (160 wide, n = 40), at 8 warps 12-16 B (sm_90, Triton 3.6 and 3.9).
+_REFERENCE_TILES_FP32 = {64: (16, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 32, 16, 2)}
 
 
 def _reference_lag_pv(d_pad: int) -> bool:
@@ -1558,6 +1563,15 @@ def _launch_dq(q, grad_out, sets, lse, grad_lse, delta, cond_stride, dq, mask_ar
     resident = not delta_given and _resident_keys(d_hi + d_lo, q.dtype, [k.shape[2] for k, _, _, _ in sets])
     per_launch = _dq_sets_per_launch(d_len)
     chunks = [sets[i:i + per_launch] for i in range(0, len(sets), per_launch)]
+    if q.dtype == torch.float32 and _d_pad(d_len) > 128:
+        if not delta_given and grad_lse is None:
+            # fp32 keeps reading a zero LSE gradient here: without that load ptxas (Triton 3.9) held the
+            # masked 160-wide dq to 64 registers and spilled 16 B (sm_90, 2026-12-08)
+            grad_lse = torch.zeros_like(lse)
+        if delta_given:
+            # 2 stages held the 160-wide dq with Δ given (reference attention) to 64 registers and spilled
+            # 4 B under Triton 3.6 and 3.9; 3 stages: 64-76 registers, no spill at 160 and 256 wide
+            common = dict(common, num_stages=3)
     has_glse = grad_lse is not None
     flat = [t.reshape(-1) for t in (lse, grad_lse if has_glse else lse, delta)]   # (lse: a pointer not read)
     for c, (chunk, (dst, acc)) in enumerate(zip(chunks, _dq_targets(dq, len(chunks)))):

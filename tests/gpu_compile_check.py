@@ -197,7 +197,7 @@ def calls_reference_attention(dtype):
     import lightmotion_fast as lm
     # Forward and backward (Δ, dq and dk/dv launches per source).
     for (b, h, n, n_ref, d) in ((2, 2, 21, 17, 40), (1, 2, 256, 256, 64), (1, 1, 64, 64, 128), (1, 3, 5, 9, 16),
-                                (1, 1, 32, 32, 256)):
+                                (1, 1, 32, 32, 256), (1, 2, 40, 24, 160)):
         def call(b=b, h=h, n=n, n_ref=n_ref, d=d):
             out = lm.reference_attention(*(_randn(b, h, m, d, dtype=dtype, grad=True) for m in (n, n, n, n_ref, n_ref)))
             out.backward(torch.randn_like(out))
