@@ -648,7 +648,7 @@ def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankL
     (Gᵢ = BᵢᵀBᵢ zero-padded to the padded rank, so zg is 0 in the padding) are the input dtype's GEMMs
     (16-bit: tensor cores), then one pass forms dz and zq = q z. At CogVideoX-5B (M = 35,552, k = 3,
     r = 256, bf16) the two passes move ~0.44 GB where the PyTorch branch's ~20 elementwise passes over
-    fp32 copies move ~3.7 GB (sm90-static.md, "PyTorch work inside the ops")."""
+    fp32 copies moved ~3.4 GB (sm90-static.md, "PyTorch work inside the ops")."""
     dtype, acc = z.dtype, _acc_dtype(z)
     zg = torch.empty_like(z)
     for b, (lo, hi), p in zip(lora_b, layout.spans(), layout.padded):
