@@ -213,6 +213,8 @@ def test_pytorch_work_inside_the_ops_is_recorded(report):
     backward's three token-long GEMMs, never the library's own ops (their kernels are the launch rows), and
     nothing of size for the trajectory core, whose index tables are built once in a TrajectoryIndex."""
     work = report["torch_work"]
+    # no value read by the host in a steady-state call (each would be a GPU synchronisation)
+    assert not [t for t in work if t["aten"] in ("_local_scalar_dense", "equal", "is_nonzero")]
     assert not [t for t in work if t["aten"] in ("multi_lora_linear", "trajectory_attention", "dual_cross_attention",
                                                   "reference_attention")]
     lora = [t for t in work if re.search(_LORA_BWD, t["case"])]
@@ -327,10 +329,12 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
             torch.empty(1000)               # an allocation moves nothing
             e = torch.empty(64, 16)
             torch.mm(d, torch.empty(16, 16), out=e)   # an out= argument is written, not read
+            e[0, 0].item()                  # a host read (a synchronisation on a GPU) is recorded
         entries = list(recorder.torch_ops)
     finally:
         recorder.torch_case, recorder.torch_ops[:] = saved[0], saved[1]
-    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "mm"], entries
+    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "mm", "_local_scalar_dense"], entries
+    assert entries.pop()["bytes"] == 4
     out_mm = entries.pop()
     assert out_mm["shapes"] == "64x16 @ 16x16" and out_mm["bytes"] == 4 * (64 * 16 + 16 * 16 + 64 * 16)
     by_op = {e["aten"]: e for e in entries}

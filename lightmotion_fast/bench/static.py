@@ -561,10 +561,10 @@ class SkipMatmuls(TorchDispatchMode):
 # ---------------------------------------------------------------------------------------------
 # PyTorch's own work inside an op's call (matrix products, copies, elementwise), by bytes and FLOPs
 
-# ATen ops that move no data of their own: allocations, metadata and host-side reads.
+# ATen ops that move no data of their own: allocations and metadata. (Reads of a value by the host,
+# `.item()`, `equal`, `is_nonzero`, are recorded: on a GPU each is a synchronisation.)
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-               "lift_fresh", "_local_scalar_dense", "set_", "resize_", "is_same_size", "record_stream",
-               "_has_compatible_shallow_copy_type", "is_nonzero", "equal"}
+               "lift_fresh", "set_", "resize_", "is_same_size", "record_stream", "_has_compatible_shallow_copy_type"}
 # In-place ops that overwrite their first argument without reading it.
 _WRITE_ONLY = {"fill_", "zero_", "copy_", "normal_", "uniform_", "random_", "bernoulli_"}
 
