@@ -347,6 +347,18 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
     assert mm["calls"] == 2 and mm["flops"] == 4 * 64 * 32 * 16 and mm["bound"] == "memory"
 
 
+def test_wide_matrix_products_are_floored_at_the_fma_rate():
+    """An fp32 product's FLOPs count at 67 TFLOP/s (no TF32 by default), a 16-bit one's at the tensor-core rate."""
+    from lightmotion_fast.bench import static
+    flops = 67e9   # 1 ms at the fp32 rate, ~84 µs at H100's measured bf16 rate
+    assert static.floors(0, flops, "float32")["floor_us_h100"] == round(flops / 66.9e12 * 1e6, 2)
+    assert static.floors(0, flops, "float32")["bound"] == "compute"
+    assert static.floors(0, flops, "bfloat16")["floor_us_h100"] == round(flops / 798e12 * 1e6, 2)
+    assert static.floors(0, flops)["floor_us_h200"] == round(flops / 788e12 * 1e6, 2)
+    # bytes that bind at the 16-bit rate can be outrun by the same FLOPs in fp32
+    assert static.floors(3e7, 3e9)["bound"] == "memory" and static.floors(3e7, 3e9, "float32")["bound"] == "compute"
+
+
 def test_partial_regeneration_keeps_the_other_cases():
     from lightmotion_fast.bench.static import merge
     old = [dict(case="a", kernel="k1", launch="1"), dict(case="a", kernel="k2", launch="2"),

@@ -70,6 +70,10 @@ CEILINGS = {
     "h100_peak": (3.35e12, 989e12),  # H100 SXM datasheet
     "h200": (4.3e12, 788e12),        # H200, measured
 }
+# Matrix products PyTorch runs in fp32 or fp64 do not use the 16-bit tensor-core rate: H100 and H200 (SXM)
+# both do 67 TFLOP/s fp32 on the FMA units (TF32 products are off by default:
+# torch.backends.cuda.matmul.allow_tf32) and 67 TFLOP/s fp64 on the tensor cores (datasheet; not measured).
+WIDE_MATMUL_RATE = {"float32": 66.9e12, "float64": 66.9e12}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,13 +684,16 @@ COLUMNS = [
 ]
 
 
-def floors(nbytes, flops):
-    """Roofline floor (µs) per device from the case's bytes and FLOPs, and what binds on the H100."""
+def floors(nbytes, flops, dtype=None):
+    """Roofline floor (µs) per device from the case's bytes and FLOPs, and what binds on the H100. The
+    FLOPs run at the 16-bit matmul rate unless `dtype` is float32 or float64 (WIDE_MATMUL_RATE)."""
     out = {}
+    wide = WIDE_MATMUL_RATE.get(dtype)
     for dev, (bw, rate) in CEILINGS.items():
-        t = max((nbytes or 0) / bw, (flops or 0) / rate)
+        t = max((nbytes or 0) / bw, (flops or 0) / (wide or rate))
         out[f"floor_us_{dev}"] = round(t * 1e6, 2) if (nbytes or flops) else ""
     bw, rate = CEILINGS["h100"]
+    rate = wide or rate
     out["bound"] = "" if not (nbytes or flops) else (
         "memory" if (nbytes or 0) / bw >= (flops or 0) / rate else "compute")
     return out
@@ -804,7 +811,7 @@ def torch_rows(entries):
         g["flops"] += e["flops"]
         g["bytes"] += e["bytes"]
     for g in groups.values():
-        g.update(floors(g["bytes"], g["flops"]))
+        g.update(floors(g["bytes"], g["flops"], g["dtype"]))
     return list(groups.values())
 
 
@@ -842,7 +849,8 @@ widths, async copies, MMA kind and atomics from the SASS (`cuobjdump -sass`), 64
   backward's GEMMs, casts, copies, reductions) is recorded op by op during the same capture and listed under
   "PyTorch work inside the ops" (`sm90-static-torch.csv`): per ATen op its operand shapes, calls, FLOPs
   (matrix products and attention only), bytes (every tensor argument read once, every output written once)
-  and its own roofline floor; *PyTorch floor* in the cases table is their sum, a lower bound on the time
+  and its own roofline floor (fp32 and fp64 products at 67 TFLOP/s, the datasheet's non-TF32 fp32 and
+  fp64 rates of both GPUs, not the 16-bit rate); *PyTorch floor* in the cases table is their sum, a lower bound on the time
   PyTorch adds to the case (kernel launches and caching-allocator work not counted).
 - Static counts are not timings; everything here is a prediction aid, to be confirmed on a GPU.
 
