@@ -86,7 +86,8 @@ def test_16bit_backward_keeps_rank_space_tensors_in_the_input_dtype(norm, separa
 def test_16bit_output_norm_backward_runs_its_rank_space_products_in_the_input_dtype(dtype):
     """The `output` norms' gradient through nᵢ has two products over all M tokens per LoRA, (z q) G and
     zᵀ(z q) with G = BᵀB (r × r): in 16-bit they take the input dtype's GEMM (tensor cores on a GPU), not
-    an fp32 one (FMA units), and the gradients still hold against float64."""
+    an fp32 one (FMA units), and so do G and B (zᵀ z q) (no matrix product of the backward is fp32); the
+    gradients still hold against float64."""
     m, d, ranks = 40, 32, (16, 16)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(m, d, generator=g).to(dtype).requires_grad_()
@@ -97,8 +98,9 @@ def test_16bit_output_norm_backward_runs_its_rank_space_products_in_the_input_dt
     grad = torch.randn(y.shape, generator=g).to(dtype)
     with TensorOutputs() as outputs:
         y.backward(grad)
-    products = [s for s in outputs.seen if s[0] in ("mm", "matmul", "addmm") and s[1] == (m, ranks[0])]
-    assert products and all(s[2] == dtype for s in products), products
+    products = [s for s in outputs.seen if s[0] in ("mm", "matmul", "addmm", "bmm")]
+    assert [s for s in products if s[1] == (m, ranks[0])], products
+    assert all(s[2] == dtype for s in products), products
     want = [t.detach().double().requires_grad_() for t in (x, *lora_a, *lora_b)]
     multi_lora_linear_reference(want[0], w.double(), None, want[1:3], want[3:], [1.0, 0.5],
                                 norm="output").backward(grad.double())
@@ -140,6 +142,8 @@ def test_output_norm_backward_is_two_fused_passes_equal_to_reference(norm, lead,
     assert calls == ["multi_lora_output_bwd_scale_launch", "multi_lora_output_bwd_dz_launch"]
     if dtype != torch.float32:
         assert not outputs.of((m, 48), torch.float32), "an fp32 copy of an [M, R] tensor"  # R: 3 ranks padded to 16
+        products = [s for s in outputs.seen if s[0] in ("mm", "matmul", "addmm", "bmm")]
+        assert products and all(s[2] == dtype for s in products), products   # tensor cores only
     f64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     want_in = [f64(t) for t in (x, *a, *bb)]
     ref = multi_lora_linear_reference(want_in[0], f64(w), f64(b), want_in[1:4], want_in[4:], scales, norm=norm,
@@ -174,3 +178,63 @@ def test_output_bwd_kernels_match_their_formulas(groups, device):
     torch.testing.assert_close(ps.double(), want_ps, rtol=1e-5, atol=1e-4)
     for got, want in ((zs, zf * rho), (dz, hf * rho + gf * qr), (zq, zf * qr)):
         torch.testing.assert_close(got.double(), want.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("frozen", ["all", "a1_only", "b_only"])
+def test_frozen_loras_get_no_gradient_and_cost_no_token_long_product(norm, frozen, device):
+    """Adapters that do not require gradients (training the base, the scaling tokens or one adapter of
+    several) get None, and their token-long products are not run: no dA_cat = dzᵀ x ([R, d_in]) when no Aᵢ
+    wants a gradient, no dB_cat' = gᵀ zs ([d_out, R]) when no Bᵢ (nor, for `weight`, an Aᵢ through the
+    norms) does. What is asked for still equals the float64 reference."""
+    ranks, (m, d_in, d_out) = [4, 16, 12], (15, 24, 40)
+    x, w, b, a, bb, scales = _inputs(m, d_in, d_out, ranks, torch.float32, device)
+    want_a = {"all": [False] * 3, "a1_only": [False, True, False], "b_only": [False] * 3}[frozen]
+    want_b = {"all": [False] * 3, "a1_only": [False] * 3, "b_only": [True] * 3}[frozen]
+    for t, need in zip([*a, *bb], want_a + want_b):
+        t.requires_grad_(need)
+    y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(device)
+    leaves = [x, *(t for t in [*a, *bb] if t.requires_grad)]
+    with TensorOutputs() as outputs:
+        y.backward(grad)
+    rank_total = 48
+    assert bool(outputs.of((rank_total, d_in))) == any(want_a), "dA_cat = dzᵀ x"
+    uses_db = any(want_b) or (norm == "weight" and any(want_a))
+    assert bool(outputs.of((d_out, rank_total))) == uses_db, "dB_cat' = gᵀ zs"
+    for t, need in zip([*a, *bb], want_a + want_b):
+        assert (t.grad is not None) == need
+    f64 = lambda t: t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+    ref_in = [f64(t) for t in (x, *a, *bb)]
+    ref = multi_lora_linear_reference(ref_in[0], w.detach().double(), b.detach().double(), ref_in[1:4], ref_in[4:],
+                                      scales, norm=norm)
+    ref.backward(grad.double())
+    for got, want in zip(leaves, [t for t in ref_in if t.requires_grad]):
+        assert_close_rel(got.grad, want.grad, torch.float32, f"norm={norm} frozen={frozen}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_weight_norm_backward_runs_its_products_in_the_input_dtype(dtype):
+    """The `weight` norms' terms ∂N/∂Aᵢ ∝ (BᵢᵀBᵢ)Aᵢ and ∂N/∂Bᵢ ∝ Bᵢ(AᵢAᵢᵀ) are four r×d-long products per
+    LoRA: in 16-bit the input dtype's GEMMs (tensor cores on a GPU) on the weights as they are, never fp32
+    ones; the gradients hold against float64 (the norms' own gradient sums ⟨Bᵢ, dBᵢ⟩ stay fp32)."""
+    m, d, ranks = 24, 32, (16, 8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(m, d, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(d, d, generator=g).to(dtype)
+    lora_a = [torch.randn(r, d, generator=g).to(dtype).requires_grad_() for r in ranks]
+    lora_b = [(torch.randn(d, r, generator=g) * 0.5).to(dtype).requires_grad_() for r in ranks]
+    y = multi_lora_linear(x, w, None, lora_a, lora_b, [1.0, 0.5], norm="weight", lora_scaling=[2.0, 0.5])
+    grad = torch.randn(y.shape, generator=g).to(dtype)
+    with TensorOutputs() as outputs:
+        y.backward(grad)
+    products = [s for s in outputs.seen if s[0] in ("mm", "matmul", "addmm", "bmm")]
+    assert products and all(s[2] == dtype for s in products), products
+    for r in ranks:
+        assert outputs.of((r, r), dtype) and not outputs.of((r, r), torch.float32)    # the Grams
+        assert not outputs.of((r, d), torch.float32)   # no fp32 copy of Aᵢ
+    want = [t.detach().double().requires_grad_() for t in (x, *lora_a, *lora_b)]
+    multi_lora_linear_reference(want[0], w.double(), None, want[1:3], want[3:], [1.0, 0.5], norm="weight",
+                                lora_scaling=[2.0, 0.5]).backward(grad.double())
+    for got, ref in zip((x, *lora_a, *lora_b), want):
+        assert_close_rel(got.grad, ref.grad, dtype, "weight-norm gradient")

@@ -326,6 +326,7 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
             d = c.float()                   # _to_copy: reads 2 B, writes 4 B per element
             d.view(-1).t()                  # views move nothing
             d.zero_()                       # a fill writes only
+            a.new_zeros((4, 4))             # a factory reads only its argument's metadata
             torch.empty(1000)               # an allocation moves nothing
             e = torch.empty(64, 16)
             torch.mm(d, torch.empty(16, 16), out=e)   # an out= argument is written, not read
@@ -333,7 +334,8 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
         entries = list(recorder.torch_ops)
     finally:
         recorder.torch_case, recorder.torch_ops[:] = saved[0], saved[1]
-    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "mm", "_local_scalar_dense"], entries
+    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "new_zeros", "mm", "_local_scalar_dense"], \
+        entries
     assert entries.pop()["bytes"] == 4
     out_mm = entries.pop()
     assert out_mm["shapes"] == "64x16 @ 16x16" and out_mm["bytes"] == 4 * (64 * 16 + 16 * 16 + 64 * 16)
@@ -342,6 +344,7 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
     assert by_op["mm"]["shapes"] == "64x32 @ 32x16"
     assert (by_op["_to_copy"]["flops"], by_op["_to_copy"]["bytes"]) == (0, 64 * 16 * (2 + 4))
     assert by_op["zero_"]["bytes"] == 64 * 16 * 4
+    assert by_op["new_zeros"]["bytes"] == 4 * 4 * 2
     rows = static.torch_rows(entries + entries)
     mm = next(r for r in rows if r["aten"] == "mm")
     assert mm["calls"] == 2 and mm["flops"] == 4 * 64 * 32 * 16 and mm["bound"] == "memory"

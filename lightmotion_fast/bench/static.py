@@ -571,6 +571,9 @@ _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_s
                "lift_fresh", "set_", "resize_", "is_same_size", "record_stream", "_has_compatible_shallow_copy_type"}
 # In-place ops that overwrite their first argument without reading it.
 _WRITE_ONLY = {"fill_", "zero_", "copy_", "normal_", "uniform_", "random_", "bernoulli_"}
+# Factories that take only the shape, dtype and device of their tensor argument: they write, never read.
+_LIKE_FACTORIES = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "rand_like",
+                   "randn_like", "randint_like"}
 
 
 def _tensors(tree):
@@ -612,7 +615,7 @@ def torch_entry(func, args, kwargs, out):
     name = func._schema.name.split("::")[-1]
     if name in _NO_TRAFFIC or _is_view(func):
         return None
-    ins = _tensors((args, kwargs))
+    ins = [] if name in _LIKE_FACTORIES else _tensors((args, kwargs))
     outs = _tensors(out)
     if func._schema.is_mutable:
         bound = {arg.name: kwargs.get(arg.name, args[i] if i < len(args) else None)

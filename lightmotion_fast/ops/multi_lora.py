@@ -298,19 +298,25 @@ def _lora_factors(lora_a, lora_b, scales, lora_scaling, norm, pack) -> list:
 def _b_cat(pack, lora_a, lora_b, layout: RankLayout, scales, lora_scaling, norm) -> torch.Tensor:
     """[d_out, R] contiguous: fᵢ Bᵢ side by side along the padded rank (fᵢ from _lora_factors), zero
     columns in the padding. One variant per pack: new scales rebuild it (no host sync either)."""
+    return _b_cat_and_factors(pack, lora_a, lora_b, layout, scales, lora_scaling, norm)[0]
+
+
+def _b_cat_and_factors(pack, lora_a, lora_b, layout: RankLayout, scales, lora_scaling, norm) -> tuple:
+    """(_b_cat, the factors fᵢ folded into it), cached together: the backward reuses the fᵢ (device
+    scalars for `weight`) without recomputing them from the norms."""
     weighted = norm == "weight"
     variant = ("b_cat", weighted, tuple(scales), tuple(lora_scaling) if weighted else ())
     cached = pack.data.get("b_cat")
     if cached is not None and cached[0] == variant:
-        return cached[1]
+        return cached[1:]
     with torch.no_grad():
         factors = _lora_factors(lora_a, lora_b, scales, lora_scaling, norm, pack)
         acc = _acc_dtype(lora_b[0])
         out = lora_b[0].new_zeros((lora_b[0].shape[0], layout.total))
         for b, f, (lo, hi) in zip(lora_b, factors, layout.spans()):
             out[:, lo:hi] = b.to(acc) * f
-        _CACHE.store(pack, "b_cat", (variant, out))
-    return out
+        _CACHE.store(pack, "b_cat", (variant, out, factors))
+    return out, factors
 
 
 def _factors_t(pack, lora_b, layout: RankLayout, lora_scaling) -> torch.Tensor:
@@ -517,13 +523,16 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     pack = _CACHE.get(lora_a, lora_b)
     gammas = ctx.lora_scaling
     a_cat = _a_cat(pack, lora_a, layout)
-    b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, gammas, norm)
-    factors = _lora_factors(lora_a, lora_b, scales, gammas, norm, pack)  # fᵢ, folded into b_cat
+    b_cat, factors = _b_cat_and_factors(pack, lora_a, lora_b, layout, scales, gammas, norm)  # fᵢ folded in
     dtype, acc = x.dtype, _acc_dtype(x)
     g = grad_y
     m = z.shape[0]
     padded = list(zip(layout.offsets, layout.offsets[1:]))
     output = norm in OUTPUT_NORMS
+    # Per LoRA weight, whether autograd wants its gradient (frozen adapters, e.g. while training
+    # only the scaling tokens, skip dA_cat = dzᵀ x and dB_cat' = gᵀ zs: token-long GEMMs).
+    need_a, need_b = list(ctx.needs_input_grad[3]), list(ctx.needs_input_grad[4])
+    weighted = norm == "weight" and (any(need_a) or any(need_b))  # dA, dB through the weight norms
     # The `output` norms' elementwise work on the [M, R] tensors in two Triton passes (see
     # _output_backward_fused) where the forward ran the kernels; else in PyTorch below.
     fused = output and m > 0 and ctx.triton_path and _kernel_handles(dtype, norm, layout)
@@ -554,7 +563,9 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         zs, ps_rows = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=z.device)
         kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, _offsets(pack, layout, z.device), ctx.eps,
                                                   layout.rank_tile, zs, ps_rows)
-    if ctx.separate:
+    if not (any(need_b) or weighted):
+        db = None
+    elif ctx.separate:
         db = torch.cat([g[i].T @ zs[:, lo:hi] for i, (lo, hi) in enumerate(padded)], dim=1)
     else:
         db = g.T @ zs
@@ -564,10 +575,9 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     # dL/dBᵢ = fᵢ dB_cat'ᵢ (+ the norms' terms below, summed in fp32). Without such terms (`none`) it
     # stays in the input dtype: a 16-bit product by a Python float computes in fp32 and rounds once,
     # the same values as a trip through fp32, without the conversion passes.
-    extra_b = output or norm == "weight"
-    d_b = [(f * db[:, lo:hi].to(acc)) if extra_b else db[:, lo:hi] * f
-           for f, (lo, hi) in zip(factors, layout.spans())]
-    d_a = [None] * k
+    # `weight` adds its norms' terms in the input dtype too (below), so only `output` needs fp32 here.
+    d_b = None if db is None else [(f * db[:, lo:hi].to(acc)) if output else db[:, lo:hi] * f
+                                   for f, (lo, hi) in zip(factors, layout.spans())]
 
     if output:
         # ρᵢ = α/(nᵢ+ε), α = mean nⱼ, and fᵢ = sᵢ: with psᵢ(g) = Σ_{t∈g} hbᵢ(t)·zᵢ(t) (= sᵢ Σₜ gᵢ·(zᵢBᵢᵀ)),
@@ -583,46 +593,33 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         d_n = torch.stack([d_n[:, j] * (gm * gm) for j, gm in enumerate(gammas)], dim=1)  # γⱼ² ∂L/∂nⱼ
         q_groups = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)
     if fused:
-        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, pack, ctx.eps, d_b)
+        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, pack, ctx.eps, d_b, need_b)
     elif output:
         q = _per_row(q_groups, m)
         dz_terms = []
         for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
-            bf = b.to(acc)
-            gram = bf.T @ bf  # Gⱼ = BⱼᵀBⱼ, r×r, its d_out-long sums in fp32
             if dtype in (torch.float16, torch.bfloat16):
-                # The two [M, r]-long products on the tensor cores, operands in the input dtype: z in its
-                # own (exact) values, zq and G rounded once, products rounded once more: two roundings of
-                # the input dtype in terms that dz and dB are rounded to anyway. In fp32 on the FMA units
-                # (~4.7 GFLOP each per LoRA at CogVideoX-5B, M = 35,552, r = 256) they were the backward's
-                # only fp32 GEMMs.
+                # Every product on the tensor cores, operands in the input dtype: Gⱼ = BⱼᵀBⱼ (its
+                # d_out-long sums in fp32, rounded once), z in its own (exact) values, zq rounded once,
+                # products rounded once more: two roundings of the input dtype in terms that dz and dB
+                # are rounded to anyway. In fp32 on the FMA units (~4.7 GFLOP each per LoRA at
+                # CogVideoX-5B, M = 35,552, r = 256) the two [M, r]-long ones were the backward's only
+                # fp32 GEMMs.
                 z16 = z[:, lo:hi]
                 zq = (zf[:, lo:hi] * q[:, i:i + 1]).to(dtype)
-                dz_terms.append((lo, hi, (z16 @ gram.to(dtype)).to(acc) * q[:, i:i + 1]))
-                d_b[i] = d_b[i] + bf @ (z16.T @ zq).to(acc)
+                dz_terms.append((lo, hi, (z16 @ (b.T @ b)).to(acc) * q[:, i:i + 1]))
+                if need_b[i]:
+                    d_b[i] = d_b[i] + b @ (z16.T @ zq)
             else:
                 zq = zf[:, lo:hi] * q[:, i:i + 1]
-                dz_terms.append((lo, hi, zq @ gram))
-                d_b[i] = d_b[i] + bf @ (zf[:, lo:hi].T @ zq)
+                dz_terms.append((lo, hi, zq @ (b.T @ b)))
+                if need_b[i]:
+                    d_b[i] = d_b[i] + b @ (zf[:, lo:hi].T @ zq)
         for lo, hi, term in dz_terms:  # dz = hb * rho is a fresh tensor here
             dz[:, lo:hi] += term
         dz_d = dz.to(dtype)
-    elif norm == "weight":
-        # fᵢ = sᵢ α/Nᵢ, α = mean Nⱼ: with dcᵢ = sᵢ Σ_t gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩,
-        # ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² (over Nᵢ > 0); N² = γ² tr(AAᵀ BᵀB) gives
-        # ∂N/∂A = γ² G A/N, ∂N/∂B = γ² B (AAᵀ)/N. No host branch on which Nᵢ vanish (no sync).
-        n_w = effective_weight_norms(lora_a, lora_b, gammas, pack).to(acc)
-        alive = n_w > 0
-        safe = torch.where(alive, n_w, 1)
-        dc = torch.stack([s * (b.to(acc) * db[:, lo:hi]).sum()
-                          for s, b, (lo, hi) in zip(scales, lora_b, layout.spans())])
-        d_n = torch.where(alive, dc / safe, 0).sum() / k - torch.where(alive, dc * n_w.mean() / safe**2, 0)
-        w_n = torch.where(alive, d_n / safe, 0)
-        for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-            af, bf = a.to(acc), b.to(acc)
-            w_n_i = w_n[i] * gammas[i] ** 2
-            d_a[i] = w_n_i * ((bf.T @ bf) @ af)
-            d_b[i] = d_b[i] + w_n_i * (bf @ (af @ af.T))
+    elif weighted:
+        w_n = _weight_norm_backward(lora_a, lora_b, db, scales, gammas, layout, pack)
 
     if not output:
         dz_d = hb
@@ -633,34 +630,58 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         grad_w = g_sum.T @ x
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = g_sum.sum(0)
-    da_cat = dz_d.T @ x  # all k LoRAs in one GEMM; each LoRA's rows a contiguous slice
-    grad_a = []
-    for i, (lo, hi) in enumerate(layout.spans()):
-        da = da_cat[lo:hi]
-        grad_a.append((da if d_a[i] is None else da.to(acc) + d_a[i]).to(lora_a[i].dtype))
-    grad_b = [db_i.to(b.dtype) for db_i, b in zip(d_b, lora_b)]
+    da_cat = dz_d.T @ x if any(need_a) else None  # all k LoRAs in one GEMM, each a contiguous row slice
+    grad_a, grad_b = [None] * k, [None] * k
+    for i, (a, b, (lo, hi)) in enumerate(zip(lora_a, lora_b, layout.spans())):
+        # `weight`: ∂N/∂Aᵢ = γᵢ² Gᵢ Aᵢ/Nᵢ and ∂N/∂Bᵢ = γᵢ² Bᵢ Pᵢ/Nᵢ, Gᵢ = BᵢᵀBᵢ and Pᵢ = AᵢAᵢᵀ (r × r):
+        # four r×d-long products per LoRA in the input dtype (tensor cores in 16-bit; the Grams rounded
+        # once, like the `output` norms' zG), each term added to its gradient in one fp32 addcmul.
+        if need_a[i]:
+            grad_a[i] = da_cat[lo:hi]
+            if weighted:
+                grad_a[i] = torch.addcmul(grad_a[i], (b.T @ b) @ a, w_n[i], value=gammas[i] ** 2)
+            grad_a[i] = grad_a[i].to(a.dtype)
+        if need_b[i]:
+            grad_b[i] = d_b[i]
+            if weighted:
+                grad_b[i] = torch.addcmul(grad_b[i], b @ (a @ a.T), w_n[i], value=gammas[i] ** 2)
+            grad_b[i] = grad_b[i].to(b.dtype)
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
-def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, pack, eps, d_b):
+def _weight_norm_backward(lora_a, lora_b, db, scales, gammas, layout: RankLayout, pack) -> torch.Tensor:
+    """[k] (∂L/∂Nⱼ)/Nⱼ for the `weight` norms (0 where Nⱼ = 0), Nⱼ = ‖γⱼBⱼAⱼ‖ and fᵢ = sᵢ α/Nᵢ folded
+    into B_cat, α = mean Nⱼ. With dcᵢ = sᵢ Σₜ gᵢ·(zᵢBᵢᵀ) = sᵢ ⟨Bᵢ, dB_cat'ᵢ⟩ (fp32 sums),
+    ∂L/∂Nⱼ = Σᵢ dcᵢ/(k Nᵢ) − dcⱼ α/Nⱼ² over the Nᵢ > 0. No host branch on which Nᵢ vanish (no sync);
+    N² = γ² tr(AAᵀ BᵀB) then gives ∂N/∂A and ∂N/∂B (applied in _backward)."""
+    k, acc = len(lora_b), _acc_dtype(db)
+    n_w = effective_weight_norms(lora_a, lora_b, gammas, pack).to(acc)
+    alive = n_w > 0
+    safe = torch.where(alive, n_w, 1)
+    dc = torch.stack([s * (b.to(acc) * db[:, lo:hi]).sum() for s, b, (lo, hi) in zip(scales, lora_b, layout.spans())])
+    u = torch.where(alive, dc / safe, 0)   # dcᵢ/Nᵢ
+    d_n = u.sum() / k - u * (n_w.mean() / safe)
+    return torch.where(alive, d_n / safe, 0)
+
+
+def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, pack, eps, d_b, need_b):
     """The `output` norms' backward through nᵢ on the Triton path: dz = ρ hb + q (z G) in z's dtype,
     and d_b[i] += Bᵢ (zᵢᵀ (q zᵢ)), as the PyTorch branch of _backward computes them. zg = zᵢ Gᵢ
     (Gᵢ = BᵢᵀBᵢ zero-padded to the padded rank, so zg is 0 in the padding) are the input dtype's GEMMs
     (16-bit: tensor cores), then one pass forms dz and zq = q z. At CogVideoX-5B (M = 35,552, k = 3,
     r = 256, bf16) the two passes move ~0.44 GB where the PyTorch branch's ~20 elementwise passes over
     fp32 copies moved ~3.4 GB (sm90-static.md, "PyTorch work inside the ops")."""
-    dtype, acc = z.dtype, _acc_dtype(z)
     zg = torch.empty_like(z)
     for b, (lo, hi), p in zip(lora_b, layout.spans(), layout.padded):
-        bf = b.to(acc)
-        gram = bf.new_zeros((p, p))
-        gram[: hi - lo, : hi - lo] = bf.T @ bf
-        torch.mm(z[:, lo:lo + p], gram.to(dtype), out=zg[:, lo:lo + p])
+        gram = z.new_zeros((p, p))
+        torch.mm(b.T, b, out=gram[: hi - lo, : hi - lo])   # in z's dtype: fp32 sums, rounded once
+        torch.mm(z[:, lo:lo + p], gram, out=zg[:, lo:lo + p])
     dz, zq = torch.empty_like(z), torch.empty_like(z)
     kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q_groups, _offsets(pack, layout, z.device), eps,
                                            layout.rank_tile, dz, zq)
     for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
-        d_b[i] = d_b[i] + b.to(acc) @ (z[:, lo:hi].T @ zq[:, lo:hi]).to(acc)
+        if need_b[i]:
+            d_b[i] = d_b[i] + b @ (z[:, lo:hi].T @ zq[:, lo:hi])   # input-dtype products, fp32 sum
     return dz
 
 
