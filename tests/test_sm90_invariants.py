@@ -74,6 +74,7 @@ _LORA = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \
 _LORA_SAMPLE = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=output per sample x2( separate)? \| bfloat16 \| fwd$"
 _LORA_SAMPLE_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=output per sample x2 \| bfloat16 \| fwd\+bwd$"
 _LORA_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=none \| bfloat16 \| fwd\+bwd$"
+_LORA_WEIGHT_BWD = r"multi_lora_linear \| CogVideoX-5B M=35552 d=3072 k=3 r=256 norm=weight \| bfloat16 \| fwd\+bwd$"
 _DUAL_D40 = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd$"
 _DUAL_D40_BWD = r"dual_cross_attention \| SD1.5/AnimateDiff 64x64 .* keys=77\+4 \| float16 \| fwd\+bwd$"
 _DUAL_RESIDENT = (r"dual_cross_attention \| (SD1.5/AnimateDiff (64x64|32x32) .* keys=77\+(4|16)|SDXL b=2 n=\d+ "
@@ -183,8 +184,12 @@ INVARIANTS = [
 ]
 
 
+# Cases captured for test_pytorch_work_inside_the_ops_is_recorded only (their launches are those of others).
+_TORCH_ONLY_CASES = [_LORA_WEIGHT_BWD]
+
+
 def _case_regex():
-    return "|".join(f"(?:{p})" for p in sorted({inv.cases for inv in INVARIANTS}))
+    return "|".join(f"(?:{p})" for p in sorted({inv.cases for inv in INVARIANTS} | set(_TORCH_ONLY_CASES)))
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +233,11 @@ def test_pytorch_work_inside_the_ops_is_recorded(report):
     # but a matrix product moves as much as one [M, R] bf16 tensor (55 MB)
     sample = [t for t in work if re.search(_LORA_SAMPLE_BWD, t["case"])]
     assert sample and not [t for t in sample if t["aten"] != "mm" and t["bytes"] >= m * r * 2], sample
+    # the norms' own matrix products (Grams, their r×d- and M-long products) in bf16, on the tensor cores: no
+    # fp32 product (67 TFLOP/s on the FMA units) in either normalisation's backward
+    weight = [t for t in work if re.search(_LORA_WEIGHT_BWD, t["case"])]
+    assert len({t["shapes"] for t in weight if t["aten"] == "mm"}) > 3, weight   # the norms' products are there
+    assert not [t for t in sample + weight if t["aten"] in ("mm", "addmm", "bmm") and t["dtype"] != "bfloat16"]
 
 
 def test_every_hot_launch_compiled(rows):
