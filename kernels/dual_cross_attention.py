@@ -1616,8 +1616,9 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
                                          dq: torch.Tensor, dks, dvs, sm_count: int = 132) -> None:
     """grad_out, q: [b h n d]; keys/values[j]: [b h mⱼ d]; mask: None or expanded [b h n m₀];
     lse, grad_lse: [conditions, b·h, n] float32 (the forward's LSE and its incoming gradient, or None);
-    dq: [b h n d], fp32 or q's dtype (written); dks/dvs[j]: like keys/values[j] (written); sm_count:
-    the device's SMs (sizes the dk/dv query split)."""
+    dq: [b h n d], fp32 or q's dtype (written); dks/dvs[j]: like keys/values[j] (written), or both None
+    to skip condition j's dk/dv pass (its keys and values are frozen); sm_count: the device's SMs (sizes
+    the dk/dv query split)."""
     batch, heads, n_q, d_len = q.shape
     q, grad_out = _aligned(q), _aligned(grad_out)
     keys, values = [_aligned(k) for k in keys], [_aligned(v) for v in values]
@@ -1636,6 +1637,8 @@ def dual_cross_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor
     _copy_back(dq_dst, dq)
     no_mask = dict(HAS_MASK=False, MASK_BOOL=False)
     for j, (k, v, lam, block_n) in enumerate(sets):
+        if dks[j] is None:
+            continue
         _launch_dkdv(q, k, v, grad_out, lse[j], delta[j], dks[j], dvs[j], mask_args if j == 0 else (q, (0, 0, 0, 0)),
                      lam, softmax_scale, block_m, block_n, sm_count, flags if j == 0 else no_mask, common)
 
@@ -1644,8 +1647,10 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
                                         softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor,
                                         dq: torch.Tensor, grads, sm_count: int = 132) -> None:
     """grad_out, q, out: [b h n d]; sources: ((k_m, v_m), (k_p, v_p)), each [b h mᵢ d]; lse, grad_lse:
-    [b·h, n] float32 (grad_lse None: no gradient into the LSE); dq: [b h n d], fp32 or q's dtype (written); grads: ((dk_m, dv_m), (dk_p, dv_p)) like the
-    sources (written). One softmax spans both sources, so Δ = rowsum(dO ∘ O) − g_lse is shared."""
+    [b·h, n] float32 (grad_lse None: no gradient into the LSE); dq: [b h n d], fp32 or q's dtype (written),
+    or None to skip the dq pass; grads: ((dk_m, dv_m), (dk_p, dv_p)) like the sources (written), a pair
+    (None, None) to skip that source's dk/dv pass. One softmax spans both sources, so
+    Δ = rowsum(dO ∘ O) − g_lse is shared (computed here, so every pass can run without the others)."""
     batch, heads, n_q, d_len = q.shape
     q, grad_out, out = _aligned(q), _aligned(grad_out), _aligned(out)
     # Δ = rowsum(dO ∘ O) − g_lse in one pass over dO and O (as torch: fp32 copies of both, their
@@ -1657,7 +1662,6 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
         grad_out, out, delta if grad_lse is None else grad_lse.contiguous(), delta, n_q, heads,
         *_strides8(grad_out), *_strides8(out),
         HEAD_DIM=d_len, BLOCK_M=rows, D_HI=d_hi, D_LO=d_lo, HAS_SUB=grad_lse is not None, num_warps=4)
-    dq_dst = _writable(dq)
     common, block_m = _bwd_common(d_len, q.dtype)
     block_n = 64 if _d_pad(d_len) <= 64 else 32     # dq at 80-128-wide heads: 64 keys took 161-174 regs, 1 block/SM
     flags = dict(HAS_MASK=False, MASK_BOOL=False)
@@ -1668,9 +1672,13 @@ def reference_attention_backward_launch(grad_out: torch.Tensor, q: torch.Tensor,
         sets.append((k, v, 1.0, min(block_n, max(32 if _d_split(d_len, q.dtype)[1] else 16,
                                                  triton.next_power_of_2(k.shape[2])))))
     # One softmax over both sources: they share the LSE rows and Δ (cond_stride 0).
-    _launch_dq(q, grad_out, sets, lse, grad_lse, delta, 0, dq_dst, no_mask, flags, softmax_scale, block_m, True,
-               common)
-    _copy_back(dq_dst, dq)
+    if dq is not None:
+        dq_dst = _writable(dq)
+        _launch_dq(q, grad_out, sets, lse, grad_lse, delta, 0, dq_dst, no_mask, flags, softmax_scale, block_m, True,
+                   common)
+        _copy_back(dq_dst, dq)
     for (k, v, _, bn), (dk, dv) in zip(sets, grads):
+        if dk is None:
+            continue
         _launch_dkdv(q, k, v, grad_out, lse, delta, dk, dv, no_mask, 1.0, softmax_scale,
                      block_m, bn, sm_count, flags, common)

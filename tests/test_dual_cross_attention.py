@@ -703,3 +703,35 @@ def test_16bit_dq_is_written_once_in_its_dtype(device, poisoned, monkeypatch, co
                                    scales).backward(grad.double().cpu())
     for got, ref in zip((q, *keys, *values), leaves):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=3e-2, rtol=3e-2)
+
+
+_BWD_KERNELS = ("_dual_bwd_dq_kernel", "_dual_bwd_dq_resident_kernel", "_dual_bwd_dkdv_kernel")
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("frozen", [(0,), (1,), (0, 2)])
+def test_frozen_conditions_get_no_gradient_and_no_dkdv_pass(device, poisoned, monkeypatch, impl, frozen):
+    """IP-Adapter training: the text condition's keys and values come from frozen projections. Conditions
+    whose keys and values do not require gradients get None and their dk/dv pass is not launched (one
+    dk/dv launch per trainable condition); every gradient asked for equals the float64 reference."""
+    lengths = (9, 4, 5)
+    q, keys, values = make_inputs(1, 2, 21, 40, lengths, torch.float32, device, requires_grad=True)
+    for j in frozen:
+        keys[j].requires_grad_(False)
+        values[j].requires_grad_(False)
+    launches = record_launches(monkeypatch, attn_kernels, *_BWD_KERNELS)
+    grad = torch.randn(q.shape, device=device)
+    with lightmotion_fast.backend(impl):
+        out = dual_cross_attention(q, keys, values, [1.0, 0.6, 0.3])
+        launches.clear()
+        out.backward(grad)
+    if impl == "triton":
+        assert sum(name == "_dual_bwd_dkdv_kernel" for name, *_ in launches) == len(lengths) - len(frozen)
+        assert any(name != "_dual_bwd_dkdv_kernel" for name, *_ in launches)   # dq (and every Δ) still runs
+    q64, k64, v64 = as64([q])[0], as64(keys), as64(values)
+    dual_cross_attention_reference(q64, k64, v64, [1.0, 0.6, 0.3]).backward(grad.double().cpu())
+    for j, (k, v) in enumerate(zip(keys, values)):
+        assert (k.grad is None and v.grad is None) == (j in frozen)
+    for got, ref in zip((q, *keys, *values), (q64, *k64, *v64)):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=5e-5, rtol=1e-4)

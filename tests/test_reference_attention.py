@@ -266,3 +266,36 @@ def test_backward_delta_in_one_pass_and_dq_in_its_dtype(device, poisoned, monkey
         grad.double().cpu())
     for got, ref in zip(inputs, leaves):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("frozen", ["bank", "main", "q"])
+def test_frozen_inputs_get_no_gradient_and_no_pass(device, poisoned, monkeypatch, impl, frozen):
+    """A frozen reference network (its bank k_ref, v_ref), a frozen main network (q, k, v) or frozen queries
+    only: what does not require a gradient gets None and its pass is not launched (no dq kernel without q, no
+    dk/dv kernel for a frozen source); the rest equals the float64 reference (SDPA over the concatenation)."""
+    from lightmotion_fast.kernels import dual_cross_attention as attn_kernels
+    from lm_testing import record_launches
+    frozen_names = {"bank": ("kr", "vr"), "main": ("q", "k", "v"), "q": ("q",)}[frozen]
+    names = ("q", "k", "v", "kr", "vr")
+    q, k, v = (torch.randn(1, 2, 11, 24, device=device) for _ in range(3))
+    kr, vr = (torch.randn(1, 2, 7, 24, device=device) for _ in range(2))
+    leaves = dict(zip(names, (q, k, v, kr, vr)))
+    for name, t in leaves.items():
+        t.requires_grad_(name not in frozen_names)
+    launches = record_launches(monkeypatch, attn_kernels, "_dual_bwd_dq_kernel", "_dual_bwd_dkdv_kernel")
+    grad = torch.randn(1, 2, 11, 24, device=device)
+    with lightmotion_fast.backend(impl):
+        out = reference_attention(q, k, v, kr, vr)
+        out.backward(grad)
+    if impl == "triton":
+        kinds = [name for name, *_ in launches]
+        assert kinds.count("_dual_bwd_dq_kernel") == (0 if "q" in frozen_names else 1)
+        assert kinds.count("_dual_bwd_dkdv_kernel") == 2 - (frozen in ("bank", "main"))
+    want = {n: t.detach().double().cpu().requires_grad_(True) for n, t in leaves.items()}
+    sdpa_concat(*want.values()).backward(grad.double().cpu())
+    for name, t in leaves.items():
+        if name in frozen_names:
+            assert t.grad is None, name
+        else:
+            torch.testing.assert_close(t.grad.double().cpu(), want[name].grad, atol=5e-5, rtol=1e-4)

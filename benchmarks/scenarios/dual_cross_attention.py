@@ -61,15 +61,19 @@ def _heads(x, heads):
     return x.view(b, n, heads, hd // heads).transpose(1, 2)
 
 
-def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", quick=True, cpu=False):
+def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", quick=True, cpu=False,
+          frozen_text=False):
+    """frozen_text: IP-Adapter training as its authors run it (the U-Net frozen, to_k_ip / to_v_ip trained):
+    the text keys and values need no gradient, so ours skips their dk/dv pass (SDPA computes them anyway)."""
     def setup():
         g = torch.Generator(device=device).manual_seed(0)
         train = mode == "fwd+bwd"
 
-        def proj(tokens):
-            return torch.randn(batch, tokens, heads * d, generator=g, device=device, dtype=dtype).requires_grad_(train)
+        def proj(tokens, grad=True):
+            x = torch.randn(batch, tokens, heads * d, generator=g, device=device, dtype=dtype)
+            return x.requires_grad_(train and grad)
 
-        xs = [proj(t) for t in (n, n_text, n_text, n_img, n_img)]
+        xs = [proj(t, grad=not (frozen_text and 0 < i < 3)) for i, t in enumerate((n, n_text, n_text, n_img, n_img))]
         q, kt, vt, ki, vi = (_heads(x, heads) for x in xs)
         grad = torch.randn(batch, n, heads * d, device=device, dtype=dtype) if train else None
 
@@ -104,9 +108,12 @@ def _case(label, batch, n, heads, d, n_text, n_img, device, dtype, mode="fwd", q
 
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = elem * batch * heads * d * (2 * n + 2 * (n_text + n_img))
-    flops = 4.0 * batch * heads * n * (n_text + n_img) * d * (3.5 if mode == "fwd+bwd" else 1.0)
+    # 2 products forward (S, PV), 5 backward (S again, dP, dV, dQ, dK); a frozen condition skips dV and dK
+    flops = 4.0 * batch * heads * n * d * (n_text + n_img if mode == "fwd" else
+                                           (2.5 if frozen_text else 3.5) * n_text + 3.5 * n_img)
     backend = sdpa_backend(device, dtype, heads, d, mode == "fwd+bwd")
-    return Case(op="dual_cross_attention", shape=f"{label} b={batch} n={n} {heads}x{d} keys={n_text}+{n_img}",
+    suffix = " text frozen" if frozen_text else ""
+    return Case(op="dual_cross_attention", shape=f"{label} b={batch} n={n} {heads}x{d} keys={n_text}+{n_img}{suffix}",
                 setup=setup, mode=mode, dtype=str(dtype).replace("torch.", ""), bytes=nbytes, flops=flops,
                 quick=quick, cpu=cpu, note=f"{NOTE}; SDPA backend here: {backend}")
 
@@ -126,5 +133,8 @@ def cases(device, quick):
         yield _case(f"SD1.5/AnimateDiff {int(n ** 0.5)}x{int(n ** 0.5)}", batch, n, 8, d, 77, n_img, device, dtype,
                     mode="fwd+bwd", quick=False)
     yield _case("SDXL", 2, 4096, 10, 64, 77, 4, device, dtype, mode="fwd+bwd", quick=False)
+    # IP-Adapter training (frozen U-Net: no gradient for the text keys and values)
+    yield _case("SD1.5/AnimateDiff 64x64", batch, 4096, 8, 40, 77, 4, device, dtype, mode="fwd+bwd", quick=False,
+                frozen_text=True)
     yield _case("small", 2, 256, 4, 40, 77, 4, device, torch.float32, cpu=True)
     yield _case("small", 2, 256, 4, 40, 77, 4, device, torch.float32, mode="fwd+bwd", cpu=True)

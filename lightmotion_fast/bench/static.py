@@ -476,8 +476,9 @@ def calls_dual_cross_attention(case):
     import lightmotion_fast as lm
     p = _params(case)
     train = case.mode == "fwd+bwd"
-    view = [_heads_view(p["batch"], t, p["heads"], p["d"], p["dtype"], train)
-            for t in (p["n"], p["n_text"], p["n_text"], p["n_img"], p["n_img"])]
+    frozen = (False, p["frozen_text"], p["frozen_text"], False, False)   # IP-Adapter training: text frozen
+    view = [_heads_view(p["batch"], t, p["heads"], p["d"], p["dtype"], train and not f)
+            for t, f in zip((p["n"], p["n_text"], p["n_text"], p["n_img"], p["n_img"]), frozen)]
     q, kt, vt, ki, vi = view
     yield "", lambda: _maybe_backward(lm.dual_cross_attention(q, [kt, ki], [vt, vi], [1.0, 0.6]), case.mode, view)
 

@@ -85,31 +85,39 @@ def _setup_context(ctx, inputs, output):
 @torch.library.custom_op("lightmotion::dual_cross_attention_backward", mutates_args=())
 def dual_cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, keys: list[torch.Tensor],
                                      values: list[torch.Tensor], scales: list[float], mask: torch.Tensor | None,
-                                     softmax_scale: float, lse: torch.Tensor,
-                                     grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                                     softmax_scale: float, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+                                     kv_grads: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Gradients (dq, dks, dvs) of dual_cross_attention_op's (out, lse) for incoming (grad_out, grad_lse);
-    grad_lse None when no gradient reaches the LSE (the public op never returns it): nothing is read for it."""
+    grad_lse None when no gradient reaches the LSE (the public op never returns it): nothing is read for it.
+    kv_grads[j]: whether condition j's keys or values want gradients. Where not, dks[j] and dvs[j] come back
+    empty ([0]) and that condition's dk/dv pass does not run: training an IP-Adapter leaves the text
+    condition's projections frozen, and its dk/dv walk (77 keys over every query) is skipped."""
     b, h, n, _ = q.shape
     full_mask = None if mask is None else mask.expand(b, h, n, keys[0].shape[2])
     if triton_path(q):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dks, dvs = [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
+        dks = [torch.empty_like(k) if need else None for k, need in zip(keys, kv_grads)]
+        dvs = [torch.empty_like(v) if need else None for v, need in zip(values, kv_grads)]
         _common.kernel_module("dual_cross_attention").dual_cross_attention_backward_launch(
             grad_out, q, keys, values, scales, full_mask, softmax_scale, lse.contiguous(),
             None if grad_lse is None else grad_lse.float().contiguous(), dq, dks, dvs,
             sm_count=_common.device_sm_count(q.device))
-        return dq, dks, dvs
-    return _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse)
+    else:
+        dq, dks, dvs = _backward_torch(grad_out, q, keys, values, scales, full_mask, softmax_scale, lse, grad_lse,
+                                       kv_grads)
+    return dq, [t if t is not None else q.new_empty(0) for t in dks], [t if t is not None else q.new_empty(0)
+                                                                        for t in dvs]
 
 
 @dual_cross_attention_backward_op.register_fake
-def _(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
-    return torch.empty_like(q), [torch.empty_like(k) for k in keys], [torch.empty_like(v) for v in values]
+def _(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse, kv_grads):
+    return (torch.empty_like(q), [torch.empty_like(k) if need else q.new_empty(0) for k, need in zip(keys, kv_grads)],
+            [torch.empty_like(v) if need else q.new_empty(0) for v, need in zip(values, kv_grads)])
 
 
-def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse):
+def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse, grad_lse, kv_grads=None):
     """The same gradients with PyTorch matmuls (CPU without the interpreter, reference backend, float64),
-    in float32 (float64 for float64 inputs)."""
+    in float32 (float64 for float64 inputs); dk, dv None for the conditions kv_grads leaves out."""
     b, h, n, _ = q.shape
     s = softmax_scale
     c = _compute_dtype(q)
@@ -125,12 +133,13 @@ def _backward_torch(grad_out, q, keys, values, scales, mask, softmax_scale, lse,
         dead = torch.isinf(lse_j)
         p = torch.where(dead, torch.zeros_like(scores), torch.exp(scores - torch.where(dead, 0.0, lse_j)))
         do_j = lam * dout
-        dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype))
+        need = kv_grads is None or kv_grads[j]
+        dvs.append((p.transpose(-1, -2) @ do_j).to(v.dtype) if need else None)
         dp = do_j @ vf.transpose(-1, -2)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True)
                   + (0.0 if grad_lse is None else grad_lse[j].to(c).reshape(b, h, n, 1)))
         dq += (ds @ kf) * s
-        dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype))
+        dks.append(((ds.transpose(-1, -2) @ qf) * s).to(k.dtype) if need else None)
     return dq.to(q.dtype), dks, dvs
 
 
@@ -139,9 +148,12 @@ def _backward(ctx, grad_out, grad_lse):
     keys, values = kv[:ctx.conditions], kv[ctx.conditions:]
     grad_out = torch.zeros_like(q) if grad_out is None else grad_out
     # grad_lse stays None (no [conditions, b·h, n] zeros made and read) when nothing uses the LSE
+    kv_grads = [bool(nk or nv) for nk, nv in zip(ctx.needs_input_grad[1], ctx.needs_input_grad[2])]
     dq, dks, dvs = dual_cross_attention_backward_op(grad_out, q, keys, values, ctx.scales, ctx.mask,
-                                                    ctx.softmax_scale, lse, grad_lse)
-    return dq, dks, dvs, None, None, None
+                                                    ctx.softmax_scale, lse, grad_lse, kv_grads)
+    dks = [dk if need else None for dk, need in zip(dks, kv_grads)]
+    dvs = [dv if need else None for dv, need in zip(dvs, kv_grads)]
+    return dq if ctx.needs_input_grad[0] else None, dks, dvs, None, None, None
 
 
 dual_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -230,6 +242,7 @@ def backward_sample_inputs(device: torch.device):
     for q, keys, values, scales, mask, softmax_scale in sample_inputs(device):
         q, keys, values = q.detach(), [k.detach() for k in keys], [v.detach() for v in values]
         out, lse = dual_cross_attention_op(q, keys, values, scales, mask, softmax_scale)
+        kv_grads = [j % 2 == 1 for j in range(len(keys))]   # frozen conditions' gradients come back empty
         samples.append((torch.randn_like(out), q, keys, values, scales, mask, softmax_scale, lse,
-                        torch.randn_like(lse)))
+                        torch.randn_like(lse), kv_grads))
     return samples

@@ -51,30 +51,37 @@ def _(q, k, v, k_ref, v_ref, softmax_scale):
 @torch.library.custom_op("lightmotion::reference_attention_backward", mutates_args=())
 def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     k_ref: torch.Tensor, v_ref: torch.Tensor, out: torch.Tensor, softmax_scale: float,
-                                    lse: torch.Tensor, grad_lse: torch.Tensor | None) -> list[torch.Tensor]:
+                                    lse: torch.Tensor, grad_lse: torch.Tensor | None,
+                                    needs: list[bool]) -> list[torch.Tensor]:
     """Gradients [dq, dk, dv, dk_ref, dv_ref] of reference_attention_op's (out, lse) for incoming
-    (grad_out, grad_lse); grad_lse None when no gradient reaches the LSE."""
+    (grad_out, grad_lse); grad_lse None when no gradient reaches the LSE. needs: [q, (k, v), (k_ref, v_ref)]
+    want gradients; what is not wanted comes back empty ([0]) and its pass does not run (a frozen
+    reference network's bank, or a frozen main network training only the reference one)."""
+    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
     if triton_path(q):
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        grads = [torch.empty_like(t) for t in (k, v, k_ref, v_ref)]
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if needs[0] else None
+        grads = [torch.empty_like(t) if w else None for t, w in zip((k, v, k_ref, v_ref), want[1:])]
         _common.kernel_module("dual_cross_attention").reference_attention_backward_launch(
             grad_out, q, out, ((k, v), (k_ref, v_ref)), softmax_scale, lse.contiguous(),
             None if grad_lse is None else grad_lse.float().contiguous(), dq, (grads[0:2], grads[2:4]),
             sm_count=_common.device_sm_count(q.device))
-        return [dq, *grads]
-    # One softmax over the concatenation: the single-condition dual backward over [k; k_ref].
-    n_m = k.shape[2]
-    dq, (dk_cat,), (dv_cat,) = _backward_torch(grad_out, q, [torch.cat([k, k_ref], 2)], [torch.cat([v, v_ref], 2)],
-                                               [1.0], None, softmax_scale, lse[None],
-                                               None if grad_lse is None else grad_lse[None])
-    # clone: the slices may be views of one buffer, and custom-op outputs must not alias.
-    return [dq, dk_cat[:, :, :n_m].clone(), dv_cat[:, :, :n_m].clone(), dk_cat[:, :, n_m:].clone(),
-            dv_cat[:, :, n_m:].clone()]
+        result = [dq, *grads]
+    else:
+        # One softmax over the concatenation: the single-condition dual backward over [k; k_ref].
+        n_m = k.shape[2]
+        dq, (dk_cat,), (dv_cat,) = _backward_torch(grad_out, q, [torch.cat([k, k_ref], 2)],
+                                                   [torch.cat([v, v_ref], 2)], [1.0], None, softmax_scale, lse[None],
+                                                   None if grad_lse is None else grad_lse[None])
+        # clone: the slices may be views of one buffer, and custom-op outputs must not alias.
+        result = [dq, dk_cat[:, :, :n_m].clone(), dv_cat[:, :, :n_m].clone(), dk_cat[:, :, n_m:].clone(),
+                  dv_cat[:, :, n_m:].clone()]
+    return [t if w else q.new_empty(0) for t, w in zip(result, want)]
 
 
 @reference_attention_backward_op.register_fake
-def _(grad_out, q, k, v, k_ref, v_ref, out, softmax_scale, lse, grad_lse):
-    return [torch.empty_like(t) for t in (q, k, v, k_ref, v_ref)]
+def _(grad_out, q, k, v, k_ref, v_ref, out, softmax_scale, lse, grad_lse, needs):
+    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
+    return [torch.empty_like(t) if w else q.new_empty(0) for t, w in zip((q, k, v, k_ref, v_ref), want)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,9 +93,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, k_ref, v_ref, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    n = ctx.needs_input_grad
+    needs = [bool(n[0]), bool(n[1] or n[2]), bool(n[3] or n[4])]
     # grad_lse stays None (no [b·h, n] zeros made and read) when nothing uses the LSE
-    grads = reference_attention_backward_op(grad_out, q, k, v, k_ref, v_ref, out, ctx.softmax_scale, lse, grad_lse)
-    return (*grads, None)
+    grads = reference_attention_backward_op(grad_out, q, k, v, k_ref, v_ref, out, ctx.softmax_scale, lse, grad_lse,
+                                            needs)
+    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
+    return (*[g if w else None for g, w in zip(grads, want)], None)
 
 
 reference_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -143,5 +154,6 @@ def backward_sample_inputs(device: torch.device):
     for q, k, v, kr, vr, softmax_scale in sample_inputs(device):
         q, k, v = q.detach(), k.detach(), v.detach()
         out, lse = reference_attention_op(q, k, v, kr, vr, softmax_scale)
-        samples.append((torch.randn_like(out), q, k, v, kr, vr, out, softmax_scale, lse, torch.randn_like(lse)))
+        needs = [True, True, False] if not samples else [False, True, True]   # a frozen bank, then a frozen q
+        samples.append((torch.randn_like(out), q, k, v, kr, vr, out, softmax_scale, lse, torch.randn_like(lse), needs))
     return samples
