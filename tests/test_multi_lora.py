@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from lm_testing import ON_GPU
+from lm_testing import ON_GPU, TensorOutputs
 
 import lightmotion_fast
 from lightmotion_fast.integrations.diffusers import lora as lora_feature
@@ -728,3 +728,40 @@ def test_tma_expand_only_where_descriptors_address_the_operands(device, poisoned
     ref = multi_lora_linear_reference(xs, f64(w), f64(b), as_, bbs, scales)
     for got, want in zip(grads, torch.autograd.grad(ref, [xs, *as_, *bbs], torch.ones_like(ref))):
         assert_close_rel(got, want, torch.float16, "gradient after a TMA forward")
+
+
+def test_rank_offsets_outlive_a_weight_update(device):
+    """The device rank offsets depend on the ranks only: after an optimiser-style in-place update (which
+    rebuilds the weight pack) the op reuses the same offsets tensor, so a training step makes no
+    host-to-device copy."""
+    x, w, b, a, bb, scales = make(9, 32, 24, [4, 16], torch.float32, device, requires_grad=True)
+    layout = ml.rank_layout((4, 16))
+    multi_lora_linear(x, w, b, a, bb, scales).sum().backward()
+    first = ml._offsets(layout, x.device)
+    pack = ml._CACHE.get(a, bb)
+    with torch.no_grad():
+        a[0].add_(0.01)   # an optimiser step
+    assert ml._CACHE.get(a, bb) is not pack
+    with TensorOutputs() as outputs:
+        multi_lora_linear(x, w, b, a, bb, scales, norm="weight").sum().backward()
+    assert ml._offsets(layout, x.device) is first
+    made = [s for s in outputs.seen if s[1] == (3,) and s[2] == torch.int32 and s[0] != "set_"]  # set_: interpreter
+    assert not made, made
+
+
+@requires_cuda
+@pytest.mark.parametrize("norm", NORMS)
+def test_training_step_after_a_weight_update_has_no_host_sync(norm):
+    """Forward and backward right after the LoRA weights changed in place (every cache entry rebuilt): no
+    host synchronisation, host-to-device copies included."""
+    x, w, b, a, bb, scales = make(300, 128, 96, [16, 64], torch.bfloat16, "cuda", requires_grad=True)
+    multi_lora_linear(x, w, b, a, bb, scales, norm=norm).sum().backward()   # builds, tunes
+    with torch.no_grad():
+        for t in (*a, *bb):
+            t.add_(0.01)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        multi_lora_linear(x, w, b, a, bb, scales, norm=norm).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

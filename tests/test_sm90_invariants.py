@@ -234,10 +234,15 @@ def test_pytorch_work_inside_the_ops_is_recorded(report):
     sample = [t for t in work if re.search(_LORA_SAMPLE_BWD, t["case"])]
     assert sample and not [t for t in sample if t["aten"] != "mm" and t["bytes"] >= m * r * 2], sample
     # the norms' own matrix products (Grams, their r×d- and M-long products) in bf16, on the tensor cores: no
-    # fp32 product (67 TFLOP/s on the FMA units) in either normalisation's backward
+    # fp32 product (67 TFLOP/s on the FMA units) in either normalisation's backward. The fwd+bwd cases are
+    # training steps (the LoRA weights updated before the call), so the forward's rebuild of the weight norms
+    # is there too: its fp32 Grams AᵢAᵢᵀ and BᵢᵀBᵢ (r × r, once per update) are the only fp32 products.
     weight = [t for t in work if re.search(_LORA_WEIGHT_BWD, t["case"])]
+    products = [t for t in sample + weight if t["aten"] in ("mm", "addmm", "bmm", "baddbmm", "matmul")]
     assert len({t["shapes"] for t in weight if t["aten"] == "mm"}) > 3, weight   # the norms' products are there
-    assert not [t for t in sample + weight if t["aten"] in ("mm", "addmm", "bmm") and t["dtype"] != "bfloat16"]
+    wide = [t for t in products if t["dtype"] != "bfloat16"]
+    assert [(t["case"], t["shapes"], t["calls"]) for t in wide] == [(weight[0]["case"], "256x3072 @ 3072x256", 6)], \
+        wide
 
 
 def test_every_hot_launch_compiled(rows):
@@ -341,11 +346,15 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
             e = torch.empty(64, 16)
             torch.mm(d, torch.empty(16, 16), out=e)   # an out= argument is written, not read
             e[0, 0].item()                  # a host read (a synchronisation on a GPU) is recorded
+            with torch._C._AutoDispatchBelowAutograd():
+                torch.matmul(a, b)          # below autograd (as inside an op) matmul arrives whole
         entries = list(recorder.torch_ops)
     finally:
         recorder.torch_case, recorder.torch_ops[:] = saved[0], saved[1]
-    assert [e["aten"] for e in entries] == ["mm", "_to_copy", "zero_", "new_zeros", "mm", "_local_scalar_dense"], \
+    assert [e["aten"] for e in entries][:6] == ["mm", "_to_copy", "zero_", "new_zeros", "mm", "_local_scalar_dense"], \
         entries
+    matmul = entries.pop()
+    assert matmul["aten"] in ("matmul", "mm") and matmul["flops"] == 2 * 64 * 32 * 16, matmul
     assert entries.pop()["bytes"] == 4
     out_mm = entries.pop()
     assert out_mm["shapes"] == "64x16 @ 16x16" and out_mm["bytes"] == 4 * (64 * 16 + 16 * 16 + 64 * 16)

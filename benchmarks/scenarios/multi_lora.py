@@ -87,9 +87,22 @@ def _case(label, m, d, ranks, device, dtype, mode, norm="none", quick=True, cpu=
                 y.backward(grad)
             return run
 
+        def training_step(fn):
+            """fwd+bwd as a training step runs it: the optimiser changed the LoRA weights since the last call,
+            so our weight cache (A_cat, B_cat, norms) is rebuilt inside the timed call. increment_version
+            marks them changed without device work; the peers keep no cache."""
+            if not train:
+                return fn
+
+            def run():
+                for t in (*lora_a, *lora_b):
+                    torch.autograd.graph.increment_version(t)
+                fn()
+            return run
+
         providers = {
-            "lightmotion": fwd_bwd(lambda: lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales, norm=norm,
-                                                                separate=separate)),
+            "lightmotion": training_step(fwd_bwd(lambda: lm.multi_lora_linear(x, w, b, lora_a, lora_b, scales,
+                                                                              norm=norm, separate=separate))),
             "reference": fwd_bwd(lambda: multi_lora_linear_reference(x, w, b, lora_a, lora_b, scales, norm=norm,
                                                                      separate=separate)),
         }

@@ -7,9 +7,10 @@ kernels/multi_lora.py.
 Weight cache. Per set of LoRA weights (A₁..A_k, B₁..B_k) the op keeps, built on first use and
 reused by every later call: A_cat [R, d_in] and B_cat [d_out, R] with each LoRA's rank zero-padded
 to the rank tile (`rank_layout`), the static per-LoRA factor (sᵢ, times cᵢ = α/‖γᵢBᵢAᵢ‖ for `weight`)
-folded into B_cat, the rank offsets on the device, the weight norms and the norm factors γᵢFᵢ. So a
-call concatenates nothing, copies nothing host-to-device and never synchronises: after a first
-(warm-up) call it can be captured in a CUDA graph.
+folded into B_cat (with the factors themselves), the weight norms and the norm factors γᵢFᵢ; the rank
+offsets on the device are kept per rank layout. So a call concatenates nothing, copies nothing
+host-to-device and never synchronises: after a first (warm-up) call it can be captured in a CUDA graph.
+A training step rebuilds the entry after the optimiser's update (device work only: no host copy).
 - Valid while every weight's storage is alive and its `_version` is unchanged: in-place updates
   (optimizer steps, `load_state_dict`, `copy_` under no_grad) rebuild the entry. Writes through
   `.data` do not bump `_version`; peft's LoRA hotswap (`load_lora_weights(..., hotswap=True)`,
@@ -271,9 +272,20 @@ def _weight_coefficients(n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, alpha / torch.where(n > 0, n, 1), 0)
 
 
-def _offsets(pack, layout: RankLayout, device) -> torch.Tensor:
-    """[k+1] int32 padded rank offsets on the device (one host-to-device copy, when cached)."""
-    return _cached(pack, "offsets", lambda: torch.tensor(layout.offsets, dtype=torch.int32, device=device))
+_DEVICE_OFFSETS: dict = {}   # (padded offsets, device) -> int32 tensor; a few bytes per layout in use
+
+
+def _offsets(layout: RankLayout, device) -> torch.Tensor:
+    """[k+1] int32 padded rank offsets on the device. They depend on the ranks only, so they are kept per
+    layout and device, not per weight pack: a training step, whose optimiser update invalidates every
+    pack, makes no host-to-device copy (a synchronisation, and not allowed in a CUDA-graph capture)."""
+    key = (layout.offsets, torch.device(device))
+    value = _DEVICE_OFFSETS.get(key)
+    if value is None:
+        value = torch.tensor(layout.offsets, dtype=torch.int32, device=device)
+        if _cacheable([value]):   # not a tracer's fake tensor
+            _DEVICE_OFFSETS[key] = value
+    return value
 
 
 def _a_cat(pack, lora_a, layout: RankLayout) -> torch.Tensor:
@@ -396,7 +408,7 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm,
     k, m = len(lora_a), x.shape[0]
     a_cat = _a_cat(pack, lora_a, layout)
     b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, lora_scaling, norm)
-    offsets = _offsets(pack, layout, x.device)
+    offsets = _offsets(layout, x.device)
     z = torch.empty((m, layout.total), dtype=x.dtype, device=x.device)
     y = torch.empty((k, m, weight.shape[0]) if separate else (m, weight.shape[0]), dtype=x.dtype, device=x.device)
     coef = None
@@ -493,7 +505,7 @@ def _grad_x(g_sum, weight, dz, a_cat, pack, lora_a, layout: RankLayout, triton_p
         if dx.shape[0]:
             _common.kernel_module("multi_lora").multi_lora_expand_launch(
                 g_sum, weight.T, None, dz.contiguous(), _a_cat_t(pack, lora_a, layout),
-                _offsets(pack, layout, g_sum.device), dx, False, layout.rank_tile, tma=_common.has_tma(dx.device))
+                _offsets(layout, g_sum.device), dx, False, layout.rank_tile, tma=_common.has_tma(dx.device))
         return dx
     return torch.addmm(g_sum @ weight, dz, a_cat)  # base and all LoRAs accumulated in one
 
@@ -561,7 +573,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     if fused:
         # pass 1: zs = ρ z and the per-row psᵢ(t) = Σ hbᵢ(t)·zᵢ(t), one read of z and hb
         zs, ps_rows = torch.empty_like(z), torch.empty((m, k), dtype=torch.float32, device=z.device)
-        kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, _offsets(pack, layout, z.device), ctx.eps,
+        kernel.multi_lora_output_bwd_scale_launch(z, hb, norms, _offsets(layout, z.device), ctx.eps,
                                                   layout.rank_tile, zs, ps_rows)
     if not (any(need_b) or weighted):
         db = None
@@ -677,7 +689,7 @@ def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankL
         torch.mm(b.T, b, out=gram[: hi - lo, : hi - lo])   # in z's dtype: fp32 sums, rounded once
         torch.mm(z[:, lo:lo + p], gram, out=zg[:, lo:lo + p])
     dz, zq = torch.empty_like(z), torch.empty_like(z)
-    kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q_groups, _offsets(pack, layout, z.device), eps,
+    kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q_groups, _offsets(layout, z.device), eps,
                                            layout.rank_tile, dz, zq)
     for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
         if need_b[i]:
