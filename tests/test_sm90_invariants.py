@@ -347,7 +347,9 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
             torch.mm(d, torch.empty(16, 16), out=e)   # an out= argument is written, not read
             e[0, 0].item()                  # a host read (a synchronisation on a GPU) is recorded
             with torch._C._AutoDispatchBelowAutograd():
-                torch.matmul(a, b)          # below autograd (as inside an op) matmul arrives whole
+                a.to(torch.bfloat16)        # below autograd `to` arrives whole: returning a, it moves nothing,
+                a.to(torch.float32)         # converting, it is a copy (reads 2 B, writes 4 B an element)
+                torch.matmul(a, b)          # and so does matmul
         entries = list(recorder.torch_ops)
     finally:
         recorder.torch_case, recorder.torch_ops[:] = saved[0], saved[1]
@@ -355,6 +357,8 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
         entries
     matmul = entries.pop()
     assert matmul["aten"] in ("matmul", "mm") and matmul["flops"] == 2 * 64 * 32 * 16, matmul
+    to = entries.pop()
+    assert to["aten"] in ("to", "_to_copy") and to["bytes"] == 64 * 32 * (2 + 4), to
     assert entries.pop()["bytes"] == 4
     out_mm = entries.pop()
     assert out_mm["shapes"] == "64x16 @ 16x16" and out_mm["bytes"] == 4 * (64 * 16 + 16 * 16 + 64 * 16)

@@ -598,6 +598,11 @@ def _is_view(func):
     return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
 
 
+def _aliases(outs, ins) -> bool:
+    storages = {t.untyped_storage().data_ptr() for t in ins if t.device.type != "meta"}
+    return any(t.device.type == "meta" or t.untyped_storage().data_ptr() in storages for t in outs)
+
+
 def _shape(t):
     return "x".join(str(s) for s in t.shape) or "scalar"
 
@@ -622,10 +627,14 @@ def torch_entry(func, args, kwargs, out):
     every tensor argument read once and every output written once (an in-place op reads and writes its
     first argument; fills and copies only write it); FLOPs for matrix products and attention only."""
     name = func._schema.name.split("::")[-1]
-    if name in _NO_TRAFFIC or _is_view(func):
+    if name in _NO_TRAFFIC:
         return None
     ins = [] if name in _LIKE_FACTORIES else _tensors((args, kwargs))
     outs = _tensors(out)
+    # A view, or an op that may return its input (`to`, arriving whole below autograd): moves nothing
+    # when its outputs alias an input, else it made a copy.
+    if _is_view(func) and (not outs or _aliases(outs, ins)):
+        return None
     if func._schema.is_mutable:
         bound = {arg.name: kwargs.get(arg.name, args[i] if i < len(args) else None)
                  for i, arg in enumerate(func._schema.arguments)}
