@@ -584,10 +584,9 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     if output and not fused:
         hb = hb.to(acc)
         dz = hb * rho
-    # dL/dBᵢ = fᵢ dB_cat'ᵢ (+ the norms' terms below, summed in fp32). Without such terms (`none`) it
-    # stays in the input dtype: a 16-bit product by a Python float computes in fp32 and rounds once,
-    # the same values as a trip through fp32, without the conversion passes.
-    # `weight` adds its norms' terms in the input dtype too (below), so only `output` needs fp32 here.
+    # dL/dBᵢ = fᵢ dB_cat'ᵢ (+ the norms' terms below). `output` sums its terms in fp32; otherwise it stays
+    # in the input dtype (a 16-bit product by a scalar computes in fp32 and rounds once, the same values
+    # as a trip through fp32 without the conversion passes; `weight` adds its terms by an fp32 addcmul).
     d_b = None if db is None else [(f * db[:, lo:hi].to(acc)) if output else db[:, lo:hi] * f
                                    for f, (lo, hi) in zip(factors, layout.spans())]
 
@@ -605,7 +604,7 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         d_n = torch.stack([d_n[:, j] * (gm * gm) for j, gm in enumerate(gammas)], dim=1)  # γⱼ² ∂L/∂nⱼ
         q_groups = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)
     if fused:
-        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, pack, ctx.eps, d_b, need_b)
+        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, ctx.eps, d_b, need_b)
     elif output:
         q = _per_row(q_groups, m)
         dz_terms = []
@@ -676,7 +675,7 @@ def _weight_norm_backward(lora_a, lora_b, db, scales, gammas, layout: RankLayout
     return torch.where(alive, d_n / safe, 0)
 
 
-def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, pack, eps, d_b, need_b):
+def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, eps, d_b, need_b):
     """The `output` norms' backward through nᵢ on the Triton path: dz = ρ hb + q (z G) in z's dtype,
     and d_b[i] += Bᵢ (zᵢᵀ (q zᵢ)), as the PyTorch branch of _backward computes them. zg = zᵢ Gᵢ
     (Gᵢ = BᵢᵀBᵢ zero-padded to the padded rank, so zg is 0 in the padding) are the input dtype's GEMMs
