@@ -373,6 +373,15 @@ def test_torch_entries_count_bytes_and_flops_and_skip_views():
     assert mm["calls"] == 2 and mm["flops"] == 4 * 64 * 32 * 16 and mm["bound"] == "memory"
 
 
+def test_qr_flops_are_counted():
+    """The `output` norms' cache build factors each Bᵢ by QR: 2mn² − 2n³/3 FLOPs for R of an m × n matrix."""
+    import torch
+
+    from lightmotion_fast.bench import static
+    a = torch.randn(64, 16)
+    assert static._matmul_flops("linalg_qr", (a, "r"), None) == 2 * 64 * 16 * 16 - 2 * 16 ** 3 // 3
+
+
 def test_wide_matrix_products_are_floored_at_the_fma_rate():
     """An fp32 product's FLOPs count at 67 TFLOP/s (no TF32 by default), a 16-bit one's at the tensor-core rate."""
     from lightmotion_fast.bench import static

@@ -615,6 +615,12 @@ def _matmul_flops(name, args, out):
         return 2 * out.numel() * a.shape[-1] if b.shape[-1] == out.shape[-1] else 0
     if name in ("matmul", "linear"):   # seen whole when called below autograd (inside an op's build)
         return 2 * out.numel() * args[0].shape[-1]
+    if name == "linalg_qr":   # Householder QR of [..., m, n]: 2mn² − 2n³/3 (R only; Q doubles it)
+        a = args[0]
+        m, n = a.shape[-2], a.shape[-1]
+        k = min(m, n)
+        per = 2 * m * n * k - 2 * k ** 3 // 3
+        return per * (a.numel() // (m * n) if m * n else 0)
     if name.startswith("_scaled_dot_product_flash_attention_for_cpu"):
         q, k = args[:2] if not name.endswith("_backward") else args[1:3]
         per_product = 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
