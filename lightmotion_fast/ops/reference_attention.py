@@ -48,6 +48,11 @@ def _(q, k, v, k_ref, v_ref, softmax_scale):
     return heads_last_empty(q), q.new_empty((b * h, n), dtype=torch.float32)
 
 
+def _wanted(needs) -> list[bool]:
+    """[q, (k, v), (k_ref, v_ref)] -> one flag per gradient [dq, dk, dv, dk_ref, dv_ref]."""
+    return [needs[0], needs[1], needs[1], needs[2], needs[2]]
+
+
 @torch.library.custom_op("lightmotion::reference_attention_backward", mutates_args=())
 def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                     k_ref: torch.Tensor, v_ref: torch.Tensor, out: torch.Tensor, softmax_scale: float,
@@ -57,7 +62,7 @@ def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: 
     (grad_out, grad_lse); grad_lse None when no gradient reaches the LSE. needs: [q, (k, v), (k_ref, v_ref)]
     want gradients; what is not wanted comes back empty ([0]) and its pass does not run (a frozen
     reference network's bank, or a frozen main network training only the reference one)."""
-    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
+    want = _wanted(needs)
     if triton_path(q):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if needs[0] else None
         grads = [torch.empty_like(t) if w else None for t, w in zip((k, v, k_ref, v_ref), want[1:])]
@@ -80,7 +85,7 @@ def reference_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: 
 
 @reference_attention_backward_op.register_fake
 def _(grad_out, q, k, v, k_ref, v_ref, out, softmax_scale, lse, grad_lse, needs):
-    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
+    want = _wanted(needs)
     return [torch.empty_like(t) if w else q.new_empty(0) for t, w in zip((q, k, v, k_ref, v_ref), want)]
 
 
@@ -98,7 +103,7 @@ def _backward(ctx, grad_out, grad_lse):
     # grad_lse stays None (no [b·h, n] zeros made and read) when nothing uses the LSE
     grads = reference_attention_backward_op(grad_out, q, k, v, k_ref, v_ref, out, ctx.softmax_scale, lse, grad_lse,
                                             needs)
-    want = [needs[0], needs[1], needs[1], needs[2], needs[2]]
+    want = _wanted(needs)
     return (*[g if w else None for g, w in zip(grads, want)], None)
 
 
