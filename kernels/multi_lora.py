@@ -27,8 +27,9 @@ expand        y = x Wᵀ + b + zs B_catᵀ: ONE accumulator and one GEMM over K 
 output_bwd    the `output` norms' backward on the [M, R] tensors, two elementwise passes (row tiles, every
               LoRA of the rows in one program): pass 1 writes zs = ρ z (ρᵢ = α/(nᵢ+ε) of the row's group)
               and the per-row sums psᵢ(t) = Σ hbᵢ zᵢ (hb = g B_cat); pass 2, once the [groups, k]
-              coefficients qᵢ = ∂L/∂nᵢ·γᵢ²/nᵢ are known and zg = z Gᵢ (per-LoRA GEMMs), writes
-              dz = ρ hb + q zg and zq = q z. Each replaces about ten PyTorch passes over fp32 copies.
+              coefficients qᵢ = ∂L/∂nᵢ·γᵢ²/nᵢ are known, writes dz = ρ hb + q (z Gᵢ) and zq = q z,
+              with z Gᵢ (Gᵢ = BᵢᵀBᵢ, r × r) formed in the pass on the tensor cores, never stored. Each
+              replaces about ten PyTorch passes over fp32 copies.
 expand_tma    the 16-bit expand on sm_90+ (every normalisation, SEPARATE and SAMPLE_COEF as above, and
               the backward's dx, which
               reads W's own storage as its [K, N] operand: W_KN): the same two loops with every operand
@@ -223,11 +224,16 @@ def _multi_lora_output_bwd_scale_kernel(z_ptr, hb_ptr, norms_ptr, offsets_ptr, z
 
 
 @triton.jit
-def _multi_lora_output_bwd_dz_kernel(z_ptr, hb_ptr, zg_ptr, norms_ptr, q_ptr, offsets_ptr, dz_ptr, zq_ptr,
-                                     M, rows_per_group, n_lora, eps, szm, shm, sgm, snm, sqm,
-                                     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    """`output` backward, pass 2: dzᵢ = ρᵢ hbᵢ + qᵢ zgᵢ and zqᵢ = qᵢ zᵢ, fp32 math, both stored in z's
-    dtype (dz and zq share z's row stride); qᵢ per group ([groups, k] float32, row stride sqm)."""
+def _multi_lora_output_bwd_dz_kernel(z_ptr, hb_ptr, gram_ptr, norms_ptr, q_ptr, offsets_ptr, dz_ptr, zq_ptr,
+                                     M, rows_per_group, n_lora, eps, szm, shm, sgr, snm, sqm,
+                                     RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """`output` backward, pass 2: dzᵢ = ρᵢ hbᵢ + qᵢ (zᵢ Gᵢ) and zqᵢ = qᵢ zᵢ, both stored in z's dtype (dz
+    and zq share z's row stride); qᵢ per group ([groups, k] float32, row stride sqm). zᵢ Gᵢ is formed
+    here, one RANK_TILE-wide column chunk at a time on the tensor cores (fp32 accumulator, never
+    stored): the rows' zᵢ chunks (L1/L2-resident after the first) against Gᵢ's [RANK_TILE, RANK_TILE]
+    tiles. gram holds Gᵢ = BᵢᵀBᵢ in z's dtype at rows offsetsᵢ.. of LoRA i, columns 0.. of its padded
+    rank (row stride sgr, zero in the padding)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m.to(tl.int64)
@@ -241,11 +247,16 @@ def _multi_lora_output_bwd_dz_kernel(z_ptr, hb_ptr, zg_ptr, norms_ptr, q_ptr, of
         rho = (alpha / (tl.load(nrow + i, mask=mask_m, other=0.0) + eps))[:, None]
         q = tl.load(qrow + i, mask=mask_m, other=0.0)[:, None]
         for c in range(chunks):
+            zg = tl.zeros((BLOCK_M, RANK_TILE), dtype=tl.float32)
+            for kc in range(chunks):
+                k_idx = r_start + kc * RANK_TILE + offs_t
+                zk = tl.load(z_ptr + rows[:, None] * szm + k_idx[None, :], mask=mask_m[:, None], other=0.0)
+                gk = tl.load(gram_ptr + k_idx[:, None].to(tl.int64) * sgr + (c * RANK_TILE + offs_t)[None, :])
+                zg = _dot(zk, gk, zg, DOT_PRECISION, UPCAST)
             cols = (r_start + c * RANK_TILE + offs_t)[None, :]
             zt = tl.load(z_ptr + rows[:, None] * szm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
             ht = tl.load(hb_ptr + rows[:, None] * shm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
-            gt = tl.load(zg_ptr + rows[:, None] * sgm + cols, mask=mask_m[:, None], other=0.0).to(tl.float32)
-            tl.store(dz_ptr + rows[:, None] * szm + cols, (ht * rho + gt * q).to(dtype), mask=mask_m[:, None])
+            tl.store(dz_ptr + rows[:, None] * szm + cols, (ht * rho + zg * q).to(dtype), mask=mask_m[:, None])
             tl.store(zq_ptr + rows[:, None] * szm + cols, (zt * q).to(dtype), mask=mask_m[:, None])
 
 
@@ -654,17 +665,20 @@ def multi_lora_output_bwd_scale_launch(z: torch.Tensor, hb: torch.Tensor, norms:
     )
 
 
-def multi_lora_output_bwd_dz_launch(z: torch.Tensor, hb: torch.Tensor, zg: torch.Tensor, norms: torch.Tensor,
+def multi_lora_output_bwd_dz_launch(z: torch.Tensor, hb: torch.Tensor, gram: torch.Tensor, norms: torch.Tensor,
                                     q: torch.Tensor, offsets: torch.Tensor, eps: float, rank_tile: int,
                                     dz: torch.Tensor, zq: torch.Tensor) -> None:
-    """`output` backward, pass 2. z, hb, zg: [M, R] (unit column stride); norms, q: [groups, k] float32
-    (unit column stride). Writes dz and zq, [M, R] in z's dtype with z's strides."""
+    """`output` backward, pass 2. z, hb: [M, R] (unit column stride); gram: [R, P] in z's dtype (unit
+    column stride), LoRA i's Gram at rows offsets[i].. and columns 0.. of its padded rank (P ≥ every
+    padded rank; zero in the padding); norms, q: [groups, k] float32 (unit column stride). Writes dz and
+    zq, [M, R] in z's dtype with z's strides."""
     M, n_lora = z.shape[0], norms.shape[1]
     block_m, warps = _output_bwd_tiles(rank_tile, z.dtype)
     _multi_lora_output_bwd_dz_kernel[(triton.cdiv(M, block_m),)](
-        z, hb, zg, norms, q, offsets, dz, zq, M, M // norms.shape[0], n_lora, float(eps),
-        z.stride(0), hb.stride(0), zg.stride(0), norms.stride(0), q.stride(0),
+        z, hb, gram, norms, q, offsets, dz, zq, M, M // norms.shape[0], n_lora, float(eps),
+        z.stride(0), hb.stride(0), gram.stride(0), norms.stride(0), q.stride(0),
         RANK_TILE=rank_tile, BLOCK_M=block_m, BLOCK_L=triton.next_power_of_2(n_lora), num_warps=warps,
+        **_dot_flags(z.dtype),
     )
 
 

@@ -114,8 +114,9 @@ def _tensor_bytes(value) -> int:
 
 
 def _cacheable(tensors) -> bool:
-    # Under torch.compile's tracing (fake tensors) or on meta tensors there is nothing to reuse.
-    return not any(t.device.type == "meta" or is_fake(t) for t in tensors)
+    # Under torch.compile's tracing (fake tensors) or on meta tensors there is nothing to reuse; weights
+    # made under torch.inference_mode() have no version counter to tell an update by.
+    return not any(t.device.type == "meta" or is_fake(t) or t.is_inference() for t in tensors)
 
 
 class _WeightCache:
@@ -604,7 +605,8 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
         d_n = torch.stack([d_n[:, j] * (gm * gm) for j, gm in enumerate(gammas)], dim=1)  # γⱼ² ∂L/∂nⱼ
         q_groups = torch.where(norms > 0, d_n / torch.where(norms > 0, norms, 1), 0)
     if fused:
-        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, ctx.eps, d_b, need_b)
+        dz_d = _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout, ctx.eps, d_b, need_b,
+                                      pack)
     elif output:
         q = _per_row(q_groups, m)
         dz_terms = []
@@ -675,20 +677,30 @@ def _weight_norm_backward(lora_a, lora_b, db, scales, gammas, layout: RankLayout
     return torch.where(alive, d_n / safe, 0)
 
 
-def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, eps, d_b, need_b):
+def _output_grams(pack, lora_b, layout: RankLayout, dtype: torch.dtype) -> torch.Tensor:
+    """[R, P] in `dtype` (P the largest padded rank): Gᵢ = BᵢᵀBᵢ at rows offsetsᵢ.. and columns 0.. of
+    LoRA i's padded rank, zero in the padding; fp32 sums rounded once. Cached with the weights (a
+    function of the Bᵢ only: a training step rebuilds it once, a frozen set never)."""
+    def build():
+        gram = torch.zeros((layout.total, max(layout.padded)), dtype=dtype, device=lora_b[0].device)
+        for b, (lo, hi) in zip(lora_b, layout.spans()):
+            gram[lo:hi, : hi - lo] = b.detach().T.to(dtype) @ b.detach().to(dtype)
+        return gram
+    return _cached(pack, f"output_grams_{dtype}", build)
+
+
+def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankLayout, eps, d_b, need_b, pack):
     """The `output` norms' backward through nᵢ on the Triton path: dz = ρ hb + q (z G) in z's dtype,
-    and d_b[i] += Bᵢ (zᵢᵀ (q zᵢ)), as the PyTorch branch of _backward computes them. zg = zᵢ Gᵢ
-    (Gᵢ = BᵢᵀBᵢ zero-padded to the padded rank, so zg is 0 in the padding) are the input dtype's GEMMs
-    (16-bit: tensor cores), then one pass forms dz and zq = q z. At CogVideoX-5B (M = 35,552, k = 3,
-    r = 256, bf16) the two passes move ~0.44 GB where the PyTorch branch's ~20 elementwise passes over
-    fp32 copies moved ~3.4 GB (sm90-static.md, "PyTorch work inside the ops")."""
-    zg = torch.empty_like(z)
-    for b, (lo, hi), p in zip(lora_b, layout.spans(), layout.padded):
-        gram = z.new_zeros((p, p))
-        torch.mm(b.T, b, out=gram[: hi - lo, : hi - lo])   # in z's dtype: fp32 sums, rounded once
-        torch.mm(z[:, lo:lo + p], gram, out=zg[:, lo:lo + p])
+    and d_b[i] += Bᵢ (zᵢᵀ (q zᵢ)), as the PyTorch branch of _backward computes them. The kernel forms
+    zᵢGᵢ itself (Gᵢ = BᵢᵀBᵢ from the weight cache in the input dtype, 16-bit tensor-core products into an
+    fp32 accumulator: zG is not rounded to the input dtype as the PyTorch branch's is) and writes dz and
+    zq = q z in the same pass. At CogVideoX-5B (M = 35,552, k = 3, r = 256, bf16) the two passes move
+    ~0.38 GB where the PyTorch branch's ~20 elementwise passes over fp32 copies moved ~3.4 GB
+    (sm90-static.md, "PyTorch work inside the ops"); a stored zG (three GEMMs reading z and writing it,
+    the pass reading it back) cost 0.16 GB more, ~55 µs at 3 TB/s."""
+    gram = _output_grams(pack, lora_b, layout, z.dtype)
     dz, zq = torch.empty_like(z), torch.empty_like(z)
-    kernel.multi_lora_output_bwd_dz_launch(z, hb, zg, norms, q_groups, _offsets(layout, z.device), eps,
+    kernel.multi_lora_output_bwd_dz_launch(z, hb, gram, norms, q_groups, _offsets(layout, z.device), eps,
                                            layout.rank_tile, dz, zq)
     for i, (b, (lo, hi)) in enumerate(zip(lora_b, layout.spans())):
         if need_b[i]:
