@@ -60,6 +60,13 @@ def backend(name: str | Backend) -> Iterator[None]:
         _state.backend = previous
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter, or None for an inference tensor (made under
+    `torch.inference_mode()`), which has none: a cache keyed on it cannot tell when such a tensor
+    changes, so callers recompute instead of caching (or skip the check)."""
+    return None if t.is_inference() else t._version
+
+
 def triton_interpreting() -> bool:
     """True when Triton runs kernels through its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

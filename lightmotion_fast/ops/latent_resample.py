@@ -76,7 +76,10 @@ class _OffsetCache:
     """Decoded offsets kept with their fill map: keyed on the map object, its version counter (an
     in-place change of the map re-decodes) and z's strides; the map is held weakly (a decoding goes
     when its map is gone), and at most `capacity` decodings are kept (least recently used dropped):
-    at most 64 × 4 bytes per map pixel. `SOURCE_OFFSETS.clear()` empties it."""
+    at most 64 × 4 bytes per map pixel. `SOURCE_OFFSETS.clear()` empties it. Writes that bypass
+    PyTorch's version counter (through `.data`, a NumPy view or DLPack) are not seen: clear the cache
+    after them. Maps made under `torch.inference_mode()` have no version counter and are decoded on
+    every call instead."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
@@ -84,7 +87,10 @@ class _OffsetCache:
         self._lock = threading.Lock()
 
     def get(self, fill_map: torch.Tensor, frames: int, height: int, width: int, strides) -> torch.Tensor:
-        key = (id(fill_map), fill_map._version, fill_map.data_ptr(), fill_map.device, frames, height, width,
+        version = _common.tensor_version(fill_map)
+        if version is None:   # an inference tensor: no version counter to tell a change by, so no caching
+            return decode_source_offsets(fill_map, frames, height, width, strides)
+        key = (id(fill_map), version, fill_map.data_ptr(), fill_map.device, frames, height, width,
                tuple(strides))
         with self._lock:
             hit = self._entries.get(key)

@@ -143,8 +143,9 @@ class TrajectoryIndex:
         index._set(idx, valid, n_pix, rowptr, col)
         return index
 
-    def _current_versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in (self.idx, self.valid, self.rowptr, self.col))
+    def _current_versions(self) -> tuple[int | None, ...]:
+        # (tables built under torch.inference_mode() have no version counter: None, never checked)
+        return tuple(_common.tensor_version(t) for t in (self.idx, self.valid, self.rowptr, self.col))
 
     @property
     def frames(self) -> int:
