@@ -181,6 +181,32 @@ def test_bad_inputs():
         ddim_coefficients(0.3, 0.4, 1.0, "flow")
 
 
+@pytest.mark.parametrize("helper,args,name", [
+    (renoise_coefficients, (0.4, 0.6), "alpha_to"),         # the wrong way: cx > 1 and no noise, silently
+    (renoise_coefficients, (0.0, 0.0), "alpha_from"),       # was a ZeroDivisionError
+    (renoise_sigma_coefficients, (2.0, 1.0), "sigma_to"),   # the wrong way: silently the identity
+    (renoise_sigma_coefficients, (-1.0, 1.0), "sigma_from"),
+    (ddim_coefficients, (1.0, 1.0, 1.0), "alpha_t"),        # was a ZeroDivisionError
+    (ddim_coefficients, (0.0, 0.5, 1.0), "alpha_t"),
+    (ddim_coefficients, (0.6, 0.5, 1.0), "alpha_prev"),     # a step towards more noise
+    (ddim_coefficients, (0.5, 0.6, -1.0), "eta"),
+    (ddim_coefficients, (0.5, float("nan"), 1.0), "alpha_prev"),
+    (euler_coefficients, (0.0, 0.0, 1.0), "sigma"),          # was a ZeroDivisionError
+    (euler_coefficients, (1.0, 2.0, 0.0), "sigma_next"),
+], ids=lambda v: getattr(v, "__name__", None) if callable(v) else None)
+def test_coefficient_helpers_refuse_levels_out_of_range_or_order(helper, args, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        helper(*args)
+
+
+def test_coefficient_helpers_accept_the_ends_of_their_ranges():
+    assert renoise_coefficients(0.6, 0.0).cn == 1.0          # to pure noise
+    assert renoise_coefficients(0.6, 0.6).cn == 0.0          # no jump
+    assert renoise_sigma_coefficients(0.0, 2.0).cn == 2.0
+    assert ddim_coefficients(0.5, 1.0, 1.0).cn == 0.0        # the last DDIM step (ᾱ_prev = 1)
+    assert euler_coefficients(1.0, 0.0, 1.0).cn == 0.0       # the last Euler step (σ_next = 0)
+
+
 def test_numpy_integer_seeds_and_float64(device, poisoned):
     """numpy integers are seeds and offsets; float64 latents are taken (issue 14 item 10)."""
     x = torch.randn(1, 2, 3, 4, 8, device=device, dtype=torch.float64)

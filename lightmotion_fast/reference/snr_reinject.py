@@ -52,6 +52,21 @@ class StepCoefficients:
     cm0: float
 
 
+def _level(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False,
+           low_is: str = "", high_is: str = "") -> float:
+    """value as a finite float in [low, high] (an open end where asked), else a ValueError naming it;
+    low_is / high_is name a bound that is another argument."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not (math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)):
+        lo = f"{low_is}={low:g}" if low_is else f"{low:g}"
+        hi = "∞)" if math.isinf(high) else (f"{high_is}={high:g}" if high_is else f"{high:g}") + (")" if high_open else "]")
+        raise ValueError(f"{name} must be finite and lie in {'(' if low_open else '['}{lo}, {hi}, got {value!r}")
+    return v
+
+
 def _x0_eps(alpha_t: float, prediction_type: str):
     """(x̂0, ε̂) as ((a_x, a_m), (b_x, b_m)): x̂0 = a_x·x + a_m·m, ε̂ = b_x·x + b_m·m."""
     sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)
@@ -71,6 +86,10 @@ def ddim_sigma(alpha_t: float, alpha_prev: float, eta: float) -> float:
 
 def ddim_coefficients(alpha_t: float, alpha_prev: float, eta: float,
                       prediction_type: str = "epsilon") -> StepCoefficients:
+    """One DDIM step from ᾱ_t to the less noisy ᾱ_prev (0 < ᾱ_t < 1, ᾱ_t <= ᾱ_prev <= 1, η >= 0)."""
+    alpha_t = _level("alpha_t", alpha_t, 0.0, 1.0, low_open=True, high_open=True)
+    alpha_prev = _level("alpha_prev", alpha_prev, alpha_t, 1.0, low_is="alpha_t")
+    eta = _level("eta", eta, 0.0, math.inf)
     (ax, am), (bx, bm) = _x0_eps(alpha_t, prediction_type)
 
     def step(sigma):
@@ -85,6 +104,10 @@ def ddim_coefficients(alpha_t: float, alpha_prev: float, eta: float,
 
 def euler_coefficients(sigma: float, sigma_next: float, eta: float,
                        prediction_type: str = "epsilon") -> StepCoefficients:
+    """One Euler step from σ to the smaller σ_next (σ > 0, 0 <= σ_next <= σ, η >= 0)."""
+    sigma = _level("sigma", sigma, 0.0, math.inf, low_open=True)
+    sigma_next = _level("sigma_next", sigma_next, 0.0, sigma, high_is="sigma")
+    eta = _level("eta", eta, 0.0, math.inf)
     if prediction_type == "epsilon":
         px, pm = 1.0, -sigma
     elif prediction_type == "v_prediction":
@@ -107,13 +130,17 @@ def euler_coefficients(sigma: float, sigma_next: float, eta: float,
 
 
 def renoise_coefficients(alpha_from: float, alpha_to: float) -> StepCoefficients:
-    """ᾱ_from at the current level T1, ᾱ_to at the noisier level T2 (ᾱ_to <= ᾱ_from)."""
+    """ᾱ_from at the current level T1, ᾱ_to at the noisier level T2 (0 <= ᾱ_to <= ᾱ_from, 0 < ᾱ_from <= 1)."""
+    alpha_from = _level("alpha_from", alpha_from, 0.0, 1.0, low_open=True)
+    alpha_to = _level("alpha_to", alpha_to, 0.0, alpha_from, high_is="alpha_from")
     ratio = alpha_to / alpha_from
     return StepCoefficients(math.sqrt(ratio), 0.0, math.sqrt(max(1.0 - ratio, 0.0)), 1.0, 0.0)
 
 
 def renoise_sigma_coefficients(sigma_from: float, sigma_to: float) -> StepCoefficients:
-    """σ-parametrisation: σ_to >= σ_from."""
+    """σ-parametrisation: 0 <= σ_from <= σ_to."""
+    sigma_from = _level("sigma_from", sigma_from, 0.0, math.inf)
+    sigma_to = _level("sigma_to", sigma_to, sigma_from, math.inf, low_is="sigma_from")
     return StepCoefficients(1.0, 0.0, math.sqrt(max(sigma_to ** 2 - sigma_from ** 2, 0.0)), 1.0, 0.0)
 
 
