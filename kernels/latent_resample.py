@@ -29,7 +29,7 @@ def _latent_resample_kernel(
     z_ptr, out_ptr, src_ptr,
     n_planes, channels, hw, width,
     sz_b, sz_c, so_b, so_c, so_f, so_h, so_w,
-    seed, offset, cx, cn, sn_b, sn_c, sn_f,
+    seed, first_counter, shift, cx, cn, sn_b, sn_c, sn_f,
     PLANES: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, DST_FLAT: tl.constexpr,
     HAS_NOISE: tl.constexpr, QUADS: tl.constexpr, FAST: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -52,11 +52,12 @@ def _latent_resample_kernel(
         mask = p < tl.where(plane < n_planes, hw, 0)   # pixels of this frame, in a plane that exists
         vals = tl.load(z_ptr + (b * sz_b + c * sz_c) + src, mask=mask, other=0.0)
         if HAS_NOISE:
-            start = offset + b * sn_b + c * sn_c + frame * sn_f   # stream index of pixel 0 of this plane
+            # stream index of pixel 0 of this plane: 4·first_counter + start (offset = 4·first_counter + shift)
+            start = shift + b * sn_b + c * sn_c + frame * sn_f
             if QUADS:
-                noise = quad_noise(seed, (start + pid_hw * BLOCK) // 4, VEC // 4, BLOCK // VEC, FAST)
+                noise = quad_noise(seed, first_counter + (start + pid_hw * BLOCK) // 4, VEC // 4, BLOCK // VEC, FAST)
             else:
-                noise = normal_at(seed, start + p, FAST)
+                noise = normal_at(seed, first_counter, start + p, FAST)
             vals = cx * vals.to(ACC) + cn * noise.to(ACC)
         tl.store(out_ptr + (b * so_b + c * so_c) + dst, vals.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -81,7 +82,7 @@ def latent_resample_launch(z: torch.Tensor, src_offsets: torch.Tensor, out: torc
         z, out, src_offsets,
         n_planes, channels, hw, width,
         z.stride(0), z.stride(1), so[0], so[1], so[2], so[3], so[4],
-        seed, offset, float(cx), float(cn), sn_b, sn_c, sn_f,
+        seed, offset // 4, offset % 4, float(cx), float(cn), sn_b, sn_c, sn_f,
         PLANES=planes, BLOCK=block, VEC=vec, DST_FLAT=(so[4] == 1 and so[3] == width),
         HAS_NOISE=noise is not None, QUADS=quads, FAST=fast_math(), num_warps=num_warps,
         ACC=tl.float64 if out.dtype == torch.float64 else tl.float32,

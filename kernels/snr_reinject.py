@@ -75,10 +75,11 @@ def quad_noise(seed, first_counter, Q: tl.constexpr, ROWS: tl.constexpr, FAST: t
 
 
 @triton.jit
-def normal_at(seed, g, FAST: tl.constexpr):
-    """Stream element g (int64 tensor, any shape) alone: one Philox per element. For index patterns
-    that cannot be grouped by whole quads."""
-    w0, w1, w2, w3 = tl.randint4x(seed, g >> 2)
+def normal_at(seed, first_counter, g, FAST: tl.constexpr):
+    """Stream element 4·first_counter + g (g: int64 tensor ≥ 0, any shape) alone: one Philox per element.
+    For index patterns that cannot be grouped by whole quads. (The stream position is split so that an
+    offset near 2⁶³ does not overflow: first_counter = offset // 4.)"""
+    w0, w1, w2, w3 = tl.randint4x(seed, first_counter + (g >> 2))
     lane = g & 3
     first = lane < 2
     c, s = _box_muller(tl.where(first, w0, w2), tl.where(first, w1, w3), FAST)

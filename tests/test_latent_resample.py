@@ -268,7 +268,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("shape, layout", [((2, 3, 4, 8, 12), "b c f h w"), ((1, 5, 2, 9, 11), "b f c h w"),
                                            ((2, 2, 3, 17, 23), "b c f h w")], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("offset", [0, 6, 1024])
+@pytest.mark.parametrize("offset", [0, 6, 1024, 2**63 - 8, 2**63 - 3])   # near 2⁶³: the stream index must not overflow
 def test_renoise_in_the_same_pass_equals_resample_then_snr(shape, layout, dtype, offset, device, poisoned):
     z = torch.randn(shape, device=device).to(dtype)
     frames = shape[2] if layout == "b c f h w" else shape[1]
