@@ -207,6 +207,25 @@ def test_schedule_frame_mismatch():
         lm.latent_permute(torch.randn(1, 2, 6, 8, 8), cam)
 
 
+def test_schedule_changed_in_place_is_an_error_not_a_stale_result():
+    """The camera keeps its own copy of the schedule and caches the transforms made from it: changing that
+    copy in place afterwards is refused (it had silently kept the old motion), on a cached size and on a
+    new one alike; the user's tensor is the user's to change."""
+    user = torch.linspace(0, 1, 4)[:, None].expand(4, 4).contiguous()
+    cam = lm.CameraMotion(pan=(0.25, 0), schedule=user)
+    z = torch.randn(1, 2, 4, 8, 8)
+    before, _ = lm.latent_permute(z, cam)
+    user.zero_()                                  # the caller's tensor: the camera does not see it
+    again, _ = lm.latent_permute(z, cam)
+    torch.testing.assert_close(again, before, rtol=0, atol=0)
+    cam.schedule.zero_()
+    for size in ((8, 8), (4, 4)):
+        with pytest.raises(RuntimeError, match="schedule was modified in place"):
+            lm.latent_permute(torch.randn(1, 2, 4, *size), cam)
+    with pytest.raises(RuntimeError, match="schedule was modified in place"):
+        cam.inverse_affines(4, 8, 8)
+
+
 def test_affine_entry_point_checks(device):
     z = torch.randn(1, 2, 3, 4, 4, device=device)
     with pytest.raises(ValueError, match=r"inv_affine must have shape \[3, 2, 3\]"):

@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter (None for an inference tensor, which has none)."""
+    return None if t.is_inference() else t._version
+
+
 def as_int(name: str, value, minimum: int = 0) -> int:
     """`value` as a Python int (numpy and torch integer scalars accepted); TypeError for anything that
     is not an integer (floats included, even 8.0), ValueError below `minimum`."""
@@ -64,6 +69,7 @@ class CameraMotion:
     rotate: float = 0.0
     schedule: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _schedule_version: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         pan = self.pan
@@ -86,10 +92,17 @@ class CameraMotion:
             if not bool(torch.isfinite(sched).all()):
                 raise ValueError("CameraMotion schedule must be finite, got NaN or infinite entries")
             object.__setattr__(self, "schedule", sched.detach().to("cpu", torch.float64).clone())
+            object.__setattr__(self, "_schedule_version", _version(self.schedule))
         fractions = self.schedule[:, 2] if self.schedule is not None else torch.tensor([0.0, 1.0])
         if bool(((1.0 + fractions.double() * self.zoom) <= 0).any()):
             raise ValueError(f"CameraMotion zoom={self.zoom} gives a non-positive scale at some frame "
                              "(zoom out is limited to zoom > -1)")
+
+    def _check_schedule_unchanged(self) -> None:
+        # The camera is immutable and caches what it computes from its schedule (its own copy).
+        if _version(self.schedule) != self._schedule_version:
+            raise RuntimeError("CameraMotion.schedule was modified in place after the camera was made; a camera "
+                               "is immutable (it caches its transforms): make a new CameraMotion(schedule=...)")
 
     @property
     def is_identity(self) -> bool:
@@ -99,6 +112,7 @@ class CameraMotion:
         """[F, 4] float64: the fraction of each total (pan x, pan y, zoom, rotate) at every frame."""
         frames = as_int("frames", frames, minimum=1)
         if self.schedule is not None:
+            self._check_schedule_unchanged()
             if self.schedule.shape[0] != frames:
                 raise ValueError(f"CameraMotion schedule has {self.schedule.shape[0]} frames but the "
                                  f"latent has {frames} (frame dimension)")
@@ -142,6 +156,8 @@ class CameraMotion:
         """
         frames, height, width = as_int("frames", frames, 1), as_int("height", height), as_int("width", width)
         key = (frames, height, width, str(torch.device(device)))
+        if self.schedule is not None:
+            self._check_schedule_unchanged()
         cached = self._cache.get(key)
         if cached is not None:
             return cached
