@@ -281,6 +281,16 @@ def test_empty_frames_and_channels(shape, device):
         assert torch.equal(exposed.cpu(), _expected(z, CAMERAS["combo"], "b c f h w")[1])
 
 
+@pytest.mark.parametrize("impl", ["triton", "cpp", "reference"])
+@pytest.mark.parametrize("layout", ["b c f h w", "b f c h w"])
+def test_a_clip_of_no_frames_is_empty_like_an_empty_batch(impl, layout, device):
+    shape = (1, 2, 0, 5, 4) if layout == "b c f h w" else (1, 0, 2, 5, 4)
+    z = torch.randn(shape, device="cpu" if impl == "cpp" else device)
+    with lm.backend(impl):
+        out, exposed = lm.latent_permute(z, CAMERAS["combo"], layout)
+    assert out.shape == z.shape and exposed.shape == (0, 5, 4) and exposed.dtype == torch.bool
+
+
 def test_inverse_affines_hands_out_a_copy(device):
     cam = lm.CameraMotion(pan=(0.25, -0.125), zoom=0.16, rotate=-16)
     z = torch.randn(1, 2, 3, 8, 8, device=device)

@@ -70,7 +70,10 @@ def latent_permute(z: torch.Tensor, camera: CameraMotion, layout: str = "b c f h
     frames, height, width = check_latent("z", z, layout)
     if not isinstance(camera, CameraMotion):
         raise TypeError(f"camera must be a lightmotion_fast.CameraMotion, got {type(camera).__name__}")
-    inv = camera.cached_inverse_affines(frames, height, width, device=z.device)
+    if frames == 0:   # an empty clip, like an empty batch or plane: nothing to move
+        inv = torch.empty((0, 2, 3), dtype=torch.float32, device=z.device)
+    else:
+        inv = camera.cached_inverse_affines(frames, height, width, device=z.device)
     return latent_permute_op(z, inv, layout == "b f c h w")
 
 
