@@ -56,9 +56,23 @@ def extension_available() -> bool:
     return _ext.available()
 
 
+def clear_caches() -> None:
+    """Drop what the ops derived from user tensors and keep between calls: the multi-LoRA weight packs
+    (concatenated, padded, scaled LoRA weights) and the fill maps' decoded source offsets.
+
+    Both rebuild by themselves when a tensor is changed through PyTorch (its version counter) or freed.
+    Writes PyTorch does not see, through `.data`, a NumPy view (`t.numpy()[...] = ...`) or DLPack, are
+    not noticed: call this after them."""
+    from lightmotion_fast.ops.latent_resample import SOURCE_OFFSETS
+    from lightmotion_fast.ops.multi_lora import clear_weight_cache
+
+    clear_weight_cache()
+    SOURCE_OFFSETS.clear()
+
+
 __all__ = [
     # dispatch
-    "Backend", "backend", "extension_available",
+    "Backend", "backend", "clear_caches", "extension_available",
     # diffusers integration
     "patch", "patched", "unpatch", "is_patched", "patch_state",
     # LightMotion

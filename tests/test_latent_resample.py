@@ -323,6 +323,24 @@ def test_decoded_offsets_follow_the_strides():
     assert decode_source_offsets(fill, 3, 5, 7, (2**31, 30, 2)).dtype == torch.int64
 
 
+def test_map_changes_the_version_counter_misses_need_clear_caches():
+    """The decoded offsets follow in-place changes made through PyTorch; a write through `.data` is not
+    seen (PyTorch does not count it) until `lightmotion_fast.clear_caches()`, as the docs say."""
+    z = torch.randn(1, 2, 3, 4, 8)
+    fill = lm.build_fill_map(CAMERAS["pan"], 3, 4, 8, seed=0)
+    with lm.backend("triton"):
+        lm.latent_resample(z, fill)
+        fill.copy_(fill.flip(0, 1, 2))                        # counted: re-decoded
+        torch.testing.assert_close(lm.latent_resample(z, fill), latent_resample_reference(z, fill), rtol=0, atol=0)
+        fill.data.copy_(fill.data.flip(0, 1, 2))              # not counted
+        stale = lm.latent_resample(z, fill)
+        lm.clear_caches()
+        fresh = lm.latent_resample(z, fill)
+    want = latent_resample_reference(z, fill)
+    assert not torch.equal(stale, want)
+    torch.testing.assert_close(fresh, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("label, hw, frames, planes, vec, at_least", [
     ("AnimateDiff fp16", 64 * 64, 16, 8, 8, 8),
     ("SVD-xt fp16", 72 * 128, 25, 8, 8, 8),
