@@ -290,6 +290,25 @@ def test_committed_report_covers_every_benchmark_case():
     assert not missing, "regenerate with `python -m lightmotion_fast bench --static`; missing:\n" + "\n".join(missing)
 
 
+def test_committed_report_counts_the_scenarios_bytes_and_flops():
+    """Each case's bytes and FLOPs in the report are its scenario's (the capture once built the cases
+    inside its matmul-skipping mode, where a camera's inverse affines came out as garbage: latent_permute's
+    kept-pixel bytes changed from one regeneration to the next)."""
+    from lightmotion_fast.bench import static
+    with open(STATIC_CSV, newline="") as f:
+        reported = {r["case"]: (r["bytes"], r["flops"]) for r in csv.DictReader(f)}
+    checked = 0
+    for name, case in static.benchmark_cases():
+        variants = ("deterministic", "atomic") if name == "trajectory_attention" else ("",)
+        for label in (static.case_label(case, v) for v in variants):
+            if label in reported:
+                nbytes, flops = reported[label]
+                assert nbytes == str(case.bytes or ""), (label, nbytes, case.bytes)
+                assert flops == (str(int(case.flops)) if case.flops else ""), (label, flops, case.flops)
+                checked += 1
+    assert checked > 100
+
+
 def test_occupancy_model_matches_the_cuda_rules():
     from lightmotion_fast.bench.static import occupancy
     # registers: 153 regs x 8 warps -> 5,120 regs per warp -> 12 warps -> 1 block; 123 regs -> 2 blocks

@@ -669,8 +669,11 @@ def capture(ops=None, cases_regex=None):
     install_gpu_view()
     pattern = re.compile(cases_regex) if cases_regex else None
     errors = []
+    # The cases (their byte and FLOP counts, e.g. latent_permute's kept pixels through the camera's
+    # inverse affines) are built before SkipMatmuls is active: inside it a matrix product is garbage.
+    selected = benchmark_cases(ops)
     with lm.backend("triton"), SkipMatmuls():
-        for name, case in benchmark_cases(ops):
+        for name, case in selected:
             labels = [case_label(case, v) for v in VARIANTS.get(name, ("",))]
             if pattern and not any(pattern.search(label) for label in labels):
                 continue   # skip building the inputs of cases that were not asked for
