@@ -2,7 +2,7 @@
 
 One launch, one pass over the output. A program owns BLOCK pixels of one (batch, frame): it loads
 that frame's intrinsics and pose as scalars, forms M = R · K⁻¹ and the camera centre t in registers
-(K⁻¹ analytically, the relative pose as the rigid inverse of frame 0 times frame f), then for each
+(K⁻¹ analytically, the relative pose as the inverse of frame 0 times frame f), then for each
 pixel computes d = normalize(M · [u + .5, v + .5, 1]), the moment t × d, and stores the six channels.
 Nothing but the output touches memory, so the kernel runs at the store bandwidth. The output is
 addressed through strides: [b f 6 h w] and [b 6 f h w] are the same kernel. Arithmetic is in float32,
@@ -25,6 +25,18 @@ def _load3x3(ptr, s_r, s_c, ACC: tl.constexpr):
     a21 = tl.load(ptr + 2 * s_r + s_c).to(ACC)
     a22 = tl.load(ptr + 2 * s_r + 2 * s_c).to(ACC)
     return a00, a01, a02, a10, a11, a12, a20, a21, a22
+
+
+@triton.jit
+def _inv3x3(a00, a01, a02, a10, a11, a12, a20, a21, a22):
+    """The inverse of a 3×3 matrix given as nine scalars (row-major), by cofactors."""
+    c00 = a11 * a22 - a12 * a21
+    c01 = a12 * a20 - a10 * a22
+    c02 = a10 * a21 - a11 * a20
+    inv_det = 1.0 / (a00 * c00 + a01 * c01 + a02 * c02)
+    return (c00 * inv_det, (a02 * a21 - a01 * a22) * inv_det, (a01 * a12 - a02 * a11) * inv_det,
+            c01 * inv_det, (a00 * a22 - a02 * a20) * inv_det, (a02 * a10 - a00 * a12) * inv_det,
+            c02 * inv_det, (a01 * a20 - a00 * a21) * inv_det, (a00 * a11 - a01 * a10) * inv_det)
 
 
 @triton.jit
@@ -59,21 +71,11 @@ def _plucker_kernel(
         i22 = 1.0
     else:
         k00, k01, k02, k10, k11, k12, k20, k21, k22 = _load3x3(kp, sk_r, sk_c, ACC)
-        c00 = k11 * k22 - k12 * k21
-        c01 = k12 * k20 - k10 * k22
-        c02 = k10 * k21 - k11 * k20
-        inv_det = 1.0 / (k00 * c00 + k01 * c01 + k02 * c02)
-        i00 = c00 * inv_det
-        i10 = c01 * inv_det
-        i20 = c02 * inv_det
-        i01 = (k02 * k21 - k01 * k22) * inv_det
-        i11 = (k00 * k22 - k02 * k20) * inv_det
-        i21 = (k01 * k20 - k00 * k21) * inv_det
-        i02 = (k01 * k12 - k02 * k11) * inv_det
-        i12 = (k02 * k10 - k00 * k12) * inv_det
-        i22 = (k00 * k11 - k01 * k10) * inv_det
+        i00, i01, i02, i10, i11, i12, i20, i21, i22 = _inv3x3(k00, k01, k02, k10, k11, k12, k20, k21, k22)
 
-    # Pose [R | t], relative to frame 0 if asked: R0ᵀ R_f and R0ᵀ (t_f − t0).
+    # Pose [R | t], relative to frame 0 if asked: c2w_0⁻¹ c2w_f = [R0⁻¹ R_f | R0⁻¹ (t_f − t0)]. R0⁻¹ is the
+    # true inverse (as the reference's), not R0ᵀ: the two differ for the slightly non-orthonormal poses
+    # that validation accepts (|RᵀR − I| ≤ 1e-3).
     pp = pose_ptr + b * sp_b + f * sp_f
     r00, r01, r02, r10, r11, r12, r20, r21, r22 = _load3x3(pp, sp_r, sp_c, ACC)
     tx = tl.load(pp + 3 * sp_c).to(ACC)
@@ -81,22 +83,22 @@ def _plucker_kernel(
     tz = tl.load(pp + 2 * sp_r + 3 * sp_c).to(ACC)
     if RELATIVE:
         p0 = pose_ptr + b * sp_b
-        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _load3x3(p0, sp_r, sp_c, ACC)
+        q00, q01, q02, q10, q11, q12, q20, q21, q22 = _inv3x3(*_load3x3(p0, sp_r, sp_c, ACC))
         dx0 = tx - tl.load(p0 + 3 * sp_c).to(ACC)
         dy0 = ty - tl.load(p0 + sp_r + 3 * sp_c).to(ACC)
         dz0 = tz - tl.load(p0 + 2 * sp_r + 3 * sp_c).to(ACC)
-        tx = q00 * dx0 + q10 * dy0 + q20 * dz0
-        ty = q01 * dx0 + q11 * dy0 + q21 * dz0
-        tz = q02 * dx0 + q12 * dy0 + q22 * dz0
-        n00 = q00 * r00 + q10 * r10 + q20 * r20
-        n01 = q00 * r01 + q10 * r11 + q20 * r21
-        n02 = q00 * r02 + q10 * r12 + q20 * r22
-        n10 = q01 * r00 + q11 * r10 + q21 * r20
-        n11 = q01 * r01 + q11 * r11 + q21 * r21
-        n12 = q01 * r02 + q11 * r12 + q21 * r22
-        n20 = q02 * r00 + q12 * r10 + q22 * r20
-        n21 = q02 * r01 + q12 * r11 + q22 * r21
-        n22 = q02 * r02 + q12 * r12 + q22 * r22
+        tx = q00 * dx0 + q01 * dy0 + q02 * dz0
+        ty = q10 * dx0 + q11 * dy0 + q12 * dz0
+        tz = q20 * dx0 + q21 * dy0 + q22 * dz0
+        n00 = q00 * r00 + q01 * r10 + q02 * r20
+        n01 = q00 * r01 + q01 * r11 + q02 * r21
+        n02 = q00 * r02 + q01 * r12 + q02 * r22
+        n10 = q10 * r00 + q11 * r10 + q12 * r20
+        n11 = q10 * r01 + q11 * r11 + q12 * r21
+        n12 = q10 * r02 + q11 * r12 + q12 * r22
+        n20 = q20 * r00 + q21 * r10 + q22 * r20
+        n21 = q20 * r01 + q21 * r11 + q22 * r21
+        n22 = q20 * r02 + q21 * r12 + q22 * r22
         r00, r01, r02, r10, r11, r12, r20, r21, r22 = n00, n01, n02, n10, n11, n12, n20, n21, n22
 
     # M = R · K⁻¹

@@ -118,6 +118,46 @@ def test_relative_first_frame_is_identity(device, poisoned):
     torch.testing.assert_close(moved, rays, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_relative_uses_the_true_inverse_of_frame_0(device, poisoned, impl):
+    """Validation accepts poses a little off orthonormal (here frame 0's rotation scaled by 1.0003):
+    relative=True then multiplies by c2w_0⁻¹, not by the rigid inverse [R0ᵀ | −R0ᵀt0] (the kernel used
+    that and differed from the reference by 6e-3 in float64)."""
+    k, pose = random_cameras(2, 3, 4, 5)
+    pose[:, 0, :3, :3] *= 1.0003
+    want = plucker_embedding_reference(k, pose, 4, 5, relative=True)
+    with lightmotion_fast.backend(impl):
+        got = lightmotion_fast.plucker_embedding(k.to(device), pose.to(device), 4, 5, relative=True)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_rigid_poses_pass_validation(dtype):
+    """A rotation rounded to bfloat16 is off orthonormal by ~4e-3: the check allows twice the dtype's
+    epsilon there (it had rejected every bf16 camera that is not axis-aligned); a real shear still fails."""
+    k, pose = random_cameras(1, 3, 4, 4)
+    rays = lightmotion_fast.plucker_embedding(k.to(dtype), pose.to(dtype), 4, 4)
+    assert rays.dtype == dtype and torch.isfinite(rays).all()
+    sheared = pose.clone()
+    sheared[0, 1, 0, 1] += 0.05
+    with pytest.raises(ValueError, match="not a rigid camera-to-world pose"):
+        lightmotion_fast.plucker_embedding(k.to(dtype), sheared.to(dtype), 4, 4)
+
+
+def test_gradients_to_the_cameras_through_the_reference(device):
+    """A pose or K that requires grad is differentiated (float64 gradcheck), relative and absolute; the
+    same call without grad runs the kernel and gives the same values."""
+    k, pose = random_cameras(1, 2, 3, 4)
+    k, pose = k.to(device), pose.to(device)
+    for relative in (False, True):
+        fn = lambda kk, pp: lightmotion_fast.plucker_embedding(kk, pp, 3, 4, relative=relative, validate=False)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (k.clone().requires_grad_(), pose.clone().requires_grad_()))
+        differentiable = fn(k, pose.clone().requires_grad_())
+        assert differentiable.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(differentiable.detach(), fn(k, pose), atol=1e-12, rtol=1e-12)
+
+
 def test_strided_inputs(device, poisoned):
     k, pose = random_cameras(2, 4, 3, 5, matrix_k=True)
     want = plucker_embedding_reference(k[:, ::2], pose[:, ::2], 3, 5, relative=True)

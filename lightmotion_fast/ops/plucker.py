@@ -14,7 +14,8 @@ from lightmotion_fast.ops._common import Backend
 from lightmotion_fast.reference.plucker import plucker_embedding_reference
 
 # Poses read from files are rarely orthonormal to the last bit; these bounds catch scale, shear,
-# reflection and garbage, not rounding.
+# reflection and garbage, not rounding: the rotation bound widens to twice the machine epsilon of a
+# 16-bit c2w (a rotation rounded to bfloat16 is off by up to ~4e-3, to float16 by ~1e-3).
 ROTATION_ATOL = 1e-3
 LAST_ROW_ATOL = 1e-5
 
@@ -62,12 +63,13 @@ def check_cameras(intrinsics: torch.Tensor, c2w: torch.Tensor) -> None:
             raise ValueError(f"intrinsics of batch {b}, frame {f} are singular (fx or fy is 0, or det K = 0): "
                              f"{intrinsics[b, f].tolist()}")
         rot = pose[..., :3, :3]
+        rot_atol = max(ROTATION_ATOL, 2 * torch.finfo(c2w.dtype).eps)
         eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
         ortho_err = (rot.transpose(-1, -2) @ rot - eye).abs().amax(dim=(-2, -1))
         det_err = (torch.linalg.det(rot) - 1).abs()
         last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=pose.dtype, device=pose.device)
         row_err = (pose[..., 3, :] - last).abs().amax(dim=-1)
-        bad = (ortho_err > ROTATION_ATOL) | (det_err > ROTATION_ATOL) | (row_err > LAST_ROW_ATOL)
+        bad = (ortho_err > rot_atol) | (det_err > rot_atol) | (row_err > LAST_ROW_ATOL)
         if bool(bad.any()):
             b, f = torch.nonzero(bad)[0].tolist()
             raise ValueError(
@@ -122,6 +124,9 @@ def plucker_embedding(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, 
     torch.compile traces the call (so `torch.compile(fullgraph=True)` works) and for meta tensors;
     True: always checked (an error inside torch.compile); False: never.
 
+    Differentiable in intrinsics and c2w: when either requires grad (and grad mode is on) the call runs
+    the PyTorch reference, which autograd differentiates; otherwise the kernel.
+
     >>> k = torch.tensor([[[300.0, 300.0, 128.0, 128.0]]]).expand(1, 16, 4)
     >>> rays = plucker_embedding(k, torch.eye(4).expand(1, 16, 4, 4), 256, 256)   # [1, 16, 6, 256, 256]
     """
@@ -142,6 +147,10 @@ def plucker_embedding(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, 
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {out_dtype}")
     if _should_validate(validate, c2w):
         check_cameras(intrinsics, c2w)
+    if torch.is_grad_enabled() and (intrinsics.requires_grad or c2w.requires_grad):
+        # Gradients to the cameras (pose or focal-length optimisation): the PyTorch reference, which
+        # autograd differentiates; the kernel has no backward.
+        return plucker_embedding_reference(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
     return plucker_embedding_op(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
 
 
