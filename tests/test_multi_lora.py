@@ -130,6 +130,32 @@ def test_zero_input_features(norm, backend, device, poisoned):
         torch.testing.assert_close(grad, torch.zeros_like(grad), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_zero_tokens(norm, backend, device, poisoned):
+    """M = 0 (x [0, d_in]): y is [0, d_out] and every gradient is zero, for every norm (`output_per_token`
+    had no row groups at all: a reshape error on the torch path, a division by zero in the backward)."""
+    x, w, b, a, bb, scales = make(0, 12, 10, [4, 8], torch.float32, device, requires_grad=True)
+    with lightmotion_fast.backend(backend):
+        y = multi_lora_linear(x, w, b, a, bb, scales, norm=norm)
+        y.backward(torch.randn_like(y))
+    assert y.shape == (0, 10) and x.grad.shape == (0, 12)
+    for grad in [w.grad, b.grad, *(t.grad for t in a), *(t.grad for t in bb)]:
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_strided_bias(norm, device, poisoned):
+    """A bias view of stride 2 (and a stride-0 one): the expand kernels read the bias at unit stride, so the
+    op hands them a contiguous copy (it silently read every other element of the storage)."""
+    x, w, _, a, bb, scales = make(9, 24, 20, [4, 8], torch.float32, device)
+    for bias in (torch.randn(40, device=device)[::2], torch.randn(1, device=device).expand(20)):
+        with lightmotion_fast.backend("triton"):
+            y = multi_lora_linear(x, w, bias, a, bb, scales, norm=norm)
+        ref = multi_lora_linear_reference(f64(x), f64(w), f64(bias), f64(a), f64(bb), scales, norm=norm)
+        assert_close_rel(y, ref, torch.float32, "strided bias")
+
+
 def test_reference_backend_matches_reference(device):
     x, w, b, a, bb, scales = make(13, 20, 18, [4, 8], torch.float32, device)
     for norm in NORMS:

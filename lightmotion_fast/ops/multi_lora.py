@@ -362,6 +362,8 @@ def _groups(norm: str, m: int, samples: int) -> int:
 def _output_norms(z: torch.Tensor, lora_b, layout: RankLayout, lora_scaling, groups: int) -> torch.Tensor:
     """[groups, k]: nᵢ(g) = |γᵢ| sqrt(Σ_{t∈g} zᵢ(t) Gᵢ zᵢ(t)ᵀ), Gᵢ = BᵢᵀBᵢ, from z's real rank columns
     (in z's dtype); the M rows of z are `groups` consecutive groups of equal size."""
+    if z.shape[0] == 0:   # no rows: no group holds a token (per token: no group at all)
+        return z.new_zeros((groups, len(lora_b)))
     cols = []
     for b, g, (lo, hi) in zip(lora_b, lora_scaling, layout.spans()):
         zi, bf = z[:, lo:hi], b.to(z.dtype)
@@ -373,6 +375,8 @@ def _output_norms(z: torch.Tensor, lora_b, layout: RankLayout, lora_scaling, gro
 def _per_row(per_group: torch.Tensor, m: int) -> torch.Tensor:
     """[groups, c] -> [M, c]: each group's row repeated over its M/groups consecutive rows."""
     groups = per_group.shape[0]
+    if groups == 0:   # no rows (per token, M = 0)
+        return per_group.new_empty((m, per_group.shape[1]))
     return per_group[:, None, :].expand(groups, m // groups, per_group.shape[1]).reshape(m, per_group.shape[1])
 
 
@@ -407,6 +411,7 @@ def _forward_triton(x, weight, bias, lora_a, lora_b, scales, lora_scaling, norm,
                     layout):
     kernel = _common.kernel_module("multi_lora")
     k, m = len(lora_a), x.shape[0]
+    bias = None if bias is None else bias.contiguous()   # the expand reads the bias at unit stride
     a_cat = _a_cat(pack, lora_a, layout)
     b_cat = _b_cat(pack, lora_a, lora_b, layout, scales, lora_scaling, norm)
     offsets = _offsets(layout, x.device)
@@ -545,6 +550,12 @@ def _backward(ctx, grad_y, grad_z, grad_norms):
     # Per LoRA weight, whether autograd wants its gradient (frozen adapters, e.g. while training
     # only the scaling tokens, skip dA_cat = dzᵀ x and dB_cat' = gᵀ zs: token-long GEMMs).
     need_a, need_b = list(ctx.needs_input_grad[3]), list(ctx.needs_input_grad[4])
+    if z.shape[0] == 0:   # no tokens: every gradient is zero (and the row-group bookkeeping has no groups)
+        zeros = lambda t, wanted: torch.zeros_like(t) if wanted else None  # noqa: E731
+        return (zeros(x, ctx.needs_input_grad[0]), zeros(weight, ctx.needs_input_grad[1]),
+                grad_y.new_zeros(weight.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                [zeros(a, w) for a, w in zip(lora_a, need_a)], [zeros(b, w) for b, w in zip(lora_b, need_b)],
+                None, None, None, None, None, None)
     weighted = norm == "weight" and (any(need_a) or any(need_b))  # dA, dB through the weight norms
     # The `output` norms' elementwise work on the [M, R] tensors in two Triton passes (see
     # _output_backward_fused) where the forward ran the kernels; else in PyTorch below.
