@@ -168,6 +168,12 @@ def test_bad_inputs(device):
         dual_cross_attention(q, keys, values, mask=torch.zeros(1, 1, 1, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="head dim"):
         dual_cross_attention(torch.randn(1, 1, 2, 300), [torch.randn(1, 1, 2, 300)], [torch.randn(1, 1, 2, 300)])
+    # a learnable mask would silently get no gradient: an error while grad is on, fine under no_grad
+    learned = torch.zeros(1, 1, 1, 3, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="mask requires grad"):
+        dual_cross_attention(q, keys, values, mask=learned)
+    with torch.no_grad():
+        dual_cross_attention(q, keys, values, mask=learned)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

@@ -192,6 +192,9 @@ def check_attention_inputs(q, keys, values, mask=None) -> None:
         except RuntimeError:
             raise ValueError(f"mask must broadcast to [b h n m0] = {[b, h, n, m0]}, got {tuple(mask.shape)}") from None
         _common.check_same_device(q=q, mask=mask)
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask requires grad, but the op gives no gradient to the mask (only to q, keys and "
+                             "values): pass mask.detach(), or learn a bias through another op")
 
 
 def dual_cross_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -203,7 +206,7 @@ def dual_cross_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: 
     a diffusers processor makes); scales: one λ per condition (default 1 each); mask: float (added)
     or bool (True keeps), broadcastable to [b h n m₀], for the first condition only;
     softmax_scale: default d^-½. Returns [b h n d] in q's dtype (stored as [b n h d]). Differentiable
-    in q, keys and values. Head dims up to 256; fp16/bf16/fp32 run the Triton kernels (fp32 dots are
+    in q, keys and values (not in the mask: a mask that requires grad is an error). Head dims up to 256; fp16/bf16/fp32 run the Triton kernels (fp32 dots are
     IEEE unless torch.backends.cuda.matmul.allow_tf32 is set), float64 runs PyTorch. NaN in the
     inputs propagates to the rows it touches on every backend.
 
