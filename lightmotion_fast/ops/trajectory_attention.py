@@ -101,7 +101,10 @@ class TrajectoryIndex:
 
     The object keeps its own int32 copies (idx is 0 at invalid points, whose pixel is never read), so
     later changes to the caller's tensors do not reach it; an in-place change to its own tensors is
-    detected (tensor version counters, no read-back) at the next call. `to(device)` moves it without
+    detected (tensor version counters, no read-back) at the next call, except writes PyTorch does not
+    count (through `.data` or a NumPy view; tables built under `torch.inference_mode()` have no counter):
+    the kernels still clamp every index they read, so such a change gives wrong rows, never a fault;
+    build a new TrajectoryIndex instead. `to(device)` moves it without
     re-checking. Calls that take a TrajectoryIndex read no tensor values on the host (no GPU sync),
     so they trace under `torch.compile(fullgraph=True)`.
 
