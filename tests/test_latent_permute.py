@@ -226,6 +226,15 @@ def test_schedule_changed_in_place_is_an_error_not_a_stale_result():
         cam.inverse_affines(4, 8, 8)
 
 
+def test_scheduled_camera_compiles_fullgraph():
+    """The schedule check is a host check: skipped while torch.compile traces (not a graph break)."""
+    cam = lm.CameraMotion(pan=(0.25, 0), schedule=torch.linspace(0, 1, 3)[:, None].expand(3, 4))
+    z = torch.randn(1, 2, 3, 4, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: lm.latent_permute(t, cam)[0], fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(z), lm.latent_permute(z, cam)[0])
+
+
 def test_affine_entry_point_checks(device):
     z = torch.randn(1, 2, 3, 4, 4, device=device)
     with pytest.raises(ValueError, match=r"inv_affine must have shape \[3, 2, 3\]"):

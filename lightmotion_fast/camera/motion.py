@@ -99,7 +99,10 @@ class CameraMotion:
                              "(zoom out is limited to zoom > -1)")
 
     def _check_schedule_unchanged(self) -> None:
-        # The camera is immutable and caches what it computes from its schedule (its own copy).
+        # The camera is immutable and caches what it computes from its schedule (its own copy). A host
+        # check: skipped while torch.compile traces (a version counter is a data-dependent value there).
+        if torch.compiler.is_compiling():
+            return
         if _version(self.schedule) != self._schedule_version:
             raise RuntimeError("CameraMotion.schedule was modified in place after the camera was made; a camera "
                                "is immutable (it caches its transforms): make a new CameraMotion(schedule=...)")

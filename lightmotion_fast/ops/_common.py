@@ -64,6 +64,8 @@ def tensor_version(t: torch.Tensor) -> int | None:
     """t's in-place version counter, or None for an inference tensor (made under
     `torch.inference_mode()`), which has none: a cache keyed on it cannot tell when such a tensor
     changes, so callers recompute instead of caching (or skip the check)."""
+    if torch.compiler.is_compiling():   # Dynamo cannot trace is_inference(); it traces _version
+        return t._version
     return None if t.is_inference() else t._version
 
 
