@@ -118,7 +118,9 @@ def test_fusion_processor_batches_attention_once(monkeypatch):
 def test_fusion_processor_token_count_mismatch():
     attn = attn_with_adapters()
     hidden, enc, rot = _inputs(attn, rope=True)
-    with pytest.raises(ValueError, match="scaling tokens"):
+    with pytest.raises(ValueError, match="num_scaling_tokens must equal the number of adapters"):
+        LionLoraFusionProcessor(list(ADAPTERS))(attn, hidden, enc, image_rotary_emb=rot, num_scaling_tokens=2)
+    with pytest.raises(ValueError, match=r"\['zoom'\] are active in peft but not among the LiON-fused"):
         LionLoraFusionProcessor(["pan", "orbit"])(attn, hidden, enc, image_rotary_emb=rot, num_scaling_tokens=2)
     with pytest.raises(ValueError, match="not loaded"):
         LionLoraFusionProcessor(["pan", "orbit", "tilt"])(attn, hidden, enc, image_rotary_emb=rot,

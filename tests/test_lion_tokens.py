@@ -269,3 +269,50 @@ def test_cogvideox_pipeline_end_to_end():
     assert first.shape == plain.shape and torch.isfinite(second).all()
     assert (first - plain).abs().max() > 1e-4 and (second - first).abs().max() > 1e-5
     torch.testing.assert_close(third, first, **TOL)
+
+
+def test_camera_and_lion_on_cogvideox_refuse_to_drop_the_subject_capture():
+    """CogVideoX's attn1 is its text attention too: camera= captures the subject mask there, and lion=
+    replaces that processor outright. Together (without a mask) the capture would silently be lost and
+    the edit would treat the whole frame as background: a clear error instead, nothing left patched.
+    With a given background mask nothing is captured, and both install."""
+    pipe = tiny.tiny_cogvideox_pipeline()
+    for seed, (name, r) in enumerate([("pan", 4), ("orbit", 8)]):
+        tiny.add_random_lora(pipe.transformer, r, seed, name)
+    pipe.transformer.set_adapters(["pan", "orbit"])
+    cam = lightmotion_fast.CameraMotion(pan=(0.25, 0.0))
+    with pytest.raises(ValueError, match="give the background mask="):
+        lightmotion_fast.patch(pipe, camera=cam, lion=SCALES, lion_embeddings=embeddings())
+    assert not is_patched(pipe)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    lightmotion_fast.patch(pipe, camera=cam, mask=mask, lion=SCALES, lion_embeddings=embeddings())
+    assert {"lightmotion", "lion"} <= set(lightmotion_fast.patch_state(pipe).installed)
+    lightmotion_fast.unpatch(pipe)
+
+
+def test_fusion_refuses_what_it_would_silently_leave_out():
+    """The fusion reads the named adapters' weights itself: another adapter active in peft on the same
+    projections, or LoRA dropout while training, would silently be left out (the output ignored a third
+    adapter; dropout was off). Both are clear errors; eval mode and set_adapters to the fused ones run."""
+    from peft import LoraConfig
+
+    model = with_adapters(cogvideox(False))
+    lightmotion_fast.patch(model, lion=SCALES, lion_embeddings=embeddings())
+    inputs = cogvideox_call(False)
+    tiny.add_random_lora(model, 2, 9, "style")
+    model.set_adapters(["pan", "orbit", "style"])
+    with pytest.raises(ValueError, match=r"\['style'\] are active in peft but not among the LiON-fused"):
+        run(model, inputs)
+    model.set_adapters(["pan", "orbit"])
+    run(model, inputs)
+    lightmotion_fast.unpatch(model)
+
+    model = cogvideox(False)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.5,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="pan")
+    lightmotion_fast.patch(model, lion={"pan": 0.5}, lion_embeddings=embeddings(names=("pan",)))
+    model.train()
+    with pytest.raises(NotImplementedError, match="LoRA dropout in training mode"):
+        run(model, inputs)
+    model.eval()
+    run(model, inputs)

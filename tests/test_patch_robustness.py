@@ -374,3 +374,42 @@ def test_readme_ops_snippet_runs_as_written():
     scope = {"torch": torch, "lm": lm}
     exec(block.replace('device="cuda"', f'device="{DEVICE}"'), scope)
     assert scope["edited"].shape == scope["z"].shape and scope["x_prev"].device == scope["z"].device
+
+
+def test_lightmotion_capture_keeps_module_processors_in_the_model():
+    """`camera=` wraps the text-attention processors to capture the subject mask. Around processors that
+    are modules (camera-token, IP-Adapter) the wrapper shares their parameters, buffers and children:
+    while patched the U-Net's parameters(), state_dict() (the same keys and tensors) and .to() still
+    reach them (a plain wrapper made diffusers drop them from the model), and unpatch gives them back."""
+    from lightmotion_fast.integrations.diffusers.ip_adapter import install_camera_token_processors
+
+    pipe = tiny.tiny_animatediff_pipeline()
+    procs = install_camera_token_processors(pipe.unet, camera_dim=6, zero_init=False)
+    proc = next(iter(procs.values()))
+    params = [id(p) for p in pipe.unet.parameters()]
+    state = pipe.unet.state_dict()
+    lm.patch(pipe, camera=CAM)
+    assert [id(p) for p in pipe.unet.parameters()] == params
+    patched_state = pipe.unet.state_dict()
+    assert list(patched_state) == list(state) and all(patched_state[k] is not None for k in state)
+    assert any(p is proc.to_k_cam.weight for p in pipe.unet.parameters())
+    pipe.unet.to(torch.float64)
+    assert proc.to_k_cam.weight.dtype == torch.float64
+    lm.unpatch(pipe)
+    assert [type(p) for p in pipe.unet.attn_processors.values()].count(type(proc)) == len(procs)
+    assert proc.to_k_cam.weight.dtype == torch.float64 and len(pipe.unet.state_dict()) == len(state)
+
+
+def test_repatching_with_a_changed_options_container_applies_the_change():
+    """patch keeps its own copy of container options: the same list changed by the caller and passed
+    again is a new option value (it had compared equal to itself and changed nothing)."""
+    pipe = tiny.tiny_animatediff_pipeline()
+    tokens = [1, 2]
+    lm.patch(pipe, camera=CAM, subject_tokens=tokens)
+    tokens.append(3)
+    assert list(lm.patch_state(pipe).options["subject_tokens"]) == [1, 2]
+    lm.patch(pipe, camera=CAM, subject_tokens=tokens)
+    assert list(lm.patch_state(pipe).options["subject_tokens"]) == [1, 2, 3]
+    lm.patch(pipe, camera=CAM, subject_tokens=[1, 2, 3])     # equal values: kept as is
+    assert list(lm.patch_state(pipe).options["subject_tokens"]) == [1, 2, 3]
+    lm.unpatch(pipe)

@@ -466,7 +466,15 @@ class _CrossAttentionCapture:
 
     def __init__(self, original, state: SamplerState, subject_tokens, text: TextAttention | None = None,
                  patch: tuple[int, int, int] | None = None):
-        self.original = original
+        if isinstance(self, torch.nn.Module):
+            # Around a processor that is a module (IP-Adapter's, camera-token processors): the capture is a
+            # module sharing the original's own parameter, buffer and child tables, so that while patched
+            # the model's parameters(), state_dict() (same key names), .to() and train() still reach
+            # them (a plain wrapper made diffusers drop the processor from the model's modules).
+            torch.nn.Module.__init__(self)
+            for table in ("_parameters", "_buffers", "_modules"):
+                object.__setattr__(self, table, getattr(original, table))
+        object.__setattr__(self, "original", original)   # not a child: its children are ours already
         self.state = state
         self.subject_tokens = subject_tokens
         self.text = text or FAMILIES["animatediff"].text
@@ -517,20 +525,27 @@ _CAPTURE_CLASSES: dict[type, type] = {}
 
 def _capture_class(processor_cls: type) -> type:
     """The _CrossAttentionCapture subclass for one processor class: the same __call__, declared with
-    that class's __call__ signature (one class each, so that compiled graphs stay traceable)."""
+    that class's __call__ signature (one class each, so that compiled graphs stay traceable), and an
+    nn.Module when the processor is one (see _CrossAttentionCapture.__init__)."""
     cls = _CAPTURE_CLASSES.get(processor_cls)
     if cls is not None:
         return cls
+    bases = (_CrossAttentionCapture, torch.nn.Module) if issubclass(processor_cls, torch.nn.Module) else \
+        (_CrossAttentionCapture,)
+    body = {}
     try:
         signature = inspect.signature(processor_cls.__call__)
     except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        def __call__(self, *args, **kwargs):
+            return _CrossAttentionCapture.__call__(self, *args, **kwargs)
+
+        __call__.__signature__ = signature
+        body["__call__"] = __call__
+    elif bases == (_CrossAttentionCapture,):
         return _CrossAttentionCapture
-
-    def __call__(self, *args, **kwargs):
-        return _CrossAttentionCapture.__call__(self, *args, **kwargs)
-
-    __call__.__signature__ = signature
-    cls = type(f"_CrossAttentionCapture_{processor_cls.__name__}", (_CrossAttentionCapture,), {"__call__": __call__})
+    cls = type(f"_CrossAttentionCapture_{processor_cls.__name__}", bases, body)
     _CAPTURE_CLASSES[processor_cls] = cls
     return cls
 

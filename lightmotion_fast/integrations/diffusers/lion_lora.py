@@ -196,7 +196,8 @@ class LionLoraFusionProcessor:
     def _check_live_state(self, attn) -> None:
         """The fusion reads every adapter's weights itself, so peft's live switches must agree with it:
         a merged adapter is already inside the base weight (fusing it again would count it twice), and a
-        disabled or inactive one would silently be switched back on. Clear errors instead."""
+        disabled or inactive one would silently be switched back on, another active adapter and LoRA dropout
+        in training would silently be left out. Clear errors instead."""
         for name, layer in [(p, getattr(attn, p)) for p in PROJECTIONS] + [("to_out.0", attn.to_out[0])]:
             if getattr(layer, "merged", False):
                 raise ValueError(f"{name}: LoRA adapters are merged into the base weight (fuse_lora / merge); "
@@ -205,10 +206,23 @@ class LionLoraFusionProcessor:
                 raise ValueError(f"{name}: LoRA adapters are disabled (disable_lora), but the LiON fusion of "
                                  f"{self.adapters} is installed: enable them (enable_lora) or unpatch the pipeline")
             active = list(getattr(layer, "active_adapters", self.adapters))
-            inactive = [a for a in self.adapters if a in getattr(layer, "lora_A", {}) and a not in active]
+            loaded = getattr(layer, "lora_A", {})
+            _lora_parts(layer, self.adapters)   # a name that is not loaded: that error first
+            inactive = [a for a in self.adapters if a in loaded and a not in active]
             if inactive:
                 raise ValueError(f"{name}: adapters {inactive} are fused by LiON but not active in peft (active: "
                                  f"{active}); call set_adapters({self.adapters}) or patch with the adapters you use")
+            others = [a for a in active if a in loaded and a not in self.adapters]
+            if others:
+                raise ValueError(f"{name}: adapters {others} are active in peft but not among the LiON-fused "
+                                 f"{self.adapters}; the fusion would leave them out: patch with lion= naming them "
+                                 f"too, or set_adapters({self.adapters})")
+            dropping = [a for a in self.adapters if layer.training and a in getattr(layer, "lora_dropout", {})
+                        and isinstance(layer.lora_dropout[a], torch.nn.Dropout) and layer.lora_dropout[a].p > 0]
+            if dropping:
+                raise NotImplementedError(f"{name}: adapters {dropping} have LoRA dropout in training mode, which the "
+                                          "LiON fusion does not apply: train with lora_dropout=0 (LionLoraTrainer "
+                                          "checks this), or call model.eval() for inference")
 
     def _qk_norm(self, attn, q, key):
         """CogVideoX: LayerNorm per head. q, key: [(k b) h l e]."""

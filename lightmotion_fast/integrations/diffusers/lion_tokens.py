@@ -244,6 +244,13 @@ def install(ctx: PatchContext) -> None:
     wiring, model = _WIRING[ctx.adapter.name], ctx.model
     blocks = getattr(model, wiring.blocks)
     _check_adapters(blocks, list(scales))
+    if any(ctx.processor_set_here(block.attn1) for block in blocks):
+        # CogVideoX's attn1 is also its text attention, where camera= (LightMotion) captures the subject
+        # mask: the fusion processor would replace that capture and the mask would silently be lost.
+        raise ValueError(f"lion= replaces the self-attention processors of {type(model).__name__}, where another "
+                         "option of this patch already installed its own (camera=: LightMotion's subject-mask "
+                         "capture on the joint text attention); with camera=, give the background mask= too "
+                         "(then nothing is captured there)")
     dim = blocks[0].attn1.to_q.base_layer.in_features
     state = LionTokens(scales, ctx.options.get("lion_embeddings") or {}, dim)
     norm = ctx.options.get("lora_norm") or "none"

@@ -177,6 +177,11 @@ class PatchContext:
         change.put(processor)
         self._changes.append(change)
 
+    def processor_set_here(self, attn: torch.nn.Module) -> bool:
+        """Whether a feature of this patch already gave `attn` its current processor (so that a feature
+        replacing processors outright can refuse to drop another's instead of silently doing so)."""
+        return any(c.kind == "processor" and c.obj is attn for c in self._changes)
+
     def set_attr(self, obj, name: str, value) -> None:
         """Set an instance attribute; unpatch restores the old value, or removes one that was absent."""
         change = _Change(obj, name, _current(obj, name), value)
@@ -349,7 +354,7 @@ def patch(pipe, **options):
         if current.pipe is pipe and _same_options(current.options, options):
             return pipe
         current.undo()
-    ctx = PatchContext(pipe=pipe, model=model, adapter=adapter, options=dict(options))
+    ctx = PatchContext(pipe=pipe, model=model, adapter=adapter, options=_snapshot(dict(options)))
     try:
         for feature in FEATURES:
             if feature.families is None or adapter.name in feature.families:
@@ -412,6 +417,17 @@ def patched(pipe, **options) -> Iterator[object]:
     finally:
         if outer is not None:
             outer.resume()
+
+
+def _snapshot(value):
+    """The options as given, with their containers (dicts, lists, sets, tuples) copied: a caller who
+    changes a dict after patching and patches again with it gets the new values (the patch keeps its
+    own copy to compare with). Tensors and other objects are kept as they are."""
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return type(value)(_snapshot(v) for v in value) if type(value) in (list, tuple, set) else value
+    return value
 
 
 def _same_options(a: dict, b: dict) -> bool:
