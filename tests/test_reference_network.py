@@ -173,6 +173,20 @@ def test_gradients_reach_the_reference_network():
     assert reference_unet.conv_out.weight.grad is None
 
 
+def test_gradient_checkpointing_in_the_video_unet_is_a_clear_error():
+    """The bank is cleared when the video U-Net returns, so checkpointed blocks would recompute their
+    readers without it in the backward (torch's CheckpointError, 52 vs 45 saved tensors): refused up front
+    while grad is on; under no_grad the call runs."""
+    reference_unet, video_unet = tiny_unet2d(), tiny_unet_motion()
+    video_unet.enable_gradient_checkpointing()
+    net = ReferenceNet(reference_unet, video_unet).train()
+    with lm.backend("reference"):
+        with pytest.raises(NotImplementedError, match="disable_gradient_checkpointing"):
+            net(**video_inputs(frames=2), **reference_inputs())
+        with torch.no_grad():
+            net(**video_inputs(frames=2), **reference_inputs())
+
+
 def test_mismatched_networks_are_a_clear_error():
     from diffusers import UNet2DConditionModel
 

@@ -138,6 +138,12 @@ class ReferenceNet(torch.nn.Module):
     def _fill(self, timestep, reference_latents, reference_encoder_hidden_states, reference_timestep,
               reference_cross_attention_kwargs) -> None:
         """Run the reference U-Net (at `reference_timestep`, default the video's) into the bank."""
+        if torch.is_grad_enabled() and getattr(self.video_unet, "is_gradient_checkpointing", False):
+            # The bank is cleared when the video U-Net returns; checkpointed blocks recompute their forward
+            # in the backward pass, where the readers would find it empty (torch's CheckpointError).
+            raise NotImplementedError("ReferenceNet does not support gradient checkpointing on the video U-Net: "
+                                      "call video_unet.disable_gradient_checkpointing() (the reference U-Net "
+                                      "may keep it), or run under torch.no_grad()")
         if not isinstance(reference_latents, torch.Tensor):
             raise TypeError(f"reference_latents must be a tensor [r, c, h, w], got {type(reference_latents).__name__}")
         ref_t = timestep if reference_timestep is None else reference_timestep
