@@ -140,6 +140,9 @@ def test_trainer_rejects_bad_setups():
                       adapter_name="drop")
     with pytest.raises(ValueError, match="lora_dropout"):
         LionLoraTrainer(model, "drop", scheduler=scheduler())
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]), adapter_name="kv")
+    with pytest.raises(ValueError, match="no LoRA on the self-attentions' to_q"):   # was a bare StopIteration
+        LionLoraTrainer(model, "kv", scheduler=scheduler())
     assert not is_patched(model)
 
 

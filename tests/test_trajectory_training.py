@@ -90,6 +90,28 @@ def test_loss_falls_and_fused_gradients_equal_reference_and_official(poisoned):
     assert all(torch.equal(a, trainer.optimizer.state[p]["exp_avg"]) for a, p in zip(exp_avg, trainer.params))
 
 
+def test_state_dict_is_a_snapshot_that_rolls_back_the_optimizer_too():
+    """A checkpoint taken, then more steps, then loaded: the branch weights and the optimizer's moments
+    and step count are the checkpoint's again (the optimizer state had been kept by reference, so the
+    later steps changed the checkpoint under it)."""
+    unet = tiny_svd_unet()
+    latents, coords, valid = clip()
+    lightmotion_fast.patch(unet, trajectories=coords, valid=valid,
+                           traj_weights=random_official_weights(unet, scale=0.1))
+    trainer = TrajectoryBranchTrainer(unet, edm_v_objective(), svd_predict(), lr=3e-3)
+    with lightmotion_fast.backend("reference"):
+        trainer.step(latents, coords, valid, generator=torch.Generator().manual_seed(0))
+        ckpt = trainer.state_dict()
+        moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.params]
+        weights = [p.detach().clone() for p in trainer.params]
+        for seed in (1, 2):
+            trainer.step(latents, coords, valid, generator=torch.Generator().manual_seed(seed))
+        trainer.load_state_dict(ckpt)
+    assert all(torch.equal(p, w) for p, w in zip(trainer.params, weights))
+    assert all(torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in zip(trainer.params, moments))
+    assert all(float(trainer.optimizer.state[p]["step"]) == 1 for p in trainer.params)
+
+
 @pytest.mark.parametrize("fmt", ["official", "state_dict"])
 def test_checkpoint_round_trip(tmp_path, fmt):
     unet = tiny_svd_unet()

@@ -107,7 +107,13 @@ class LionLoraTrainer:
         self.prediction = self._prediction(scheduler)
         lora = _lora_parameters(model, adapter)
         _check_no_dropout(model, adapter)
-        dim = next(p for n, p in lora.items() if "to_q.lora_A" in n).shape[1]
+        q_loras = [p for n, p in lora.items() if "to_q.lora_A" in n]
+        if not q_loras:
+            raise ValueError(f"adapter {adapter!r} has no LoRA on the self-attentions' to_q (its LoRA layers: "
+                             f"{sorted({n.split('.lora_A')[0].split('.lora_B')[0] for n in lora})[:4] or 'none'}"
+                             "...); LiON-LoRA trains LoRAs on to_q, to_k, to_v and to_out.0 of every "
+                             "self-attention")
+        dim = q_loras[0].shape[1]
         if embedding is None:
             weight = next(iter(lora.values()))
             embedding = ScalingTokenEmbedding(1, dim, num_frequencies, s_min).to(weight.device, weight.dtype)

@@ -37,6 +37,7 @@ Recipe for real data (frames + flow -> trajectories -> branch loss), as the pape
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,8 +224,9 @@ class TrajectoryBranchTrainer:
         return float(loss.detach())
 
     def state_dict(self) -> dict:
-        """Branch weights and optimizer state, to resume training."""
-        return {"branch": branch_state_dict(self.model), "optimizer": self.optimizer.state_dict()}
+        """Branch weights and optimizer state, to resume training: a snapshot (the optimizer's own
+        state_dict holds its live moment tensors, which later steps would change under a kept copy)."""
+        return {"branch": branch_state_dict(self.model), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         load_branch(self.model, state["branch"])
