@@ -219,14 +219,18 @@ def test_bad_options(animatediff):
     with pytest.raises(ValueError, match="edit_step"):
         lm.patch(pipe, camera=CAM, edit_step=1.5)
     assert not lm.integrations.diffusers.is_patched(pipe)
-    from diffusers import PNDMScheduler
+    from diffusers import DDPMScheduler, PNDMScheduler
 
     original = pipe.scheduler
     pipe.scheduler = PNDMScheduler()
     try:
         with pytest.raises(ValueError, match="correction"):
             lm.patch(pipe, camera=CAM)
-        with lm.patched(pipe, camera=CAM, correction=None):
+        with pytest.raises(ValueError, match="keeps the latent between steps"):   # would undo the edit
+            lm.patch(pipe, camera=CAM, correction=None)
+        pipe.scheduler = DDPMScheduler()
+        with pytest.warns(UserWarning, match="does not know DDPMScheduler"), \
+                lm.patched(pipe, camera=CAM, correction=None):
             assert isinstance(lmi.sampler_state(pipe), lmi.SamplerState)
     finally:
         pipe.scheduler = original

@@ -272,18 +272,32 @@ def test_reference_and_fused_agree_with_an_edit(name, correction):
 
 # -- set-up and errors -------------------------------------------------------------------------------------------------
 
-def test_unsupported_scheduler_names_the_supported_ones():
-    from diffusers import HeunDiscreteScheduler, PNDMScheduler
+def _error(fn) -> str:
+    with pytest.raises(ValueError) as err:
+        fn()
+    return str(err.value)
 
-    for sch in (PNDMScheduler(), HeunDiscreteScheduler()):
+
+def test_unsupported_scheduler_names_the_supported_ones():
+    from diffusers import DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+    for sch in (PNDMScheduler(), HeunDiscreteScheduler(), DDPMScheduler()):
         with pytest.raises(ValueError) as err:
             sampler_for(sch)
         message = str(err.value)
-        assert type(sch).__name__ in message and "correction=None" in message
+        assert type(sch).__name__ in message
         assert all(n in message for n in ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                                           "LCMScheduler", "EulerAncestralDiscreteScheduler",
                                           "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler"))
-        assert sampler_for(sch, correction=None).kind is None          # the edit alone still works
+    # The edit alone: schedulers that keep the latent between steps (Heun's first-stage sample, PNDM's
+    # stored samples) would undo most of it at their next step: refused; another unknown one runs, warned.
+    for sch in (PNDMScheduler(), HeunDiscreteScheduler()):
+        assert "correction=None" not in _error(lambda: sampler_for(sch))
+        with pytest.raises(ValueError, match="keeps the latent between steps"):
+            sampler_for(sch, correction=None)
+    assert "correction=None" in _error(lambda: sampler_for(DDPMScheduler()))
+    with pytest.warns(UserWarning, match="does not know DDPMScheduler"):
+        assert sampler_for(DDPMScheduler(), correction=None).kind is None
     dpm = make_scheduler("dpmsolver++2m")
     dpm.register_to_config(thresholding=True)
     with pytest.raises(ValueError, match="stochastic.*thresholding"):

@@ -36,6 +36,7 @@ History across the edit and the jump:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from lightmotion_fast.reference.snr_reinject import StepCoefficients
@@ -254,17 +255,39 @@ def find_kind(scheduler) -> SchedulerKind | None:
     return None
 
 
+# Schedulers that carry the latent itself between steps (Heun's first-stage sample, PNDM's and the
+# single-step DPM-Solver's stored samples and outputs, ...): the edit moves the latent, their copy stays,
+# and the next step largely undoes the edit (tiny CogVideoX/Wan runs: 1-35 % of its change to the output left).
+STATEFUL_MARKERS = ("Heun", "PNDM", "Singlestep", "KDPM2", "DEIS", "SASolver")
+
+
+def _stateful(scheduler) -> str | None:
+    """The STATEFUL_MARKERS entry a scheduler's class (or a base) matches, or None."""
+    return next((m for m in STATEFUL_MARKERS if any(m in c.__name__ for c in type(scheduler).__mro__)), None)
+
+
 def scheduler_kind(scheduler, correction) -> SchedulerKind | None:
     """The kind LightMotion uses for `scheduler`; a clear ValueError where the correction cannot run on it.
-    correction=None (the edit alone) accepts any scheduler (None for one not in the table)."""
+    correction=None (the edit alone) takes a scheduler not in the table too (None), except those known to
+    keep the latent between steps (a ValueError), with a warning that its own state is not edited."""
     name = type(scheduler).__name__
     kind = find_kind(scheduler)
     if correction is None:
+        if kind is None:
+            stateful = _stateful(scheduler)
+            if stateful:
+                raise ValueError(f"{name} keeps the latent between steps ({stateful}-style stored samples), which "
+                                 f"LightMotion does not edit: its next step would undo most of the camera edit. "
+                                 f"Use one of {', '.join(SUPPORTED)} (X.from_config(pipe.scheduler.config))")
+            warnings.warn(f"LightMotion does not know {name}: the edit moves the latent, but whatever the scheduler "
+                          f"keeps between steps is not moved with it; {', '.join(SUPPORTED)} are handled",
+                          UserWarning, stacklevel=4)
         return kind
     if kind is None:
+        alone = "" if _stateful(scheduler) else " or use correction=None for the edit alone"
         raise ValueError(f"LightMotion's correction supports {', '.join(SUPPORTED)}; got {name}. Switch "
                          f"the pipeline's scheduler (e.g. pipe.scheduler = DPMSolverMultistepScheduler.from_config("
-                         f"pipe.scheduler.config)) or use correction=None for the edit alone")
+                         f"pipe.scheduler.config)){alone}")
     if correction == "stochastic" and not kind.x0_is_affine(scheduler) and kind.name != "ddim":
         raise ValueError(f"correction='stochastic' on {name} with clip_sample or thresholding is not supported "
                          f"(only DDIMScheduler's own step can take the correction noise); turn them off or use "
