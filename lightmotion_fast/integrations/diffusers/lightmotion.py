@@ -971,6 +971,12 @@ def _install_capture(ctx: PatchContext, family: LatentVideo, config: LightMotion
     def encode_prompt(*args, **kwargs):
         prompt = args[0] if args else kwargs.get("prompt")
         state.subject_positions = state.prompt_positions = state.prompt_embeds = None
+        if isinstance(prompt, (list, tuple)) and len(set(prompt)) > 1:
+            # One mask per call, captured from the text attention averaged over the batch and located by
+            # prompt[0]'s tokens: every video would get a blend of the prompts' subjects.
+            raise ValueError(f"LightMotion captures one subject mask per call, but the {len(prompt)} prompts differ; "
+                             "call the pipeline once per prompt, or give mask= (a batch of one prompt, or "
+                             "num_videos_per_prompt, is fine)")
         first = prompt if isinstance(prompt, str) else (
             prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else None)
         if first is not None and tokenizer is not None:
