@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="only the cases marked quick")
     bench.add_argument("--out", "--results", dest="results", type=Path, default=None, metavar="DIR",
                        help="folder for the CSV and plots (default: $LIGHTMOTION_BENCH_DIR or "
-                            "~/.cache/lightmotion_fast/bench, outside the source tree)")
+                            "~/.cache/lightmotion_fast/bench, outside the source tree; with --static, "
+                            "benchmarks/results of the checkout)")
     bench.add_argument("--no-plot", action="store_true")
     bench.add_argument("--static", action="store_true",
                        help="no timing: compile every launch at the benchmark shapes for sm_90 and write "
@@ -140,8 +141,13 @@ def run_bench(args) -> int:
         return static.static_main(ops=args.ops, results_dir=args.results or static.RESULTS_DIR)
     from lightmotion_fast.bench import runner
 
-    runner.run(ops=args.ops, quick=args.quick, plot=not args.no_plot,
-               results_dir=args.results or runner.RESULTS_DIR)
+    # Argument mistakes before any measuring (the ceilings alone take ~20 s): unknown ops, an --out
+    # that cannot be a folder (the results were lost at the end of the run).
+    unknown = sorted(set(args.ops or ()) - set(runner.scenario_sources()))
+    if unknown:
+        raise UsageError(f"--ops: unknown scenario(s) {unknown}; available: {sorted(runner.scenario_sources())}")
+    results_dir = output_dir(args.results) if args.results is not None else runner.RESULTS_DIR
+    runner.run(ops=args.ops, quick=args.quick, plot=not args.no_plot, results_dir=results_dir)
     return 0
 
 

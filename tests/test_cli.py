@@ -92,6 +92,20 @@ def test_unreadable_image_and_unwritable_out_give_one_line_errors(capsys, tmp_pa
     assert code == 2 and "Traceback" not in err and "--out" in err.strip().splitlines()[-1], err
 
 
+def test_bench_argument_mistakes_fail_before_measuring(capsys, tmp_path, monkeypatch):
+    """An unknown --ops name or an --out that cannot be a folder is a one-line error (status 2) before
+    anything is measured: they were a traceback after the ceilings (~20 s), the second after the whole run."""
+    from lightmotion_fast.bench import runner
+
+    monkeypatch.setattr(runner, "run", lambda **kw: pytest.fail("measured before checking the arguments"))
+    code, err = _run_cli(capsys, ["bench", "--ops", "nosuchop", "--out", str(tmp_path / "b")])
+    assert code == 2 and "Traceback" not in err and "--ops" in err.strip().splitlines()[-1], err
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, err = _run_cli(capsys, ["bench", "--quick", "--ops", "latent_permute", "--out", str(a_file / "sub")])
+    assert code == 2 and "Traceback" not in err and "--out" in err.strip().splitlines()[-1], err
+
+
 # --- preview --image: working size, 16-bit, palette, transparency ------------------------------------
 
 def test_preview_shrinks_a_large_image_by_default_and_keeps_it_on_request(capsys, tmp_path):
