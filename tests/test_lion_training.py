@@ -115,6 +115,24 @@ def test_loss_falls_on_wan():
     assert all(p.grad is not None for p in trainer.embedding.parameters())
 
 
+def test_wan_pipelines_own_scheduler_trains_as_flow_matching():
+    """Wan ships UniPC on flow sigmas (prediction_type 'flow_prediction'), which the README's example passes
+    as pipe.scheduler: the same flow-matching objective as FlowMatchEulerDiscreteScheduler (was refused)."""
+    import tiny_models as tiny
+
+    model = with_adapters(tiny.tiny_wan(), ("pan",))
+    unipc = LionLoraTrainer(model, "pan", scheduler=tiny.wan_scheduler())
+    assert unipc.prediction == "flow"
+    latents, noise, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([250, 750])
+    got = unipc.noisy_and_target(latents, noise, t)
+    unipc.close()
+    euler = LionLoraTrainer(model, "pan", scheduler=scheduler("flow"))
+    want = euler.noisy_and_target(latents, noise, t)
+    euler.close()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_loss_falls_with_gradient_checkpointing():
     """Checkpointed blocks recompute the forward in backward; the token layout must still be found."""
     with lightmotion_fast.backend("reference"):

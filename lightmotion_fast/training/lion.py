@@ -131,6 +131,8 @@ class LionLoraTrainer:
         if hasattr(scheduler, "scale_noise") and hasattr(scheduler, "sigmas"):
             return "flow"
         kind = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        if kind == "flow_prediction":   # UniPC / DPM-Solver on flow sigmas (Wan's default): the same training
+            return "flow"
         if kind not in ("epsilon", "v_prediction") or not hasattr(scheduler, "add_noise"):
             raise ValueError(f"scheduler must be a DDPM-family scheduler with prediction_type 'epsilon' or "
                              f"'v_prediction', or a flow-matching scheduler; got {type(scheduler).__name__} "
