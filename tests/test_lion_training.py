@@ -179,3 +179,16 @@ def test_scale_data_recipe():
         clip_frame_indices(600, 0.05)
     with pytest.raises(ValueError, match="clip_frames"):
         scale_range(20, 49)
+
+
+def test_close_gives_the_model_back_in_its_mode_and_scales_are_checked():
+    model = with_adapters(cogvideox(False), ("pan",)).eval()
+    trainer = LionLoraTrainer(model, "pan", scheduler=scheduler())
+    latents, text, _, kwargs = batch(False)
+    with lightmotion_fast.backend("reference"):
+        with pytest.raises(ValueError, match="scales must be one number or one S per clip"):
+            trainer.loss(latents, text, torch.tensor([0.3, 0.5, 0.9]), **kwargs)
+        trainer.step(latents, text, 0.5, **kwargs)
+    assert model.training
+    trainer.close()
+    assert not model.training and not is_patched(model)

@@ -104,6 +104,7 @@ class LionLoraTrainer:
                  s_min: float = 49 / 600, num_frequencies: int = 8, lr: float = 5e-4, optimizer=None,
                  lora_norm: str = "none"):
         self.model, self.adapter, self.scheduler = model, adapter, scheduler
+        self._was_training = model.training
         self.prediction = self._prediction(scheduler)
         lora = _lora_parameters(model, adapter)
         _check_no_dropout(model, adapter)
@@ -162,7 +163,10 @@ class LionLoraTrainer:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
         timesteps = timesteps.to(latents.device)
         noisy, target = self.noisy_and_target(latents, noise, timesteps)
-        scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1).expand(b)
+        scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1)
+        if scales.numel() not in (1, b):
+            raise ValueError(f"scales must be one number or one S per clip ({b}), got {scales.numel()}")
+        scales = scales.expand(b)
         attention_kwargs = {**(model_kwargs.pop("attention_kwargs", None) or {}), CALL_SCALES: {self.adapter: scales}}
         pred = self.model(hidden_states=noisy, encoder_hidden_states=encoder_hidden_states, timestep=timesteps,
                           attention_kwargs=attention_kwargs, return_dict=False, **model_kwargs)[0]
@@ -180,5 +184,7 @@ class LionLoraTrainer:
         return loss.item()
 
     def close(self) -> None:
-        """Unpatch the model (the trained adapter and embedding stay)."""
+        """Unpatch the model (the trained adapter and embedding stay) and give it back in the train/eval
+        mode it came in (step() puts it in training mode)."""
         lightmotion_fast.unpatch(self.model)
+        self.model.train(self._was_training)

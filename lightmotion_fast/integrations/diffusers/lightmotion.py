@@ -940,7 +940,8 @@ def _check_step_signature(scheduler) -> None:
     extra = sorted({"old_pred_original_sample", "timestep_back"} & own - ours)
     if extra:
         raise ValueError(f"LightMotion cannot drive {type(scheduler).__name__} yet: the pipeline calls its step with "
-                         f"{', '.join(extra)}; use DDIMScheduler (or CogVideoXDDIMScheduler with correction=None)")
+                         f"{', '.join(extra)}; use CogVideoXDDIMScheduler (CogVideoX's default) or DDIMScheduler: "
+                         f"pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)")
 
 
 def _pipelines() -> list[str]:
