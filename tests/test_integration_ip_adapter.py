@@ -222,6 +222,12 @@ def test_per_call_kwargs_do_not_warn_on_other_layers():
         assert all("camera_token'" in m for m in records.messages)
         install_camera_token_processors(unet, camera_dim=12)  # installed once, however often called
         assert sum(isinstance(f, ip_adapter._PerCallKwargsFilter) for f in logger.filters) == 1
+        # Another U-Net without our processors: its layers would silently drop the tokens, so diffusers'
+        # line is not silenced there (the filter had been global).
+        records.messages.clear()
+        with torch.no_grad(), lightmotion_fast.backend("reference"):
+            tiny_unet()(sample, 4, text, cross_attention_kwargs={"camera_tokens": cam})
+        assert records.messages and all("camera_tokens" in m for m in records.messages)
     finally:
         logger.removeHandler(records)
         logger.filters = before

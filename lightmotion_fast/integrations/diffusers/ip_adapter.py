@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Union
 
@@ -412,10 +413,14 @@ _UNEXPECTED = re.compile(r"cross_attention_kwargs (\[.*?\]) are not expected by 
 
 
 class _PerCallKwargsFilter(logging.Filter):
-    """Drops diffusers' unexpected-kwargs record when every key it names is one of PER_CALL_KWARGS;
-    a record naming any other key (a user's typo, say) still goes through."""
+    """Drops diffusers' unexpected-kwargs record when every key it names is one of PER_CALL_KWARGS and it
+    comes from inside the forward of a model that has our processors (_QUIET_IN, set by its hooks); a
+    record naming any other key (a user's typo, say), or from a model without them (where the keys
+    would silently do nothing), still goes through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_QUIET_IN, "depth", 0):
+            return True
         found = _UNEXPECTED.match(record.getMessage())
         if found is None:
             return True
@@ -426,11 +431,39 @@ class _PerCallKwargsFilter(logging.Filter):
         return not (names and set(names) <= PER_CALL_KWARGS)
 
 
-def _quiet_per_call_kwargs() -> None:
-    """Installs _PerCallKwargsFilter once on diffusers' attention-processor logger."""
+_QUIET_IN = threading.local()
+
+
+def _enter_quiet(module, args, kwargs):
+    _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 0) + 1
+
+
+def _leave_quiet(module, args, kwargs, output):
+    _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 1) - 1
+
+
+def _quiet_per_call_kwargs(model: torch.nn.Module) -> None:
+    """Installs _PerCallKwargsFilter once on diffusers' attention-processor logger, and on `model` (once)
+    the forward hooks that scope it to that model's calls."""
     logger = logging.getLogger("diffusers.models.attention_processor")
     if not any(isinstance(f, _PerCallKwargsFilter) for f in logger.filters):
         logger.addFilter(_PerCallKwargsFilter())
+    if getattr(model, "_lightmotion_quiet_kwargs", None) is None:
+        model._lightmotion_quiet_kwargs = (model.register_forward_pre_hook(_enter_quiet, with_kwargs=True),
+                                           model.register_forward_hook(_leave_quiet, with_kwargs=True,
+                                                                       always_call=True))
+
+
+def release_quiet_per_call_kwargs(model: torch.nn.Module) -> None:
+    """Take _quiet_per_call_kwargs's hooks off `model` once none of its layers has a processor that reads a
+    per-call key any more (ReferenceNet.remove: the model computes exactly what it did before)."""
+    handles = getattr(model, "_lightmotion_quiet_kwargs", None)
+    readers = (CameraTokenAttnProcessor, ReferenceAttnProcessor)
+    if handles is None or any(isinstance(getattr(m, "processor", None), readers) for m in model.modules()):
+        return
+    for handle in handles:
+        handle.remove()
+    del model._lightmotion_quiet_kwargs
 
 
 def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Sequence[int], scale: float = 1.0,
@@ -458,7 +491,7 @@ def install_camera_token_processors(model: torch.nn.Module, camera_dim: int | Se
             torch.nn.init.zeros_(proc.to_v_cam.weight)
         attn.set_processor(proc)
         installed[name] = proc
-    _quiet_per_call_kwargs()
+    _quiet_per_call_kwargs(model)
     return installed
 
 
@@ -472,7 +505,7 @@ def install_reference_processors(model: torch.nn.Module, bank: ReferenceBank | N
         proc = ReferenceAttnProcessor(name, bank)
         attn.set_processor(proc)
         installed[name] = proc
-    _quiet_per_call_kwargs()
+    _quiet_per_call_kwargs(model)
     return installed
 
 

@@ -34,6 +34,7 @@ import torch
 from lightmotion_fast.integrations.diffusers.ip_adapter import (
     ReferenceBank,
     install_reference_processors,
+    release_quiet_per_call_kwargs,
     spatial_attention_modules,
 )
 
@@ -191,6 +192,7 @@ class ReferenceNet(torch.nn.Module):
             modules[name].set_processor(proc)
         self._original_processors = {}
         self.readers = {}
+        release_quiet_per_call_kwargs(self.video_unet)
 
 
 __all__ = ["ReferenceNet", "pair_reference_layers"]
