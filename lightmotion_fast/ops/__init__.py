@@ -12,6 +12,7 @@ from lightmotion_fast.ops import plucker as _plucker
 from lightmotion_fast.ops import reference_attention as _reference_attention
 from lightmotion_fast.ops import snr_reinject as _snr_reinject
 from lightmotion_fast.ops import trajectory_attention as _trajectory_attention
+from lightmotion_fast.ops import _common
 from lightmotion_fast.ops._common import Backend, backend
 from lightmotion_fast.ops.dual_cross_attention import dual_cross_attention
 from lightmotion_fast.ops.latent_permute import latent_permute, latent_permute_affine
@@ -44,6 +45,8 @@ OP_SAMPLES = {
     "reference_attention_backward": (_reference_attention.reference_attention_backward_op,
                                      _reference_attention.backward_sample_inputs),
 }
+
+_common.run_without_autocast(*(op for op, _ in OP_SAMPLES.values()))
 
 __all__ = [
     "OP_SAMPLES", "Backend", "backend", "build_fill_map", "dual_cross_attention", "latent_edit", "latent_permute",

@@ -60,6 +60,44 @@ def backend(name: str | Backend) -> Iterator[None]:
         _state.backend = previous
 
 
+_AUTOCAST_LIB = None
+
+
+def run_without_autocast(*ops) -> None:
+    """Under torch.autocast, run each custom op as called: its floating inputs keep their dtypes and no
+    matrix product inside it is autocast (the PyTorch implementations had computed fp32 calls in bf16,
+    returned outputs their fake implementation does not declare and failed on mixed dtypes, while the
+    Triton kernels ignore autocast). What autocast does to the tensors around the op is unchanged."""
+    global _AUTOCAST_LIB
+    if _AUTOCAST_LIB is None:
+        _AUTOCAST_LIB = torch.library.Library("lightmotion", "IMPL")
+    for op in ops:
+        name = op._qualname.split("::")[-1]
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+            def kernel(*args, _op=op, _excluded=excluded, **kwargs):
+                with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                    return _op._opoverload(*args, **kwargs)
+
+            _AUTOCAST_LIB.impl(name, kernel, key)
+
+
+def without_autocast(fn):
+    """fn (an op's backward formula in Python) run with autocast off on CPU and CUDA: under a caller's
+    autocast its products would otherwise run in bf16/fp16 on the op's fp32 tensors."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), _cuda_autocast_off():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _cuda_autocast_off():
+    # torch.autocast("cuda", enabled=False) warns on a machine without CUDA; there is nothing to turn off
+    return torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()
+
+
 def tensor_version(t: torch.Tensor) -> int | None:
     """t's in-place version counter, or None for an inference tensor (made under
     `torch.inference_mode()`), which has none: a cache keyed on it cannot tell when such a tensor

@@ -156,7 +156,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq if ctx.needs_input_grad[0] else None, dks, dvs, None, None, None
 
 
-dual_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
+dual_cross_attention_op.register_autograd(_common.without_autocast(_backward), setup_context=_setup_context)
 
 
 def check_attention_inputs(q, keys, values, mask=None) -> None:

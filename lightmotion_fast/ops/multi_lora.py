@@ -719,7 +719,7 @@ def _output_backward_fused(kernel, z, hb, norms, q_groups, lora_b, layout: RankL
     return dz
 
 
-multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+multi_lora_linear_op.register_autograd(_common.without_autocast(_backward), setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def plucker_embedding(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, 
     if torch.is_grad_enabled() and (intrinsics.requires_grad or c2w.requires_grad):
         # Gradients to the cameras (pose or focal-length optimisation): the PyTorch reference, which
         # autograd differentiates; the kernel has no backward.
-        return plucker_embedding_reference(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
+        with torch.autocast(c2w.device.type, enabled=False):   # as the op: computed as called
+            return plucker_embedding_reference(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
     return plucker_embedding_op(intrinsics, c2w, height, width, relative, channels_first, out_dtype)
 
 

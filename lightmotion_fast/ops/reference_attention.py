@@ -107,7 +107,7 @@ def _backward(ctx, grad_out, grad_lse):
     return (*[g if w else None for g, w in zip(grads, want)], None)
 
 
-reference_attention_op.register_autograd(_backward, setup_context=_setup_context)
+reference_attention_op.register_autograd(_common.without_autocast(_backward), setup_context=_setup_context)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor,

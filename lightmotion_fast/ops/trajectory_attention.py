@@ -82,7 +82,7 @@ def _backward(ctx, dout):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-trajectory_attention_op.register_autograd(_backward, setup_context=_setup_context)
+trajectory_attention_op.register_autograd(_common.without_autocast(_backward), setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

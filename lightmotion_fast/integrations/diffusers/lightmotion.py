@@ -502,9 +502,13 @@ class _CrossAttentionCapture:
                              f"tokens), got {list(self.subject_tokens)}")
         tokens = list(self.subject_tokens or self.state.subject_positions or self._default_tokens(n_text))
         subject = 0
-        for h in range(q.shape[1]):   # one head at a time: (rows, N, T) probabilities, not (rows, heads, N, T)
-            probs = (q[:, h] @ k[:, h].transpose(-1, -2) * scale).softmax(dim=-1)
-            subject = subject + probs[..., tokens].mean(-1)
+        # fp32 scores and maps whatever the caller's autocast (the projections above keep it): under bf16
+        # autocast they had been bf16, and ~15 % of a tiny run's mask pixels flipped.
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = q.float(), k.float()
+            for h in range(q.shape[1]):   # one head at a time: (rows, N, T) probabilities, not (rows, heads, N, T)
+                probs = (q[:, h] @ k[:, h].transpose(-1, -2) * scale).softmax(dim=-1)
+                subject = subject + probs[..., tokens].mean(-1)
         subject = subject / q.shape[1]                                          # (rows, N)
         key = subject.shape[1] if self.patch is None else TokenGrid(subject.shape[1], tuple(self.patch))
         entry = self.state.maps.setdefault(key, [torch.zeros_like(subject), 0])
