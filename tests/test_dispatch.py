@@ -89,3 +89,9 @@ def test_missing_extension_is_a_warning_not_an_error():
 def test_extension_switch_off():
     result = _run("import lightmotion_fast as lm; print(lm.extension_available())", LIGHTMOTION_NO_EXT="1")
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_forcing_cpp_on_an_op_without_a_cpp_version_says_so():
+    q = torch.randn(1, 1, 4, 8)
+    with lm.backend("cpp"), pytest.raises(RuntimeError, match="this op has no C\\+\\+ implementation"):
+        lm.dual_cross_attention(q, [q], [q])

@@ -131,6 +131,9 @@ def select_backend(device: torch.device, cpp_op: str | None = None) -> Backend:
     if forced is Backend.CPP:
         if device.type != "cpu":
             raise RuntimeError(f"the C++ backend was forced but the tensor is on {device}; C++ ops are CPU-only")
+        if cpp_op is None:
+            raise RuntimeError("the C++ backend was forced but this op has no C++ implementation (C++ ops: "
+                               "latent_permute, build_fill_map); use 'reference' or 'triton'")
         if not has_cpp:
             raise RuntimeError(f"the C++ backend was forced but torch.ops.lightmotion_cpp has no {cpp_op!r} "
                                f"(extension loaded: {_ext.available()}; {_ext.load_error or 'op not provided'})")
