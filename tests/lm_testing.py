@@ -15,6 +15,15 @@ TOLERANCES = {
 }
 
 
+def flatten_tensors(x) -> list:
+    """The tensors of a (nested) op output, in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in flatten_tensors(item)]
+    return []
+
+
 def poison_empty(monkeypatch):
     """For the rest of the test, torch.empty / empty_like / Tensor.new_empty return buffers filled with
     NaN (floating point) or the largest value (integer, bool True), so an output element that a kernel

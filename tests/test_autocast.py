@@ -10,14 +10,10 @@ import lightmotion_fast as lm
 from lightmotion_fast.ops import OP_SAMPLES
 
 import tiny_models as tiny
+from lm_testing import flatten_tensors
 
 
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
+_tensors = flatten_tensors
 
 
 @pytest.mark.parametrize("name", [n for n in OP_SAMPLES if not n.endswith("_backward")])

@@ -5,6 +5,7 @@ import torch
 
 import lightmotion_fast  # noqa: F401  (registers the ops)
 from lightmotion_fast.ops import OP_SAMPLES
+from lm_testing import flatten_tensors
 
 
 def _registered_ops():
@@ -20,12 +21,7 @@ def test_every_registered_op_has_samples():
     assert "latent_permute" in _registered_ops()
 
 
-def _flatten(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for item in x for t in _flatten(item)]
-    return []
+_flatten = flatten_tensors
 
 
 def _clone_args(args):
