@@ -434,12 +434,15 @@ class _PerCallKwargsFilter(logging.Filter):
 _QUIET_IN = threading.local()
 
 
+# (Both no-ops while torch.compile traces the model: nothing for Dynamo to trace or break the graph on.)
 def _enter_quiet(module, args, kwargs):
-    _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 0) + 1
+    if not torch.compiler.is_compiling():
+        _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 0) + 1
 
 
 def _leave_quiet(module, args, kwargs, output):
-    _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 1) - 1
+    if not torch.compiler.is_compiling():
+        _QUIET_IN.depth = getattr(_QUIET_IN, "depth", 1) - 1
 
 
 def _quiet_per_call_kwargs(model: torch.nn.Module) -> None:
