@@ -27,7 +27,9 @@ import torch
 
 
 def _version(t: torch.Tensor) -> int | None:
-    """t's in-place version counter (None for an inference tensor, which has none)."""
+    """t's in-place version counter (None for an inference tensor, which has none). ops._common's
+    tensor_version does the same for the ops; importing it here would be a cycle (ops import the camera),
+    and the camera's check never runs while torch.compile traces."""
     return None if t.is_inference() else t._version
 
 
